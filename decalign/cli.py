@@ -1,0 +1,272 @@
+"""The `decalign` command: a thin shell over the library. Errors are one line, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import click
+
+from .errors import DecalignError
+
+EXIT_USER_ERROR = 2
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def _parse_params(pairs: tuple[str, ...]) -> dict[str, str]:
+    params = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise DecalignError(f"--param needs NAME=VALUE, got {pair!r}")
+        params[key.strip()] = value.strip()
+    return params
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="decalign")
+def cli() -> None:
+    """decalign: steer what a language model writes at decoding time."""
+
+
+@cli.command()
+@click.argument("prompt", required=False)
+@click.option("--method", "-m", default="greedy", show_default=True, help="Decoding method (see `decalign methods`).")
+@click.option("--model", default=None, help="HF model id or local folder [default: embedded SmolLM2-135M-Instruct].")
+@click.option("--adapter", default=None, help="PEFT LoRA adapter folder.")
+@click.option("--reward", "-r", default=None, help="Reward spec, e.g. sentiment or python:module:function.")
+@click.option("--max-new-tokens", default=128, show_default=True, type=int)
+@click.option("--min-new-tokens", default=0, show_default=True, type=int)
+@click.option("--temperature", type=float, default=None, help="Sampling temperature (sampling methods).")
+@click.option("--top-k", type=int, default=None, help="Top-k filter (sampling methods; 0 = off).")
+@click.option("--top-p", type=float, default=None, help="Nucleus filter (sampling methods; 1 = off).")
+@click.option("--n", type=int, default=None, help="Candidates per prompt (bon).")
+@click.option("--param", "-p", "params", multiple=True, metavar="NAME=VALUE", help="Any method parameter; repeatable.")
+@click.option("--seed", type=int, default=None, help="Same seed, same output.")
+@click.option("--system", default=None, help="System message (chat models).")
+@click.option("--stop", multiple=True, help="Stop string; repeatable.")
+@click.option("--raw", is_flag=True, help="Encode the prompt as raw text, without the chat template.")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON.")
+@click.option("--input", "input_path", type=click.Path(dir_okay=False), default=None,
+              help="JSONL of {id?, prompt} or {id?, messages} records.")
+@click.option("--output", "output_path", type=click.Path(dir_okay=False), default=None,
+              help="JSONL to append results to (with --input); a rerun resumes.")
+@click.option("--batch-size", default=8, show_default=True, type=int, help="Prompts decoded together.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the model's own code (off by default).")
+def generate(prompt, method, model, adapter, reward, max_new_tokens, min_new_tokens, temperature, top_k, top_p, n,
+             params, seed, system, stop, raw, as_json, input_path, output_path, batch_size, trust_remote_code):
+    """Answer PROMPT (or every record of --input) with an aligned decoding method."""
+    method_params: dict[str, Any] = _parse_params(params)
+    for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("n", n)):
+        if value is not None:
+            method_params[name] = value
+    options = dict(method=method, model=model, adapter=adapter, reward=reward, max_new_tokens=max_new_tokens,
+                   min_new_tokens=min_new_tokens, system=system, stop=stop, chat=False if raw else None,
+                   batch_size=batch_size, trust_remote_code=trust_remote_code, **method_params)
+    if (prompt is None) == (input_path is None):
+        raise DecalignError("give either a PROMPT or --input FILE")
+    if input_path is None and output_path is not None:
+        raise DecalignError("--output goes with --input")
+    _validate_options(options)
+    _quiet_transformers()
+    if input_path is not None:
+        if output_path is None:
+            raise DecalignError("--input needs --output (results are appended there as they finish)")
+        _run_batch(Path(input_path), Path(output_path), seed, options)
+        return
+    from .api import generate as run
+
+    result = run(prompt, seed=seed, **options)[0]
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), ensure_ascii=False))
+        return
+    click.echo(result.text)
+    stats = result.stats
+    summary = f"[{method} · {len(result.tokens)} tokens · {stats['wall_time']:.1f} s"
+    if result.reward is not None:
+        summary += f" · reward {result.reward:.3f}"
+    click.echo(summary + f" · finish {result.finish_reason}]", err=True)
+
+
+def _validate_options(options: dict[str, Any]) -> None:
+    """Check what can be checked before a model is loaded, so bad input fails in a second."""
+    from .methods import get_method, make_config
+    from .rewards import load_reward
+
+    known = {"method", "model", "adapter", "reward", "max_new_tokens", "min_new_tokens", "system", "stop",
+             "chat", "batch_size", "trust_remote_code"}
+    spec = get_method(options["method"])
+    make_config(spec.name, {k: v for k, v in options.items() if k not in known})
+    if options["max_new_tokens"] < 1:
+        raise DecalignError(f"--max-new-tokens must be >= 1, got {options['max_new_tokens']}")
+    if options["batch_size"] < 1:
+        raise DecalignError(f"--batch-size must be >= 1, got {options['batch_size']}")
+    if options["reward"] is not None:
+        options["reward"] = load_reward(options["reward"])
+    elif spec.needs_reward:
+        raise DecalignError(f"method {spec.name} needs a reward (--reward), e.g. --reward sentiment")
+    if options["model"] is not None:
+        from .models import resolve_model_path
+
+        resolve_model_path(options["model"])
+
+
+def _read_records(path: Path) -> Iterator[tuple[int, Any, Any]]:
+    """(line number, id, prompt) per record; a malformed line raises naming it, when it is reached."""
+    if not path.is_file():
+        raise DecalignError(f"input file {path} does not exist")
+    seen: set = set()
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DecalignError(f"{path} line {number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise DecalignError(f"{path} line {number}: expected a JSON object")
+            prompt = record.get("messages", record.get("prompt"))
+            if not (isinstance(prompt, str) and prompt.strip()) and not (isinstance(prompt, list) and prompt):
+                raise DecalignError(f"{path} line {number}: needs a non-empty \"prompt\" string or \"messages\" list")
+            record_id = record.get("id", number)
+            if not isinstance(record_id, (str, int)) or record_id in seen:
+                raise DecalignError(f"{path} line {number}: id {record_id!r} is not a unique string or integer")
+            seen.add(record_id)
+            yield number, record_id, prompt
+
+
+def _finished_ids(path: Path) -> set:
+    """Ids already in the output; a half-written last line (a killed run) is cut off."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        path.write_bytes(data)
+    ids = set()
+    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                ids.add(json.loads(line)["id"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DecalignError(f"output {path} line {number} is not a decalign record; "
+                                    "use a new --output file") from None
+    return ids
+
+
+def _run_batch(input_path: Path, output_path: Path, seed: int | None, options: dict[str, Any]) -> None:
+    import random
+
+    from tqdm import tqdm
+
+    from .api import generate as run
+    from .api import get_engine
+    from .sampling import derive_seed
+
+    done = _finished_ids(output_path)
+    total = sum(1 for line in input_path.open(encoding="utf-8") if line.strip()) if input_path.is_file() else 0
+    base_seed = random.randrange(2**62) if seed is None else seed
+    engine = get_engine(options["model"], options["adapter"], trust_remote_code=options["trust_remote_code"])
+    options = {**options, "model": engine, "adapter": None}
+    pending: list[tuple[Any, Any]] = []
+    bar = tqdm(total=total, initial=0, unit="prompt", desc="generate", file=sys.stderr, dynamic_ncols=True)
+
+    def flush(out) -> None:
+        if not pending:
+            return
+        prompts = [prompt for _, prompt in pending]
+        seeds = [derive_seed(base_seed, record_id) for record_id, _ in pending]
+        for (record_id, prompt), result in zip(pending, run(prompts, seed=seeds, **options)):
+            key = "prompt" if isinstance(prompt, str) else "messages"
+            out.write(json.dumps({"id": record_id, key: prompt, **result.to_dict()}, ensure_ascii=False) + "\n")
+            out.flush()  # a finished record survives a kill
+            bar.update(1)
+        pending.clear()
+
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    with output_path.open("a", encoding="utf-8") as out:
+        try:
+            for number, record_id, prompt in _read_records(input_path):
+                if record_id in done:
+                    bar.update(1)
+                    continue
+                try:
+                    length = len(engine.render(prompt, system=options["system"], chat=options["chat"]))
+                except DecalignError as exc:
+                    raise DecalignError(f"{input_path} line {number}: {exc}") from None
+                if engine.context_length and length >= engine.context_length:
+                    raise DecalignError(f"{input_path} line {number}: the prompt has {length} tokens; "
+                                        f"the model's context is {engine.context_length}")
+                pending.append((record_id, prompt))
+                if len(pending) >= options["batch_size"]:
+                    flush(out)
+        finally:
+            flush(out)  # records before a bad line are finished and written
+            bar.close()
+
+
+@cli.command()
+def methods() -> None:
+    """List the decoding methods and their parameters."""
+    from .methods import METHODS
+
+    for name in sorted(METHODS):
+        spec = METHODS[name]
+        params = ", ".join(f"{k}={v}" for k, v in spec.parameters().items()) or "no parameters"
+        needs = " (needs --reward)" if spec.needs_reward else ""
+        click.echo(f"{name:10s} {spec.summary}{needs}\n{'':10s} {params}")
+
+
+@cli.command("bench-engine")
+@click.option("--model", default=None, help="Model [default: embedded SmolLM2-135M-Instruct].")
+@click.option("--batch-sizes", default="1,4,16", show_default=True)
+@click.option("--new-tokens", default=64, show_default=True, type=int)
+@click.option("--repeats", default=3, show_default=True, type=int)
+@click.option("--threads", default=None, type=int, help="torch threads [default: all cores].")
+def bench_engine(model, batch_sizes, new_tokens, repeats, threads):
+    """Tokens per second of the engine against transformers' generate, side by side."""
+    from .bench_engine import run_bench
+
+    _quiet_transformers()
+    sizes = [int(s) for s in batch_sizes.split(",") if s.strip()]
+    click.echo(run_bench(model=model, batch_sizes=sizes, new_tokens=new_tokens, repeats=repeats, threads=threads))
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except DecalignError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # never a traceback to a user; DECALIGN_DEBUG=1 shows it
+        if os.environ.get("DECALIGN_DEBUG"):
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        click.echo(f"error: unexpected {type(exc).__name__}: {message} (DECALIGN_DEBUG=1 shows the traceback)",
+                   err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,448 @@
+"""The sampling engine: one batched, KV-cached state that every decoding method drives.
+
+A `Batch` holds live rows (candidate continuations of prompts) in one KV cache. Methods call:
+- `extend`: sample a segment on rows, each with its own stop rules;
+- `append`: feed chosen tokens (token-level methods pick them from `next_logits`);
+- `select`: keep or repeat rows (fork candidates from a shared prefix);
+- `crop`: cut rows back to an earlier length, removing the rejected tokens from the cache.
+
+Layout: the cache is left-padded, rows are ragged through the attention mask. A cropped token or an
+idle row's step leaves a masked hole; position ids count only unmasked tokens, so a row attends
+exactly to its own prompt and tokens. When holes pile up the cache is compacted by a gather, which
+moves keys and values but recomputes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from transformers import DynamicCache
+
+from .errors import DecalignError
+from .sampling import Sampling, choose_tokens, derive_seed, make_generator
+
+Prompt = str | list[dict]
+
+
+@dataclass
+class Work:
+    """Policy work done for one prompt, counted the same way for every method."""
+
+    forward_passes: int = 0  # forward calls this prompt's rows took part in
+    prefill_tokens: int = 0  # prompt tokens encoded
+    decode_tokens: int = 0  # tokens fed through the policy after the prompt
+    generated_tokens: int = 0  # tokens sampled or chosen (kept or later thrown away)
+
+
+@dataclass
+class StepView:
+    """What a stop rule sees before a token is sampled, one entry per row that is still writing."""
+
+    logits: torch.Tensor  # raw next-token logits (rows x vocab)
+    entropy: torch.Tensor  # entropy in nats of softmax(logits), untempered, full vocabulary
+    segment_lengths: torch.Tensor  # tokens written in the current segment
+    total_lengths: torch.Tensor  # tokens written since the prompt
+
+
+StopRule = Callable[[StepView], torch.Tensor]
+
+
+@dataclass
+class EntropyStop:
+    """Stop a segment before a token whose next-token entropy is >= threshold (CARDS)."""
+
+    threshold: float
+    min_tokens: int = 4
+
+    def __call__(self, view: StepView) -> torch.Tensor:
+        return (view.segment_lengths >= self.min_tokens) & (view.entropy >= self.threshold)
+
+
+@dataclass
+class Segment:
+    """What one `extend` wrote on one row. `reason` says why the segment ended:
+    'eos', 'stop' (stop string), 'length' (token budget or context) finish the row;
+    'rule' (stop rule fired before sampling) and 'segment' (segment cap) leave it live."""
+
+    row: int
+    start: int
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    entropies: list[float] = field(default_factory=list)
+    reason: str = ""
+
+
+FINISHED = ("eos", "stop", "length")
+
+
+class Engine:
+    """A policy model with its tokenizer: renders prompts and opens batches."""
+
+    def __init__(self, model, tokenizer, *, name: str = "model") -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.device = next(model.parameters()).device
+        config = model.config
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+        if tokenizer.eos_token_id is not None:
+            eos_ids.add(tokenizer.eos_token_id)
+        self.eos_ids: frozenset[int] = frozenset(eos_ids)
+        self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids or {0})
+        self.context_length: int | None = getattr(config, "max_position_embeddings", None)
+        self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+
+    @classmethod
+    def load(
+        cls, model: str | None = None, adapter: str | None = None, *, trust_remote_code: bool = False
+    ) -> "Engine":
+        from .models import DEFAULT_MODEL, load_model
+
+        policy, tokenizer = load_model(model, adapter, trust_remote_code=trust_remote_code)
+        return cls(policy, tokenizer, name=model or DEFAULT_MODEL)
+
+    # ----- text <-> tokens -------------------------------------------------------------------
+    def render(self, prompt: Prompt, *, system: str | None = None, chat: bool | None = None) -> list[int]:
+        """Token ids of a prompt. Message lists always go through the chat template; a string does
+        when the model has one (chat=None) or chat=True, else it is encoded as raw text."""
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise DecalignError("empty prompt")
+            use_chat = self.has_chat_template if chat is None else chat
+            if not use_chat:
+                if system:
+                    raise DecalignError("a system message needs chat mode (the model has no chat template)")
+                return self.tokenizer(prompt)["input_ids"]
+            messages = [{"role": "user", "content": prompt}]
+        else:
+            messages = validate_messages(prompt)
+        if system and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": system}, *messages]
+        if not self.has_chat_template:
+            raise DecalignError(f"model {self.name} has no chat template; pass a plain string prompt")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+
+    def start(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        n: int = 1,
+        seeds: Sequence[int] | None = None,
+        max_new_tokens: int = 128,
+        min_new_tokens: int = 0,
+        stop_strings: Sequence[str] = (),
+    ) -> "Batch":
+        """Encode each prompt once and give it `n` rows that share that encoding."""
+        return Batch(self, prompts, n=n, seeds=seeds, max_new_tokens=max_new_tokens,
+                     min_new_tokens=min_new_tokens, stop_strings=stop_strings)
+
+
+def validate_messages(messages: object) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise DecalignError("messages must be a non-empty list of {role, content} objects")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str) or not message.get("role"):
+            raise DecalignError(f"message {i} must be an object with a role and a string content")
+    if not any(m["content"].strip() for m in messages):
+        raise DecalignError("empty prompt: every message is empty")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+class Batch:
+    """Live rows of one or more prompts in one KV cache. Row i belongs to prompt `prompt_of[i]`."""
+
+    def __init__(self, engine: Engine, prompts: Sequence[Sequence[int]], *, n: int, seeds: Sequence[int] | None,
+                 max_new_tokens: int, min_new_tokens: int, stop_strings: Sequence[str]) -> None:
+        if not prompts:
+            raise DecalignError("no prompts given")
+        if n < 1:
+            raise DecalignError(f"n must be >= 1, got {n}")
+        if max_new_tokens < 1:
+            raise DecalignError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if min_new_tokens < 0 or min_new_tokens > max_new_tokens:
+            raise DecalignError(f"min_new_tokens must be between 0 and max_new_tokens, got {min_new_tokens}")
+        for i, ids in enumerate(prompts):
+            if not ids:
+                raise DecalignError(f"prompt {i} encodes to no tokens")
+            if engine.context_length and len(ids) >= engine.context_length:
+                which = "the prompt" if len(prompts) == 1 else f"prompt {i}"
+                raise DecalignError(
+                    f"{which} has {len(ids)} tokens; the model's context is {engine.context_length}"
+                )
+        self.engine = engine
+        self.max_new_tokens = max_new_tokens
+        self.min_new_tokens = min_new_tokens
+        self.stop_strings = tuple(stop_strings)
+        self.prompt_lengths = [len(ids) for ids in prompts]
+        self.work = [Work(prefill_tokens=len(ids)) for ids in prompts]
+        seeds = list(seeds) if seeds is not None else [torch.seed() for _ in prompts]
+        device = engine.device
+
+        width = max(self.prompt_lengths)
+        input_ids = torch.full((len(prompts), width), engine.pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+        for i, ids in enumerate(prompts):
+            input_ids[i, width - len(ids):] = torch.tensor(list(ids), dtype=torch.long)
+            mask[i, width - len(ids):] = 1
+        self.cache = DynamicCache(config=engine.model.config)
+        self.mask = mask[:, :0]
+        self.logits = self._forward(input_ids, mask)
+        for work in self.work:
+            work.forward_passes += 1
+        if n > 1:  # fork: every candidate shares its prompt's encoding
+            self.cache.batch_repeat_interleave(n)
+            self.mask = self.mask.repeat_interleave(n, dim=0)
+            self.logits = self.logits.repeat_interleave(n, dim=0)
+        rows = len(prompts) * n
+        self.prompt_of = [p for p in range(len(prompts)) for _ in range(n)]
+        self.tokens: list[list[int]] = [[] for _ in range(rows)]
+        self.logprobs: list[list[float]] = [[] for _ in range(rows)]
+        self.entropies: list[list[float]] = [[] for _ in range(rows)]
+        self.fed = [0] * rows  # generated tokens present in the cache
+        self.finish: list[str | None] = [None] * rows
+        self.snapshots: list[dict[int, torch.Tensor]] = [{} for _ in range(rows)]
+        self.seeds = [derive_seed(seeds[p], c) for p in range(len(prompts)) for c in range(n)]
+        self.generators = [make_generator(seed, device) for seed in self.seeds]
+        self._forks = 0
+
+    # ----- views ------------------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return len(self.prompt_of)
+
+    def live_rows(self) -> list[int]:
+        return [r for r in range(self.size) if self.finish[r] is None]
+
+    def next_logits(self, rows: Sequence[int]) -> torch.Tensor:
+        """Raw next-token logits of live rows (for token-level methods)."""
+        return self.logits[torch.as_tensor(list(rows), dtype=torch.long, device=self.logits.device)]
+
+    def text(self, row: int) -> str:
+        text = self.engine.decode(self.tokens[row])
+        for stop in self.stop_strings:
+            cut = text.find(stop)
+            if cut >= 0:
+                text = text[:cut]
+        return text
+
+    # ----- the model call ---------------------------------------------------------------------
+    @torch.no_grad()
+    def _forward(self, input_ids: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
+        """Run new tokens through the policy on every row; return last-position logits."""
+        self.mask = torch.cat([self.mask, new_mask], dim=1)
+        positions = (self.mask.cumsum(-1) - 1).clamp_(min=0)[:, -input_ids.shape[1]:]
+        out = self.engine.model(
+            input_ids=input_ids,
+            attention_mask=self.mask,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1, :].float()
+
+    def _feed(self, tokens: dict[int, int]) -> None:
+        """Write one token on each given row (others get a masked hole) and refresh their logits."""
+        fed = torch.zeros(self.size, dtype=torch.bool, device=self.mask.device)
+        input_ids = torch.full((self.size, 1), self.engine.pad_id, dtype=torch.long, device=self.mask.device)
+        for row, token in tokens.items():
+            fed[row] = True
+            input_ids[row, 0] = token
+            self.fed[row] += 1
+        logits = self._forward(input_ids, fed.long().unsqueeze(1))
+        self.logits = torch.where(fed.unsqueeze(1), logits, self.logits)
+        for prompt in {self.prompt_of[r] for r in tokens}:
+            self.work[prompt].forward_passes += 1
+        for row in tokens:
+            self.work[self.prompt_of[row]].decode_tokens += 1
+
+    # ----- writing tokens ---------------------------------------------------------------------
+    def _record(self, row: int, token: int, logprob: float, entropy: float) -> str | None:
+        """Append a chosen token to a row; return its finish reason if the row is now done."""
+        self.tokens[row].append(token)
+        self.logprobs[row].append(logprob)
+        self.entropies[row].append(entropy)
+        self.work[self.prompt_of[row]].generated_tokens += 1
+        if token in self.engine.eos_ids and len(self.tokens[row]) >= self.min_new_tokens:
+            return "eos"
+        if self.stop_strings and any(s in self.engine.decode(self.tokens[row]) for s in self.stop_strings):
+            return "stop"
+        total = self.prompt_lengths[self.prompt_of[row]] + len(self.tokens[row])
+        if len(self.tokens[row]) >= self.max_new_tokens or (
+            self.engine.context_length and total >= self.engine.context_length
+        ):
+            return "length"
+        return None
+
+    def _distribution(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raw = self.next_logits(rows)
+        logp = raw.log_softmax(-1)
+        entropy = -(logp.exp() * logp).nan_to_num_().sum(-1)
+        return raw, logp, entropy
+
+    def _suppress_eos(self, rows: list[int], scores: torch.Tensor) -> torch.Tensor:
+        early = [i for i, r in enumerate(rows) if len(self.tokens[r]) < self.min_new_tokens]
+        if early and self.engine.eos_ids:
+            scores = scores.clone()
+            scores[torch.tensor(early)[:, None], torch.tensor(sorted(self.engine.eos_ids))[None, :]] = float("-inf")
+        return scores
+
+    def extend(
+        self,
+        sampling: Sampling,
+        *,
+        rows: Sequence[int] | None = None,
+        max_tokens: int | None = None,
+        stop_rule: StopRule | None = None,
+    ) -> list[Segment]:
+        """Write a segment on each live row in `rows` (default: all live rows) until the row
+        finishes, the stop rule fires before a token, or the segment reaches `max_tokens`."""
+        rows = self.live_rows() if rows is None else [r for r in rows if self.finish[r] is None]
+        segments = {r: Segment(row=r, start=len(self.tokens[r])) for r in rows}
+        for r in rows:  # a rejected segment is cropped back here without recomputing anything
+            self.snapshots[r][len(self.tokens[r])] = self.logits[r].clone()
+        active = list(rows)
+        while active:
+            raw, logp, entropy = self._distribution(active)
+            if stop_rule is not None:
+                view = StepView(
+                    logits=raw,
+                    entropy=entropy,
+                    segment_lengths=torch.tensor([len(segments[r].tokens) for r in active]),
+                    total_lengths=torch.tensor([len(self.tokens[r]) for r in active]),
+                )
+                stop = stop_rule(view).tolist()
+                if any(stop):
+                    for r, s in zip(active, stop):
+                        if s:
+                            segments[r].reason = "rule"
+                    keep = [i for i, s in enumerate(stop) if not s]
+                    active = [active[i] for i in keep]
+                    raw, logp, entropy = raw[keep], logp[keep], entropy[keep]
+                    if not active:
+                        break
+            chosen = choose_tokens(self._suppress_eos(active, raw), sampling,
+                                   [self.generators[r] for r in active]).tolist()
+            chosen_logp = logp.gather(1, torch.tensor(chosen)[:, None]).squeeze(1).tolist()
+            to_feed: dict[int, int] = {}
+            for i, (r, token) in enumerate(zip(active, chosen)):
+                segment = segments[r]
+                segment.tokens.append(token)
+                segment.logprobs.append(chosen_logp[i])
+                segment.entropies.append(float(entropy[i]))
+                reason = self._record(r, token, chosen_logp[i], float(entropy[i]))
+                if reason is not None:
+                    self.finish[r] = segment.reason = reason
+                    continue
+                to_feed[r] = token
+                if max_tokens is not None and len(segment.tokens) >= max_tokens:
+                    segment.reason = "segment"
+            if to_feed:
+                self._feed(to_feed)
+            active = [r for r in to_feed if not segments[r].reason]
+        self._compact()
+        return [segments[r] for r in rows]
+
+    def append(self, tokens: dict[int, int]) -> dict[int, str | None]:
+        """Write chosen tokens (row -> token id) on live rows; return each row's finish reason."""
+        rows = list(tokens)
+        for r in rows:
+            if self.finish[r] is not None:
+                raise DecalignError(f"row {r} has finished ({self.finish[r]}); crop it before appending")
+        _, logp, entropy = self._distribution(rows)
+        reasons: dict[int, str | None] = {}
+        to_feed = {}
+        for i, r in enumerate(rows):
+            token = int(tokens[r])
+            reasons[r] = self._record(r, token, float(logp[i, token]), float(entropy[i]))
+            if reasons[r] is None:
+                to_feed[r] = token
+            else:
+                self.finish[r] = reasons[r]
+        if to_feed:
+            self._feed(to_feed)
+        return reasons
+
+    # ----- reshaping rows ---------------------------------------------------------------------
+    def select(self, indices: Sequence[int]) -> None:
+        """Keep the rows in `indices`, in that order; a repeated row forks into independent copies."""
+        if not indices:
+            raise DecalignError("select needs at least one row")
+        index = torch.as_tensor(list(indices), dtype=torch.long, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.mask = self.mask[index]
+        self.logits = self.logits[index]
+        occurrences = _occurrences(indices)
+        self._forks += 1
+        self.seeds = [self.seeds[r] if k == 0 else derive_seed(self.seeds[r], "fork", self._forks, k)
+                      for k, r in occurrences]
+        self.generators = [  # a fork draws its own random stream; the first copy keeps the row's
+            self.generators[r] if k == 0 else make_generator(seed, self.engine.device)
+            for (k, r), seed in zip(occurrences, self.seeds)
+        ]
+        for name in ("tokens", "logprobs", "entropies"):
+            values = getattr(self, name)
+            setattr(self, name, [list(values[r]) for r in indices])
+        self.snapshots = [dict(self.snapshots[r]) for r in indices]
+        self.prompt_of = [self.prompt_of[r] for r in indices]
+        self.fed = [self.fed[r] for r in indices]
+        self.finish = [self.finish[r] for r in indices]
+        self._compact()
+
+    def crop(self, rows: Sequence[int], lengths: Sequence[int]) -> None:
+        """Cut each row back to its first `lengths[i]` generated tokens; the cut tokens leave the
+        cache. At a segment start the saved logits are reused; elsewhere the last kept token is
+        written once more so its logits are fresh (one token, never the prefix)."""
+        refeed: dict[int, int] = {}
+        for row, length in zip(rows, lengths):
+            if not 0 <= length <= len(self.tokens[row]):
+                raise DecalignError(f"cannot crop row {row} of {len(self.tokens[row])} tokens to {length}")
+            snapshot = self.snapshots[row].get(length)
+            keep_in_cache = length if snapshot is not None or length == self.fed[row] else length - 1
+            self._unmask_tail(row, self.fed[row] - keep_in_cache)
+            self.fed[row] = keep_in_cache
+            del self.tokens[row][length:], self.logprobs[row][length:], self.entropies[row][length:]
+            self.snapshots[row] = {k: v for k, v in self.snapshots[row].items() if k <= length}
+            self.finish[row] = None
+            if snapshot is not None:
+                self.logits[row] = snapshot
+            elif keep_in_cache < length:
+                refeed[row] = self.tokens[row][length - 1]
+        if refeed:
+            self._feed(refeed)
+        self._compact()
+
+    def _unmask_tail(self, row: int, count: int) -> None:
+        if count > 0:
+            columns = self.mask[row].nonzero().flatten()[-count:]
+            self.mask[row, columns] = 0
+
+    def _compact(self) -> None:
+        """Squeeze out masked holes once they cost more than moving the cache does."""
+        width = int(self.mask.sum(1).max())
+        holes = self.mask.shape[1] - width
+        if holes == 0 or holes < max(4, self.mask.shape[1] // 8):
+            return
+        order = torch.argsort(self.mask, dim=1, stable=True)[:, -width:]
+        self.mask = self.mask.gather(1, order)
+        for layer in self.cache.layers:
+            index = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+            layer.keys = layer.keys.gather(2, index)
+            layer.values = layer.values.gather(2, index)
+
+
+def _occurrences(indices: Sequence[int]) -> list[tuple[int, int]]:
+    """(k, r) for each r in indices, where k counts earlier occurrences of r."""
+    counts: dict[int, int] = {}
+    out = []
+    for r in indices:
+        out.append((counts.get(r, 0), r))
+        counts[r] = counts.get(r, 0) + 1
+    return out

@@ -1,0 +1,9 @@
+"""The one exception type a user of decalign sees for bad input."""
+
+
+class DecalignError(Exception):
+    """A problem with the user's input or set-up, stated in one line.
+
+    The CLI and the server print its message as it is, never a traceback, so every
+    message names what is wrong and, where it helps, what would be right.
+    """

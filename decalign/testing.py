@@ -1,0 +1,82 @@
+"""Tiny random-weight models for tests and examples: no download, a few seconds to build.
+
+`make_tiny_model(path)` writes a 2-layer Llama with a small byte-level BPE tokenizer and a ChatML
+chat template, so every code path (chat rendering, EOS, batching) runs as on a real model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Bread needs flour, water, salt and yeast; knead it and let it rise.",
+    "Be kind and helpful. Thank you for asking! I am happy to help you today.",
+    "I hate this, it is terrible and awful. Never do that again.",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12. The answer is 42.",
+    "Paris is the capital of France. Berlin is the capital of Germany.",
+]
+
+
+def make_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE tokenizer trained on a few sentences, with ChatML special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    fast.chat_template = CHATML
+    return fast
+
+
+def make_tiny_model(path: str | Path, *, seed: int = 0, layers: int = 2, hidden: int = 64,
+                    context: int = 512, logit_scale: float = 4.0, tokenizer=None) -> Path:
+    """Save a random-weight Llama causal LM and its tokenizer to `path` (safetensors)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    tokenizer = tokenizer or make_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # default init gives near-uniform next-token distributions; sharpen them
+        model.lm_head.weight.normal_(0.0, logit_scale / hidden**0.5)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path

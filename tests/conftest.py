@@ -1,0 +1,34 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+from transformers.utils import logging  # noqa: E402
+
+logging.set_verbosity_error()
+logging.disable_progress_bar()
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory):
+    """A 2-layer random-weight Llama with a small BPE tokenizer and a ChatML template."""
+    from decalign.testing import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_path):
+    from decalign import Engine
+
+    return Engine.load(str(tiny_path))
+
+
+@pytest.fixture(scope="session")
+def prompts(engine):
+    """Token ids of prompts of clearly different lengths."""
+    texts = ["hi", "Tell me how to bake bread with flour and water, step by step please.", "The answer is"]
+    return [engine.render(t) for t in texts]

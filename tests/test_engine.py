@@ -1,0 +1,203 @@
+"""Exactness of the engine: the cache, batching, forking and cropping change nothing a row sees."""
+
+import math
+
+import pytest
+import torch
+
+from decalign import DecalignError, EntropyStop
+from decalign.sampling import GREEDY, Sampling
+
+SAMPLE = Sampling(temperature=1.0)
+
+
+def full_logprobs(engine, prompt, tokens):
+    """Log-softmax at every generated position, by one uncached forward over the whole row."""
+    ids = torch.tensor([list(prompt) + list(tokens)])
+    with torch.no_grad():
+        logits = engine.model(ids).logits[0].float()
+    return logits[len(prompt) - 1:].log_softmax(-1)  # row j predicts token j; the last one is next
+
+
+def assert_row_matches_recompute(engine, batch, row, prompt):
+    tokens = batch.tokens[row]
+    reference = full_logprobs(engine, prompt, tokens)
+    recorded = torch.tensor(batch.logprobs[row])
+    expected = reference[torch.arange(len(tokens)), torch.tensor(tokens)]
+    assert torch.allclose(recorded, expected, atol=1e-4), (recorded - expected).abs().max()
+    if batch.finish[row] is None:  # live rows also hold the right next-token logits
+        assert torch.allclose(batch.logits[row].log_softmax(-1), reference[-1], atol=1e-4)
+
+
+def test_cached_decoding_equals_full_recompute(engine, prompts):
+    batch = engine.start(prompts, n=2, seeds=[1, 2, 3], max_new_tokens=24)
+    batch.extend(SAMPLE, max_tokens=9)
+    batch.extend(SAMPLE, stop_rule=EntropyStop(threshold=1.0, min_tokens=2))  # rows idle at different steps
+    for row in range(batch.size):
+        assert_row_matches_recompute(engine, batch, row, prompts[batch.prompt_of[row]])
+
+
+def test_batched_greedy_equals_each_prompt_alone(engine, prompts):
+    together = engine.start(prompts, max_new_tokens=20)
+    together.extend(GREEDY)
+    for p, prompt in enumerate(prompts):
+        alone = engine.start([prompt], max_new_tokens=20)
+        alone.extend(GREEDY)
+        assert together.tokens[p] == alone.tokens[0]
+        assert torch.allclose(torch.tensor(together.logprobs[p]), torch.tensor(alone.logprobs[0]), atol=1e-4)
+
+
+def test_batched_sampling_equals_each_prompt_alone(engine, prompts):
+    """Per-row generators: a row's sample does not depend on its batch neighbours."""
+    together = engine.start(prompts, n=3, seeds=[7, 8, 9], max_new_tokens=16)
+    together.extend(SAMPLE)
+    for p, prompt in enumerate(prompts):
+        alone = engine.start([prompt], n=3, seeds=[7 + p], max_new_tokens=16)
+        alone.extend(SAMPLE)
+        assert [together.tokens[3 * p + c] for c in range(3)] == alone.tokens
+
+
+@pytest.mark.parametrize("cut", ["segment_start", "mid_segment"])
+def test_crop_then_extend_equals_fresh_extend(engine, prompts, cut):
+    batch = engine.start(prompts, seeds=[4, 5, 6], max_new_tokens=30)
+    batch.extend(SAMPLE, max_tokens=5)
+    kept = [list(t) for t in batch.tokens]
+    batch.extend(SAMPLE, max_tokens=8)  # the segment that gets rejected
+    lengths = [len(k) if cut == "segment_start" else len(k) - 2 for k in kept]
+    batch.crop(range(batch.size), lengths)
+    for row, length in enumerate(lengths):
+        assert batch.tokens[row] == kept[row][:length]
+        assert int(batch.mask[row].sum()) == len(prompts[row]) + length  # rejected tokens left the cache
+    batch.extend(GREEDY, max_tokens=8)
+    for row, length in enumerate(lengths):
+        fresh = engine.start([prompts[row] + kept[row][:length]], max_new_tokens=8)
+        fresh.extend(GREEDY)
+        assert batch.tokens[row][length:] == fresh.tokens[0]
+        assert_row_matches_recompute(engine, batch, row, prompts[row])
+
+
+def test_crop_reuses_the_prefix(engine, prompts):
+    """Cropping to a segment start costs no forward pass; mid-segment costs one token, not the prefix."""
+    batch = engine.start(prompts[:1], seeds=[1], max_new_tokens=30)
+    batch.extend(SAMPLE, max_tokens=6)
+    batch.extend(SAMPLE, max_tokens=6)
+    work = batch.work[0]
+    before = (work.forward_passes, work.decode_tokens, work.prefill_tokens)
+    batch.crop([0], [6])
+    assert (work.forward_passes, work.decode_tokens, work.prefill_tokens) == before
+    batch.crop([0], [3])
+    assert (work.forward_passes, work.decode_tokens, work.prefill_tokens) == (before[0] + 1, before[1] + 1, before[2])
+
+
+def test_select_forks_independent_rows(engine, prompts):
+    batch = engine.start(prompts[:2], seeds=[1, 2], max_new_tokens=20)
+    batch.extend(SAMPLE, max_tokens=4)
+    prefix = [list(t) for t in batch.tokens]
+    batch.select([1, 0, 0, 0])
+    assert batch.prompt_of == [1, 0, 0, 0]
+    batch.extend(SAMPLE)
+    assert all(batch.tokens[r][:4] == prefix[0] for r in (1, 2, 3))
+    assert len({tuple(batch.tokens[r]) for r in (1, 2, 3)}) > 1  # copies draw their own randomness
+    for row in range(batch.size):
+        assert_row_matches_recompute(engine, batch, row, prompts[batch.prompt_of[row]])
+
+
+def test_same_seed_same_tokens(engine, prompts):
+    runs = []
+    for seed in (11, 11, 12):
+        batch = engine.start(prompts, seeds=[seed] * 3, max_new_tokens=16)
+        batch.extend(SAMPLE)
+        runs.append(batch.tokens)
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_entropy_stop_rule_cuts_before_uncertain_tokens(engine, prompts):
+    rule = EntropyStop(threshold=1.2, min_tokens=3)
+    batch = engine.start(prompts, n=4, seeds=[1, 2, 3], max_new_tokens=64)
+    segments = batch.extend(SAMPLE, stop_rule=rule, max_tokens=20)
+    reasons = {s.reason for s in segments}
+    assert "rule" in reasons
+    for segment in segments:
+        assert 1 <= len(segment.tokens) <= 20
+        # every token after the first min_tokens was sampled at an entropy below the threshold
+        assert all(h < 1.2 for h in segment.entropies[3:])
+        if segment.reason == "rule":
+            assert len(segment.tokens) >= 3
+            logp = batch.logits[segment.row].log_softmax(-1)
+            assert -(logp.exp() * logp).sum() >= 1.2  # the token it stopped before is uncertain
+        if segment.reason == "segment":
+            assert len(segment.tokens) == 20
+
+
+def test_max_new_tokens_and_min_new_tokens(engine, prompts):
+    batch = engine.start(prompts, max_new_tokens=7, min_new_tokens=7)
+    segments = batch.extend(SAMPLE)
+    assert all(len(t) == 7 for t in batch.tokens)
+    assert all(s.reason == "length" for s in segments)
+    assert not any(tok in engine.eos_ids for t in batch.tokens for tok in t)
+
+
+def test_eos_finishes_a_row_and_crop_revives_it(engine, prompts):
+    batch = engine.start(prompts[:2], max_new_tokens=10)
+    eos = min(engine.eos_ids)
+    first = int(batch.next_logits([1]).argmax())
+    reasons = batch.append({0: eos, 1: first})
+    assert reasons == {0: "eos", 1: None}
+    assert batch.finish[0] == "eos" and batch.live_rows() == [1]
+    with pytest.raises(DecalignError):
+        batch.append({0: first})
+    batch.crop([0], [0])
+    assert batch.live_rows() == [0, 1]
+    batch.extend(GREEDY, rows=[0], max_tokens=3)
+    assert_row_matches_recompute(engine, batch, 0, prompts[0])
+
+
+def test_stop_string_ends_row_and_is_cut_from_text(engine, prompts):
+    probe = engine.start(prompts[:1], max_new_tokens=12)
+    probe.extend(GREEDY)
+    stop = engine.decode(probe.tokens[0][3:5])
+    assert stop.strip()
+    batch = engine.start(prompts[:1], max_new_tokens=12, stop_strings=[stop])
+    (segment,) = batch.extend(GREEDY)
+    assert segment.reason == "stop"
+    assert stop not in batch.text(0)
+    assert len(batch.tokens[0]) <= 5
+
+
+def test_prompt_longer_than_context_is_refused(engine):
+    with pytest.raises(DecalignError, match="context"):
+        engine.start([[5] * engine.context_length], max_new_tokens=4)
+
+
+def test_choose_tokens_follows_the_distribution():
+    """Gumbel-max with per-row generators samples softmax(logits / T), restricted by top-k / top-p."""
+    from decalign.sampling import choose_tokens, make_generator
+
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    draws = 6000
+    rows = logits.expand(draws, -1)
+    gens = [make_generator(i) for i in range(draws)]
+
+    def frequencies(sampling):
+        tokens = choose_tokens(rows, sampling, gens)
+        return torch.bincount(tokens, minlength=6).float() / draws
+
+    for sampling, probs in [
+        (Sampling(1.0), logits.softmax(-1)),
+        (Sampling(0.5), (logits / 0.5).softmax(-1)),
+        (Sampling(1.0, top_k=2), torch.cat([logits[:2].softmax(-1), torch.zeros(4)])),
+        # top_p=0.8: tokens 0,1 hold 0.79 < 0.8, so token 2 joins the nucleus
+        (Sampling(1.0, top_p=0.8), torch.cat([logits[:3].softmax(-1), torch.zeros(3)])),
+    ]:
+        observed = frequencies(sampling)
+        sigma = (probs * (1 - probs) / draws).sqrt()
+        assert torch.all((observed - probs).abs() <= 5 * sigma + 1e-9), (sampling, observed, probs)
+        assert torch.all(observed[probs == 0] == 0)
+
+
+def test_logprobs_are_log_probabilities(engine, prompts):
+    batch = engine.start(prompts[:1], seeds=[3], max_new_tokens=10)
+    (segment,) = batch.extend(SAMPLE)
+    assert all(lp <= 0 and math.isfinite(lp) for lp in segment.logprobs)
+    assert all(0 <= h <= math.log(len(engine.tokenizer)) + 1e-4 for h in segment.entropies)
