@@ -180,7 +180,8 @@ def _run_batch(input_path: Path, output_path: Path, seed: int | None, options: d
     engine = get_engine(options["model"], options["adapter"], trust_remote_code=options["trust_remote_code"])
     options = {**options, "model": engine, "adapter": None}
     pending: list[tuple[Any, Any]] = []
-    bar = tqdm(total=total, initial=0, unit="prompt", desc="generate", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=total, unit="prompt", desc="generate", file=sys.stderr, dynamic_ncols=True,
+               disable=None)  # shown on a terminal, silent in logs
 
     def flush(out) -> None:
         if not pending:

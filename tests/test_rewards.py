@@ -1,0 +1,46 @@
+import sys
+import textwrap
+
+import pytest
+
+from decalign import DecalignError, load_reward
+from decalign.rewards import CallableReward, Reward
+
+
+def test_sentiment_orders_kind_above_hostile_and_counts():
+    reward = load_reward("sentiment")
+    kind, neutral, hostile, empty = reward.score(["q"] * 4, ["Thank you, I love it!", "It is a table.",
+                                                             "I hate you, idiot.", ""])
+    assert kind > neutral > hostile and empty == 0.0
+    assert (reward.calls, reward.items) == (1, 4)
+
+
+def test_python_reward_is_imported_only_when_named(tmp_path, monkeypatch):
+    (tmp_path / "my_scores.py").write_text(textwrap.dedent("""
+        def shouting(prompts, responses):
+            return [sum(c.isupper() for c in r) for r in responses]
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "my_scores" not in sys.modules
+    reward = load_reward("python:my_scores:shouting")
+    assert reward.score(["a", "b"], ["HELLO", "hi"]) == [5.0, 0.0]
+    with pytest.raises(DecalignError, match="cannot import reward"):
+        load_reward("python:my_scores:missing")
+    with pytest.raises(DecalignError, match="python:module:function"):
+        load_reward("python:my_scores")
+
+
+def test_callable_and_subclass_rewards():
+    per_item = CallableReward(len, per_item=True, name="length")
+    assert per_item.score(["p"], ["abc"]) == [3.0] and per_item.name == "length"
+
+    class Constant(Reward):
+        name = "constant"
+
+        def _score(self, prompts, responses):
+            return [1.0] * len(responses)
+
+    reward = Constant()
+    assert load_reward(reward) is reward
+    with pytest.raises(DecalignError, match="returned 1 scores for 2"):
+        CallableReward(lambda p, r: [0.0]).score(["a", "b"], ["x", "y"])
