@@ -121,8 +121,8 @@ def _validate_options(options: dict[str, Any]) -> None:
         resolve_model_path(options["model"])
 
 
-def _read_records(path: Path) -> Iterator[tuple[int, Any, Any]]:
-    """(line number, id, prompt) per record; a malformed line raises naming it, when it is reached."""
+def _read_records(path: Path, *, with_response: bool = False) -> Iterator[tuple[int, Any, Any, dict]]:
+    """(line number, id, prompt, record) per record; a malformed line raises naming it, when reached."""
     if not path.is_file():
         raise DecalignError(f"input file {path} does not exist")
     seen: set = set()
@@ -142,8 +142,10 @@ def _read_records(path: Path) -> Iterator[tuple[int, Any, Any]]:
             record_id = record.get("id", number)
             if not isinstance(record_id, (str, int)) or record_id in seen:
                 raise DecalignError(f"{path} line {number}: id {record_id!r} is not a unique string or integer")
+            if with_response and not isinstance(record.get("response"), str):
+                raise DecalignError(f"{path} line {number}: needs a \"response\" string")
             seen.add(record_id)
-            yield number, record_id, prompt
+            yield number, record_id, prompt, record
 
 
 def _finished_ids(path: Path) -> set:
@@ -198,7 +200,7 @@ def _run_batch(input_path: Path, output_path: Path, seed: int | None, options: d
     output_path.parent.mkdir(parents=True, exist_ok=True)
     with output_path.open("a", encoding="utf-8") as out:
         try:
-            for number, record_id, prompt in _read_records(input_path):
+            for number, record_id, prompt, _ in _read_records(input_path):
                 if record_id in done:
                     bar.update(1)
                     continue
@@ -214,6 +216,52 @@ def _run_batch(input_path: Path, output_path: Path, seed: int | None, options: d
                     flush(out)
         finally:
             flush(out)  # records before a bad line are finished and written
+            bar.close()
+
+
+@cli.command()
+@click.argument("input_path", metavar="FILE.jsonl", type=click.Path(dir_okay=False))
+@click.option("--reward", "-r", required=True, help="Reward spec, e.g. harmless, sentiment, hf:PATH, 'a + 0.5*b'.")
+@click.option("--output", "-o", "output_path", required=True, type=click.Path(dir_okay=False),
+              help="JSONL to append {id, score, reward} to; a rerun resumes.")
+@click.option("--batch-size", default=32, show_default=True, type=int)
+def score(input_path, reward, output_path, batch_size):
+    """Score {id?, prompt or messages, response} records with a reward, writing as it goes."""
+    from tqdm import tqdm
+
+    from .rewards import load_reward
+
+    if batch_size < 1:
+        raise DecalignError(f"--batch-size must be >= 1, got {batch_size}")
+    _quiet_transformers()
+    scorer = load_reward(reward)
+    source, output = Path(input_path), Path(output_path)
+    done = _finished_ids(output)
+    total = sum(1 for line in source.open(encoding="utf-8") if line.strip()) if source.is_file() else 0
+    pending: list[tuple[Any, Any, str]] = []
+    bar = tqdm(total=total, unit="item", desc="score", file=sys.stderr, disable=None)
+
+    def flush(out) -> None:
+        if pending:
+            values = scorer.score([p for _, p, _ in pending], [r for _, _, r in pending])
+            for (record_id, _, _), value in zip(pending, values):
+                out.write(json.dumps({"id": record_id, "score": value, "reward": scorer.name}) + "\n")
+                out.flush()
+            bar.update(len(pending))
+            pending.clear()
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output.open("a", encoding="utf-8") as out:
+        try:
+            for _, record_id, prompt, record in _read_records(source, with_response=True):
+                if record_id in done:
+                    bar.update(1)
+                    continue
+                pending.append((record_id, prompt, record["response"]))
+                if len(pending) >= batch_size:
+                    flush(out)
+        finally:
+            flush(out)
             bar.close()
 
 

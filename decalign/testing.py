@@ -80,3 +80,24 @@ def make_tiny_model(path: str | Path, *, seed: int = 0, layers: int = 2, hidden:
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+def make_tiny_classifier(path: str | Path, *, num_labels: int = 1, vocab_size: int = 280, chat: bool = False,
+                         seed: int = 0) -> Path:
+    """Save a random-weight Llama sequence classifier with its own tokenizer (a reward model)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    path = Path(path)
+    tokenizer = make_tokenizer(vocab_size)
+    if not chat:
+        tokenizer.chat_template = None
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                         num_labels=num_labels, pad_token_id=tokenizer.pad_token_id,
+                         id2label={i: f"label{i}" for i in range(num_labels)},
+                         label2id={f"label{i}": i for i in range(num_labels)})
+    torch.manual_seed(seed)
+    LlamaForSequenceClassification(config).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path

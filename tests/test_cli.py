@@ -101,3 +101,22 @@ def test_methods_lists_parameters():
     proc = run("methods")
     assert proc.returncode == 0
     assert "bon" in proc.stdout and "n=4" in proc.stdout
+
+
+def test_score_writes_as_it_goes_and_resumes(tmp_path):
+    source = tmp_path / "answers.jsonl"
+    out = tmp_path / "scores.jsonl"
+    write_lines(source, [json.dumps({"id": "k", "prompt": "q", "response": "I love this, thank you!"}),
+                         json.dumps({"messages": [{"role": "user", "content": "q"}], "response": "I hate it."}),
+                         json.dumps({"prompt": "q", "response": ""})])
+    proc = run("score", str(source), "-r", "sentiment + 0.5*length:target=4", "-o", str(out), "--batch-size", "2")
+    assert proc.returncode == 0, proc.stderr
+    records = read_records(out)
+    assert [r["id"] for r in records] == ["k", 2, 3]
+    assert records[0]["score"] > records[1]["score"]
+    assert records[0]["reward"] == "sentiment + 0.5*length:target=4:unit=words"
+    run("score", str(source), "-r", "sentiment + 0.5*length:target=4", "-o", str(out))
+    assert read_records(out) == records
+    write_lines(source, [json.dumps({"prompt": "q"})])
+    assert_one_line_error(run("score", str(source), "-r", "sentiment", "-o", str(tmp_path / "x.jsonl")),
+                          "line 1: needs a \"response\" string")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import re
 import time
 from typing import Callable, Sequence
 
@@ -55,6 +56,37 @@ class Reward:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
 
+    # Rewards compose: `harmless + 0.5 * sentiment`.
+    def __add__(self, other: "Reward") -> "WeightedSum":
+        return WeightedSum(_terms(self) + _terms(other))
+
+    def __mul__(self, weight: float) -> "WeightedSum":
+        return WeightedSum([(weight * w, r) for w, r in _terms(self)])
+
+    __rmul__ = __mul__
+
+
+def _terms(reward: Reward) -> list[tuple[float, Reward]]:
+    if not isinstance(reward, Reward):
+        raise DecalignError(f"only rewards can be added to rewards, not {reward!r}")
+    return list(reward.terms) if isinstance(reward, WeightedSum) else [(1.0, reward)]
+
+
+class WeightedSum(Reward):
+    """sum_i w_i * r_i over the same items; each part keeps its own counters."""
+
+    def __init__(self, terms: list[tuple[float, Reward]]) -> None:
+        super().__init__()
+        self.terms = [(float(w), r) for w, r in terms]
+        self.name = " + ".join(r.name if w == 1 else f"{w:g}*{r.name}" for w, r in self.terms)
+
+    def _score(self, prompts, responses):
+        total = [0.0] * len(responses)
+        for weight, reward in self.terms:
+            for i, value in enumerate(reward.score(prompts, responses)):
+                total[i] += weight * value
+        return total
+
 
 class CallableReward(Reward):
     """Wraps `fn(prompts, responses) -> scores`, or `fn(response) -> score` with per_item=True."""
@@ -88,8 +120,38 @@ def _sentiment(_: str) -> Reward:
     return SentimentReward()
 
 
-_BUILTIN: dict[str, Callable[[str], Reward]] = {"sentiment": _sentiment, "vader": _sentiment}
-_PREFIXED: dict[str, Callable[[str], Reward]] = {"python": _python_reward}
+def _rule(kind: str) -> Callable[[str], Reward]:
+    def make(options: str) -> Reward:
+        from . import rules
+
+        if kind == "regex":
+            return rules.RegexReward(options)
+        return {"length": rules.length_reward, "keywords": rules.keyword_reward}[kind](options)
+
+    return make
+
+
+def _json(_: str) -> Reward:
+    from .rules import JsonReward
+
+    return JsonReward()
+
+
+def _hf(kind: str) -> Callable[[str], Reward]:
+    def make(options: str) -> Reward:
+        from . import hf
+
+        return hf.classifier_reward(options) if kind == "hf" else hf.judge_reward(options)
+
+    return make
+
+
+_BUILTIN: dict[str, Callable[[str], Reward]] = {"sentiment": _sentiment, "vader": _sentiment, "json": _json,
+                                                "judge": _hf("judge")}
+_PREFIXED: dict[str, Callable[[str], Reward]] = {
+    "python": _python_reward, "hf": _hf("hf"), "judge": _hf("judge"),
+    "length": _rule("length"), "keywords": _rule("keywords"), "regex": _rule("regex"),
+}
 
 
 def reward_names() -> list[str]:
@@ -104,7 +166,33 @@ def load_reward(spec: "str | Reward | Callable | None") -> Reward | None:
         return CallableReward(spec)
     if not isinstance(spec, str) or not spec.strip():
         raise DecalignError(f"reward must be a name or a callable, got {spec!r}")
-    spec = spec.strip()
+    terms = _weighted_terms(spec.strip())
+    if terms is None:
+        return _single_reward(spec.strip())
+    return WeightedSum([(weight, _single_reward(name)) for weight, name in terms])
+
+
+_WEIGHTED = re.compile(r"^(?:([-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)\s*\*\s*)?(.+)$")
+
+
+def _known(name: str) -> bool:
+    return name in _BUILTIN or name.partition(":")[0] in _PREFIXED
+
+
+def _weighted_terms(spec: str) -> list[tuple[float, str]] | None:
+    """'harmless + 0.5*sentiment' -> [(1.0, 'harmless'), (0.5, 'sentiment')]; None for a single reward.
+    A '+' or '*' inside one reward's options (regex:a+b) is left alone."""
+    pieces = [piece.strip() for piece in spec.split("+")]
+    parsed = []
+    for piece in pieces:
+        match = _WEIGHTED.match(piece)
+        if not piece or match is None or not _known(match.group(2).strip()):
+            return None
+        parsed.append((float(match.group(1)) if match.group(1) else 1.0, match.group(2).strip()))
+    return parsed if len(parsed) > 1 or parsed[0][0] != 1.0 else None
+
+
+def _single_reward(spec: str) -> Reward:
     if spec in _BUILTIN:
         return _BUILTIN[spec](spec)
     prefix, sep, rest = spec.partition(":")

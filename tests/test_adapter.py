@@ -1,0 +1,52 @@
+"""--adapter: a PEFT LoRA adapter from safetensors changes the policy; a mismatched one is refused."""
+
+import pytest
+import torch
+
+from decalign import DecalignError, Engine, generate
+
+
+def save_adapter(model_path, out, seed=0):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_path)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(seed)
+    with torch.no_grad():  # LoRA B starts at zero (no effect); give the adapter something to say
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def test_adapter_changes_the_policy_and_loads_from_safetensors(tiny_path, tmp_path):
+    adapter = save_adapter(tiny_path, tmp_path / "adapter")
+    assert (adapter / "adapter_model.safetensors").is_file()
+    base = Engine.load(str(tiny_path))
+    adapted = Engine.load(str(tiny_path), adapter=str(adapter))
+    ids = base.render("hi")
+    base_logits = base.start([ids]).logits[0]
+    adapted_logits = adapted.start([ids]).logits[0]
+    assert not torch.allclose(base_logits, adapted_logits, atol=1e-3)
+    with adapted.model.disable_adapter():  # the same weights without the adapter are the base model
+        assert torch.allclose(adapted.start([ids]).logits[0], base_logits, atol=1e-5)
+    (result,) = generate("hi", model=str(tiny_path), adapter=str(adapter), max_new_tokens=5)
+    assert result.tokens
+
+
+def test_adapter_for_another_model_is_refused(tiny_path, tmp_path):
+    from decalign.testing import make_tiny_model
+
+    other = make_tiny_model(tmp_path / "wide", hidden=96)
+    adapter = save_adapter(other, tmp_path / "wide-adapter")
+    with pytest.raises(DecalignError, match="does not fit model"):
+        Engine.load(str(tiny_path), adapter=str(adapter))
+
+
+def test_pickled_adapter_is_refused(tiny_path, tmp_path):
+    adapter = save_adapter(tiny_path, tmp_path / "adapter")
+    (adapter / "adapter_model.safetensors").rename(adapter / "adapter_model.bin")
+    with pytest.raises(DecalignError, match="pickled adapters are refused"):
+        Engine.load(str(tiny_path), adapter=str(adapter))
