@@ -50,6 +50,19 @@ StopRule = Callable[[StepView], torch.Tensor]
 
 
 @dataclass
+class TokenView:
+    """What a cut rule sees after a token is written, one entry per row that wrote one."""
+
+    tokens: list[int]
+    texts: list[str]  # each token decoded alone
+    entropy: torch.Tensor  # entropy of the distribution the token was drawn from (untempered)
+    segment_lengths: torch.Tensor  # tokens in the segment, this one included
+
+
+CutRule = Callable[[TokenView], torch.Tensor]
+
+
+@dataclass
 class EntropyStop:
     """Stop a segment before a token whose next-token entropy is >= threshold (CARDS)."""
 
@@ -58,6 +71,31 @@ class EntropyStop:
 
     def __call__(self, view: StepView) -> torch.Tensor:
         return (view.segment_lengths >= self.min_tokens) & (view.entropy >= self.threshold)
+
+
+@dataclass
+class MaxProbStop:
+    """Stop before a token when 1 - max next-token probability is >= threshold (an ablation of CARDS)."""
+
+    threshold: float
+    min_tokens: int = 4
+
+    def __call__(self, view: StepView) -> torch.Tensor:
+        uncertainty = 1 - view.logits.softmax(-1).max(-1).values
+        return (view.segment_lengths >= self.min_tokens) & (uncertainty >= self.threshold)
+
+
+@dataclass
+class PunctuationCut:
+    """End a segment after a token holding punctuation drawn at entropy >= min_entropy (CARDS ablation)."""
+
+    min_entropy: float = 1.0
+    min_tokens: int = 4
+    marks: str = ",.:;?!"
+
+    def __call__(self, view: TokenView) -> torch.Tensor:
+        punctuated = torch.tensor([any(m in text for m in self.marks) for text in view.texts])
+        return punctuated & (view.entropy >= self.min_entropy) & (view.segment_lengths >= self.min_tokens)
 
 
 @dataclass
@@ -301,9 +339,11 @@ class Batch:
         rows: Sequence[int] | None = None,
         max_tokens: int | None = None,
         stop_rule: StopRule | None = None,
+        cut_rule: CutRule | None = None,
     ) -> list[Segment]:
         """Write a segment on each live row in `rows` (default: all live rows) until the row
-        finishes, the stop rule fires before a token, or the segment reaches `max_tokens`."""
+        finishes, the stop rule fires before a token, the cut rule fires after one, or the
+        segment reaches `max_tokens`."""
         rows = self.live_rows() if rows is None else [r for r in rows if self.finish[r] is None]
         segments = {r: Segment(row=r, start=len(self.tokens[r])) for r in rows}
         for r in rows:  # a rejected segment is cropped back here without recomputing anything
@@ -331,6 +371,14 @@ class Batch:
             chosen = choose_tokens(self._suppress_eos(active, raw), sampling,
                                    [self.generators[r] for r in active]).tolist()
             chosen_logp = logp.gather(1, torch.tensor(chosen)[:, None]).squeeze(1).tolist()
+            cut = [False] * len(active)
+            if cut_rule is not None:
+                cut = cut_rule(TokenView(
+                    tokens=chosen,
+                    texts=[self.engine.decode([t]) for t in chosen],
+                    entropy=entropy,
+                    segment_lengths=torch.tensor([len(segments[r].tokens) + 1 for r in active]),
+                )).tolist()
             to_feed: dict[int, int] = {}
             for i, (r, token) in enumerate(zip(active, chosen)):
                 segment = segments[r]
@@ -342,7 +390,9 @@ class Batch:
                     self.finish[r] = segment.reason = reason
                     continue
                 to_feed[r] = token
-                if max_tokens is not None and len(segment.tokens) >= max_tokens:
+                if cut[i]:
+                    segment.reason = "rule"
+                elif max_tokens is not None and len(segment.tokens) >= max_tokens:
                     segment.reason = "segment"
             if to_feed:
                 self._feed(to_feed)

@@ -201,3 +201,20 @@ def test_logprobs_are_log_probabilities(engine, prompts):
     (segment,) = batch.extend(SAMPLE)
     assert all(lp <= 0 and math.isfinite(lp) for lp in segment.logprobs)
     assert all(0 <= h <= math.log(len(engine.tokenizer)) + 1e-4 for h in segment.entropies)
+
+
+def test_punctuation_cut_and_max_prob_rules(engine, prompts):
+    from decalign.engine import MaxProbStop, PunctuationCut
+
+    cut = PunctuationCut(min_entropy=0.0, min_tokens=2, marks="e")
+    batch = engine.start(prompts, n=3, seeds=[1, 2, 3], max_new_tokens=40)
+    for segment in batch.extend(SAMPLE, cut_rule=cut, max_tokens=30):
+        texts = [engine.decode([t]) for t in segment.tokens]
+        if segment.reason == "rule":
+            assert len(texts) >= 2 and "e" in texts[-1]
+        assert not any("e" in t for t in texts[1:-1])  # no earlier token qualified
+    stop = MaxProbStop(threshold=0.6, min_tokens=2)
+    batch = engine.start(prompts, n=3, seeds=[1, 2, 3], max_new_tokens=40)
+    for segment in batch.extend(SAMPLE, stop_rule=stop, max_tokens=30):
+        if segment.reason == "rule":
+            assert 1 - float(batch.logits[segment.row].softmax(-1).max()) >= 0.6
