@@ -6,11 +6,12 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import click
 
 from .errors import DecalignError
+from .records import append_record, count_lines, load_output, read_records
 
 EXIT_USER_ERROR = 2
 
@@ -51,6 +52,8 @@ def cli() -> None:
 @click.option("--top-k", type=int, default=None, help="Top-k filter (sampling methods; 0 = off).")
 @click.option("--top-p", type=float, default=None, help="Nucleus filter (sampling methods; 1 = off).")
 @click.option("--n", type=int, default=None, help="Candidates per prompt (bon).")
+@click.option("--cold-alpha", type=float, default=None, help="CoLD plausibility mask alpha in (0, 1] (param alpha).")
+@click.option("--cold-beta", type=float, default=None, help="CoLD contrast strength beta >= 0 (param beta).")
 @click.option("--param", "-p", "params", multiple=True, metavar="NAME=VALUE", help="Any method parameter; repeatable.")
 @click.option("--seed", type=int, default=None, help="Same seed, same output.")
 @click.option("--system", default=None, help="System message (chat models).")
@@ -64,10 +67,12 @@ def cli() -> None:
 @click.option("--batch-size", default=8, show_default=True, type=int, help="Prompts decoded together.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model's own code (off by default).")
 def generate(prompt, method, model, adapter, reward, max_new_tokens, min_new_tokens, temperature, top_k, top_p, n,
-             params, seed, system, stop, raw, as_json, input_path, output_path, batch_size, trust_remote_code):
+             cold_alpha, cold_beta, params, seed, system, stop, raw, as_json, input_path, output_path, batch_size,
+             trust_remote_code):
     """Answer PROMPT (or every record of --input) with an aligned decoding method."""
     method_params: dict[str, Any] = _parse_params(params)
-    for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("n", n)):
+    for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("n", n),
+                        ("alpha", cold_alpha), ("beta", cold_beta)):
         if value is not None:
             method_params[name] = value
     options = dict(method=method, model=model, adapter=adapter, reward=reward, max_new_tokens=max_new_tokens,
@@ -121,52 +126,6 @@ def _validate_options(options: dict[str, Any]) -> None:
         resolve_model_path(options["model"])
 
 
-def _read_records(path: Path, *, with_response: bool = False) -> Iterator[tuple[int, Any, Any, dict]]:
-    """(line number, id, prompt, record) per record; a malformed line raises naming it, when reached."""
-    if not path.is_file():
-        raise DecalignError(f"input file {path} does not exist")
-    seen: set = set()
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DecalignError(f"{path} line {number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise DecalignError(f"{path} line {number}: expected a JSON object")
-            prompt = record.get("messages", record.get("prompt"))
-            if not (isinstance(prompt, str) and prompt.strip()) and not (isinstance(prompt, list) and prompt):
-                raise DecalignError(f"{path} line {number}: needs a non-empty \"prompt\" string or \"messages\" list")
-            record_id = record.get("id", number)
-            if not isinstance(record_id, (str, int)) or record_id in seen:
-                raise DecalignError(f"{path} line {number}: id {record_id!r} is not a unique string or integer")
-            if with_response and not isinstance(record.get("response"), str):
-                raise DecalignError(f"{path} line {number}: needs a \"response\" string")
-            seen.add(record_id)
-            yield number, record_id, prompt, record
-
-
-def _finished_ids(path: Path) -> set:
-    """Ids already in the output; a half-written last line (a killed run) is cut off."""
-    if not path.exists():
-        return set()
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        data = data[: data.rfind(b"\n") + 1]
-        path.write_bytes(data)
-    ids = set()
-    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                ids.add(json.loads(line)["id"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise DecalignError(f"output {path} line {number} is not a decalign record; "
-                                    "use a new --output file") from None
-    return ids
-
-
 def _run_batch(input_path: Path, output_path: Path, seed: int | None, options: dict[str, Any]) -> None:
     import random
 
@@ -176,8 +135,8 @@ def _run_batch(input_path: Path, output_path: Path, seed: int | None, options: d
     from .api import get_engine
     from .sampling import derive_seed
 
-    done = _finished_ids(output_path)
-    total = sum(1 for line in input_path.open(encoding="utf-8") if line.strip()) if input_path.is_file() else 0
+    done, _ = load_output(output_path)
+    total = count_lines(input_path)
     base_seed = random.randrange(2**62) if seed is None else seed
     engine = get_engine(options["model"], options["adapter"], trust_remote_code=options["trust_remote_code"])
     options = {**options, "model": engine, "adapter": None}
@@ -192,15 +151,14 @@ def _run_batch(input_path: Path, output_path: Path, seed: int | None, options: d
         seeds = [derive_seed(base_seed, record_id) for record_id, _ in pending]
         for (record_id, prompt), result in zip(pending, run(prompts, seed=seeds, **options)):
             key = "prompt" if isinstance(prompt, str) else "messages"
-            out.write(json.dumps({"id": record_id, key: prompt, **result.to_dict()}, ensure_ascii=False) + "\n")
-            out.flush()  # a finished record survives a kill
+            append_record(out, {"id": record_id, key: prompt, **result.to_dict()})
             bar.update(1)
         pending.clear()
 
     output_path.parent.mkdir(parents=True, exist_ok=True)
     with output_path.open("a", encoding="utf-8") as out:
         try:
-            for number, record_id, prompt, _ in _read_records(input_path):
+            for number, record_id, prompt, _ in read_records(input_path):
                 if record_id in done:
                     bar.update(1)
                     continue
@@ -236,8 +194,8 @@ def score(input_path, reward, output_path, batch_size):
     _quiet_transformers()
     scorer = load_reward(reward)
     source, output = Path(input_path), Path(output_path)
-    done = _finished_ids(output)
-    total = sum(1 for line in source.open(encoding="utf-8") if line.strip()) if source.is_file() else 0
+    done, _ = load_output(output)
+    total = count_lines(source)
     pending: list[tuple[Any, Any, str]] = []
     bar = tqdm(total=total, unit="item", desc="score", file=sys.stderr, disable=None)
 
@@ -245,15 +203,14 @@ def score(input_path, reward, output_path, batch_size):
         if pending:
             values = scorer.score([p for _, p, _ in pending], [r for _, _, r in pending])
             for (record_id, _, _), value in zip(pending, values):
-                out.write(json.dumps({"id": record_id, "score": value, "reward": scorer.name}) + "\n")
-                out.flush()
+                append_record(out, {"id": record_id, "score": value, "reward": scorer.name})
             bar.update(len(pending))
             pending.clear()
 
     output.parent.mkdir(parents=True, exist_ok=True)
     with output.open("a", encoding="utf-8") as out:
         try:
-            for _, record_id, prompt, record in _read_records(source, with_response=True):
+            for _, record_id, prompt, record in read_records(source, with_response=True):
                 if record_id in done:
                     bar.update(1)
                     continue
@@ -263,6 +220,44 @@ def score(input_path, reward, output_path, batch_size):
         finally:
             flush(out)
             bar.close()
+
+
+@cli.command()
+@click.option("--methods", "-m", "methods_", default=None, help="Comma-separated methods with inline parameters, "
+              "e.g. greedy,bon:n=8,cards:tau_u=2.5.")
+@click.option("--prompts", type=click.Path(dir_okay=False), default=None, help="JSONL of {id?, prompt | messages}.")
+@click.option("--reward", "-r", default=None, help="The steering reward, also reported for every method.")
+@click.option("--judge", default=None, help="A held-out reward that scores the final answers only.")
+@click.option("--model", default=None, help="Policy model [default: embedded SmolLM2-135M-Instruct].")
+@click.option("--adapter", default=None, help="PEFT LoRA adapter folder.")
+@click.option("--max-new-tokens", default=128, show_default=True, type=int)
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Run directory (resumable).")
+@click.option("--limit", type=int, default=None, help="Use the first K prompts.")
+@click.option("--batch-size", type=int, default=None, help="Prompts decoded together [default: all; 1 = latency].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--baseline", default=None, help="Method to compute win-tie against [default: the first].")
+@click.option("--system", default=None, help="System message for every prompt.")
+@click.option("--compare", nargs=2, type=click.Path(file_okay=False), default=None, metavar="DIR1 DIR2",
+              help="Compare two finished runs instead of running.")
+def bench(methods_, prompts, reward, judge, model, adapter, max_new_tokens, out, limit, batch_size, seed, baseline,
+          system, compare):
+    """Methods side by side: reward, judge, win-tie and cost, as tables and plots."""
+    from .bench import compare as compare_runs
+    from .bench import run_bench, summary_markdown
+
+    if compare:
+        click.echo(compare_runs(Path(compare[0]), Path(compare[1])))
+        return
+    missing = [flag for flag, value in (("--methods", methods_), ("--prompts", prompts), ("--out", out)) if not value]
+    if missing:
+        raise DecalignError(f"decalign bench needs {', '.join(missing)} (or --compare DIR1 DIR2)")
+    _quiet_transformers()
+    summary = run_bench(methods=methods_, prompts=Path(prompts), out=Path(out), reward=reward, judge=judge,
+                        model=model, adapter=adapter, max_new_tokens=max_new_tokens, limit=limit,
+                        batch_size=batch_size, seed=seed, baseline=baseline, system=system,
+                        progress=sys.stderr.isatty())
+    click.echo(summary_markdown(summary))
+    click.echo(f"\nrecords, summary and plots in {out}", err=True)
 
 
 @cli.command()
@@ -290,6 +285,11 @@ def bench_engine(model, batch_sizes, new_tokens, repeats, threads):
     _quiet_transformers()
     sizes = [int(s) for s in batch_sizes.split(",") if s.strip()]
     click.echo(run_bench(model=model, batch_sizes=sizes, new_tokens=new_tokens, repeats=repeats, threads=threads))
+
+
+from .lora import train_lora_command  # noqa: E402
+cli.add_command(train_lora_command)
+cli.add_command(__import__("decalign.bench_cold", fromlist=["x"]).bench_cold_command)
 
 
 def main() -> None:

@@ -113,6 +113,7 @@ class Segment:
 
 
 FINISHED = ("eos", "stop", "length")
+BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 
 
 class Engine:
@@ -132,6 +133,8 @@ class Engine:
         self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids or {0})
         self.context_length: int | None = getattr(config, "max_position_embeddings", None)
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        self.row_gate: torch.Tensor | None = None  # set only during a mixed-adapter forward
+        self._gate_ok: bool | None = None
 
     @classmethod
     def load(
@@ -176,10 +179,56 @@ class Engine:
         max_new_tokens: int = 128,
         min_new_tokens: int = 0,
         stop_strings: Sequence[str] = (),
+        adapters: Sequence[str] | None = None,
     ) -> "Batch":
-        """Encode each prompt once and give it `n` rows that share that encoding."""
+        """Encode each prompt once and give it `n` rows that share that encoding.
+
+        `adapters` (one name per prompt, its rows inherit it): run each prompt's rows with that PEFT
+        adapter, or "__base__" for the model without adapters, all in the same forward passes
+        (CoLD puts a prompt twice, once per name)."""
         return Batch(self, prompts, n=n, seeds=seeds, max_new_tokens=max_new_tokens,
-                     min_new_tokens=min_new_tokens, stop_strings=stop_strings)
+                     min_new_tokens=min_new_tokens, stop_strings=stop_strings, adapters=adapters)
+
+    def adapter_names(self) -> list[str]:
+        """Names of the PEFT adapters loaded on the model ("default" for --adapter); [] without any."""
+        return list(getattr(self.model, "peft_config", None) or [])
+
+    def _row_gate(self, adapters: list[str]) -> torch.Tensor | None:
+        """The fast path for mixed rows of one plain LoRA adapter and "__base__": a 0/1 factor per
+        row on the output of every LoRA B projection, so one forward gives adapter rows exactly the
+        adapted model's values (x1) and base rows exactly the base model's (+ 0). PEFT's own
+        `adapter_names` route registers hooks and gathers sub-batches on every call; this one
+        installs its hooks once. None when the model is not such a case (PEFT's route is used)."""
+        if self._gate_ok is None and len(self.adapter_names()) == 1:
+            self._gate_ok = self._install_row_gate()  # once: the hooks stay, idle unless row_gate is set
+        names = set(adapters) - {BASE}
+        if not self._gate_ok or len(names) != 1 or names != set(self.adapter_names()):
+            return None
+        return torch.tensor([a != BASE for a in adapters], dtype=torch.float32, device=self.device)[:, None, None]
+
+    def _install_row_gate(self) -> bool:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+        from peft.tuners.lora.layer import LoraLayer
+
+        names = self.adapter_names()
+        if len(names) != 1:
+            return False
+        name, config = names[0], self.model.peft_config[names[0]]
+        if getattr(config, "peft_type", None) != "LORA" or getattr(config, "use_dora", False) \
+                or getattr(config, "modules_to_save", None) or getattr(config, "bias", "none") != "none" \
+                or getattr(config, "trainable_token_indices", None):
+            return False
+        layers = [m for m in self.model.modules() if isinstance(m, LoraLayer)]
+        if not layers or any(type(m) is not LoraLinear or m.merged or name in m.lora_variant for m in layers):
+            return False
+
+        def gate(module, inputs, output):
+            return output if self.row_gate is None else output * self.row_gate
+
+        for layer in layers:
+            if name in layer.lora_B:
+                layer.lora_B[name].register_forward_hook(gate)
+        return True
 
 
 def validate_messages(messages: object) -> list[dict]:
@@ -197,7 +246,8 @@ class Batch:
     """Live rows of one or more prompts in one KV cache. Row i belongs to prompt `prompt_of[i]`."""
 
     def __init__(self, engine: Engine, prompts: Sequence[Sequence[int]], *, n: int, seeds: Sequence[int] | None,
-                 max_new_tokens: int, min_new_tokens: int, stop_strings: Sequence[str]) -> None:
+                 max_new_tokens: int, min_new_tokens: int, stop_strings: Sequence[str],
+                 adapters: Sequence[str] | None = None) -> None:
         if not prompts:
             raise DecalignError("no prompts given")
         if n < 1:
@@ -214,6 +264,16 @@ class Batch:
                 raise DecalignError(
                     f"{which} has {len(ids)} tokens; the model's context is {engine.context_length}"
                 )
+        if adapters is not None:
+            adapters = list(adapters)
+            if len(adapters) != len(prompts):
+                raise DecalignError(f"{len(adapters)} adapter names for {len(prompts)} prompts")
+            unknown = sorted(set(adapters) - set(engine.adapter_names()) - {BASE})
+            if unknown:
+                loaded = ", ".join(engine.adapter_names()) or "none"
+                raise DecalignError(f"no adapter named {', '.join(unknown)} on the model (loaded: {loaded})")
+        # per-row PEFT adapter names, or None: every row runs the model as loaded
+        self.adapters: list[str] | None = adapters
         self.engine = engine
         self.max_new_tokens = max_new_tokens
         self.min_new_tokens = min_new_tokens
@@ -240,6 +300,8 @@ class Batch:
             self.logits = self.logits.repeat_interleave(n, dim=0)
         rows = len(prompts) * n
         self.prompt_of = [p for p in range(len(prompts)) for _ in range(n)]
+        if self.adapters is not None:
+            self.adapters = [self.adapters[p] for p in self.prompt_of]
         self.tokens: list[list[int]] = [[] for _ in range(rows)]
         self.logprobs: list[list[float]] = [[] for _ in range(rows)]
         self.entropies: list[list[float]] = [[] for _ in range(rows)]
@@ -276,14 +338,24 @@ class Batch:
         """Run new tokens through the policy on every row; return last-position logits."""
         self.mask = torch.cat([self.mask, new_mask], dim=1)
         positions = (self.mask.cumsum(-1) - 1).clamp_(min=0)[:, -input_ids.shape[1]:]
-        out = self.engine.model(
-            input_ids=input_ids,
-            attention_mask=self.mask,
-            position_ids=positions,
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        extra, gate = {}, None
+        if self.adapters is not None:
+            gate = self.engine._row_gate(self.adapters)
+            if gate is None:
+                extra = {"adapter_names": self.adapters}
+        self.engine.row_gate = gate
+        try:
+            out = self.engine.model(
+                input_ids=input_ids,
+                attention_mask=self.mask,
+                position_ids=positions,
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+                **extra,
+            )
+        finally:
+            self.engine.row_gate = None
         return out.logits[:, -1, :].float()
 
     def _feed(self, tokens: dict[int, int]) -> None:
@@ -302,12 +374,13 @@ class Batch:
             self.work[self.prompt_of[row]].decode_tokens += 1
 
     # ----- writing tokens ---------------------------------------------------------------------
-    def _record(self, row: int, token: int, logprob: float, entropy: float) -> str | None:
+    def _record(self, row: int, token: int, logprob: float, entropy: float, *, new: bool = True) -> str | None:
         """Append a chosen token to a row; return its finish reason if the row is now done."""
         self.tokens[row].append(token)
         self.logprobs[row].append(logprob)
         self.entropies[row].append(entropy)
-        self.work[self.prompt_of[row]].generated_tokens += 1
+        if new:
+            self.work[self.prompt_of[row]].generated_tokens += 1
         if token in self.engine.eos_ids and len(self.tokens[row]) >= self.min_new_tokens:
             return "eos"
         if self.stop_strings and any(s in self.engine.decode(self.tokens[row]) for s in self.stop_strings):
@@ -325,7 +398,8 @@ class Batch:
         entropy = -(logp.exp() * logp).nan_to_num_().sum(-1)
         return raw, logp, entropy
 
-    def _suppress_eos(self, rows: list[int], scores: torch.Tensor) -> torch.Tensor:
+    def mask_early_eos(self, rows: list[int], scores: torch.Tensor) -> torch.Tensor:
+        """Scores with EOS at -inf on rows that have not yet written min_new_tokens."""
         early = [i for i, r in enumerate(rows) if len(self.tokens[r]) < self.min_new_tokens]
         if early and self.engine.eos_ids:
             scores = scores.clone()
@@ -368,7 +442,7 @@ class Batch:
                     raw, logp, entropy = raw[keep], logp[keep], entropy[keep]
                     if not active:
                         break
-            chosen = choose_tokens(self._suppress_eos(active, raw), sampling,
+            chosen = choose_tokens(self.mask_early_eos(active, raw), sampling,
                                    [self.generators[r] for r in active]).tolist()
             chosen_logp = logp.gather(1, torch.tensor(chosen)[:, None]).squeeze(1).tolist()
             cut = [False] * len(active)
@@ -442,6 +516,8 @@ class Batch:
             setattr(self, name, [list(values[r]) for r in indices])
         self.snapshots = [dict(self.snapshots[r]) for r in indices]
         self.prompt_of = [self.prompt_of[r] for r in indices]
+        if self.adapters is not None:
+            self.adapters = [self.adapters[r] for r in indices]
         self.fed = [self.fed[r] for r in indices]
         self.finish = [self.finish[r] for r in indices]
         self._compact()
@@ -467,6 +543,37 @@ class Batch:
                 refeed[row] = self.tokens[row][length - 1]
         if refeed:
             self._feed(refeed)
+        self._compact()
+
+    def force(self, segments: dict[int, "Segment"]) -> None:
+        """Write segments drawn earlier (a rejection sampler's fallback to its best attempt) onto
+        live rows in one forward pass; their recorded log-probabilities and entropies are kept."""
+        width = max(len(s.tokens) for s in segments.values())
+        input_ids = torch.full((self.size, width), self.engine.pad_id, dtype=torch.long, device=self.mask.device)
+        new_mask = torch.zeros((self.size, width), dtype=torch.long, device=self.mask.device)
+        for row, segment in segments.items():
+            if self.finish[row] is not None:
+                raise DecalignError(f"row {row} has finished; crop it before forcing tokens")
+            reason = None
+            for token, logprob, entropy in zip(segment.tokens, segment.logprobs, segment.entropies):
+                if reason is not None:
+                    raise DecalignError(f"row {row}: forced tokens continue past its finish ({reason})")
+                reason = self._record(row, token, logprob, entropy, new=False)
+            self.finish[row] = reason
+            fed = segment.tokens[:-1] if reason is not None else segment.tokens  # as extend would
+            if fed:  # right-aligned: every row's last fed token sits in the last column
+                input_ids[row, width - len(fed):] = torch.tensor(fed)
+                new_mask[row, width - len(fed):] = 1
+                self.fed[row] += len(fed)
+        if not new_mask.any():
+            return
+        ends = new_mask[:, -1].bool()
+        logits = self._forward(input_ids, new_mask)
+        self.logits = torch.where(ends.unsqueeze(1), logits, self.logits)
+        for prompt in {self.prompt_of[r] for r in segments}:
+            self.work[prompt].forward_passes += 1
+        for row in segments:
+            self.work[self.prompt_of[row]].decode_tokens += int(new_mask[row].sum())
         self._compact()
 
     def _unmask_tail(self, row: int, count: int) -> None:

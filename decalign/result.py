@@ -33,6 +33,7 @@ class Result:
     finish_reason: str = ""
     candidates: list[Candidate] | None = None
     trace: list[dict] | None = None
+    logprobs: list[float] | None = None  # the policy's log-probability of each answer token
 
     def to_dict(self) -> dict:
         return asdict(self)

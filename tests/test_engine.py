@@ -218,3 +218,22 @@ def test_punctuation_cut_and_max_prob_rules(engine, prompts):
     for segment in batch.extend(SAMPLE, stop_rule=stop, max_tokens=30):
         if segment.reason == "rule":
             assert 1 - float(batch.logits[segment.row].softmax(-1).max()) >= 0.6
+
+
+def test_force_rewrites_an_earlier_segment_exactly(engine, prompts):
+    """A rejected-then-restored segment (best-of fallback) leaves the row as if it had been kept."""
+    batch = engine.start(prompts, seeds=[1, 2, 3], max_new_tokens=30)
+    batch.extend(SAMPLE, max_tokens=4)
+    starts = [len(t) for t in batch.tokens]
+    segments = batch.extend(SAMPLE, max_tokens=7)
+    kept = [list(t) for t in batch.tokens]
+    batch.crop(range(batch.size), starts)
+    generated = [w.generated_tokens for w in batch.work]
+    batch.force({s.row: s for s in segments})
+    assert batch.tokens == kept
+    assert [w.generated_tokens for w in batch.work] == generated  # not counted twice
+    for row in range(batch.size):
+        assert_row_matches_recompute(engine, batch, row, prompts[row])
+    batch.extend(GREEDY, max_tokens=3)
+    for row in range(batch.size):
+        assert_row_matches_recompute(engine, batch, row, prompts[row])

@@ -156,37 +156,35 @@ class Job:
         *,
         rewards: Sequence[float | None] | None = None,
         candidates: Sequence[list[Candidate] | None] | None = None,
-        traces: Sequence[list[dict] | None] | None = None,
     ) -> list[Result]:
         """One Result per prompt, prompt p answered by row rows[p] of the batch."""
-        wall = time.perf_counter() - self.started
-        out = []
-        for p, row in enumerate(rows):
-            work = batch.work[p]
-            tokens = list(batch.tokens[row])
-            stats = {
-                "wall_time": wall,
-                "batch_size": len(self.prompts),
-                "forward_passes": work.forward_passes,
-                "prefill_tokens": work.prefill_tokens,
-                "decode_tokens": work.decode_tokens,
-                "generated_tokens": work.generated_tokens,
-                "discarded_tokens": work.generated_tokens - len(tokens),
-                "reward_calls": self.reward_items[p],
-            }
-            out.append(Result(
-                text=batch.text(row),
-                tokens=tokens,
-                reward=rewards[p] if rewards is not None else None,
-                stats=stats,
-                method=self.method,
-                params=dict(self.params),
-                finish_reason=batch.finish[row] or "length",
-                candidates=candidates[p] if candidates is not None else None,
-                trace=traces[p] if traces is not None else None,
-            ))
-        return out
+        return [
+            self.result(p, batch, self.candidate(batch, row, rewards[p] if rewards is not None else None),
+                        batch.logprobs[row], candidates=candidates[p] if candidates is not None else None)
+            for p, row in enumerate(rows)
+        ]
+
+    def result(self, p: int, batch: Batch, answer: Candidate, logprobs: list[float], *,
+               candidates: list[Candidate] | None = None, trace: list[dict] | None = None,
+               extra_stats: dict | None = None) -> Result:
+        """Prompt p's Result: its answer plus the work the batch did for it."""
+        work = batch.work[p]
+        stats = {
+            "wall_time": time.perf_counter() - self.started,
+            "batch_size": len(self.prompts),
+            "forward_passes": work.forward_passes,
+            "prefill_tokens": work.prefill_tokens,
+            "decode_tokens": work.decode_tokens,
+            "generated_tokens": work.generated_tokens,
+            "discarded_tokens": work.generated_tokens - len(answer.tokens),
+            "reward_calls": self.reward_items[p],
+            **(extra_stats or {}),
+        }
+        return Result(text=answer.text, tokens=answer.tokens, reward=answer.reward, stats=stats,
+                      method=self.method, params=dict(self.params), finish_reason=answer.finish_reason or "length",
+                      candidates=candidates, trace=trace, logprobs=list(logprobs))
 
 
 # Importing the method modules registers them.
-from . import bon, greedy, sample  # noqa: E402,F401
+from . import args, bon, cards, greedy, rs, sample  # noqa: E402,F401
+from . import cold  # noqa: E402,F401

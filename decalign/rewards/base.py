@@ -146,8 +146,14 @@ def _hf(kind: str) -> Callable[[str], Reward]:
     return make
 
 
+def _harmless(_: str) -> Reward:
+    from .harmless import HarmlessReward
+
+    return HarmlessReward()
+
+
 _BUILTIN: dict[str, Callable[[str], Reward]] = {"sentiment": _sentiment, "vader": _sentiment, "json": _json,
-                                                "judge": _hf("judge")}
+                                                "judge": _hf("judge"), "harmless": _harmless}
 _PREFIXED: dict[str, Callable[[str], Reward]] = {
     "python": _python_reward, "hf": _hf("hf"), "judge": _hf("judge"),
     "length": _rule("length"), "keywords": _rule("keywords"), "regex": _rule("regex"),

@@ -1,0 +1,354 @@
+"""`decalign bench`: methods side by side on a prompt set — reward, held-out judge, win-tie, cost.
+
+A run directory holds config.json (what was run), records.jsonl (one line per method and prompt,
+appended as answers finish, so a rerun resumes), summary.md / summary.json and PNG plots.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import DecalignError
+from .records import append_record, load_output, read_records
+
+# two-sided 95% t critical values by degrees of freedom; 1.96 beyond
+_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042]
+COST_FIELDS = ("forward_passes", "prefill_tokens", "decode_tokens", "discarded_tokens", "reward_calls")
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% confidence interval (Student t)."""
+    if not values:
+        return math.nan, math.nan
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, math.nan
+    t = _T95[len(values) - 2] if len(values) - 1 <= len(_T95) else 1.96
+    return mean, t * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def win_tie(scores: dict[Any, float], baseline: dict[Any, float], tolerance: float = 1e-9) -> dict[str, float]:
+    """Per prompt, method against baseline: wins, ties, losses and the win-tie rate."""
+    shared = sorted(set(scores) & set(baseline), key=str)
+    wins = sum(scores[k] > baseline[k] + tolerance for k in shared)
+    losses = sum(scores[k] < baseline[k] - tolerance for k in shared)
+    ties = len(shared) - wins - losses
+    return {"n": len(shared), "wins": wins, "ties": ties, "losses": losses,
+            "win_tie": (wins + ties) / len(shared) if shared else math.nan}
+
+
+@dataclass
+class MethodRun:
+    label: str  # as written on the command line, e.g. bon:n=8
+    name: str
+    params: dict
+
+
+def parse_methods(text: str) -> list[MethodRun]:
+    from .methods import parse_method_spec
+
+    runs = []
+    for label in [part.strip() for part in text.split(",") if part.strip()]:
+        name, params = parse_method_spec(label)
+        runs.append(MethodRun(label, name, params))
+    if not runs:
+        raise DecalignError("--methods is empty; e.g. --methods greedy,bon:n=8,cards")
+    if len({r.label for r in runs}) != len(runs):
+        raise DecalignError("--methods names a method twice")
+    return runs
+
+
+def _check_config(out: Path, config: dict) -> None:
+    path = out / "config.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed = [k for k in config if old.get(k) != config[k]]
+        if changed:
+            raise DecalignError(f"{out} holds records of another configuration ({', '.join(changed)} differ); "
+                                f"use a new --out or delete {out} to start fresh")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(config, indent=2))
+
+
+def run_bench(*, methods: str, prompts: Path, out: Path, reward: str | None, judge: str | None = None,
+              model: str | None = None, adapter: str | None = None, max_new_tokens: int = 128,
+              limit: int | None = None, batch_size: int | None = None, seed: int = 0, baseline: str | None = None,
+              system: str | None = None, progress: bool = True,
+              on_record: Callable[[dict], None] | None = None) -> dict:
+    """Run every method on every prompt (resuming), then write the summary and plots."""
+    from tqdm import tqdm
+
+    from .api import generate, get_engine
+    from .rewards import load_reward
+    from .sampling import derive_seed
+
+    runs = parse_methods(methods)
+    if max_new_tokens < 1:
+        raise DecalignError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if batch_size is not None and batch_size < 1:
+        raise DecalignError(f"--batch-size must be >= 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise DecalignError(f"--limit must be >= 1, got {limit}")
+    items = [(record_id, prompt) for _, record_id, prompt, _ in read_records(prompts)][:limit]
+    if not items:
+        raise DecalignError(f"{prompts} holds no prompts")
+    steer = load_reward(reward)
+    scorer = load_reward(judge) if judge else None
+    needs = [r.label for r in runs if _needs_reward(r.name)]
+    if needs and steer is None:
+        raise DecalignError(f"--reward is needed by {', '.join(needs)}")
+    config = {"prompts": str(prompts), "model": model, "adapter": adapter, "reward": reward, "judge": judge,
+              "max_new_tokens": max_new_tokens, "seed": seed, "system": system}
+    _check_config(out, config)
+    records_path = out / "records.jsonl"
+    done, _ = load_output(records_path, key=lambda r: (r["method"], r["id"]))
+    engine = get_engine(model, adapter)
+    todo = sum((run.label, record_id) not in done for run in runs for record_id, _ in items)
+    bar = tqdm(total=todo, unit="answer", desc="bench", disable=not progress)
+    with records_path.open("a", encoding="utf-8") as handle:
+        for run in runs:
+            pending = [(i, p) for i, p in items if (run.label, i) not in done]
+            size = batch_size or len(pending) or 1
+            params = dict(run.params)
+            if "trace" in _parameters(run.name):
+                params.setdefault("trace", True)
+            for start in range(0, len(pending), size):
+                chunk = pending[start:start + size]
+                bar.set_description(f"bench {run.label}")
+                results = generate([p for _, p in chunk], method=run.name, model=engine, reward=steer,
+                                   max_new_tokens=max_new_tokens, seed=[derive_seed(seed, i) for i, _ in chunk],
+                                   system=system, batch_size=len(chunk), **params)
+                texts = [r.text for r in results]
+                prompts_ = [p for _, p in chunk]
+                rewards = steer.score(prompts_, texts) if steer else [None] * len(chunk)
+                judged = scorer.score(prompts_, texts) if scorer else [None] * len(chunk)
+                for (record_id, _), result, value, verdict in zip(chunk, results, rewards, judged):
+                    record = {"id": record_id, "method": run.label, "params": run.params, "text": result.text,
+                              "tokens": len(result.tokens), "finish_reason": result.finish_reason,
+                              "reward": value, "judge": verdict, "stats": result.stats,
+                              "trace": result.trace}
+                    append_record(handle, record)
+                    bar.update(1)
+                    if on_record is not None:
+                        on_record(record)
+    bar.close()
+    _, records = load_output(records_path, key=lambda r: (r["method"], r["id"]))
+    labels = [r.label for r in runs]
+    summary = summarize(records, labels, baseline or labels[0], header=_header(engine, config))
+    write_summary(out, summary)
+    write_plots(out, records, summary)
+    return summary
+
+
+def _parameters(name: str) -> dict:
+    from .methods import get_method
+
+    return get_method(name).parameters()
+
+
+def _needs_reward(name: str) -> bool:
+    from .methods import get_method
+
+    return get_method(name).needs_reward
+
+
+def _header(engine, config: dict) -> str:
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return (f"decalign {__version__} · torch {torch.__version__} · transformers {transformers.__version__} · "
+            f"{platform.machine()} {torch.get_num_threads()} threads · model {engine.name} · "
+            f"reward {config['reward']} · judge {config['judge']} · {config['max_new_tokens']} new tokens · "
+            f"seed {config['seed']}")
+
+
+def summarize(records: list[dict], labels: list[str], baseline: str, header: str = "") -> dict:
+    """Per-method means with 95% CIs, win-tie against the baseline, and costs per answer."""
+    by_method = {label: [r for r in records if r["method"] == label] for label in labels}
+    if baseline not in by_method:
+        raise DecalignError(f"baseline {baseline!r} is not among the methods: {', '.join(labels)}")
+
+    def column(label: str, key: str) -> dict:
+        return {r["id"]: r[key] for r in by_method[label] if r[key] is not None}
+
+    judged = any(r["judge"] is not None for r in records)
+    compare_key = "judge" if judged else "reward"
+    rows = {}
+    for label, items in by_method.items():
+        if not items:
+            continue
+        per_answer = [r["stats"]["wall_time"] / r["stats"]["batch_size"] for r in items]
+        rewards = [r["reward"] for r in items if r["reward"] is not None]
+        judges = [r["judge"] for r in items if r["judge"] is not None]
+        row = {
+            "n": len(items),
+            "reward": mean_ci(rewards) if rewards else None,
+            "judge": mean_ci(judges) if judges else None,
+            "win_tie": win_tie(column(label, compare_key), column(baseline, compare_key)),
+            "time_median": statistics.median(per_answer),
+            "time_mean": statistics.fmean(per_answer),
+            "tokens": statistics.fmean(r["tokens"] for r in items),
+        }
+        for field in COST_FIELDS:
+            row[field] = statistics.fmean(r["stats"].get(field, 0) for r in items)
+        rows[label] = row
+    return {"header": header, "baseline": baseline, "win_tie_by": compare_key, "methods": rows}
+
+
+def _fmt(pair) -> str:
+    if pair is None:
+        return "—"
+    mean, half = pair
+    return f"{mean:.3f} ± {half:.3f}" if not math.isnan(half) else f"{mean:.3f}"
+
+
+def summary_markdown(summary: dict) -> str:
+    lines = [summary["header"], "",
+             f"| method | n | reward (95% CI) | judge (95% CI) | win-tie vs {summary['baseline']} "
+             f"(by {summary['win_tie_by']}) | s/answer median | s/answer mean | forward passes | prefill tok | "
+             f"decode tok | discarded tok | reward calls | answer tok |",
+             "|" + "---|" * 13]
+    for label, row in summary["methods"].items():
+        wt = row["win_tie"]
+        lines.append(
+            f"| {label} | {row['n']} | {_fmt(row['reward'])} | {_fmt(row['judge'])} | "
+            f"{wt['win_tie']:.0%} ({wt['wins']}/{wt['ties']}/{wt['losses']}) | {row['time_median']:.2f} | "
+            f"{row['time_mean']:.2f} | {row['forward_passes']:.0f} | {row['prefill_tokens']:.0f} | "
+            f"{row['decode_tokens']:.0f} | {row['discarded_tokens']:.0f} | {row['reward_calls']:.0f} | "
+            f"{row['tokens']:.0f} |")
+    lines += ["", "win-tie columns: rate (wins/ties/losses), per prompt. Time per answer: a batch's wall time "
+              "divided by its answers."]
+    return "\n".join(lines)
+
+
+def write_summary(out: Path, summary: dict) -> None:
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.md").write_text(summary_markdown(summary) + "\n")
+
+
+def write_plots(out: Path, records: list[dict], summary: dict) -> list[Path]:
+    """reward_vs_time.png, cost.png, and cards_trace.png when a run has a CARDS trace."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["methods"]
+    written = []
+    labels = list(rows)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label in labels:
+        row = rows[label]
+        if row["reward"] is None:
+            continue
+        mean, half = row["reward"]
+        ax.errorbar(row["time_mean"], mean, yerr=None if math.isnan(half) else half, fmt="o", capsize=4,
+                    label=label)
+        ax.annotate(label, (row["time_mean"], mean), textcoords="offset points", xytext=(6, 6), fontsize=9)
+    ax.set_xscale("log")
+    ax.set_xlabel("wall time per answer, seconds (log scale)")
+    ax.set_ylabel("mean reward (95% CI)")
+    ax.set_title("Alignment against cost")
+    ax.grid(True, alpha=0.3)
+    written.append(_save(fig, out / "reward_vs_time.png"))
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    positions = range(len(labels))
+    bottom = [0.0] * len(labels)
+    for field, colour in (("prefill_tokens", "#8da0cb"), ("decode_tokens", "#66c2a5"),
+                          ("discarded_tokens", "#fc8d62")):
+        values = [rows[label][field] for label in labels]
+        axes[0].bar(positions, values, bottom=bottom if field != "discarded_tokens" else None, color=colour,
+                    label=field.replace("_", " "), alpha=0.9 if field != "discarded_tokens" else 0.6,
+                    width=0.6 if field != "discarded_tokens" else 0.35)
+        if field != "discarded_tokens":
+            bottom = [b + v for b, v in zip(bottom, values)]
+    axes[0].set_ylabel("policy tokens per answer")
+    axes[0].set_title("Policy tokens (discarded: narrow bar)")
+    axes[0].legend(fontsize=8)
+    axes[1].bar(positions, [rows[label]["reward_calls"] for label in labels], color="#e78ac3", width=0.6)
+    axes[1].set_ylabel("reward items scored per answer")
+    axes[1].set_title("Reward calls")
+    for axis in axes:
+        axis.set_xticks(list(positions), labels, rotation=30, ha="right", fontsize=9)
+        axis.grid(True, axis="y", alpha=0.3)
+    written.append(_save(fig, out / "cost.png"))
+
+    traced = [r for r in records if r.get("trace") and "threshold" in r["trace"][0]]
+    if traced:  # the answer with the most proposals shows the mechanism best
+        traced = max(traced, key=lambda r: len(r["trace"]))
+        written.append(_plot_trace(plt, traced, out / "cards_trace.png"))
+    return written
+
+
+def _plot_trace(plt, record: dict, path: Path) -> Path:
+    trace = record["trace"]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    xs = list(range(1, len(trace) + 1))
+    colours = ["#1b9e77" if e["accepted"] else "#d95f02" for e in trace]
+    ax.scatter(xs, [e["reward"] for e in trace], c=colours, s=28, zorder=3)
+    ax.step(xs, [e["threshold"] for e in trace], where="mid", color="#555555", label="threshold τ(t)")
+    for x, entry in zip(xs, trace):
+        if entry["attempt"] == 1 and x > 1:
+            ax.axvline(x - 0.5, color="#bbbbbb", linewidth=0.8, zorder=1)
+    ax.scatter([], [], c="#1b9e77", label="accepted segment")
+    ax.scatter([], [], c="#d95f02", label="rejected proposal")
+    ax.set_xlabel("proposal, in order (grey lines separate segments)")
+    ax.set_ylabel("reward of prefix + proposal")
+    ax.set_title(f"{record['method']} on prompt {record['id']}: proposals, rewards and threshold")
+    ax.legend(fontsize=8)
+    ax.grid(True, alpha=0.3)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def compare(first: Path, second: Path) -> str:
+    """A markdown table of what changed between two runs' summaries, method by method."""
+    summaries = []
+    for folder in (first, second):
+        path = folder / "summary.json"
+        if not path.is_file():
+            raise DecalignError(f"{folder} has no summary.json; run decalign bench there first")
+        summaries.append(json.loads(path.read_text()))
+    a, b = (s["methods"] for s in summaries)
+    lines = [f"{first} → {second}", "",
+             "| method | reward Δ | judge Δ | win-tie Δ | time/answer ratio | decode tokens ratio | reward calls ratio |",
+             "|---|---|---|---|---|---|---|"]
+
+    def delta(x, y) -> str:
+        return "—" if x is None or y is None else f"{y[0] - x[0]:+.3f}"
+
+    def ratio(x, y) -> str:
+        return f"{y / x:.2f}x" if x else "—"
+
+    for label in [m for m in a if m in b]:
+        lines.append(f"| {label} | {delta(a[label]['reward'], b[label]['reward'])} | "
+                     f"{delta(a[label]['judge'], b[label]['judge'])} | "
+                     f"{b[label]['win_tie']['win_tie'] - a[label]['win_tie']['win_tie']:+.0%} | "
+                     f"{ratio(a[label]['time_mean'], b[label]['time_mean'])} | "
+                     f"{ratio(a[label]['decode_tokens'], b[label]['decode_tokens'])} | "
+                     f"{ratio(a[label]['reward_calls'], b[label]['reward_calls'])} |")
+    only = sorted(set(a) ^ set(b))
+    if only:
+        lines += ["", f"in one run only: {', '.join(only)}"]
+    return "\n".join(lines)

@@ -1,0 +1,59 @@
+"""ARGS, reward-guided search (Khanov et al., arXiv:2402.01694): a reward look-ahead at every token.
+
+    at each step: take the k most likely next tokens;
+                  score prompt + answer-so-far + token with the reward, for each of the k;
+                  pick argmax of logprob + w * reward   (mode=greedy)
+                  or sample from softmax((logprob + w * reward) / temperature)   (mode=sample)
+
+Defaults k = 40, w = 1.5 as in the CARDS paper's baseline. Costs k reward items per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import DecalignError
+from ..result import Result
+from ..sampling import Sampling, choose_tokens
+from . import Job, register
+
+
+@dataclass
+class ArgsConfig:
+    k: int = 40
+    w: float = 1.5
+    mode: str = "greedy"  # greedy | sample
+    temperature: float = 1.0  # for mode=sample
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise DecalignError(f"k must be >= 1, got {self.k}")
+        if self.mode not in ("greedy", "sample"):
+            raise DecalignError(f"mode must be greedy or sample, got {self.mode!r}")
+        if not self.temperature > 0:
+            raise DecalignError(f"temperature must be > 0, got {self.temperature}")
+
+
+@register("args", ArgsConfig, needs_reward=True,
+          summary="token-level search: top-k next tokens re-ranked by logprob + w * reward")
+def args(job: Job, config: ArgsConfig) -> list[Result]:
+    batch = job.start()
+    decode = job.engine.decode
+    answer_reward: dict[int, float] = {}  # the reward of each row's text as it stands
+    while live := batch.live_rows():
+        logprobs = batch.mask_early_eos(live, batch.next_logits(live)).log_softmax(-1)
+        top_logprobs, top_tokens = logprobs.topk(min(config.k, logprobs.shape[-1]), dim=-1)
+        top_logprobs, top_tokens = top_logprobs.tolist(), top_tokens.tolist()
+        owners, texts = [], []
+        for row, tokens in zip(live, top_tokens):
+            owners += [batch.prompt_of[row]] * len(tokens)
+            texts += [decode(batch.tokens[row] + [token]) for token in tokens]
+        rewards = torch.tensor(job.score(owners, texts)).view(len(live), -1)
+        scores = torch.tensor(top_logprobs) + config.w * rewards
+        sampling = Sampling(0.0 if config.mode == "greedy" else config.temperature)
+        picks = choose_tokens(scores, sampling, [batch.generators[r] for r in live]).tolist()
+        batch.append({row: top_tokens[i][pick] for i, (row, pick) in enumerate(zip(live, picks))})
+        answer_reward.update({row: float(rewards[i, pick]) for i, (row, pick) in enumerate(zip(live, picks))})
+    return job.results(batch, range(batch.size), rewards=[answer_reward[r] for r in range(batch.size)])

@@ -1,0 +1,69 @@
+"""JSONL in and out for batch jobs: prompt records with line-numbered errors, and resumable output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from .errors import DecalignError
+
+
+def read_records(path: Path, *, with_response: bool = False) -> Iterator[tuple[int, Any, Any, dict]]:
+    """(line number, id, prompt, record) per record of {id?, prompt | messages[, response]}.
+
+    A record without an id gets its line number. A malformed line raises, naming it, when the
+    reader reaches it, so a job can first finish and write the records before it."""
+    if not path.is_file():
+        raise DecalignError(f"input file {path} does not exist")
+    seen: set = set()
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DecalignError(f"{path} line {number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise DecalignError(f"{path} line {number}: expected a JSON object")
+            prompt = record.get("messages", record.get("prompt"))
+            if not (isinstance(prompt, str) and prompt.strip()) and not (isinstance(prompt, list) and prompt):
+                raise DecalignError(f"{path} line {number}: needs a non-empty \"prompt\" string or \"messages\" list")
+            record_id = record.get("id", number)
+            if not isinstance(record_id, (str, int)) or record_id in seen:
+                raise DecalignError(f"{path} line {number}: id {record_id!r} is not a unique string or integer")
+            if with_response and not isinstance(record.get("response"), str):
+                raise DecalignError(f"{path} line {number}: needs a \"response\" string")
+            seen.add(record_id)
+            yield number, record_id, prompt, record
+
+
+def count_lines(path: Path) -> int:
+    return sum(1 for line in path.open(encoding="utf-8") if line.strip()) if path.is_file() else 0
+
+
+def load_output(path: Path, key: Callable[[dict], Any] = lambda record: record["id"]) -> tuple[set, list[dict]]:
+    """Keys and records already written to an output JSONL. A half-written last line (from a killed
+    run) is cut off so that appending continues cleanly."""
+    if not path.exists():
+        return set(), []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        path.write_bytes(data)
+    records = []
+    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+                key(records[-1])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DecalignError(f"output {path} line {number} is not a decalign record; "
+                                    "use a new output file") from None
+    return {key(r) for r in records}, records
+
+
+def append_record(handle, record: dict) -> None:
+    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    handle.flush()  # a finished record survives a kill

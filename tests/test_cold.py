@@ -1,0 +1,240 @@
+"""CoLD and the contrastive family: mixed-adapter batches, the logit-arithmetic step, train-lora."""
+
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from decalign import DecalignError, Engine, generate
+from decalign.methods.cold import contrast_scores
+
+
+def save_adapter(model_path, out, seed=0, targets=("q_proj", "v_proj", "down_proj")):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_path)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=list(targets)))
+    torch.manual_seed(seed)
+    with torch.no_grad():  # LoRA B starts at zero (no effect); give the adapter something to say
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_path, tmp_path_factory):
+    return save_adapter(tiny_path, tmp_path_factory.mktemp("cold") / "adapter")
+
+
+@pytest.fixture(scope="module")
+def adapted(tiny_path, adapter):
+    return Engine.load(str(tiny_path), adapter=str(adapter))
+
+
+@pytest.fixture(scope="module")
+def ids(adapted):
+    texts = ["hi", "Tell me how to bake bread with flour and water, step by step please.", "The answer is"]
+    return [adapted.render(t) for t in texts]
+
+
+def both_ways(engine, prompts):
+    """Logits of the same rows with the adapter on everywhere and off everywhere."""
+    on = engine.start(prompts).logits
+    with engine.model.disable_adapter():
+        off = engine.start(prompts).logits
+    return on, off
+
+
+@pytest.mark.parametrize("route", ["gate", "peft"])
+def test_mixed_batch_rows_equal_adapter_on_and_off_exactly(adapted, ids, route):
+    """Expert rows see exactly the adapted model, base rows exactly the model without the adapter,
+    in one forward pass (the engine's own gate, and PEFT's adapter_names route)."""
+    prompts = ids + ids
+    names = ["default"] * 3 + ["__base__"] * 3
+    adapted._gate_ok = None if route == "gate" else False
+    try:
+        mixed = adapted.start(prompts, adapters=names, max_new_tokens=6)
+        on, off = both_ways(adapted, prompts)
+        if route == "gate":
+            assert torch.equal(mixed.logits[:3], on[:3]) and torch.equal(mixed.logits[3:], off[3:])
+        else:  # PEFT runs the LoRA on a gathered sub-batch: equal up to float rounding
+            assert torch.allclose(mixed.logits[:3], on[:3], atol=1e-5)
+            assert torch.equal(mixed.logits[3:], off[3:])
+        assert not torch.allclose(on[0], off[0], atol=1e-2)  # the adapter does change the logits
+        # decoding carries the names along: each row's cached continuation matches its own model
+        mixed.append({r: 7 for r in range(6)})
+        mixed.select([0, 3, 0])  # forks copy the names
+        assert mixed.adapters == ["default", "__base__", "default"]
+    finally:
+        adapted._gate_ok = None
+
+
+def test_mixed_batch_names_are_checked(adapted, engine, ids):
+    with pytest.raises(DecalignError, match="no adapter named nope"):
+        adapted.start(ids[:1], adapters=["nope"])
+    with pytest.raises(DecalignError, match="no adapter named default"):
+        engine.start(ids[:1], adapters=["default"])
+
+
+def test_contrast_step_by_hand():
+    torch.manual_seed(0)
+    s_e, s_a = torch.randn(3, 50) * 3, torch.randn(3, 50) * 3
+    score, plausible = contrast_scores([s_e, s_a], [1.5, -0.5], alpha=0.1)
+    expected_mask = s_e >= math.log(0.1) + s_e.max(-1, keepdim=True).values
+    assert torch.equal(plausible, expected_mask)
+    expected = torch.where(expected_mask, 1.5 * s_e - 0.5 * s_a, torch.tensor(float("-inf")))
+    assert torch.allclose(score, expected)
+    # log-probabilities instead of logits: the same argmax
+    logp, _ = contrast_scores([s_e.log_softmax(-1), s_a.log_softmax(-1)], [1.5, -0.5], alpha=0.1)
+    assert torch.equal(logp.argmax(-1), score.argmax(-1))
+    # beta = 0 and alpha = 1 are greedy on the expert, even with an infinite amateur logit
+    s_a[0, 0] = float("-inf")
+    assert torch.equal(contrast_scores([s_e, s_a], [1.0, -0.0])[0].argmax(-1), s_e.argmax(-1))
+    assert torch.equal(contrast_scores([s_e, s_a], [1.5, -0.5], alpha=1.0)[0].argmax(-1), s_e.argmax(-1))
+
+
+@pytest.mark.parametrize("params", [dict(beta=0.0), dict(alpha=1.0), dict(beta=0.0, alpha=0.5)])
+def test_beta_zero_or_alpha_one_is_greedy_with_the_adapter(adapted, params):
+    prompts = ["hi", "Tell me how to bake bread", "The answer is"]
+    greedy = generate(prompts, model=adapted, max_new_tokens=16)
+    cold = generate(prompts, method="cold", model=adapted, max_new_tokens=16, **params)
+    assert [r.tokens for r in cold] == [r.tokens for r in greedy]
+
+
+def test_cold_token_equals_a_hand_computation_from_two_forwards(tiny_path, adapter, adapted):
+    alpha, beta = 0.1, 0.5
+    (result,) = generate("Tell me how to bake bread", method="cold", model=adapted, max_new_tokens=12,
+                         alpha=alpha, beta=beta)
+    prompt = adapted.render("Tell me how to bake bread")
+    flips = 0
+    for step, token in enumerate(result.tokens):
+        row = torch.tensor([prompt + result.tokens[:step]])
+        with torch.no_grad():
+            s_e = adapted.model(row).logits[0, -1].float()
+            with adapted.model.disable_adapter():
+                s_a = adapted.model(row).logits[0, -1].float()
+        keep = s_e >= math.log(alpha) + s_e.max()
+        score = torch.where(keep, (1 + beta) * s_e - beta * s_a, torch.tensor(float("-inf")))
+        top2 = score.topk(2).values
+        assert int(score.argmax()) == token or (top2[0] - top2[1]) < 1e-4
+        flips += token != int(s_e.argmax())
+    assert result.stats["contrast_flips"] == flips
+    assert flips > 0  # the contrast did change something on this adapter
+
+
+def test_batched_prompts_equal_single_runs_and_work_is_counted(adapted):
+    prompts = ["hi", "Tell me how to bake bread with flour and water, step by step please.", "The answer is"]
+    together = generate(prompts, method="cold", model=adapted, max_new_tokens=10)
+    for prompt, result in zip(prompts, together):
+        (alone,) = generate(prompt, method="cold", model=adapted, max_new_tokens=10)
+        assert alone.tokens == result.tokens
+        prompt_tokens = len(adapted.render(prompt))
+        assert alone.stats["prefill_tokens"] == 2 * prompt_tokens  # expert and base rows
+        assert alone.stats["decode_tokens"] == 2 * alone.stats["forward_passes"] - 2
+        assert alone.stats["generated_tokens"] == len(alone.tokens)
+
+
+def test_sampling_variant_is_seeded_and_stays_in_the_plausible_set(adapted):
+    kwargs = dict(method="cold", model=adapted, max_new_tokens=12, temperature=1.0, seed=3)
+    first = generate(["hi", "The answer is"], **kwargs)
+    again = generate(["hi", "The answer is"], **kwargs)
+    assert [r.tokens for r in first] == [r.tokens for r in again]
+    assert all(r.finish_reason for r in first)
+
+
+def test_bad_input_is_refused(tiny_path, engine, adapted):
+    with pytest.raises(DecalignError, match="needs a LoRA adapter"):
+        generate("hi", method="cold", model=engine, max_new_tokens=4)
+    with pytest.raises(DecalignError, match=r"alpha must be in \(0, 1\]"):
+        generate("hi", method="cold", model=adapted, alpha=0)
+    with pytest.raises(DecalignError, match=r"alpha must be in \(0, 1\]"):
+        generate("hi", method="cold", model=adapted, alpha=1.5)
+    with pytest.raises(DecalignError, match="beta must be >= 0"):
+        generate("hi", method="cold", model=adapted, beta=-0.1)
+
+
+def test_adapter_for_another_base_model_is_refused(tiny_path, tmp_path):
+    from decalign.testing import make_tiny_model
+
+    other = make_tiny_model(tmp_path / "wide", hidden=96)
+    wrong = save_adapter(other, tmp_path / "wide-adapter")
+    with pytest.raises(DecalignError, match="does not fit model"):
+        generate("hi", method="cold", model=str(tiny_path), adapter=str(wrong), max_new_tokens=4)
+
+
+def test_cli_cold_flags(tiny_path, adapter):
+    from decalign.cli import cli
+
+    runner = CliRunner()
+    args = ["generate", "hi", "--model", str(tiny_path), "--adapter", str(adapter), "--method", "cold",
+            "--max-new-tokens", "6", "--seed", "1", "--json"]
+    by_param = runner.invoke(cli, args + ["--param", "alpha=0.2", "--param", "beta=0.7"])
+    by_flag = runner.invoke(cli, args + ["--cold-alpha", "0.2", "--cold-beta", "0.7"])
+    assert by_param.exit_code == 0, by_param.output
+    assert json.loads(by_param.stdout)["tokens"] == json.loads(by_flag.stdout)["tokens"]
+    assert json.loads(by_flag.stdout)["params"] == {"alpha": 0.2, "beta": 0.7}
+    bad = runner.invoke(cli, args + ["--cold-beta", "-1"])
+    assert bad.exit_code != 0 and "beta must be >= 0" in str(bad.exception)
+
+
+def test_contrastive_amateur_needs_the_same_tokenizer(tiny_path, engine, tmp_path):
+    from decalign.testing import make_tiny_model, make_tokenizer
+
+    same = make_tiny_model(tmp_path / "amateur", layers=1, hidden=32, seed=5)
+    (result,) = generate("hi", method="contrastive", model=engine, amateur=str(same), max_new_tokens=8)
+    assert result.tokens and result.stats["branches"] == 2
+    # beta = 0: the amateur is ignored and the answer is greedy
+    (plain,) = generate("hi", model=engine, max_new_tokens=8)
+    (zero,) = generate("hi", method="contrastive", model=engine, amateur=str(same), beta=0, max_new_tokens=8)
+    assert zero.tokens == plain.tokens
+    other = make_tiny_model(tmp_path / "other", layers=1, hidden=32, tokenizer=make_tokenizer(300))
+    with pytest.raises(DecalignError, match="different tokenizer"):
+        generate("hi", method="contrastive", model=engine, amateur=str(other), max_new_tokens=4)
+    with pytest.raises(DecalignError, match="needs an amateur"):
+        generate("hi", method="contrastive", model=engine, max_new_tokens=4)
+
+
+def test_dexperts_with_an_anti_expert_adapter(tiny_path, adapted, tmp_path):
+    anti = save_adapter(tiny_path, tmp_path / "anti", seed=1)
+    (result,) = generate("hi", method="dexperts", model=adapted, anti_adapter=str(anti), max_new_tokens=8)
+    assert result.stats["branches"] == 3 and result.tokens
+    assert adapted.adapter_names() == ["default"]  # the anti-expert is unloaded afterwards
+    # beta = 0 leaves the base model alone: greedy with the adapter switched off
+    (zero,) = generate("hi", method="dexperts", model=adapted, beta=0, max_new_tokens=8)
+    with adapted.model.disable_adapter():
+        (base,) = generate("hi", model=adapted, max_new_tokens=8)
+    assert zero.tokens == base.tokens
+
+
+def test_train_lora_lowers_the_loss_and_the_adapter_loads(tiny_path, tmp_path):
+    from decalign.lora import train_lora
+
+    data = tmp_path / "train.jsonl"
+    records = [{"messages": [{"role": "user", "content": f"What is {a} plus 1?"},
+                             {"role": "assistant", "content": f"The answer is {a + 1}."}]} for a in range(8)]
+    data.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    summary = train_lora(data, tmp_path / "trained", model=str(tiny_path), max_steps=12, batch_size=4, lr=1e-2,
+                         progress=False)
+    assert summary["steps"] == 12
+    assert summary["last_loss"] < summary["first_loss"]
+    assert (tmp_path / "trained" / "adapter_model.safetensors").is_file()
+    engine = Engine.load(str(tiny_path), adapter=str(tmp_path / "trained"))
+    (result,) = generate("What is 3 plus 1?", method="cold", model=engine, max_new_tokens=6)
+    assert result.tokens
+
+
+def test_train_lora_names_the_bad_line(tiny_path, tmp_path):
+    from decalign.cli import cli
+
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                    '{"messages": "oops"}\n')
+    result = CliRunner().invoke(cli, ["train-lora", str(data), "-o", str(tmp_path / "out"),
+                                      "--model", str(tiny_path)])
+    assert isinstance(result.exception, DecalignError)
+    assert "line 2" in str(result.exception)
