@@ -39,6 +39,13 @@ def _as_prompt_list(prompts: "Prompt | Sequence[Prompt]") -> list[Prompt]:
     return list(prompts)
 
 
+def _shifted(callback: Callable | None, offset: int) -> Callable | None:
+    """A per-batch callback taking the batch's prompt index, calling `callback` with the global one."""
+    if callback is None:
+        return None
+    return lambda prompt, *args: callback(offset + prompt, *args)
+
+
 def generate(
     prompts: "Prompt | Sequence[Prompt]",
     method: str = "greedy",
@@ -54,6 +61,8 @@ def generate(
     stop: Sequence[str] = (),
     batch_size: int = 8,
     progress: Callable[[int], None] | None = None,
+    listener: Callable[[int, str], None] | None = None,
+    cancelled: Callable[[int], bool] | None = None,
     trust_remote_code: bool = False,
     **method_params: Any,
 ) -> list[Result]:
@@ -66,6 +75,9 @@ def generate(
     seed: one seed (prompt i then draws from a stream derived from seed and i) or one per prompt.
     batch_size: prompts decoded together; each has its method's rows (Best-of-N: n rows).
     progress: called with the number of prompts finished after each batch.
+    listener: called as listener(i, text) whenever prompt i's answer grows by text that is final
+        (every token for token methods, each accepted segment for CARDS): for streaming.
+    cancelled: cancelled(i) -> True stops prompt i's work early (the server's disconnects).
     method_params: the method's parameters (see `decalign methods`), e.g. n=8, temperature=0.7.
     """
     spec = get_method(method)
@@ -92,7 +104,8 @@ def generate(
         chunk = slice(start, start + batch_size)
         job = Job(engine=engine, method=method, params=dict(method_params), prompts=prompt_list[chunk],
                   prompt_ids=encoded[chunk], seeds=seeds[chunk], reward=scorer,
-                  max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, stop=tuple(stop))
+                  max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, stop=tuple(stop),
+                  listener=_shifted(listener, start), cancelled=_shifted(cancelled, start))
         results.extend(spec.run(job, config))
         if progress is not None:
             progress(len(results))

@@ -50,7 +50,7 @@ def random_adapter(model: str | None, out: Path, rank: int = 8, scale: float = 0
 
 def run_latency(model: str | None = None, adapter: str | None = None, batch_sizes=(1, 8), new_tokens: int = 32,
                 repeats: int = 5, threads: int | None = None, alpha: float = 0.1, beta: float = 0.5,
-                routes: bool = True) -> str:
+                routes: bool = True, free_tokens: int = 128) -> str:
     from .api import generate
     from .engine import Engine
 
@@ -75,8 +75,10 @@ def run_latency(model: str | None = None, adapter: str | None = None, batch_size
         return time.perf_counter() - start, results
 
     lines = [f"CoLD vs greedy with the same adapter · model {engine.name} · adapter: {adapter_note} · "
-             f"alpha {alpha} beta {beta} · {new_tokens} new tokens · median of {repeats} · torch "
-             f"{torch.__version__} · {torch.get_num_threads()} threads · {platform.processor() or platform.machine()}",
+             f"alpha {alpha} beta {beta} · {new_tokens} new tokens · median of {repeats} · free answers "
+             f"capped at {free_tokens} tokens · torch "
+             f"{torch.__version__} · {torch.get_num_threads()} threads · "
+             f"{platform.processor() or platform.machine()}",
              "",
              "| batch | variant | prefill ms | decode ms / step | ratio to greedy | tokens / answer (free) |",
              "|---|---|---|---|---|---|"]
@@ -90,7 +92,7 @@ def run_latency(model: str | None = None, adapter: str | None = None, batch_size
             for name, spec in variants.items():
                 full[name].append(call(spec, prompts, new_tokens, True)[0])
                 one[name].append(call(spec, prompts, 1, True)[0])
-        lengths = {name: statistics.mean(len(r.tokens) for r in call(spec, prompts, 256, False)[1])
+        lengths = {name: statistics.mean(len(r.tokens) for r in call(spec, prompts, free_tokens, False)[1])
                    for name, spec in variants.items()}
         decode = {name: (statistics.median(full[name]) - statistics.median(one[name])) / (new_tokens - 1) * 1000
                   for name in variants}
@@ -108,24 +110,15 @@ def run_latency(model: str | None = None, adapter: str | None = None, batch_size
 @click.option("--new-tokens", default=32, show_default=True, type=int)
 @click.option("--repeats", default=5, show_default=True, type=int)
 @click.option("--threads", default=None, type=int, help="torch threads [default: all cores].")
-@click.option("--quality", "quality_dir", default=None, type=click.Path(file_okay=False),
-              help="Run the quality benchmark instead, in this folder (data, adapter, answers).")
-@click.option("--train-steps", default=300, show_default=True, type=int, help="Quality: train-lora steps.")
-@click.option("--test-items", default=200, show_default=True, type=int, help="Quality: held-out items.")
-def bench_cold_command(model, adapter, batch_sizes, new_tokens, repeats, threads, quality_dir, train_steps,
-                       test_items):
-    """CoLD against greedy with the same adapter: per-token latency, or held-out accuracy (--quality)."""
+@click.option("--free-tokens", default=128, show_default=True, type=int,
+              help="Token cap of the free-running answers that give tokens per answer.")
+def bench_cold_command(model, adapter, batch_sizes, new_tokens, repeats, threads, free_tokens):
+    """CoLD's decode cost against greedy with the same adapter, side by side."""
     from .cli import _quiet_transformers
 
     _quiet_transformers()
     if threads:
         torch.set_num_threads(threads)
-    if quality_dir is not None:
-        from .tasks import run_quality
-
-        click.echo(run_quality(Path(quality_dir), model=model, adapter=adapter, train_steps=train_steps,
-                               test_items=test_items))
-        return
     sizes = [int(s) for s in batch_sizes.split(",") if s.strip()]
     click.echo(run_latency(model=model, adapter=adapter, batch_sizes=sizes, new_tokens=new_tokens, repeats=repeats,
-                           threads=threads))
+                           threads=threads, free_tokens=free_tokens))

@@ -311,6 +311,8 @@ class Batch:
         self.seeds = [derive_seed(seeds[p], c) for p in range(len(prompts)) for c in range(n)]
         self.generators = [make_generator(seed, device) for seed in self.seeds]
         self._forks = 0
+        self.on_token: Callable[[int, int], None] | None = None  # (row, token) as each token is written
+        self.cancelled: Callable[[int], bool] | None = None  # prompt -> True once its client has gone
 
     # ----- views ------------------------------------------------------------------------------
     @property
@@ -319,6 +321,21 @@ class Batch:
 
     def live_rows(self) -> list[int]:
         return [r for r in range(self.size) if self.finish[r] is None]
+
+    def is_cancelled(self, prompt: int) -> bool:
+        return self.cancelled is not None and self.cancelled(prompt)
+
+    def _drop_cancelled(self, rows: list[int]) -> list[int]:
+        """Finish the rows of cancelled prompts (reason 'cancelled'); return the others."""
+        if self.cancelled is None:
+            return rows
+        kept = []
+        for r in rows:
+            if self.cancelled(self.prompt_of[r]):
+                self.finish[r] = "cancelled"
+            else:
+                kept.append(r)
+        return kept
 
     def next_logits(self, rows: Sequence[int]) -> torch.Tensor:
         """Raw next-token logits of live rows (for token-level methods)."""
@@ -381,6 +398,8 @@ class Batch:
         self.entropies[row].append(entropy)
         if new:
             self.work[self.prompt_of[row]].generated_tokens += 1
+            if self.on_token is not None:
+                self.on_token(row, token)
         if token in self.engine.eos_ids and len(self.tokens[row]) >= self.min_new_tokens:
             return "eos"
         if self.stop_strings and any(s in self.engine.decode(self.tokens[row]) for s in self.stop_strings):
@@ -424,6 +443,12 @@ class Batch:
             self.snapshots[r][len(self.tokens[r])] = self.logits[r].clone()
         active = list(rows)
         while active:
+            active = self._drop_cancelled(active)
+            for r in segments:
+                if self.finish[r] == "cancelled":
+                    segments[r].reason = "cancelled"
+            if not active:
+                break
             raw, logp, entropy = self._distribution(active)
             if stop_rule is not None:
                 view = StepView(
@@ -475,13 +500,16 @@ class Batch:
         return [segments[r] for r in rows]
 
     def append(self, tokens: dict[int, int]) -> dict[int, str | None]:
-        """Write chosen tokens (row -> token id) on live rows; return each row's finish reason."""
-        rows = list(tokens)
+        """Write chosen tokens (row -> token id) on live rows; return each row's finish reason
+        (rows of cancelled prompts write nothing and finish as 'cancelled')."""
+        rows = self._drop_cancelled(list(tokens))
+        reasons: dict[int, str | None] = {r: self.finish[r] for r in tokens if r not in rows}
+        if not rows:
+            return reasons
         for r in rows:
             if self.finish[r] is not None:
                 raise DecalignError(f"row {r} has finished ({self.finish[r]}); crop it before appending")
         _, logp, entropy = self._distribution(rows)
-        reasons: dict[int, str | None] = {}
         to_feed = {}
         for i, r in enumerate(rows):
             token = int(tokens[r])

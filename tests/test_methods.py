@@ -125,3 +125,19 @@ def test_stats_count_policy_work(tiny):
     assert stats["decode_tokens"] == 5  # the last token is never fed back: nothing reads its logits
     assert stats["forward_passes"] == 6  # one prefill + five decode steps
     assert stats["reward_calls"] == 0 and stats["wall_time"] > 0
+
+
+@pytest.mark.parametrize("method, params", [("greedy", {}), ("sample", {"temperature": 0.7}),
+                                            ("cards", {"tau_u": 1.0, "r_star": 0.3})])
+def test_listener_streams_final_text_and_cancel_stops_work(tiny, method, params):
+    reward = (lambda p, r: [len(x) / 50 for x in r]) if method == "cards" else None
+    seen: dict[int, list[str]] = {0: [], 1: []}
+    results = generate(["hi", "The answer is"], method=method, model=tiny, reward=reward, max_new_tokens=16, seed=1,
+                       listener=lambda i, text: seen[i].append(text), batch_size=1, **params)
+    for i, result in enumerate(results):
+        assert seen[i] and seen[i][-1] == result.text  # the last published text is the answer
+        assert all(b.startswith(a) for a, b in zip(seen[i], seen[i][1:]))  # published text only grows
+    stopped = generate(["hi", "The answer is"], method=method, model=tiny, reward=reward, max_new_tokens=16, seed=1,
+                       cancelled=lambda i: i == 1, **params)
+    assert stopped[1].tokens == [] and stopped[1].finish_reason == "cancelled"
+    assert stopped[0].tokens == results[0].tokens

@@ -129,13 +129,24 @@ class Job:
     stop: tuple[str, ...] = ()
     reward_items: list[int] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
+    listener: Callable[[int, str], None] | None = None  # (prompt, text that will not change): streaming
+    cancelled: Callable[[int], bool] | None = None  # prompt -> stop its work (its client has gone)
 
     def __post_init__(self) -> None:
         self.reward_items = [0] * len(self.prompts)
 
-    def start(self, n: int = 1) -> Batch:
-        return self.engine.start(self.prompt_ids, n=n, seeds=self.seeds, max_new_tokens=self.max_new_tokens,
-                                 min_new_tokens=self.min_new_tokens, stop_strings=self.stop)
+    def start(self, n: int = 1, *, stream_tokens: bool = False, **options: Any) -> Batch:
+        """Open the batch; with stream_tokens every written token is final and is published."""
+        batch = self.engine.start(self.prompt_ids, n=n, seeds=self.seeds, max_new_tokens=self.max_new_tokens,
+                                  min_new_tokens=self.min_new_tokens, stop_strings=self.stop, **options)
+        batch.cancelled = self.cancelled
+        if stream_tokens and self.listener is not None:
+            batch.on_token = lambda row, _: self.publish(batch.prompt_of[row], batch.text(row))
+        return batch
+
+    def publish(self, prompt: int, text: str) -> None:
+        if self.listener is not None:
+            self.listener(prompt, text)
 
     def score(self, prompt_indices: Sequence[int], texts: Sequence[str]) -> list[float]:
         """Score texts against their prompts with the job's reward, counting items per prompt."""

@@ -39,7 +39,7 @@ class ArgsConfig:
 @register("args", ArgsConfig, needs_reward=True,
           summary="token-level search: top-k next tokens re-ranked by logprob + w * reward")
 def args(job: Job, config: ArgsConfig) -> list[Result]:
-    batch = job.start()
+    batch = job.start(stream_tokens=True)
     decode = job.engine.decode
     answer_reward: dict[int, float] = {}  # the reward of each row's text as it stands
     while live := batch.live_rows():

@@ -104,6 +104,8 @@ def decode_contrast(job: Job, branches: list[Branch], *, head: int, alpha: float
         for batch, rows in writes.values():
             reasons = batch.append(rows)
             done.update(batch.prompt_of[r] % prompts for r, reason in reasons.items() if reason is not None)
+        for p in live:  # every chosen token is final: stream it
+            job.publish(p, primary.batch.text(primary.offset + p))
         live = [p for p in live if p not in done]
     results = job.results(primary.batch, [primary.offset + p for p in range(prompts)])
     for p, result in enumerate(results):
@@ -157,8 +159,12 @@ class ColdConfig(ContrastParams):
 
 
 def _start(job: Job, engine: Engine, prompt_ids: list, seeds: list, adapters: list[str] | None = None) -> Batch:
-    return engine.start(prompt_ids, seeds=seeds, max_new_tokens=job.max_new_tokens, min_new_tokens=job.min_new_tokens,
-                        stop_strings=job.stop, adapters=adapters)
+    """A batch whose prompts are the job's, repeated once per branch (row prompt q is job prompt q % P)."""
+    batch = engine.start(prompt_ids, seeds=seeds, max_new_tokens=job.max_new_tokens,
+                         min_new_tokens=job.min_new_tokens, stop_strings=job.stop, adapters=adapters)
+    if job.cancelled is not None:
+        batch.cancelled = lambda prompt: job.cancelled(prompt % len(job.prompts))
+    return batch
 
 
 def _active_adapter(job: Job, method: str) -> str:

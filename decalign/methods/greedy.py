@@ -16,6 +16,6 @@ class GreedyConfig:
 
 @register("greedy", GreedyConfig, summary="the most likely token at every step")
 def greedy(job: Job, config: GreedyConfig) -> list[Result]:
-    batch = job.start()
+    batch = job.start(stream_tokens=True)
     batch.extend(GREEDY)
     return job.results(batch, range(batch.size))

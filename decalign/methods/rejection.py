@@ -102,6 +102,11 @@ class RejectionSampler:
             state.prompt_reward, state.r_star = reward, self.r_star
         answers: dict[int, tuple] = {}
         while True:
+            for p, state in enumerate(states):
+                if not state.done and batch.is_cancelled(p):  # its client has gone: stop with what it has
+                    state.done = True
+                    batch.finish[state.row] = batch.finish[state.row] or "cancelled"
+                    answers[p] = (job.candidate(batch, state.row, state.reward), list(batch.logprobs[state.row]))
             active = [p for p, s in enumerate(states) if not s.done]
             if not active:
                 break
@@ -118,6 +123,8 @@ class RejectionSampler:
                 self._decide(states[p], batch, [segments[r] for r in rows], [scores[r] for r in rows], restore)
             if restore:  # fallback to a best attempt of an earlier round: write it back
                 batch.force(restore)
+                for row in restore:
+                    job.publish(batch.prompt_of[row], batch.text(row))
             for i, p in enumerate(active):
                 state = states[p]
                 if batch.finish[state.row] is not None:
@@ -156,6 +163,8 @@ class RejectionSampler:
                 state.rejections.append(state.fails)
                 state.fails, state.best, state.reward = 0, None, chosen_reward
                 self._take(state, batch, segments, chosen, restore)
+                if state.row not in restore:  # stream an accepted segment at once
+                    self.job.publish(batch.prompt_of[state.row], batch.text(state.row))
                 return
             state.fails += 1
         # every proposal rejected: go back to the prefix (its logits were kept; nothing is recomputed)

@@ -15,6 +15,6 @@ class SampleConfig(SamplingParams):
 
 @register("sample", SampleConfig, summary="one sampled answer (temperature, top_k, top_p)")
 def sample(job: Job, config: SampleConfig) -> list[Result]:
-    batch = job.start()
+    batch = job.start(stream_tokens=True)
     batch.extend(config.sampling)
     return job.results(batch, range(batch.size))

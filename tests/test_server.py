@@ -1,0 +1,188 @@
+"""decalign serve: the real `openai` client against a server on a free loopback port, tiny model."""
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(engine, **options):
+    import uvicorn
+
+    from decalign.server import ServerConfig, create_app
+
+    config = ServerConfig(**{"model_name": "tiny", "max_tokens_limit": 64, **options})
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, config), host="127.0.0.1", port=port,
+                                           log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    return server, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def served(engine):
+    server, url = start(engine, reward="sentiment")
+    yield url
+    server.should_exit = True
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=served + "/v1", api_key="unused", max_retries=0)
+
+
+def test_chat_completion_matches_the_library(client, engine):
+    from decalign import generate
+
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8)
+    (expected,) = generate([[{"role": "user", "content": "hi"}]], model=engine, max_new_tokens=8)
+    assert reply.choices[0].message.content == expected.text
+    assert reply.usage.completion_tokens == len(expected.tokens)
+    assert reply.usage.prompt_tokens == len(engine.render("hi"))
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.model_extra["alignment"]["method"] == "greedy"
+
+
+def test_completion_uses_raw_text(client, engine):
+    from decalign import generate
+
+    reply = client.completions.create(model="tiny", prompt="The answer is", max_tokens=6)
+    (expected,) = generate("The answer is", model=engine, max_new_tokens=6, chat=False)
+    assert reply.choices[0].text == expected.text
+    assert reply.object == "text_completion"
+
+
+def test_streaming_chunks_add_up_to_the_answer(client):
+    plain = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "bread"}],
+                                           max_tokens=10)
+    chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "bread"}],
+                                                 max_tokens=10, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1  # token by token
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_cards_streams_segments(client):
+    body = {"alignment": {"method": "cards", "tau_u": 1.0, "r_star": 0.2, "min_segment": 2}}
+    chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=24, stream=True, seed=3, extra_body=body))
+    final = chunks[-1].model_extra["alignment"]
+    assert final["method"] == "cards" and final["stats"]["segments"] >= 1
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) >= 1
+
+
+def test_extra_body_chooses_the_method(client):
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                                           seed=1, extra_body={"alignment": {"method": "bon", "n": 3}})
+    info = reply.model_extra["alignment"]
+    assert info["method"] == "bon" and info["params"] == {"n": 3}
+    assert info["stats"]["reward_calls"] == 3 and info["reward"] is not None
+
+
+@pytest.mark.parametrize("kwargs, status, fragment", [
+    (dict(extra_body={"alignment": {"method": "nope"}}), 400, "unknown method 'nope'"),
+    (dict(extra_body={"alignment": {"method": "bon", "m": 2}}), 400, "bon has no parameter m"),
+    (dict(extra_body={"alignment": {"method": "bon", "reward": "nope"}}), 400, "unknown reward"),
+    (dict(max_tokens=1000), 400, "over this server's limit of 64"),
+    (dict(messages=[]), 400, "messages must be a non-empty list"),
+    (dict(messages=[{"role": "user", "content": ""}]), 400, "empty prompt"),
+])
+def test_bad_requests_get_clear_4xx(client, kwargs, status, fragment):
+    request = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    request.update(kwargs)
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(**request)
+    assert info.value.status_code == status
+    assert fragment in info.value.response.json()["error"]["message"]
+
+
+def test_malformed_json_and_unknown_route(served):
+    reply = httpx.post(served + "/v1/chat/completions", content=b"{not json", timeout=10)
+    assert reply.status_code == 400 and "not valid JSON" in reply.json()["error"]["message"]
+    assert httpx.get(served + "/v1/nothing", timeout=10).status_code == 404
+
+
+def test_models_health_metrics(client, served):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert httpx.get(served + "/health", timeout=10).json()["status"] == "ok"
+    text = httpx.get(served + "/metrics", timeout=10).text
+    assert 'decalign_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
+    assert "decalign_queue_depth 0" in text
+
+
+def test_api_key_is_required_when_set(engine):
+    server, url = start(engine, api_key="sesame")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+        good = openai.OpenAI(base_url=url + "/v1", api_key="sesame", max_retries=0)
+        assert good.models.list().data[0].id == "tiny"
+    finally:
+        server.should_exit = True
+
+
+def test_concurrent_requests_are_batched_and_a_full_queue_says_429(engine):
+    server, url = start(engine, queue_size=2, batch_window=0.3, max_batch=8)
+    try:
+        results = []
+
+        def ask(i):
+            reply = httpx.post(url + "/v1/chat/completions", timeout=60,
+                               json={"messages": [{"role": "user", "content": f"hi {i}"}], "max_tokens": 4})
+            results.append(reply.status_code)
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert set(results) <= {200, 429} and 200 in results
+        metrics = httpx.get(url + "/metrics", timeout=10).text
+        answered = results.count(200)
+        batches = int(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("decalign_batches_total")))
+        assert batches < answered or answered == 1  # companions shared a batch
+        if 429 in results:
+            reply = httpx.post(url + "/v1/chat/completions", timeout=60,
+                               json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 4})
+            assert reply.status_code in (200, 429)
+    finally:
+        server.should_exit = True
+
+
+def test_a_disconnected_stream_stops_its_work(engine):
+    server, url = start(engine, max_tokens_limit=200)
+    try:
+        request = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 200}
+        full = httpx.post(url + "/v1/chat/completions", json=request, timeout=60).json()
+        assert full["usage"]["completion_tokens"] > 100  # left alone, this answer is long
+        with httpx.stream("POST", url + "/v1/chat/completions", timeout=30,
+                          json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 200,
+                                "stream": True}) as reply:
+            for line in reply.iter_lines():
+                if line.startswith("data: ") and "content" in line:
+                    break  # hang up after the first token
+        time.sleep(1.0)
+        metrics = httpx.get(url + "/metrics", timeout=10).text
+        tokens = int(next(line.split()[-1] for line in metrics.splitlines()
+                          if line.startswith("decalign_generated_tokens_total")))
+        assert tokens - full["usage"]["completion_tokens"] < full["usage"]["completion_tokens"] / 2
+    finally:
+        server.should_exit = True
