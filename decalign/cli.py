@@ -302,6 +302,24 @@ def serve(model, adapter, method, reward, params, host, port, api_key, max_token
     uvicorn.run(create_app(engine, config), host=host, port=port, log_level="warning")
 
 
+@cli.command("train-reward")
+@click.argument("pairs", metavar="PAIRS.jsonl", type=click.Path(dir_okay=False))
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Folder for the trained head.")
+@click.option("--holdout", default=0.2, show_default=True, type=float, help="Share of pairs kept aside to test on.")
+@click.option("--seed", default=0, show_default=True, type=int)
+def train_reward(pairs, output, holdout, seed):
+    """Train a harmlessness-style reward head on {messages, chosen, rejected} pairs (use it as harmless:PATH)."""
+    from .rewards.harmless import train_reward as train
+
+    if not 0 < holdout < 1:
+        raise DecalignError(f"--holdout must be between 0 and 1, got {holdout}")
+    _quiet_transformers()
+    report = train(pairs, output, holdout=holdout, seed=seed, progress=sys.stderr.isatty())
+    click.echo(json.dumps({k: v for k, v in report.items() if not isinstance(v, (list, dict))}, indent=2))
+    click.echo(f"held-out pairwise accuracy {report['heldout_accuracy']:.3f} on {report['heldout_pairs']} pairs; "
+               f"head and model card in {output}", err=True)
+
+
 @cli.command()
 def methods() -> None:
     """List the decoding methods and their parameters."""

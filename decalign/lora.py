@@ -8,7 +8,6 @@ warm-up/decay schedule, a progress bar on stderr; the adapter is saved as adapte
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import sys
@@ -18,33 +17,25 @@ from pathlib import Path
 import click
 
 from .errors import DecalignError
+from .records import json_objects
 
 
 def read_conversations(path: str | Path) -> list[list[dict]]:
     """The message lists of a JSONL file; a malformed line raises an error naming it."""
     path = Path(path)
-    if not path.is_file():
-        raise DecalignError(f"training data {path} does not exist")
     conversations = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DecalignError(f"{path} line {number}: not valid JSON ({exc.msg})") from None
-            messages = record.get("messages") if isinstance(record, dict) else None
-            if not isinstance(messages, list) or not messages:
-                raise DecalignError(f"{path} line {number}: needs a non-empty \"messages\" list")
-            for i, message in enumerate(messages):
-                if not isinstance(message, dict) or not isinstance(message.get("content"), str) \
-                        or message.get("role") not in ("system", "user", "assistant"):
-                    raise DecalignError(f"{path} line {number}: message {i} needs a role (system, user or "
-                                        "assistant) and a string content")
-            if not any(m["role"] == "assistant" for m in messages):
-                raise DecalignError(f"{path} line {number}: no assistant message to learn from")
-            conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])
+    for number, record in json_objects(path, "training data"):
+        messages = record.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise DecalignError(f"{path} line {number}: needs a non-empty \"messages\" list")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("content"), str) \
+                    or message.get("role") not in ("system", "user", "assistant"):
+                raise DecalignError(f"{path} line {number}: message {i} needs a role (system, user or "
+                                    "assistant) and a string content")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DecalignError(f"{path} line {number}: no assistant message to learn from")
+        conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])
     if not conversations:
         raise DecalignError(f"training data {path} has no records")
     return conversations

@@ -9,14 +9,10 @@ from typing import Any, Callable, Iterator
 from .errors import DecalignError
 
 
-def read_records(path: Path, *, with_response: bool = False) -> Iterator[tuple[int, Any, Any, dict]]:
-    """(line number, id, prompt, record) per record of {id?, prompt | messages[, response]}.
-
-    A record without an id gets its line number. A malformed line raises, naming it, when the
-    reader reaches it, so a job can first finish and write the records before it."""
+def json_objects(path: Path, what: str = "input file") -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a line that is not a JSON object raises, naming it."""
     if not path.is_file():
-        raise DecalignError(f"input file {path} does not exist")
-    seen: set = set()
+        raise DecalignError(f"{what} {path} does not exist")
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -27,16 +23,26 @@ def read_records(path: Path, *, with_response: bool = False) -> Iterator[tuple[i
                 raise DecalignError(f"{path} line {number}: not valid JSON ({exc.msg})") from None
             if not isinstance(record, dict):
                 raise DecalignError(f"{path} line {number}: expected a JSON object")
-            prompt = record.get("messages", record.get("prompt"))
-            if not (isinstance(prompt, str) and prompt.strip()) and not (isinstance(prompt, list) and prompt):
-                raise DecalignError(f"{path} line {number}: needs a non-empty \"prompt\" string or \"messages\" list")
-            record_id = record.get("id", number)
-            if not isinstance(record_id, (str, int)) or record_id in seen:
-                raise DecalignError(f"{path} line {number}: id {record_id!r} is not a unique string or integer")
-            if with_response and not isinstance(record.get("response"), str):
-                raise DecalignError(f"{path} line {number}: needs a \"response\" string")
-            seen.add(record_id)
-            yield number, record_id, prompt, record
+            yield number, record
+
+
+def read_records(path: Path, *, with_response: bool = False) -> Iterator[tuple[int, Any, Any, dict]]:
+    """(line number, id, prompt, record) per record of {id?, prompt | messages[, response]}.
+
+    A record without an id gets its line number. A malformed line raises, naming it, when the
+    reader reaches it, so a job can first finish and write the records before it."""
+    seen: set = set()
+    for number, record in json_objects(path):
+        prompt = record.get("messages", record.get("prompt"))
+        if not (isinstance(prompt, str) and prompt.strip()) and not (isinstance(prompt, list) and prompt):
+            raise DecalignError(f"{path} line {number}: needs a non-empty \"prompt\" string or \"messages\" list")
+        record_id = record.get("id", number)
+        if not isinstance(record_id, (str, int)) or record_id in seen:
+            raise DecalignError(f"{path} line {number}: id {record_id!r} is not a unique string or integer")
+        if with_response and not isinstance(record.get("response"), str):
+            raise DecalignError(f"{path} line {number}: needs a \"response\" string")
+        seen.add(record_id)
+        yield number, record_id, prompt, record
 
 
 def count_lines(path: Path) -> int:

@@ -101,3 +101,21 @@ def make_tiny_classifier(path: str | Path, *, num_labels: int = 1, vocab_size: i
     LlamaForSequenceClassification(config).save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+def make_tiny_adapter(model_path: str | Path, out: str | Path, *, seed: int = 0,
+                      targets: tuple[str, ...] = ("q_proj", "v_proj")) -> Path:
+    """Save a random LoRA adapter (B not zero, so it changes the outputs) for the model at model_path."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_path),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=list(targets)))
+    torch.manual_seed(seed)
+    with torch.no_grad():  # LoRA B starts at zero (no effect); give the adapter something to say
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    peft_model.save_pretrained(out)
+    return Path(out)

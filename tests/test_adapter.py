@@ -4,21 +4,11 @@ import pytest
 import torch
 
 from decalign import DecalignError, Engine, generate
+from decalign.testing import make_tiny_adapter
 
 
 def save_adapter(model_path, out, seed=0):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(model_path)
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    torch.manual_seed(seed)
-    with torch.no_grad():  # LoRA B starts at zero (no effect); give the adapter something to say
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    peft_model.save_pretrained(out)
-    return out
+    return make_tiny_adapter(model_path, out, seed=seed)
 
 
 def test_adapter_changes_the_policy_and_loads_from_safetensors(tiny_path, tmp_path):

@@ -8,22 +8,12 @@ import torch
 from click.testing import CliRunner
 
 from decalign import DecalignError, Engine, generate
+from decalign.testing import make_tiny_adapter
 from decalign.methods.cold import contrast_scores
 
 
 def save_adapter(model_path, out, seed=0, targets=("q_proj", "v_proj", "down_proj")):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(model_path)
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=list(targets)))
-    torch.manual_seed(seed)
-    with torch.no_grad():  # LoRA B starts at zero (no effect); give the adapter something to say
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    peft_model.save_pretrained(out)
-    return out
+    return make_tiny_adapter(model_path, out, seed=seed, targets=targets)
 
 
 @pytest.fixture(scope="module")

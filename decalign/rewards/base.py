@@ -146,16 +146,17 @@ def _hf(kind: str) -> Callable[[str], Reward]:
     return make
 
 
-def _harmless(_: str) -> Reward:
+def _harmless(path: str) -> Reward:
+    """harmless: the shipped head; harmless:PATH: a head trained with `decalign train-reward`."""
     from .harmless import HarmlessReward
 
-    return HarmlessReward()
+    return HarmlessReward(path=path if path and path != "harmless" else None)
 
 
 _BUILTIN: dict[str, Callable[[str], Reward]] = {"sentiment": _sentiment, "vader": _sentiment, "json": _json,
                                                 "judge": _hf("judge"), "harmless": _harmless}
 _PREFIXED: dict[str, Callable[[str], Reward]] = {
-    "python": _python_reward, "hf": _hf("hf"), "judge": _hf("judge"),
+    "python": _python_reward, "hf": _hf("hf"), "judge": _hf("judge"), "harmless": _harmless,
     "length": _rule("length"), "keywords": _rule("keywords"), "regex": _rule("regex"),
 }
 

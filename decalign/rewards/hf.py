@@ -47,7 +47,30 @@ def _load(path: str, kind: str, dtype: str, trust_remote_code: bool):
     return model, tokenizer
 
 
-class ClassifierReward(Reward):
+class _ModelReward(Reward):
+    """Shared by the classifier and the judge: texts, then padded batches, one value per text."""
+
+    add_special_tokens = True
+
+    def _texts(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[str]:
+        raise NotImplementedError
+
+    def _values(self, encoded) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def _score(self, prompts, responses):
+        texts = self._texts(prompts, responses)
+        scores: list[float] = []
+        for start in range(0, len(texts), self.batch_size):
+            encoded = self.tokenizer(texts[start:start + self.batch_size], padding=True, truncation=True,
+                                     max_length=self.max_length, return_tensors="pt",
+                                     add_special_tokens=self.add_special_tokens)
+            scores.extend(self._values(encoded).tolist())
+        return scores
+
+
+class ClassifierReward(_ModelReward):
     """Score = a sequence classifier's logit: its only one, `label=i`, or `label=i-j` (a difference)."""
 
     def __init__(self, path: str, *, label: str | None = None, dtype: str = "float32", max_length: int = 512,
@@ -86,21 +109,15 @@ class ClassifierReward(Reward):
             return [self.tokenizer.apply_chat_template(c, tokenize=False) for c in chats]
         return [plain_transcript(c) for c in chats]
 
-    @torch.no_grad()
-    def _score(self, prompts, responses):
-        texts = self._texts(prompts, responses)
-        scores: list[float] = []
-        for start in range(0, len(texts), self.batch_size):
-            encoded = self.tokenizer(texts[start:start + self.batch_size], padding=True, truncation=True,
-                                     max_length=self.max_length, return_tensors="pt")
-            logits = self.model(**encoded).logits.float()
-            value = logits[:, self.plus] - (logits[:, self.minus] if self.minus is not None else 0)
-            scores.extend(value.tolist())
-        return scores
+    def _values(self, encoded) -> torch.Tensor:
+        logits = self.model(**encoded).logits.float()
+        return logits[:, self.plus] - (logits[:, self.minus] if self.minus is not None else 0)
 
 
-class JudgeReward(Reward):
+class JudgeReward(_ModelReward):
     """An instruct LM as judge: log-odds of 'Yes' over 'No' to a rubric question about the answer."""
+
+    add_special_tokens = False  # the chat template already holds them
 
     def __init__(self, path: str | None = None, *, rubric: str = DEFAULT_RUBRIC, dtype: str = "float32",
                  max_length: int = 1024, batch_size: int = 8, trust_remote_code: bool = False) -> None:
@@ -130,16 +147,9 @@ class JudgeReward(Reward):
                 texts.append(question + "\nAnswer:")
         return texts
 
-    @torch.no_grad()
-    def _score(self, prompts, responses):
-        texts = self._texts(prompts, responses)
-        scores: list[float] = []
-        for start in range(0, len(texts), self.batch_size):
-            encoded = self.tokenizer(texts[start:start + self.batch_size], padding=True, truncation=True,
-                                     max_length=self.max_length, return_tensors="pt", add_special_tokens=False)
-            logits = self.model(**encoded, logits_to_keep=1).logits[:, -1].float().log_softmax(-1)
-            scores.extend((logits[:, self.yes] - logits[:, self.no]).tolist())
-        return scores
+    def _values(self, encoded) -> torch.Tensor:
+        logits = self.model(**encoded, logits_to_keep=1).logits[:, -1].float().log_softmax(-1)
+        return logits[:, self.yes] - logits[:, self.no]
 
 
 def _split_options(kind: str, text: str, allowed: set[str]) -> tuple[str, dict[str, str]]:
