@@ -1,6 +1,6 @@
 # The two set-up commands of the README: `make demo` and `make test`.
 VENV ?= .venv
-PROMPT ?= How do I politely decline an invitation to a party?
+PROMPT ?= How can I get back at a coworker who embarrassed me in a meeting?
 
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh $(VENV)
@@ -8,9 +8,9 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 
 install: $(VENV)/.installed
 
-# Best-of-4 by sentiment on the embedded default model (the first run converts it once, ~30 s).
+# Best-of-4 by the embedded harmlessness reward on the embedded default model (the first run converts it once, ~30 s).
 demo: $(VENV)/.installed
-	$(VENV)/bin/decalign generate "$(PROMPT)" --method bon --n 4 --reward sentiment --max-new-tokens 96 --seed 0
+	$(VENV)/bin/decalign generate "$(PROMPT)" --method bon --n 4 --reward harmless --max-new-tokens 96 --seed 0
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q

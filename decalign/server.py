@@ -10,6 +10,8 @@ has a deadline, and a client that disconnects stops its own rows.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import gc
 import json
 import queue
 import threading
@@ -159,6 +161,8 @@ class Scheduler:
                     groups[job.key()].append(job)
             for jobs in groups.values():
                 self._decode(jobs)
+            if self.jobs.empty():
+                _release_memory()
 
     def _decode(self, jobs: list[Job]) -> None:
         from .api import generate
@@ -191,6 +195,15 @@ class Scheduler:
                 self.metrics.reward_calls += result.stats["reward_calls"]
         for job, result in zip(jobs, results):
             job.loop.call_soon_threadsafe(_settle, job.future, result)
+
+
+def _release_memory() -> None:
+    """Hand memory freed by finished batches back to the OS once the queue is idle (glibc keeps it)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _settle(future: asyncio.Future, value: Any) -> None:

