@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -53,8 +54,16 @@ def get_method(name: str) -> MethodSpec:
     return METHODS[name]
 
 
-def _convert(method: str, name: str, kind: type, value: Any) -> Any:
-    if not isinstance(value, str) or kind is str:
+def _convert(method: str, name: str, kind: Any, value: Any) -> Any:
+    """A parameter given as text (CLI, inline spec) in its field's type; 'none' for optional ones."""
+    if not isinstance(value, str):
+        return value
+    options = typing.get_args(kind) if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union \
+        else (kind,)
+    if type(None) in options and value.strip().lower() == "none":
+        return None
+    kind = next(option for option in options if option is not type(None))
+    if kind is str:
         return value
     try:
         if kind is bool:
