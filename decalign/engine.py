@@ -210,10 +210,8 @@ class Engine:
         from peft.tuners.lora.layer import Linear as LoraLinear
         from peft.tuners.lora.layer import LoraLayer
 
-        names = self.adapter_names()
-        if len(names) != 1:
-            return False
-        name, config = names[0], self.model.peft_config[names[0]]
+        (name,) = self.adapter_names()  # called only with exactly one adapter loaded
+        config = self.model.peft_config[name]
         if getattr(config, "peft_type", None) != "LORA" or getattr(config, "use_dora", False) \
                 or getattr(config, "modules_to_save", None) or getattr(config, "bias", "none") != "none" \
                 or getattr(config, "trainable_token_indices", None):
@@ -443,10 +441,10 @@ class Batch:
             self.snapshots[r][len(self.tokens[r])] = self.logits[r].clone()
         active = list(rows)
         while active:
-            active = self._drop_cancelled(active)
-            for r in segments:
-                if self.finish[r] == "cancelled":
-                    segments[r].reason = "cancelled"
+            kept = self._drop_cancelled(active)
+            for r in set(active) - set(kept):
+                segments[r].reason = "cancelled"
+            active = kept
             if not active:
                 break
             raw, logp, entropy = self._distribution(active)

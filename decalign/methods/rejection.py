@@ -106,9 +106,12 @@ class RejectionSampler:
         answers: dict[int, tuple] = {}
         while True:
             for p, state in enumerate(states):
-                if not state.done and batch.is_cancelled(p):  # its client has gone: stop with what it has
-                    state.done = True
+                if state.done:
+                    continue
+                if batch.is_cancelled(p):  # its client has gone: stop with what it has
                     batch.finish[state.row] = batch.finish[state.row] or "cancelled"
+                if batch.finish[state.row] is not None:  # the accepted prefix ends the answer
+                    state.done = True
                     answers[p] = (job.candidate(batch, state.row, state.reward), list(batch.logprobs[state.row]))
             active = [p for p, s in enumerate(states) if not s.done]
             if not active:
@@ -128,11 +131,6 @@ class RejectionSampler:
                 batch.force(restore)
                 for row in restore:
                     job.publish(batch.prompt_of[row], batch.text(row))
-            for i, p in enumerate(active):
-                state = states[p]
-                if batch.finish[state.row] is not None:
-                    state.done = True
-                    answers[p] = (job.candidate(batch, state.row, state.reward), list(batch.logprobs[state.row]))
         return [job.result(p, batch, answer, logprobs, trace=states[p].trace if self.trace else None,
                            extra_stats=self._stats(states[p]))
                 for p, (answer, logprobs) in sorted(answers.items())]
