@@ -436,66 +436,87 @@ class Batch:
         finishes, the stop rule fires before a token, the cut rule fires after one, or the
         segment reaches `max_tokens`."""
         rows = self.live_rows() if rows is None else [r for r in rows if self.finish[r] is None]
-        segments = {r: Segment(row=r, start=len(self.tokens[r])) for r in rows}
-        for r in rows:  # a rejected segment is cropped back here without recomputing anything
-            self.snapshots[r][len(self.tokens[r])] = self.logits[r].clone()
-        active = list(rows)
-        while active:
-            kept = self._drop_cancelled(active)
-            for r in set(active) - set(kept):
-                segments[r].reason = "cancelled"
-            active = kept
-            if not active:
-                break
-            raw, logp, entropy = self._distribution(active)
-            if stop_rule is not None:
-                view = StepView(
-                    logits=raw,
-                    entropy=entropy,
-                    segment_lengths=torch.tensor([len(segments[r].tokens) for r in active]),
-                    total_lengths=torch.tensor([len(self.tokens[r]) for r in active]),
-                )
-                stop = stop_rule(view).tolist()
-                if any(stop):
-                    for r, s in zip(active, stop):
-                        if s:
-                            segments[r].reason = "rule"
-                    keep = [i for i, s in enumerate(stop) if not s]
-                    active = [active[i] for i in keep]
-                    raw, logp, entropy = raw[keep], logp[keep], entropy[keep]
-                    if not active:
-                        break
-            chosen = choose_tokens(self.mask_early_eos(active, raw), sampling,
-                                   [self.generators[r] for r in active]).tolist()
-            chosen_logp = logp.gather(1, torch.tensor(chosen)[:, None]).squeeze(1).tolist()
-            cut = [False] * len(active)
-            if cut_rule is not None:
-                cut = cut_rule(TokenView(
-                    tokens=chosen,
-                    texts=[self.engine.decode([t]) for t in chosen],
-                    entropy=entropy,
-                    segment_lengths=torch.tensor([len(segments[r].tokens) + 1 for r in active]),
-                )).tolist()
-            to_feed: dict[int, int] = {}
-            for i, (r, token) in enumerate(zip(active, chosen)):
-                segment = segments[r]
-                segment.tokens.append(token)
-                segment.logprobs.append(chosen_logp[i])
-                segment.entropies.append(float(entropy[i]))
-                reason = self._record(r, token, chosen_logp[i], float(entropy[i]))
-                if reason is not None:
-                    self.finish[r] = segment.reason = reason
-                    continue
-                to_feed[r] = token
-                if cut[i]:
-                    segment.reason = "rule"
-                elif max_tokens is not None and len(segment.tokens) >= max_tokens:
-                    segment.reason = "segment"
-            if to_feed:
-                self._feed(to_feed)
-            active = [r for r in to_feed if not segments[r].reason]
+        segments = self.open_segments(rows)
+        running = list(segments)
+        while running:
+            self.step(running, sampling, max_tokens=max_tokens, stop_rule=stop_rule, cut_rule=cut_rule)
+            running = [s for s in running if not s.reason]
         self._compact()
-        return [segments[r] for r in rows]
+        return segments
+
+    def open_segments(self, rows: Sequence[int], *, forget_earlier: bool = False) -> list[Segment]:
+        """Start a segment on each row, saving the logits at its start: a rejected segment is then
+        cropped back here without recomputing anything. forget_earlier: drop the logits saved at
+        earlier starts (the caller will never crop back past this one)."""
+        for r in rows:
+            if forget_earlier:
+                self.snapshots[r] = {}
+            self.snapshots[r][len(self.tokens[r])] = self.logits[r].clone()
+        return [Segment(row=r, start=len(self.tokens[r])) for r in rows]
+
+    def step(
+        self,
+        segments: Sequence[Segment],
+        sampling: Sampling,
+        *,
+        max_tokens: int | None = None,
+        stop_rule: StopRule | None = None,
+        cut_rule: CutRule | None = None,
+    ) -> None:
+        """One token on each running segment (reason ""): set a segment's reason when it ends
+        (finish reason, 'rule', 'segment' at max_tokens, 'cancelled')."""
+        running = {s.row: s for s in segments if not s.reason}
+        active = self._drop_cancelled(list(running))
+        for r in set(running) - set(active):
+            running[r].reason = "cancelled"
+        if not active:
+            return
+        raw, logp, entropy = self._distribution(active)
+        if stop_rule is not None:
+            view = StepView(
+                logits=raw,
+                entropy=entropy,
+                segment_lengths=torch.tensor([len(running[r].tokens) for r in active]),
+                total_lengths=torch.tensor([len(self.tokens[r]) for r in active]),
+            )
+            stop = stop_rule(view).tolist()
+            if any(stop):
+                for r, s in zip(active, stop):
+                    if s:
+                        running[r].reason = "rule"
+                keep = [i for i, s in enumerate(stop) if not s]
+                active = [active[i] for i in keep]
+                raw, logp, entropy = raw[keep], logp[keep], entropy[keep]
+                if not active:
+                    return
+        chosen = choose_tokens(self.mask_early_eos(active, raw), sampling,
+                               [self.generators[r] for r in active]).tolist()
+        chosen_logp = logp.gather(1, torch.tensor(chosen)[:, None]).squeeze(1).tolist()
+        cut = [False] * len(active)
+        if cut_rule is not None:
+            cut = cut_rule(TokenView(
+                tokens=chosen,
+                texts=[self.engine.decode([t]) for t in chosen],
+                entropy=entropy,
+                segment_lengths=torch.tensor([len(running[r].tokens) + 1 for r in active]),
+            )).tolist()
+        to_feed: dict[int, int] = {}
+        for i, (r, token) in enumerate(zip(active, chosen)):
+            segment = running[r]
+            segment.tokens.append(token)
+            segment.logprobs.append(chosen_logp[i])
+            segment.entropies.append(float(entropy[i]))
+            reason = self._record(r, token, chosen_logp[i], float(entropy[i]))
+            if reason is not None:
+                self.finish[r] = segment.reason = reason
+                continue
+            to_feed[r] = token
+            if cut[i]:
+                segment.reason = "rule"
+            elif max_tokens is not None and len(segment.tokens) >= max_tokens:
+                segment.reason = "segment"
+        if to_feed:
+            self._feed(to_feed)
 
     def append(self, tokens: dict[int, int]) -> dict[int, str | None]:
         """Write chosen tokens (row -> token id) on live rows; return each row's finish reason
@@ -547,6 +568,24 @@ class Batch:
         self.fed = [self.fed[r] for r in indices]
         self.finish = [self.finish[r] for r in indices]
         self._compact()
+
+    def copy_row(self, source: int, targets: Sequence[int]) -> None:
+        """Make each target row a copy of `source` (text, cache, logits, saved logits), in place:
+        row numbers do not change and each row keeps its own random stream."""
+        targets = [t for t in targets if t != source]
+        if not targets:
+            return
+        index = torch.as_tensor(targets, dtype=torch.long, device=self.mask.device)
+        for layer in self.cache.layers:
+            layer.keys[index] = layer.keys[source].clone()
+            layer.values[index] = layer.values[source].clone()
+        self.mask[index] = self.mask[source].clone()
+        self.logits[index] = self.logits[source].clone()
+        for t in targets:
+            for name in ("tokens", "logprobs", "entropies"):
+                getattr(self, name)[t] = list(getattr(self, name)[source])
+            self.snapshots[t] = dict(self.snapshots[source])
+            self.fed[t], self.finish[t] = self.fed[source], self.finish[source]
 
     def crop(self, rows: Sequence[int], lengths: Sequence[int]) -> None:
         """Cut each row back to its first `lengths[i]` generated tokens; the cut tokens leave the

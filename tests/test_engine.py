@@ -102,6 +102,23 @@ def test_select_forks_independent_rows(engine, prompts):
         assert_row_matches_recompute(engine, batch, row, prompts[batch.prompt_of[row]])
 
 
+def test_copy_row_makes_exact_copies_in_place(engine, prompts):
+    """A copied row continues exactly as its source would (cache, mask, logits), keeps its number
+    and its own random stream; the rows it did not touch are unchanged."""
+    batch = engine.start(prompts, seeds=[1, 2, 3], max_new_tokens=20)
+    batch.extend(SAMPLE, max_tokens=5)
+    untouched = list(batch.tokens[1])
+    batch.copy_row(2, [0])
+    assert batch.tokens[0] == batch.tokens[2] and batch.prompt_of == [0, 1, 2]
+    assert torch.equal(batch.logits[0], batch.logits[2])
+    batch.extend(SAMPLE)
+    assert batch.tokens[1][:5] == untouched
+    assert batch.tokens[0][:5] == batch.tokens[2][:5] and batch.tokens[0] != batch.tokens[2]
+    # row 0 now holds prompt 2's text: its log-probabilities equal a recompute of that text
+    assert_row_matches_recompute(engine, batch, 0, prompts[2])
+    assert_row_matches_recompute(engine, batch, 2, prompts[2])
+
+
 def test_same_seed_same_tokens(engine, prompts):
     runs = []
     for seed in (11, 11, 12):

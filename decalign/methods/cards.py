@@ -45,10 +45,10 @@ class CardsConfig:
     min_segment: int = 4
     max_segment: int = 64
     max_retries: int = 20
-    proposals: int = 4  # candidate segments per prompt drawn in one batch
+    proposals: int = 4  # slots per prompt: proposals drawn at once, tested in the order they start
     acceptance: str = "soft"  # soft | hard
-    adaptive: bool = True  # fewer proposals per round for prompts that accept easily
     margin: float = 1.0  # calibration: r_star = mean + margin * std of the first proposals' rewards
+    anchor: str = "prompt"  # prompt: tau rises from r0 (the paper); prefix: from the accepted prefix's reward
     trace: bool = False
 
     def __post_init__(self) -> None:
@@ -60,6 +60,8 @@ class CardsConfig:
             raise DecalignError(f"tau_p must be in [0, 1], got {self.tau_p}")
         if self.segmentation not in SEGMENTATIONS:
             raise DecalignError(f"segmentation must be one of {', '.join(SEGMENTATIONS)}, got {self.segmentation!r}")
+        if self.anchor not in ("prompt", "prefix"):
+            raise DecalignError(f"anchor must be prompt or prefix, got {self.anchor!r}")
         if not 1 <= self.min_segment <= self.max_segment:
             raise DecalignError(f"need 1 <= min_segment <= max_segment, got {self.min_segment} and {self.max_segment}")
 
@@ -80,13 +82,25 @@ def threshold(prompt_reward: float, r_star: float, alpha: float, tokens: int, n_
     return min(r0 + tokens / n_max * (r_star - r0), r_star)
 
 
+def relative_threshold(prefix_reward: float, prefix_tokens: int, prompt_reward: float, r_star: float, alpha: float,
+                       tokens: int, n_max: int) -> float:
+    """The schedule's rise anchored at the accepted prefix: r(prefix) + (t - t_prefix) / n_max * (r_star - r0).
+
+    For rewards whose level drifts with length (so that the absolute tau is out of reach or trivially
+    met later in the answer), each segment must instead add its share of the planned rise."""
+    r0 = (1 - alpha) * prompt_reward + alpha * r_star
+    return prefix_reward + (tokens - prefix_tokens) / n_max * (r_star - r0)
+
+
 @register("cards", CardsConfig, needs_reward=True,
           summary="cascade reward sampling: segments cut at entropy spikes, accepted by a rising threshold")
 def cards(job: Job, config: CardsConfig) -> list[Result]:
     def rising(state: PromptState, tokens: int) -> float:
+        if config.anchor == "prefix" and state.reward is not None:
+            return relative_threshold(state.reward, state.prefix_tokens, state.prompt_reward, state.r_star,
+                                      config.alpha, tokens, job.max_new_tokens)
         return threshold(state.prompt_reward, state.r_star, config.alpha, tokens, job.max_new_tokens)
 
     return RejectionSampler(job, config.proposal(), rising, beta=config.beta, proposals=config.proposals,
                             max_retries=config.max_retries, acceptance=config.acceptance, r_star=config.r_star,
-                            margin=config.margin, trace=config.trace,
-                            adaptive=config.adaptive).run()
+                            margin=config.margin, trace=config.trace).run()

@@ -28,7 +28,6 @@ class RejectionConfig:
     max_retries: int = 20
     proposals: int = 4
     acceptance: str = "soft"
-    adaptive: bool = True  # fewer proposals per round for prompts that accept easily
     margin: float = 1.0
     trace: bool = False
 
@@ -44,4 +43,4 @@ def rejection_sampling(job: Job, config: RejectionConfig) -> list[Result]:
     return RejectionSampler(job, Proposal(sampling), lambda state, tokens: state.r_star, beta=config.beta,
                             proposals=config.proposals, max_retries=config.max_retries,
                             acceptance=config.acceptance, r_star=config.r_star, margin=config.margin,
-                            trace=config.trace, adaptive=config.adaptive).run()
+                            trace=config.trace).run()
