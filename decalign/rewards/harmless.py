@@ -278,9 +278,8 @@ def prefix_pairs(rows: Sequence[dict], fractions: Sequence[float] = PREFIX_FRACT
     return out
 
 
-def _fit(xc, xr, weights, *, hidden: int, l2: float, steps: int, seed: int, consistency=None):
-    """A head minimising the weighted Bradley-Terry loss (row i of xc preferred to row i of xr) + l2 * ||W||^2
-    + lam * mean((r(part_i) - r(whole_i))^2) when `consistency` = (part, whole, lam) is given.
+def _fit(xc, xr, weights, *, hidden: int, l2: float, steps: int, seed: int):
+    """A head minimising the weighted Bradley-Terry loss (row i of xc preferred to row i of xr) + l2 * ||W||^2.
 
     Linear head: the loss depends only on d = xc - xr, a convex problem solved to its optimum with
     L-BFGS (`steps` iterations at most), so the result depends on l2, not on a step budget.
@@ -291,7 +290,6 @@ def _fit(xc, xr, weights, *, hidden: int, l2: float, steps: int, seed: int, cons
     torch.manual_seed(seed)
     if hidden <= 0:
         d = xc - xr
-        gap = consistency[0] - consistency[1] if consistency else None
         w = torch.zeros(d.shape[1], requires_grad=True)
         opt = torch.optim.LBFGS([w], lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe",
                                 tolerance_grad=1e-6, tolerance_change=1e-10)
@@ -300,8 +298,6 @@ def _fit(xc, xr, weights, *, hidden: int, l2: float, steps: int, seed: int, cons
         def closure():
             opt.zero_grad()
             loss = -(torch.nn.functional.logsigmoid(d @ w) * weights).sum() / total + l2 * (w**2).sum()
-            if gap is not None:
-                loss = loss + consistency[2] * ((gap @ w) ** 2).mean()
             loss.backward()
             return loss
 
@@ -318,8 +314,6 @@ def _fit(xc, xr, weights, *, hidden: int, l2: float, steps: int, seed: int, cons
     for _ in range(steps):
         bt = -(torch.nn.functional.logsigmoid((head(xc) - head(xr)).squeeze(-1)) * weights).sum() / total
         loss = bt + l2 * sum((p**2).sum() for p in params)
-        if consistency:
-            loss = loss + consistency[2] * ((head(consistency[0]) - head(consistency[1])) ** 2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
