@@ -350,6 +350,8 @@ def bench_engine(model, batch_sizes, new_tokens, repeats, threads):
 from .lora import train_lora_command  # noqa: E402
 cli.add_command(train_lora_command)
 cli.add_command(__import__("decalign.bench_cold", fromlist=["x"]).bench_cold_command)
+cli.add_command(__import__("decalign.tasks", fromlist=["x"]).make_task_command)
+cli.add_command(__import__("decalign.eval_task", fromlist=["x"]).eval_task_command)
 
 
 def main() -> None:

@@ -1,0 +1,199 @@
+"""The quality benchmark of CoLD: task generator, answer parsing, paired statistics, eval-task runs."""
+
+import json
+import math
+import re
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from decalign import DecalignError, Engine, generate
+from decalign.cli import cli
+from decalign.eval_task import mcnemar_exact, paired_bootstrap, parse_variants, read_items, wilson
+from decalign.lora import read_conversations
+from decalign.tasks import is_formatted, make_splits, parse_final, parse_lenient, write_splits
+from decalign.testing import make_tiny_adapter
+
+
+def solve(question: str) -> int:
+    """The answer recomputed from the question's wording alone, sentence by sentence."""
+    value = None
+    for sentence in re.split(r"(?<=[.?])\s+", question):
+        number = re.search(r"\d+", sentence)
+        if value is None:
+            value = int(re.match(r"\w+ has (\d+) ", sentence).group(1))
+        elif sentence.endswith("doubles."):
+            value *= 2
+        elif sentence.endswith("triples."):
+            value *= 3
+        elif "more" in sentence:
+            value += int(number.group())
+        elif sentence.startswith("How many"):
+            break
+        else:
+            assert re.search(r"gives away|loses|sells|gives \d+ to", sentence), sentence
+            value -= int(number.group())
+    return value
+
+
+def test_generator_is_seeded_and_its_answers_are_right():
+    train, test = make_splits(300, 100, seed=3)
+    again_train, again_test = make_splits(300, 100, seed=3)
+    assert train == again_train and test == again_test
+    assert make_splits(300, 100, seed=4)[1] != test
+    assert make_splits(50, 100, seed=3)[1] == test  # the test split does not depend on the train size
+    assert not {p.question for p in train} & {p.question for p in test}
+    assert {p.steps for p in test} == {1, 2, 3}
+    for problem in train + test:
+        assert solve(problem.question) == problem.answer
+        *work, final = problem.solution.splitlines()
+        assert len(work) == problem.steps and final == f"#### {problem.answer}"
+        for line in work:  # every worked line is true arithmetic
+            a, op, b, _, c = line.split()
+            assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(c)
+        assert 0 < problem.answer < 1000
+        assert parse_final(problem.solution) == problem.answer and is_formatted(problem.solution)
+
+
+def test_splits_are_files_train_lora_and_eval_task_read(tmp_path):
+    train_path, test_path = write_splits(tmp_path, 20, 5, seed=1)
+    conversations = read_conversations(train_path)
+    assert len(conversations) == 20 and conversations[0][1]["role"] == "assistant"
+    items = read_items(test_path)
+    assert len(items) == 5 and all(isinstance(answer, int) for _, _, answer in items)
+    result = CliRunner().invoke(cli, ["make-task", "-o", str(tmp_path / "cli"), "--train", "20", "--test", "5",
+                                      "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "cli" / "test.jsonl").read_text() == test_path.read_text()
+
+
+@pytest.mark.parametrize("text, final, lenient, formatted", [
+    ("23 + 15 = 38\n38 - 7 = 31\n#### 31", 31, 31, True),
+    ("#### 31\n", 31, 31, True),
+    ("She has 31 apples now.", None, 31, False),
+    ("#### 12\nThe answer is: 12\n#### 13", 13, 13, False),  # two final lines: the last counts
+    ("#### 31 apples", 31, 31, False),  # words after the number break the format
+    ("38 - 7 = 31\n####", None, 31, False),
+    ("She has 1,204 apples.", None, 1204, False),
+    ("", None, None, False),
+])
+def test_answer_parsing_by_hand(text, final, lenient, formatted):
+    assert parse_final(text) == final
+    assert parse_lenient(text) == lenient
+    assert is_formatted(text) is formatted
+
+
+def test_wilson_interval_by_hand():
+    low, high = wilson(0, 10)
+    assert low == 0 and high == pytest.approx(1.959964**2 / (10 + 1.959964**2), abs=1e-6)  # 0.2775
+    low, high = wilson(10, 10)
+    assert high == pytest.approx(1) and low == pytest.approx(10 / (10 + 1.959964**2), abs=1e-6)
+    low, high = wilson(50, 100)  # symmetric around one half
+    assert low == pytest.approx(1 - high) and low == pytest.approx(0.4038, abs=1e-4)
+
+
+@pytest.mark.parametrize("b, c, p", [(0, 5, 2 / 32), (5, 0, 2 / 32), (1, 9, 22 / 1024), (3, 4, 1.0),
+                                     (0, 0, 1.0), (2, 2, 1.0), (0, 1, 1.0), (10, 30, 0.002221)])
+def test_mcnemar_exact_by_hand(b, c, p):
+    assert mcnemar_exact(b, c) == pytest.approx(p, abs=1e-6)
+
+
+def test_paired_bootstrap():
+    assert paired_bootstrap([False] * 20, [True] * 20) == (1.0, 1.0, 1.0)
+    assert paired_bootstrap([True, False] * 10, [True, False] * 10) == (0.0, 0.0, 0.0)
+    # 100 items, 15 gained and 5 lost: difference 0.10, CI close to the normal one (sd of d = 0.436)
+    reference = [False] * 15 + [True] * 5 + [True] * 40 + [False] * 40
+    other = [True] * 15 + [False] * 5 + [True] * 40 + [False] * 40
+    diff, low, high = paired_bootstrap(reference, other, seed=1)
+    assert diff == pytest.approx(0.10)
+    half = 1.96 * math.sqrt((20 / 100 - 0.1**2) * 100 / 99) / 10
+    assert low == pytest.approx(0.10 - half, abs=0.015) and high == pytest.approx(0.10 + half, abs=0.015)
+    assert paired_bootstrap(reference, other, seed=1) == (diff, low, high)
+    with pytest.raises(DecalignError, match="equally long"):
+        paired_bootstrap([True], [True, False])
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_path, tmp_path_factory):
+    return make_tiny_adapter(tiny_path, tmp_path_factory.mktemp("quality") / "adapter")
+
+
+@pytest.fixture
+def test_file(tmp_path):
+    path = tmp_path / "test.jsonl"
+    path.write_text("".join(json.dumps({"id": f"t{i}", "prompt": f"Tom has {i} apples. How many?", "answer": i})
+                            + "\n" for i in range(3)))
+    return path
+
+
+def eval_args(tiny_path, adapter, test_file, out, variants="base,greedy,cold:alpha=0.1:beta=0.5", *extra):
+    return ["eval-task", str(test_file), "--model", str(tiny_path), "--adapter", str(adapter), "--variants",
+            variants, "--out", str(out), "--max-new-tokens", "5", "--batch-size", "2", *extra]
+
+
+def test_eval_task_resumes_without_duplicates_and_refuses_another_config(tiny_path, adapter, test_file, tmp_path):
+    out = tmp_path / "run"
+    runner = CliRunner()
+    first = runner.invoke(cli, eval_args(tiny_path, adapter, test_file, out))
+    assert first.exit_code == 0, first.output
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert sorted((r["variant"], r["id"]) for r in records) == sorted(
+        (v, f"t{i}") for v in ("base", "greedy", "cold:alpha=0.1:beta=0.5") for i in range(3))
+    summary = json.loads((out / "summary.json").read_text())
+    assert all(r["tokens"] > 0 and r["text"] for r in records)
+    assert summary["variants"]["greedy"]["paired"] is None
+    assert summary["variants"]["base"]["paired"]["n"] == 3
+    assert "| cold:alpha=0.1:beta=0.5 | 3 |" in (out / "summary.md").read_text()
+    # the base variant is greedy decoding of the model without the adapter
+    plain = generate([f"Tom has {i} apples. How many?" for i in range(3)], model=Engine.load(str(tiny_path)),
+                     max_new_tokens=5)
+    assert [r["text"] for r in records if r["variant"] == "base"] == [r.text for r in plain]
+
+    # a rerun with one more variant decodes only that variant: no duplicates
+    again = runner.invoke(cli, eval_args(tiny_path, adapter, test_file, out, "base,greedy,cold:beta=0"))
+    assert again.exit_code == 0, again.output
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert len(records) == 12 and len({(r["variant"], r["id"]) for r in records}) == 12
+    by = {(r["variant"], r["id"]): r["text"] for r in records}
+    assert all(by[("cold:beta=0", f"t{i}")] == by[("greedy", f"t{i}")] for i in range(3))  # beta 0 is greedy
+
+    changed = runner.invoke(cli, eval_args(tiny_path, adapter, test_file, out, "greedy", "--seed", "1"))
+    assert isinstance(changed.exception, DecalignError) and "seed differ" in str(changed.exception)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(variants="greedy,nope"), "unknown method"),
+    (dict(variants="greedy,greedy"), "twice"),
+    (dict(variants="cold:beta=-1"), "beta must be >= 0"),
+    (dict(variants="base"), "reference 'greedy' is not among the variants"),
+    (dict(extra=("--batch-size", "0")), "--batch-size must be >= 1"),
+    (dict(adapter="missing"), "has no adapter_model.safetensors"),
+    (dict(test='{"id": 1, "prompt": "hi", "answer": 3}\n{"id": 2, "prompt": "hi"}\n'), "line 2: needs an integer"),
+    (dict(test='{"prompt": "hi", "answer": 3}\nnot json\n'), "line 2: not valid JSON"),
+])
+def test_bad_input_is_one_line_error(tiny_path, adapter, test_file, tmp_path, change, message):
+    if "test" in change:
+        test_file.write_text(change["test"])
+    args = eval_args(tiny_path, change.get("adapter", adapter), test_file, tmp_path / "run",
+                     change.get("variants", "base,greedy"), *change.get("extra", ()))
+    result = CliRunner().invoke(cli, args)
+    assert isinstance(result.exception, DecalignError), result.output
+    assert message in str(result.exception) and "\n" not in str(result.exception)
+
+
+def test_cli_prints_one_line_and_exit_code_2(tmp_path, test_file):
+    result = subprocess.run([sys.executable, "-m", "decalign.cli", "eval-task", str(test_file), "--adapter",
+                             str(tmp_path / "none"), "--out", str(tmp_path / "run")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "has no adapter_model.safetensors" in result.stderr
+
+
+def test_variants_parse():
+    variants = parse_variants("base, greedy ,cold:alpha=0.3:beta=1")
+    assert [(v.label, v.method, v.adapter) for v in variants] == [
+        ("base", "greedy", False), ("greedy", "greedy", True), ("cold:alpha=0.3:beta=1", "cold", True)]
+    assert variants[2].params == {"alpha": "0.3", "beta": "1"}
+    with pytest.raises(DecalignError, match="empty"):
+        parse_variants(" , ")
