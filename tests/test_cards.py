@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from decalign import DecalignError, generate
-from decalign.methods.cards import threshold
+from decalign.methods.cards import relative_threshold, threshold
 from decalign.methods.rejection import accept_probability, calibrate
 
 # chi-square critical values at p = 0.001
@@ -39,6 +39,8 @@ def test_threshold_schedule_and_acceptance_formulas():
     assert threshold(1.0, 5.0, 0.5, 100, 100) == pytest.approx(5.0)
     assert threshold(1.0, 5.0, 0.5, 150, 100) == pytest.approx(5.0)
     assert threshold(1.0, 5.0, 0.0, 0, 100) == pytest.approx(1.0)
+    # anchored at the prefix: r(prefix) + the schedule's rise over the new tokens; r0 = 3, so 20/100 * 2
+    assert relative_threshold(2.5, 30, 1.0, 5.0, 0.5, 50, 100) == pytest.approx(2.9)
     assert accept_probability(2.0, 1.0, 0.7) == 1.0
     assert accept_probability(1.0, 2.0, 0.7) == pytest.approx(math.exp(-1 / 0.7))
     assert accept_probability(1.0, 2.0, 0.7, "hard") == 0.0
@@ -74,6 +76,25 @@ def test_calibrated_mode_measures_beta_in_reward_spread(engine):
     assert 0 < unit < 0.5  # the spread of the first proposals' rewards, not the absolute default of 1
     for entry in result.trace:
         assert entry["p_accept"] == pytest.approx(accept_probability(entry["reward"], entry["threshold"], 0.5 * unit))
+
+
+def test_prefix_anchor_tests_each_segment_against_its_prefix(engine):
+    results = generate(["hi", "The answer is"], method="cards", model=engine, reward=even_share, max_new_tokens=30,
+                       seed=5, tau_u=1.2, min_segment=3, max_segment=8, trace=True, r_star=0.6, beta=0.1,
+                       anchor="prefix", acceptance="hard")
+    for result in results:
+        prefix_reward, tokens = None, 0
+        for segment in range(result.stats["segments"]):
+            entries = [e for e in result.trace if e["segment"] == segment]
+            for entry in entries:
+                if prefix_reward is not None:  # the first segment follows the paper's schedule
+                    assert entry["threshold"] == pytest.approx(relative_threshold(
+                        prefix_reward, tokens, result.stats["prompt_reward"], 0.6, 0.5, tokens + entry["tokens"], 30))
+                if not entry["fallback"]:  # hard rule: a proposal passes exactly when it reaches the threshold
+                    assert (entry["reward"] >= entry["threshold"]) == (entry["accepted"] and entry is entries[-1])
+            (chosen,) = [e for e in entries if e["accepted"]]  # the passing one, or the best of a fallback
+            prefix_reward, tokens = chosen["reward"], tokens + chosen["tokens"]
+        assert tokens == len(result.tokens)
 
 
 def test_rejected_segments_leave_no_trace_in_the_cache(engine):
@@ -202,6 +223,7 @@ def test_args_greedy_picks_logprob_plus_weighted_reward(engine):
     (dict(method="cards", tau_u=-1), "tau_u must be >= 0"),
     (dict(method="cards", min_segment=10, max_segment=5), "min_segment <= max_segment"),
     (dict(method="cards", segmentation="words"), "segmentation must be one of"),
+    (dict(method="cards", anchor="answer"), "anchor must be prompt or prefix"),
     (dict(method="rs", beta=-1), "beta must be > 0"),
     (dict(method="args", mode="best"), "mode must be greedy or sample"),
 ])
