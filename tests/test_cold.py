@@ -101,7 +101,7 @@ def test_cold_token_equals_a_hand_computation_from_two_forwards(tiny_path, adapt
     (result,) = generate("Tell me how to bake bread", method="cold", model=adapted, max_new_tokens=12,
                          alpha=alpha, beta=beta)
     prompt = adapted.render("Tell me how to bake bread")
-    flips = 0
+    flips, near_ties = 0, 0
     for step, token in enumerate(result.tokens):
         row = torch.tensor([prompt + result.tokens[:step]])
         with torch.no_grad():
@@ -113,7 +113,8 @@ def test_cold_token_equals_a_hand_computation_from_two_forwards(tiny_path, adapt
         top2 = score.topk(2).values
         assert int(score.argmax()) == token or (top2[0] - top2[1]) < 1e-4
         flips += token != int(s_e.argmax())
-    assert result.stats["contrast_flips"] == flips
+        near_ties += bool((s_e.topk(2).values[0] - s_e.topk(2).values[1]) < 1e-4)  # argmax up to rounding
+    assert abs(result.stats["contrast_flips"] - flips) <= near_ties
     assert flips > 0  # the contrast did change something on this adapter
 
 
