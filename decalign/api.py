@@ -7,7 +7,7 @@ from typing import Any, Callable, Sequence
 
 from .engine import Engine, Prompt
 from .errors import DecalignError
-from .methods import Job, get_method, make_config
+from .methods import Job, get_method, make_config, missing_adapter
 from .result import Result
 from .rewards import Reward, load_reward
 from .sampling import derive_seed
@@ -90,6 +90,8 @@ def generate(
     scorer = load_reward(reward)
     if spec.needs_reward and scorer is None:
         raise DecalignError(f"method {method} needs a reward (--reward), e.g. sentiment")
+    if spec.needs_adapter and adapter is None and not (isinstance(model, Engine) and model.adapter_names()):
+        raise missing_adapter(method)
     if seed is None or isinstance(seed, int):
         base = random.randrange(2**62) if seed is None else seed
         seeds = [derive_seed(base, i) for i in range(len(prompt_list))]

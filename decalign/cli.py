@@ -105,7 +105,7 @@ def generate(prompt, method, model, adapter, reward, max_new_tokens, min_new_tok
 
 def _validate_options(options: dict[str, Any]) -> None:
     """Check what can be checked before a model is loaded, so bad input fails in a second."""
-    from .methods import get_method, make_config
+    from .methods import get_method, make_config, missing_adapter
     from .rewards import load_reward
 
     known = {"method", "model", "adapter", "reward", "max_new_tokens", "min_new_tokens", "system", "stop",
@@ -120,6 +120,8 @@ def _validate_options(options: dict[str, Any]) -> None:
         options["reward"] = load_reward(options["reward"])
     elif spec.needs_reward:
         raise DecalignError(f"method {spec.name} needs a reward (--reward), e.g. --reward sentiment")
+    if spec.needs_adapter and options["adapter"] is None:
+        raise missing_adapter(spec.name)
     if options["model"] is not None:
         from .models import resolve_model_path
 

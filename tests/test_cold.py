@@ -171,6 +171,9 @@ def test_cli_cold_flags(tiny_path, adapter):
     assert json.loads(by_flag.stdout)["params"] == {"alpha": 0.2, "beta": 0.7}
     bad = runner.invoke(cli, args + ["--cold-beta", "-1"])
     assert bad.exit_code != 0 and "beta must be >= 0" in str(bad.exception)
+    for method in ("cold", "dexperts"):  # refused before any model is loaded: the model path is never read
+        missing = runner.invoke(cli, ["generate", "hi", "--model", "/nonexistent/model", "--method", method])
+        assert missing.exit_code != 0 and "needs a LoRA adapter" in str(missing.exception)
 
 
 def test_contrastive_amateur_needs_the_same_tokenizer(tiny_path, engine, tmp_path):

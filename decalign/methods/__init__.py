@@ -27,6 +27,7 @@ class MethodSpec:
     run: Callable[["Job", Any], list[Result]]
     needs_reward: bool
     summary: str
+    needs_adapter: bool = False
 
     def parameters(self) -> dict[str, Any]:
         """Parameter names with their defaults."""
@@ -36,12 +37,17 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {}
 
 
-def register(name: str, config: type, *, needs_reward: bool = False, summary: str = ""):
+def register(name: str, config: type, *, needs_reward: bool = False, needs_adapter: bool = False, summary: str = ""):
     def wrap(run: Callable[["Job", Any], list[Result]]):
-        METHODS[name] = MethodSpec(name, config, run, needs_reward, summary or (run.__doc__ or "").strip())
+        METHODS[name] = MethodSpec(name, config, run, needs_reward, summary or (run.__doc__ or "").strip(),
+                                   needs_adapter)
         return run
 
     return wrap
+
+
+def missing_adapter(method: str) -> DecalignError:
+    return DecalignError(f"method {method} needs a LoRA adapter: pass --adapter PATH (adapter=PATH in Python)")
 
 
 def method_names() -> list[str]:

@@ -34,7 +34,7 @@ from ..engine import BASE, Batch, Engine
 from ..errors import DecalignError
 from ..result import Result
 from ..sampling import Sampling, choose_tokens
-from . import Job, register
+from . import Job, missing_adapter, register
 
 
 # ----- the shared step --------------------------------------------------------------------------
@@ -170,12 +170,12 @@ def _start(job: Job, engine: Engine, prompt_ids: list, seeds: list, adapters: li
 def _active_adapter(job: Job, method: str) -> str:
     names = job.engine.adapter_names()
     if not names:
-        raise DecalignError(f"method {method} needs a LoRA adapter: pass --adapter PATH (adapter=PATH in Python)")
+        raise missing_adapter(method)
     active = getattr(job.engine.model, "active_adapter", names[0])
     return active if isinstance(active, str) else names[0]
 
 
-@register("cold", ColdConfig, summary="CoLD: LoRA expert contrasted with its own base, in one batch (needs --adapter)")
+@register("cold", ColdConfig, needs_adapter=True, summary="CoLD: LoRA expert contrasted with its own base, in one batch (needs --adapter)")
 def cold(job: Job, config: ColdConfig) -> list[Result]:
     adapter = _active_adapter(job, "cold")
     count = len(job.prompts)
@@ -229,7 +229,7 @@ class DExpertsConfig(ContrastParams):
 ANTI = "anti_expert"
 
 
-@register("dexperts", DExpertsConfig,
+@register("dexperts", DExpertsConfig, needs_adapter=True,
           summary="DExperts / proxy-tuning: base + beta * (adapter expert - anti-expert), one batch (needs --adapter)")
 def dexperts(job: Job, config: DExpertsConfig) -> list[Result]:
     expert = _active_adapter(job, "dexperts")
