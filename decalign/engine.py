@@ -14,8 +14,9 @@ moves keys and values but recomputes nothing.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from transformers import DynamicCache
@@ -133,8 +134,8 @@ class Engine:
         self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids or {0})
         self.context_length: int | None = getattr(config, "max_position_embeddings", None)
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
-        self.row_gate: torch.Tensor | None = None  # set only during a mixed-adapter forward
         self._gate_ok: bool | None = None
+        self._gated: list[tuple[dict, str, float]] = []  # (a LoRA module's scaling dict, adapter, its scale)
         if self.device.type == "cpu":
             _use_transposed_head(model)
 
@@ -198,18 +199,19 @@ class Engine:
 
     def _row_gate(self, adapters: list[str]) -> torch.Tensor | None:
         """The fast path for mixed rows of one plain LoRA adapter and "__base__": a 0/1 factor per
-        row on the output of every LoRA B projection, so one forward gives adapter rows exactly the
-        adapted model's values (x1) and base rows exactly the base model's (+ 0). PEFT's own
-        `adapter_names` route registers hooks and gathers sub-batches on every call; this one
-        installs its hooks once. None when the model is not such a case (PEFT's route is used)."""
+        row folded into every LoRA module's scale (PEFT computes base(x) + B(A(x)) * scale, and a
+        [rows, 1, 1] scale broadcasts), so one forward gives adapter rows exactly the adapted
+        model's values (x1) and base rows exactly the base model's (+ 0), with no hook or gather.
+        PEFT's own `adapter_names` route registers hooks and gathers sub-batches on every call.
+        None when the model is not such a case (PEFT's route is used)."""
         if self._gate_ok is None and len(self.adapter_names()) == 1:
-            self._gate_ok = self._install_row_gate()  # once: the hooks stay, idle unless row_gate is set
+            self._gate_ok = self._find_gated_modules()
         names = set(adapters) - {BASE}
         if not self._gate_ok or len(names) != 1 or names != set(self.adapter_names()):
             return None
         return torch.tensor([a != BASE for a in adapters], dtype=torch.float32, device=self.device)[:, None, None]
 
-    def _install_row_gate(self) -> bool:
+    def _find_gated_modules(self) -> bool:
         from peft.tuners.lora.layer import Linear as LoraLinear
         from peft.tuners.lora.layer import LoraLayer
 
@@ -222,14 +224,22 @@ class Engine:
         layers = [m for m in self.model.modules() if isinstance(m, LoraLayer)]
         if not layers or any(type(m) is not LoraLinear or m.merged or name in m.lora_variant for m in layers):
             return False
-
-        def gate(module, inputs, output):
-            return output if self.row_gate is None else output * self.row_gate
-
-        for layer in layers:
-            if name in layer.lora_B:
-                layer.lora_B[name].register_forward_hook(gate)
+        self._gated = [(layer.scaling, name, layer.scaling[name]) for layer in layers if name in layer.lora_B]
         return True
+
+    @contextmanager
+    def gated(self, gate: torch.Tensor | None) -> Iterator[None]:
+        """Within the block, each row's LoRA output is scaled by its gate (see _row_gate)."""
+        if gate is None:
+            yield
+            return
+        for scaling, name, scale in self._gated:
+            scaling[name] = gate * scale
+        try:
+            yield
+        finally:
+            for scaling, name, scale in self._gated:
+                scaling[name] = scale
 
 
 def _transposed_linear(self: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
@@ -380,8 +390,7 @@ class Batch:
             gate = self.engine._row_gate(self.adapters)
             if gate is None:
                 extra = {"adapter_names": self.adapters}
-        self.engine.row_gate = gate
-        try:
+        with self.engine.gated(gate):
             out = self.engine.model(
                 input_ids=input_ids,
                 attention_mask=self.mask,
@@ -391,8 +400,6 @@ class Batch:
                 logits_to_keep=1,
                 **extra,
             )
-        finally:
-            self.engine.row_gate = None
         return out.logits[:, -1, :].float()
 
     def _feed(self, tokens: dict[int, int]) -> None:
