@@ -139,7 +139,6 @@ class Engine:
         if self.device.type == "cpu":
             _use_transposed_head(model)
 
-
     @classmethod
     def load(
         cls, model: str | None = None, adapter: str | None = None, *, trust_remote_code: bool = False
