@@ -163,8 +163,8 @@ class RejectionSampler:
             if len(first) < len(state.rows):
                 return
             state.r_star, state.unit = calibrate([scores[r] for r in first], self.margin)
-        for row in sorted(state.rows, key=lambda r: slots[r][0]):
-            if row not in scores or slots[row][1].reason in ("cancelled", "superseded"):
+        for row in self._next_in_order(state, slots):
+            if row not in scores:
                 return
             segment, reward = slots[row][1], scores[row]
             threshold = self.threshold(state, segment.start + len(segment.tokens))
