@@ -100,6 +100,12 @@ def generate(
         if len(seeds) != len(prompt_list):
             raise DecalignError(f"{len(seeds)} seeds for {len(prompt_list)} prompts")
     engine = get_engine(model, adapter, trust_remote_code=trust_remote_code)
+    value = None
+    if getattr(config, "value", None) is not None:
+        from .values import load_value
+
+        value = load_value(config.value)
+        value.check_engine(engine)
     encoded = [engine.render(p, system=system, chat=chat) for p in prompt_list]
     results: list[Result] = []
     for start in range(0, len(prompt_list), batch_size):
@@ -107,7 +113,7 @@ def generate(
         job = Job(engine=engine, method=method, params=dict(method_params), prompts=prompt_list[chunk],
                   prompt_ids=encoded[chunk], seeds=seeds[chunk], reward=scorer,
                   max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, stop=tuple(stop),
-                  listener=_shifted(listener, start), cancelled=_shifted(cancelled, start))
+                  listener=_shifted(listener, start), cancelled=_shifted(cancelled, start), value=value)
         results.extend(spec.run(job, config))
         if progress is not None:
             progress(len(results))

@@ -22,6 +22,7 @@ _T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
         2.045, 2.042]
 COST_FIELDS = ("forward_passes", "prefill_tokens", "decode_tokens", "discarded_tokens", "reward_calls")
+FRONTIER_N = (1, 2, 4, 8, 16, 32)  # the Best-of-N reference curve of --frontier
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
@@ -52,11 +53,15 @@ class MethodRun:
     params: dict
 
 
-def parse_methods(text: str) -> list[MethodRun]:
+def parse_methods(text: str, *, frontier: bool = False) -> list[MethodRun]:
+    """Runs from 'greedy,bon:n=8,cards'; with frontier, Best-of-N at N = 1..32 goes first."""
     from .methods import parse_method_spec
 
+    labels = [part.strip() for part in text.split(",") if part.strip()]
+    if frontier:
+        labels = [f"bon:n={n}" for n in FRONTIER_N if f"bon:n={n}" not in labels] + labels
     runs = []
-    for label in [part.strip() for part in text.split(",") if part.strip()]:
+    for label in labels:
         name, params = parse_method_spec(label)
         runs.append(MethodRun(label, name, params))
     if not runs:
@@ -82,23 +87,27 @@ def _check_config(out: Path, config: dict) -> None:
 def run_bench(*, methods: str, prompts: Path, out: Path, reward: str | None, judge: str | None = None,
               model: str | None = None, adapter: str | None = None, max_new_tokens: int = 128,
               limit: int | None = None, batch_size: int | None = None, seed: int = 0, baseline: str | None = None,
-              system: str | None = None, progress: bool = True,
+              system: str | None = None, progress: bool = True, frontier: bool = False, offset: int = 0,
               on_record: Callable[[dict], None] | None = None) -> dict:
-    """Run every method on every prompt (resuming), then write the summary and plots."""
+    """Run every method on every prompt (resuming), then write the summary and plots. With
+    `frontier`, Best-of-N runs at N = 1..32 beside the methods and the compute frontier is drawn."""
     from tqdm import tqdm
 
     from .api import generate, get_engine
     from .rewards import load_reward
     from .sampling import derive_seed
 
-    runs = parse_methods(methods)
+    runs = parse_methods(methods, frontier=frontier)
     if max_new_tokens < 1:
         raise DecalignError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if batch_size is not None and batch_size < 1:
         raise DecalignError(f"--batch-size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
         raise DecalignError(f"--limit must be >= 1, got {limit}")
-    items = [(record_id, prompt) for _, record_id, prompt, _ in read_records(prompts)][:limit]
+    if offset < 0:
+        raise DecalignError(f"--offset must be >= 0, got {offset}")
+    items = [(record_id, prompt) for _, record_id, prompt, _ in read_records(prompts)][offset:]
+    items = items[:limit] if limit is not None else items
     if not items:
         raise DecalignError(f"{prompts} holds no prompts")
     steer = load_reward(reward)
@@ -106,7 +115,7 @@ def run_bench(*, methods: str, prompts: Path, out: Path, reward: str | None, jud
     needs = [r.label for r in runs if _needs_reward(r.name)]
     if needs and steer is None:
         raise DecalignError(f"--reward is needed by {', '.join(needs)}")
-    config = {"prompts": str(prompts), "model": model, "adapter": adapter, "reward": reward, "judge": judge,
+    config = {"prompts": str(prompts), "offset": offset, "model": model, "adapter": adapter, "reward": reward, "judge": judge,
               "max_new_tokens": max_new_tokens, "seed": seed, "system": system}
     _check_config(out, config)
     records_path = out / "records.jsonl"
@@ -202,8 +211,87 @@ def summarize(records: list[dict], labels: list[str], baseline: str, header: str
         }
         for field in COST_FIELDS:
             row[field] = statistics.fmean(r["stats"].get(field, 0) for r in items)
+        row["decode_tokens_per_s"] = row["decode_tokens"] / row["time_mean"] if row["time_mean"] else math.nan
         rows[label] = row
-    return {"header": header, "baseline": baseline, "win_tie_by": compare_key, "methods": rows}
+    summary = {"header": header, "baseline": baseline, "win_tie_by": compare_key, "methods": rows}
+    summary["frontier"] = frontier(summary)
+    return summary
+
+
+def _curve_key(label: str) -> str:
+    """Which curve of the frontier a run belongs to: its method, and its value if it has one."""
+    name, *parts = label.split(":")
+    value = [p for p in parts if p.startswith("value=")]
+    return name + (f" ({value[0]})" if value else "")
+
+
+def _bon_n(label: str) -> int | None:
+    name, *parts = label.split(":")
+    if name != "bon" or any(not p.startswith("n=") for p in parts):
+        return None
+    n = [p[2:] for p in parts]
+    return int(n[0]) if n and n[0].isdigit() else (4 if not n else None)
+
+
+def cost_to_reach(points: list[tuple[float, float]], target: float) -> float | None:
+    """The least cost at which a curve of (cost, reward) points reaches `target`, interpolating
+    log-linearly between the last point below and the first point at or above it; None if never."""
+    points = sorted(points)
+    for i, (cost, reward) in enumerate(points):
+        if reward >= target:
+            if i == 0 or cost <= 0:
+                return cost
+            below = max(points[:i], key=lambda p: p[1])
+            if below[1] >= target or below[0] <= 0:
+                return cost
+            fraction = (target - below[1]) / (reward - below[1])
+            return math.exp(math.log(below[0]) + fraction * (math.log(cost) - math.log(below[0])))
+    return None
+
+
+def frontier(summary: dict) -> dict | None:
+    """Each curve's cost (decode tokens and seconds per answer) to reach Best-of-8's and Best-of-32's
+    mean reward, beside Best-of-N's own; None without a Best-of-N curve."""
+    rows = summary["methods"]
+    bon = {n: rows[label] for label in rows if (n := _bon_n(label)) is not None and rows[label]["reward"]}
+    targets = {f"Best-of-{n}": bon[n]["reward"][0] for n in (8, 32) if n in bon}
+    if len(bon) < 2 or not targets:
+        return None
+    curves: dict[str, list[str]] = {}
+    for label, row in rows.items():
+        if row["reward"] is not None and row["reward_calls"]:  # methods steered by the reward
+            curves.setdefault(_curve_key(label), []).append(label)
+    table = {}
+    for curve, labels in curves.items():
+        entry = {"points": labels, "best_reward": max(rows[l]["reward"][0] for l in labels)}
+        for target_name, target in targets.items():
+            for cost in ("decode_tokens", "time_mean"):
+                entry[f"{target_name} {cost}"] = cost_to_reach(
+                    [(rows[l][cost], rows[l]["reward"][0]) for l in labels], target)
+        table[curve] = entry
+    return {"targets": targets, "curves": table}
+
+
+def frontier_markdown(front: dict) -> str:
+    targets = list(front["targets"])
+    reference = front["curves"].get("bon", {})
+    lines = ["Cost per answer to reach Best-of-N's mean reward (interpolated along each curve; ratio to "
+             "Best-of-N's own cost in brackets; — = not reached).", "",
+             "| curve | best reward | " + " | ".join(f"{t} ({front['targets'][t]:.3f}): decode tok | "
+                                                    f"{t}: s/answer" for t in targets) + " |",
+             "|---|---|" + "---|---|" * len(targets)]
+    for curve, entry in front["curves"].items():
+        cells = []
+        for target in targets:
+            for cost in ("decode_tokens", "time_mean"):
+                value, base = entry[f"{target} {cost}"], reference.get(f"{target} {cost}")
+                if value is None:
+                    cells.append("—")
+                else:
+                    ratio = f" ({value / base:.2f}x)" if base else ""
+                    cells.append(f"{value:.0f}{ratio}" if cost == "decode_tokens" else f"{value:.2f}{ratio}")
+        lines.append(f"| {curve} | {entry['best_reward']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _fmt(pair) -> str:
@@ -217,8 +305,8 @@ def summary_markdown(summary: dict) -> str:
     lines = [summary["header"], "",
              f"| method | n | reward (95% CI) | judge (95% CI) | win-tie vs {summary['baseline']} "
              f"(by {summary['win_tie_by']}) | s/answer median | s/answer mean | forward passes | prefill tok | "
-             f"decode tok | discarded tok | reward calls | answer tok |",
-             "|" + "---|" * 13]
+             f"decode tok | discarded tok | reward calls | answer tok | decode tok/s |",
+             "|" + "---|" * 14]
     for label, row in summary["methods"].items():
         wt = row["win_tie"]
         lines.append(
@@ -226,9 +314,12 @@ def summary_markdown(summary: dict) -> str:
             f"{wt['win_tie']:.0%} ({wt['wins']}/{wt['ties']}/{wt['losses']}) | {row['time_median']:.2f} | "
             f"{row['time_mean']:.2f} | {row['forward_passes']:.0f} | {row['prefill_tokens']:.0f} | "
             f"{row['decode_tokens']:.0f} | {row['discarded_tokens']:.0f} | {row['reward_calls']:.0f} | "
-            f"{row['tokens']:.0f} |")
+            f"{row['tokens']:.0f} | {row.get('decode_tokens_per_s', math.nan):.0f} |")
     lines += ["", "win-tie columns: rate (wins/ties/losses), per prompt. Time per answer: a batch's wall time "
-              "divided by its answers."]
+              "divided by its answers; decode tok/s: policy tokens fed per second of it."]
+    if summary.get("frontier"):
+        lines += ["", "## Compute frontier", "", frontier_markdown(summary["frontier"]), "",
+                  "Plots: frontier_tokens.png (reward against decode tokens), frontier_time.png (against seconds)."]
     return "\n".join(lines)
 
 
@@ -286,10 +377,49 @@ def write_plots(out: Path, records: list[dict], summary: dict) -> list[Path]:
         axis.grid(True, axis="y", alpha=0.3)
     written.append(_save(fig, out / "cost.png"))
 
+    if summary.get("frontier"):
+        written += _plot_frontier(plt, summary, out)
     traced = [r for r in records if r.get("trace") and "threshold" in r["trace"][0]]
     if traced:  # the answer with the most proposals shows the mechanism best
         traced = max(traced, key=lambda r: len(r["trace"]))
         written.append(_plot_trace(plt, traced, out / "cards_trace.png"))
+    return written
+
+
+def _plot_frontier(plt, summary: dict, out: Path) -> list[Path]:
+    """Reward (and judge) against decode tokens and against seconds per answer, a curve per method."""
+    rows = summary["methods"]
+    curves = summary["frontier"]["curves"]
+    judged = any(rows[l]["judge"] for c in curves.values() for l in c["points"])
+    written = []
+    for cost, name, xlabel in (("decode_tokens", "frontier_tokens.png", "policy decode tokens per answer (log)"),
+                               ("time_mean", "frontier_time.png", "seconds per answer (log)")):
+        fig, axes = plt.subplots(1, 2 if judged else 1, figsize=(13 if judged else 7.5, 5), squeeze=False)
+        for axis, key in zip(axes[0], ("reward", "judge")):
+            for curve, entry in curves.items():
+                points = sorted((rows[l][cost], rows[l][key], l) for l in entry["points"] if rows[l][key])
+                if not points:
+                    continue
+                xs = [p[0] for p in points]
+                ys = [p[1][0] for p in points]
+                errors = [0 if math.isnan(p[1][1]) else p[1][1] for p in points]
+                style = dict(color="#333333", linestyle="--") if curve == "bon" else {}
+                axis.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=curve, **style)
+                for x, y, (_, _, label) in zip(xs, ys, points):
+                    tag = label.split(":", 1)[1] if ":" in label else label
+                    axis.annotate(tag.replace("value=", "v="), (x, y), textcoords="offset points", xytext=(4, 4),
+                                  fontsize=7)
+            for target, level in summary["frontier"]["targets"].items():
+                if key == "reward":
+                    axis.axhline(level, color="#bbbbbb", linewidth=0.8, linestyle=":")
+                    axis.annotate(target, (axis.get_xlim()[0], level), fontsize=7, color="#777777")
+            axis.set_xscale("log")
+            axis.set_xlabel(xlabel)
+            axis.set_ylabel(f"mean {key} (95% CI)")
+            axis.set_title(f"{key} against compute")
+            axis.grid(True, alpha=0.3)
+            axis.legend(fontsize=8)
+        written.append(_save(fig, out / name))
     return written
 
 

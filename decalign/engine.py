@@ -120,10 +120,11 @@ BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 class Engine:
     """A policy model with its tokenizer: renders prompts and opens batches."""
 
-    def __init__(self, model, tokenizer, *, name: str = "model") -> None:
+    def __init__(self, model, tokenizer, *, name: str = "model", adapter: str | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
+        self.adapter = adapter  # the adapter loaded with --adapter, as given
         self.device = next(model.parameters()).device
         config = model.config
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -146,7 +147,7 @@ class Engine:
         from .models import DEFAULT_MODEL, load_model
 
         policy, tokenizer = load_model(model, adapter, trust_remote_code=trust_remote_code)
-        return cls(policy, tokenizer, name=model or DEFAULT_MODEL)
+        return cls(policy, tokenizer, name=model or DEFAULT_MODEL, adapter=adapter)
 
     # ----- text <-> tokens -------------------------------------------------------------------
     def render(self, prompt: Prompt, *, system: str | None = None, chat: bool | None = None) -> list[int]:
@@ -183,14 +184,28 @@ class Engine:
         min_new_tokens: int = 0,
         stop_strings: Sequence[str] = (),
         adapters: Sequence[str] | None = None,
+        state_layers: Sequence[int] = (),
     ) -> "Batch":
         """Encode each prompt once and give it `n` rows that share that encoding.
 
         `adapters` (one name per prompt, its rows inherit it): run each prompt's rows with that PEFT
         adapter, or "__base__" for the model without adapters, all in the same forward passes
-        (CoLD puts a prompt twice, once per name)."""
+        (CoLD puts a prompt twice, once per name).
+
+        `state_layers`: keep, per row, the hidden states of these layers (0 = embeddings, the last =
+        the final normed state) for the answer's tokens, so that `state_means` and `last_states` give a
+        prefix value its features with no extra forward pass."""
         return Batch(self, prompts, n=n, seeds=seeds, max_new_tokens=max_new_tokens,
-                     min_new_tokens=min_new_tokens, stop_strings=stop_strings, adapters=adapters)
+                     min_new_tokens=min_new_tokens, stop_strings=stop_strings, adapters=adapters,
+                     state_layers=state_layers)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.get_text_config().num_hidden_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.get_text_config().hidden_size)
 
     def adapter_names(self) -> list[str]:
         """Names of the PEFT adapters loaded on the model ("default" for --adapter); [] without any."""
@@ -276,7 +291,7 @@ class Batch:
 
     def __init__(self, engine: Engine, prompts: Sequence[Sequence[int]], *, n: int, seeds: Sequence[int] | None,
                  max_new_tokens: int, min_new_tokens: int, stop_strings: Sequence[str],
-                 adapters: Sequence[str] | None = None) -> None:
+                 adapters: Sequence[str] | None = None, state_layers: Sequence[int] = ()) -> None:
         if not prompts:
             raise DecalignError("no prompts given")
         if n < 1:
@@ -301,6 +316,9 @@ class Batch:
             if unknown:
                 loaded = ", ".join(engine.adapter_names()) or "none"
                 raise DecalignError(f"no adapter named {', '.join(unknown)} on the model (loaded: {loaded})")
+        self.state_layers = tuple(state_layers)
+        if any(not 0 <= layer <= engine.num_layers for layer in self.state_layers):
+            raise DecalignError(f"state layers must lie in 0..{engine.num_layers}, got {list(self.state_layers)}")
         # per-row PEFT adapter names, or None: every row runs the model as loaded
         self.adapters: list[str] | None = adapters
         self.engine = engine
@@ -320,7 +338,7 @@ class Batch:
             mask[i, width - len(ids):] = 1
         self.cache = DynamicCache(config=engine.model.config)
         self.mask = mask[:, :0]
-        self.logits = self._forward(input_ids, mask)
+        self.logits, states = self._forward(input_ids, mask)
         for work in self.work:
             work.forward_passes += 1
         if n > 1:  # fork: every candidate shares its prompt's encoding
@@ -328,6 +346,10 @@ class Batch:
             self.mask = self.mask.repeat_interleave(n, dim=0)
             self.logits = self.logits.repeat_interleave(n, dim=0)
         rows = len(prompts) * n
+        # tracked hidden states: the prompt's last token's, each fed answer token's, and their running sum
+        self.prompt_states = states[:, -1].repeat_interleave(n, dim=0) if states is not None else None
+        self.answer_states = states.new_zeros((rows, max_new_tokens, states.shape[-1])) if states is not None else None
+        self.state_sums = states.new_zeros((rows, states.shape[-1])) if states is not None else None
         self.prompt_of = [p for p in range(len(prompts)) for _ in range(n)]
         if self.adapters is not None:
             self.adapters = [self.adapters[p] for p in self.prompt_of]
@@ -378,10 +400,30 @@ class Batch:
                 text = text[:cut]
         return text
 
+    def _tracked(self) -> None:
+        if not self.state_layers:
+            raise DecalignError("this batch keeps no hidden states; open it with state_layers")
+
+    def state_means(self, rows: Sequence[int]) -> torch.Tensor:
+        """Per row, the mean of the tracked states over the answer tokens read so far (0 for none)."""
+        self._tracked()
+        index = torch.as_tensor(list(rows), dtype=torch.long, device=self.mask.device)
+        counts = torch.tensor([self.fed[r] for r in rows], dtype=self.state_sums.dtype, device=self.mask.device)
+        return self.state_sums[index] / counts.clamp(min=1)[:, None]
+
+    def last_states(self, rows: Sequence[int]) -> torch.Tensor:
+        """Per row, the tracked states at the last token read (the prompt's last token before any)."""
+        self._tracked()
+        index = torch.as_tensor(list(rows), dtype=torch.long, device=self.mask.device)
+        fed = torch.tensor([self.fed[r] for r in rows], dtype=torch.long, device=self.mask.device)
+        latest = self.answer_states[index, (fed - 1).clamp(min=0)]
+        return torch.where((fed > 0)[:, None], latest, self.prompt_states[index])
+
     # ----- the model call ---------------------------------------------------------------------
     @torch.no_grad()
-    def _forward(self, input_ids: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
-        """Run new tokens through the policy on every row; return last-position logits."""
+    def _forward(self, input_ids: torch.Tensor, new_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run new tokens through the policy on every row; return last-position logits and, when
+        states are tracked, the tracked layers' states at every new position (rows x new x features)."""
         self.mask = torch.cat([self.mask, new_mask], dim=1)
         positions = (self.mask.cumsum(-1) - 1).clamp_(min=0)[:, -input_ids.shape[1]:]
         extra, gate = {}, None
@@ -394,23 +436,32 @@ class Batch:
                 input_ids=input_ids,
                 attention_mask=self.mask,
                 position_ids=positions,
-                past_key_values=self.cache,
+                cache=self.cache,
                 use_cache=True,
                 logits_to_keep=1,
+                output_hidden_states=bool(self.state_layers),
                 **extra,
             )
-        return out.logits[:, -1, :].float()
+        states = torch.cat([out.hidden_states[layer] for layer in self.state_layers], dim=-1) \
+            if self.state_layers else None
+        return out.logits[:, -1, :].float(), states
 
     def _feed(self, tokens: dict[int, int]) -> None:
         """Write one token on each given row (others get a masked hole) and refresh their logits."""
-        fed = torch.zeros(self.size, dtype=torch.bool, device=self.mask.device)
-        input_ids = torch.full((self.size, 1), self.engine.pad_id, dtype=torch.long, device=self.mask.device)
-        for row, token in tokens.items():
-            fed[row] = True
-            input_ids[row, 0] = token
+        device = self.mask.device
+        rows = torch.tensor(list(tokens), dtype=torch.long, device=device)
+        positions = torch.tensor([self.fed[r] for r in tokens], dtype=torch.long, device=device)
+        fed = torch.zeros(self.size, dtype=torch.bool, device=device)
+        fed[rows] = True
+        input_ids = torch.full((self.size, 1), self.engine.pad_id, dtype=torch.long, device=device)
+        input_ids[rows, 0] = torch.tensor(list(tokens.values()), dtype=torch.long, device=device)
+        for row in tokens:
             self.fed[row] += 1
-        logits = self._forward(input_ids, fed.long().unsqueeze(1))
+        logits, states = self._forward(input_ids, fed.long().unsqueeze(1))
         self.logits = torch.where(fed.unsqueeze(1), logits, self.logits)
+        if states is not None:
+            self.answer_states[rows, positions] = states[rows, 0]
+            self.state_sums[rows] += states[rows, 0]
         for prompt in {self.prompt_of[r] for r in tokens}:
             self.work[prompt].forward_passes += 1
         for row in tokens:
@@ -578,6 +629,10 @@ class Batch:
         self.cache.batch_select_indices(index)
         self.mask = self.mask[index]
         self.logits = self.logits[index]
+        if self.state_layers:
+            self.prompt_states = self.prompt_states[index]
+            self.answer_states = self.answer_states[index]
+            self.state_sums = self.state_sums[index]
         occurrences = _occurrences(indices)
         self._forks += 1
         self.seeds = [self.seeds[r] if k == 0 else derive_seed(self.seeds[r], "fork", self._forks, k)
@@ -609,6 +664,9 @@ class Batch:
             layer.values[index] = layer.values[source].clone()
         self.mask[index] = self.mask[source].clone()
         self.logits[index] = self.logits[source].clone()
+        if self.state_layers:
+            for states in (self.prompt_states, self.answer_states, self.state_sums):
+                states[index] = states[source].clone()
         for t in targets:
             for name in ("tokens", "logprobs", "entropies"):
                 getattr(self, name)[t] = list(getattr(self, name)[source])
@@ -627,6 +685,8 @@ class Batch:
             keep_in_cache = length if snapshot is not None or length == self.fed[row] else length - 1
             self._unmask_tail(row, self.fed[row] - keep_in_cache)
             self.fed[row] = keep_in_cache
+            if self.state_layers:  # the kept tokens' states are still in place: re-add them
+                self.state_sums[row] = self.answer_states[row, :keep_in_cache].sum(0)
             del self.tokens[row][length:], self.logprobs[row][length:], self.entropies[row][length:]
             self.snapshots[row] = {k: v for k, v in self.snapshots[row].items() if k <= length}
             self.finish[row] = None
@@ -644,6 +704,7 @@ class Batch:
         width = max(len(s.tokens) for s in segments.values())
         input_ids = torch.full((self.size, width), self.engine.pad_id, dtype=torch.long, device=self.mask.device)
         new_mask = torch.zeros((self.size, width), dtype=torch.long, device=self.mask.device)
+        written: dict[int, tuple[int, int]] = {}  # row -> (first answer position fed, tokens fed)
         for row, segment in segments.items():
             if self.finish[row] is not None:
                 raise DecalignError(f"row {row} has finished; crop it before forcing tokens")
@@ -657,12 +718,17 @@ class Batch:
             if fed:  # right-aligned: every row's last fed token sits in the last column
                 input_ids[row, width - len(fed):] = torch.tensor(fed)
                 new_mask[row, width - len(fed):] = 1
+                written[row] = (self.fed[row], len(fed))
                 self.fed[row] += len(fed)
         if not new_mask.any():
             return
         ends = new_mask[:, -1].bool()
-        logits = self._forward(input_ids, new_mask)
+        logits, states = self._forward(input_ids, new_mask)
         self.logits = torch.where(ends.unsqueeze(1), logits, self.logits)
+        if states is not None:
+            for row, (start, count) in written.items():
+                self.answer_states[row, start:start + count] = states[row, width - count:]
+                self.state_sums[row] += states[row, width - count:].sum(0)
         for prompt in {self.prompt_of[r] for r in segments}:
             self.work[prompt].forward_passes += 1
         for row in segments:

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from decalign import DecalignError
-from decalign.bench import compare, mean_ci, run_bench, summarize, win_tie, write_plots
+from decalign.bench import compare, cost_to_reach, mean_ci, run_bench, summarize, summary_markdown, win_tie, write_plots
 
 
 def prompts_file(tmp_path, count=3):
@@ -112,3 +112,35 @@ def test_plots_and_compare(tmp_path):
     assert "| cards | +0.000 | +0.000 | +0% | 2.00x | 1.00x | 1.00x |" in table
     with pytest.raises(DecalignError, match="no summary.json"):
         compare(first, tmp_path)
+
+
+def test_cost_to_reach_interpolates_log_linearly_and_says_when_never():
+    curve = [(100.0, 0.2), (400.0, 0.6), (200.0, 0.4)]
+    assert cost_to_reach(curve, 0.5) == pytest.approx(math.sqrt(200 * 400))  # halfway in log cost
+    assert cost_to_reach(curve, 0.1) == 100.0
+    assert cost_to_reach(curve, 0.7) is None
+
+
+def _record(method, i, reward, decode, seconds, calls=1):
+    return {"id": i, "method": method, "reward": reward, "judge": None, "tokens": 10,
+            "stats": {"wall_time": seconds, "batch_size": 1, "decode_tokens": decode, "reward_calls": calls}}
+
+
+def test_frontier_table_puts_each_curve_against_best_of_n(tmp_path):
+    levels = {1: 0.1, 2: 0.2, 4: 0.3, 8: 0.4, 16: 0.5, 32: 0.6}
+    records = [_record(f"bon:n={n}", i, level + 0.01 * i, 100 * n, n, calls=n) for n, level in levels.items()
+               for i in range(3)]
+    records += [_record("cards:value=v:beta=1", i, 0.41 + 0.01 * i, 200, 2, calls=3) for i in range(3)]
+    records += [_record("cards:value=v:beta=2", i, 0.21 + 0.01 * i, 100, 1, calls=3) for i in range(3)]
+    labels = [f"bon:n={n}" for n in levels] + ["cards:value=v:beta=1", "cards:value=v:beta=2"]
+    summary = summarize(records, labels, "bon:n=1")
+    front = summary["frontier"]
+    assert front["targets"]["Best-of-8"] == pytest.approx(0.41)
+    bon, cards = front["curves"]["bon"], front["curves"]["cards (value=v)"]
+    assert bon["Best-of-8 decode_tokens"] == pytest.approx(800)
+    # between its beta=2 point (100 tokens, 0.22) and its beta=1 point (200, 0.42), log-linearly
+    assert cards["Best-of-8 decode_tokens"] == pytest.approx(100 * 2 ** 0.95)
+    assert cards["Best-of-32 decode_tokens"] is None
+    assert "| cards (value=v) | 0.420 | 193 (0.24x)" in summary_markdown(summary)
+    written = write_plots(tmp_path, records, summary)
+    assert {p.name for p in written} >= {"frontier_tokens.png", "frontier_time.png"}

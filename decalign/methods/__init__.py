@@ -19,6 +19,9 @@ from ..errors import DecalignError
 from ..result import Candidate, Result
 from ..rewards import Reward
 
+if typing.TYPE_CHECKING:
+    from ..values import ValueHead
+
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -146,12 +149,15 @@ class Job:
     started: float = field(default_factory=time.perf_counter)
     listener: Callable[[int, str], None] | None = None  # (prompt, text that will not change): streaming
     cancelled: Callable[[int], bool] | None = None  # prompt -> stop its work (its client has gone)
+    value: "ValueHead | None" = None  # scores partial answers from the policy's states (methods with value=)
 
     def __post_init__(self) -> None:
         self.reward_items = [0] * len(self.prompts)
 
     def start(self, n: int = 1, *, stream_tokens: bool = False, **options: Any) -> Batch:
         """Open the batch; with stream_tokens every written token is final and is published."""
+        if self.value is not None:
+            options.setdefault("state_layers", self.value.layers)
         batch = self.engine.start(self.prompt_ids, n=n, seeds=self.seeds, max_new_tokens=self.max_new_tokens,
                                   min_new_tokens=self.min_new_tokens, stop_strings=self.stop, **options)
         batch.cancelled = self.cancelled
@@ -171,6 +177,28 @@ class Job:
         for p in prompt_indices:
             self.reward_items[p] += 1
         return scores
+
+    def evaluate(self, batch: Batch, rows: Sequence[int]) -> list[float]:
+        """Scores of rows' answers as they stand: finished answers by the reward; partial ones by the
+        value when the job has one (a dot product on the batch's states), else by the reward's prefix
+        scorer."""
+        if self.reward is None:
+            raise DecalignError(f"method {self.method} needs a reward")
+        scores: dict[int, float] = {}
+        finished = [r for r in rows if batch.finish[r] is not None]
+        partial = [r for r in rows if batch.finish[r] is None]
+        if finished:
+            scores.update(zip(finished, self.score([batch.prompt_of[r] for r in finished],
+                                                   [batch.text(r) for r in finished])))
+        if partial and self.value is not None:
+            scores.update(zip(partial, self.value.score_rows(batch, partial)))
+        elif partial:
+            owners = [batch.prompt_of[r] for r in partial]
+            scores.update(zip(partial, self.reward.score_prefix([self.prompts[p] for p in owners],
+                                                                [batch.text(r) for r in partial])))
+            for p in owners:
+                self.reward_items[p] += 1
+        return [scores[r] for r in rows]
 
     def candidate(self, batch: Batch, row: int, reward: float | None = None) -> Candidate:
         return Candidate(batch.text(row), list(batch.tokens[row]), reward, batch.finish[row] or "")

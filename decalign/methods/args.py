@@ -5,7 +5,10 @@
                   pick argmax of logprob + w * reward   (mode=greedy)
                   or sample from softmax((logprob + w * reward) / temperature)   (mode=sample)
 
-Defaults k = 40, w = 1.5 as in the CARDS paper's baseline. Costs k reward items per token.
+Defaults k = 40, w = 1.5 as in the CARDS paper's baseline. Costs k reward items per token. With
+`value=`, the k look-ahead prefixes are scored by the value instead: each row forks k copies that read
+their candidate token in one forward pass (k policy rows per token instead of k reward items), and a
+candidate that ends the answer is scored by the reward.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ class ArgsConfig:
     w: float = 1.5
     mode: str = "greedy"  # greedy | sample
     temperature: float = 1.0  # for mode=sample
+    value: str | None = None  # a prefix value (shipped name or folder) scores partial answers; the reward, finished ones
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -46,14 +50,33 @@ def args(job: Job, config: ArgsConfig) -> list[Result]:
         logprobs = batch.mask_early_eos(live, batch.next_logits(live)).log_softmax(-1)
         top_logprobs, top_tokens = logprobs.topk(min(config.k, logprobs.shape[-1]), dim=-1)
         top_logprobs, top_tokens = top_logprobs.tolist(), top_tokens.tolist()
-        owners, texts = [], []
-        for row, tokens in zip(live, top_tokens):
-            owners += [batch.prompt_of[row]] * len(tokens)
-            texts += [decode(batch.tokens[row] + [token]) for token in tokens]
-        rewards = torch.tensor(job.score(owners, texts)).view(len(live), -1)
+        if job.value is not None:
+            rewards = torch.tensor(_look_ahead(job, batch, live, top_tokens)).view(len(live), -1)
+        else:
+            owners, texts = [], []
+            for row, tokens in zip(live, top_tokens):
+                owners += [batch.prompt_of[row]] * len(tokens)
+                texts += [decode(batch.tokens[row] + [token]) for token in tokens]
+            rewards = torch.tensor(job.score(owners, texts)).view(len(live), -1)
         scores = torch.tensor(top_logprobs) + config.w * rewards
         sampling = Sampling(0.0 if config.mode == "greedy" else config.temperature)
         picks = choose_tokens(scores, sampling, [batch.generators[r] for r in live]).tolist()
         batch.append({row: top_tokens[i][pick] for i, (row, pick) in enumerate(zip(live, picks))})
         answer_reward.update({row: float(rewards[i, pick]) for i, (row, pick) in enumerate(zip(live, picks))})
     return job.results(batch, range(batch.size), rewards=[answer_reward[r] for r in range(batch.size)])
+
+
+def _look_ahead(job: Job, batch, live: list[int], top_tokens: list[list[int]]) -> list[float]:
+    """Scores of each live row's answer extended by each of its candidate tokens: forked copies read
+    the candidates (one forward pass), are scored, and leave the batch; the rows keep their streams."""
+    size = batch.size
+    forks = [row for row, tokens in zip(live, top_tokens) for _ in tokens]
+    listener, batch.on_token = batch.on_token, None  # look-ahead tokens are not the answer's
+    try:
+        batch.select(list(range(size)) + forks)
+        batch.append({size + i: token for i, token in enumerate(t for tokens in top_tokens for t in tokens)})
+        scores = job.evaluate(batch, range(size, size + len(forks)))
+        batch.select(list(range(size)))
+    finally:
+        batch.on_token = listener
+    return scores

@@ -49,6 +49,7 @@ class CardsConfig:
     acceptance: str = "soft"  # soft | hard
     margin: float = 1.0  # calibration: r_star = mean + margin * std of the first proposals' rewards
     anchor: str = "prompt"  # prompt: tau rises from r0 (the paper); prefix: from the accepted prefix's reward
+    value: str | None = None  # a prefix value (shipped name or folder) scores partial answers; the reward, finished ones
     trace: bool = False
 
     def __post_init__(self) -> None:

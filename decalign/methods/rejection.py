@@ -96,7 +96,7 @@ class RejectionSampler:
         states = [PromptState(rows=list(range(p * k, (p + 1) * k)),
                               rng=random.Random(derive_seed(seed, "accept")), r_star=self.r_star)
                   for p, seed in enumerate(job.seeds)]
-        for state, reward in zip(states, job.score(range(len(states)), [""] * len(states))):
+        for state, reward in zip(states, job.evaluate(batch, [s.rows[0] for s in states])):
             state.prompt_reward = reward
         slots: dict[int, tuple[int, Segment]] = {}  # row -> (proposal number, its proposal)
         scores: dict[int, float] = {}  # row -> reward of its finished proposal
@@ -124,9 +124,7 @@ class RejectionSampler:
             # score each prompt's finished proposals that come next in test order (one reward call)
             waiting = [r for p in live for r in self._next_in_order(states[p], slots) if r not in scores]
             if waiting:
-                for row, reward in zip(waiting, job.score([batch.prompt_of[r] for r in waiting],
-                                                         [batch.text(r) for r in waiting])):
-                    scores[row] = reward
+                scores.update(zip(waiting, job.evaluate(batch, waiting)))
             restore: dict[int, Segment] = {}
             for p in live:
                 self._decide(states[p], batch, slots, scores, restore, start_proposals)

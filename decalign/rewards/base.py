@@ -14,10 +14,13 @@ Prompt = str | list[dict]
 
 
 class Reward:
-    """Scores (prompt, response) pairs, batched. Responses may be partial (CARDS scores prefixes).
+    """Scores (prompt, response) pairs, batched.
 
-    Subclasses implement `_score`; `score` adds counting, and checks that every score is a finite
-    number so that a broken scorer never steers decoding silently.
+    `score` rates finished answers; `score_prefix` rates partial ones, as search methods need (by
+    default the same scorer: override `_score_prefix` for a scorer whose partial-answer scores mean
+    something else, as genlm-control splits `complete` and `prefix` potentials). Subclasses implement
+    `_score`; both add counting and check that every score is a finite number, so that a broken
+    scorer never steers decoding silently.
     """
 
     name: str = "reward"
@@ -30,18 +33,29 @@ class Reward:
     def _score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> Sequence[float]:
         raise NotImplementedError
 
+    def _score_prefix(self, prompts: Sequence[Prompt], partials: Sequence[str]) -> Sequence[float]:
+        return self._score(prompts, partials)
+
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
+        """Scores of finished answers."""
+        return self._checked(self._score, prompts, responses)
+
+    def score_prefix(self, prompts: Sequence[Prompt], partials: Sequence[str]) -> list[float]:
+        """Scores of partial answers (prefixes that the policy will go on writing)."""
+        return self._checked(self._score_prefix, prompts, partials)
+
+    def _checked(self, scorer: Callable, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
         if len(prompts) != len(responses):
             raise DecalignError(f"reward {self.name}: {len(prompts)} prompts but {len(responses)} responses")
         if not responses:
             return []
         start = time.perf_counter()
         try:
-            scores = [float(s) for s in self._score(prompts, responses)]
+            scores = [float(s) for s in scorer(prompts, responses)]
         except DecalignError:
             raise
         except Exception as exc:  # a user's scorer: name it and the item, never a bare traceback
-            raise DecalignError(f"reward {self.name} failed{self._culprit(prompts, responses)}: "
+            raise DecalignError(f"reward {self.name} failed{self._culprit(scorer, prompts, responses)}: "
                                 f"{type(exc).__name__}: {exc}") from exc
         finally:
             self.seconds += time.perf_counter() - start
@@ -54,11 +68,11 @@ class Reward:
         self.items += len(responses)
         return scores
 
-    def _culprit(self, prompts, responses) -> str:
+    def _culprit(self, scorer: Callable, prompts, responses) -> str:
         """' on item i (response ...)' for the first item that fails alone, if one does."""
         for i, (prompt, response) in enumerate(zip(prompts, responses)):
             try:
-                self._score([prompt], [response])
+                scorer([prompt], [response])
             except Exception:
                 return f" on item {i} (response {response[:40]!r})"
         return ""
@@ -91,9 +105,16 @@ class WeightedSum(Reward):
         self.name = " + ".join(r.name if w == 1 else f"{w:g}*{r.name}" for w, r in self.terms)
 
     def _score(self, prompts, responses):
+        return self._total(prompts, responses, prefix=False)
+
+    def _score_prefix(self, prompts, partials):
+        return self._total(prompts, partials, prefix=True)
+
+    def _total(self, prompts, responses, *, prefix: bool) -> list[float]:
         total = [0.0] * len(responses)
         for weight, reward in self.terms:
-            for i, value in enumerate(reward.score(prompts, responses)):
+            scores = reward.score_prefix(prompts, responses) if prefix else reward.score(prompts, responses)
+            for i, value in enumerate(scores):
                 total[i] += weight * value
         return total
 
@@ -156,6 +177,13 @@ def _hf(kind: str) -> Callable[[str], Reward]:
     return make
 
 
+def _value(spec: str) -> Reward:
+    """value:NAME or value:PATH: a prefix value run as a reward on the policy it was trained for."""
+    from ..values import ValueReward
+
+    return ValueReward(spec)
+
+
 def _harmless(path: str) -> Reward:
     """harmless: the shipped head; harmless:PATH: a head trained with `decalign train-reward`."""
     from .harmless import HarmlessReward
@@ -167,7 +195,7 @@ _BUILTIN: dict[str, Callable[[str], Reward]] = {"sentiment": _sentiment, "vader"
                                                 "judge": _hf("judge"), "harmless": _harmless}
 _PREFIXED: dict[str, Callable[[str], Reward]] = {
     "python": _python_reward, "hf": _hf("hf"), "judge": _hf("judge"), "harmless": _harmless,
-    "length": _rule("length"), "keywords": _rule("keywords"), "regex": _rule("regex"),
+    "length": _rule("length"), "keywords": _rule("keywords"), "regex": _rule("regex"), "value": _value,
 }
 
 

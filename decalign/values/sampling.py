@@ -1,0 +1,84 @@
+"""The policy's own answers, sampled and scored once, for training and checking prefix values.
+
+A samples file holds one JSON line per prompt: {id, prompt, answers: [{tokens, text, reward}]}.
+Lines are written as batches finish, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..errors import DecalignError
+from ..records import append_record, load_output, read_records
+
+
+def prompt_key(prompt: Any) -> str:
+    """The first user turn, stripped: how prompts are matched across files (--exclude)."""
+    if isinstance(prompt, str):
+        return prompt.strip()
+    for message in prompt:
+        if message.get("role") == "user":
+            return str(message.get("content", "")).strip()
+    return str(prompt[0].get("content", "")).strip()
+
+
+def read_prompts(path: Path, *, exclude: Path | None = None, limit: int | None = None,
+                 offset: int = 0) -> list[tuple[Any, Any]]:
+    """(id, prompt) pairs of a JSONL file, first-user-turn duplicates and `exclude`'s prompts dropped,
+    then `offset` skipped and `limit` kept."""
+    if limit is not None and limit < 1:
+        raise DecalignError(f"--limit must be >= 1, got {limit}")
+    if offset < 0:
+        raise DecalignError(f"--offset must be >= 0, got {offset}")
+    banned = {prompt_key(p) for _, _, p, _ in read_records(exclude)} if exclude is not None else set()
+    items, seen = [], set()
+    for _, record_id, prompt, _ in read_records(path):
+        key = prompt_key(prompt)
+        if key in banned or key in seen:
+            continue
+        seen.add(key)
+        items.append((record_id, prompt))
+    items = items[offset:]
+    items = items[:limit] if limit is not None else items
+    if not items:
+        raise DecalignError(f"{path} holds no prompts (after --exclude / --offset)")
+    return items
+
+
+def sample_answers(engine, reward, items: Sequence[tuple[Any, Any]], out: Path, *, n: int, max_new_tokens: int,
+                   temperature: float, top_k: int, seed: int, batch_size: int, progress: bool = True) -> list[dict]:
+    """n answers per prompt from the policy, scored by the reward; appended to `out` per batch (resumes)."""
+    from tqdm import tqdm
+
+    from ..sampling import Sampling, derive_seed
+
+    if n < 2:
+        raise DecalignError(f"--n must be >= 2 (values are judged within a prompt), got {n}")
+    if batch_size < 1:
+        raise DecalignError(f"--batch-size must be >= 1, got {batch_size}")
+    done, records = load_output(out)
+    pending = [(i, p) for i, p in items if i not in done]
+    sampling = Sampling(temperature, top_k=top_k)
+    bar = tqdm(total=len(items), initial=len(items) - len(pending), unit="prompt", desc="sampling",
+               disable=not progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a", encoding="utf-8") as handle:
+        for start in range(0, len(pending), batch_size):
+            chunk = pending[start:start + batch_size]
+            batch = engine.start([engine.render(p) for _, p in chunk], n=n,
+                                 seeds=[derive_seed(seed, str(i)) for i, _ in chunk], max_new_tokens=max_new_tokens)
+            batch.extend(sampling)
+            texts = [batch.text(r) for r in range(batch.size)]
+            rewards = reward.score([chunk[batch.prompt_of[r]][1] for r in range(batch.size)], texts)
+            for p, (record_id, prompt) in enumerate(chunk):
+                rows = range(p * n, (p + 1) * n)
+                record = {"id": record_id, "prompt": prompt,
+                          "answers": [{"tokens": batch.tokens[r], "text": texts[r], "reward": rewards[r],
+                                       "finish": batch.finish[r]} for r in rows]}
+                append_record(handle, record)
+                records.append(record)
+            bar.update(len(chunk))
+    bar.close()
+    wanted = {i for i, _ in items}
+    return [r for r in records if r["id"] in wanted]

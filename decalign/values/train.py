@@ -1,0 +1,230 @@
+"""`decalign train-value`: distil a reward into a prefix value for one policy (CD-FUDGE).
+
+    sample n answers per prompt from the policy; score each finished answer with the reward
+    for every prefix of every answer (a grid of lengths): features x = f(policy states of the prefix)
+    fit v(x) = w . x + b by ridge regression onto the answer's final reward (L2), on training prompts
+    choose the layers and the ridge penalty by the validation prompts' within-prompt correlation
+    write value.safetensors and value.json (policy, layers, reward, data, validation figures)
+
+Prompts are split into training and validation sets before anything is fitted, so the reported
+figures are on prompts the head never saw.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..errors import DecalignError
+from ..rewards import Reward
+from . import ValueHead, policy_signature, teacher_forced_features
+
+CHECK_LENGTHS = (4, 8, 16, 32, 64)  # where values are judged (value-check uses the same)
+PENALTIES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # ridge penalty, times the number of training rows
+
+
+def length_grid(answer_tokens: int) -> list[int]:
+    """Prefix lengths a training answer contributes: dense early, sparser later, and the whole answer."""
+    grid = [0, 1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128, 192, 256, 384, 512]
+    return sorted({g for g in grid if g < answer_tokens} | {answer_tokens})
+
+
+def answer_ids(engine, tokens: Sequence[int]) -> list[int]:
+    """The tokens the engine feeds for an answer: all but a final end-of-sequence token."""
+    tokens = list(tokens)
+    return tokens[:-1] if tokens and tokens[-1] in engine.eos_ids else tokens
+
+
+def candidate_layers(num_layers: int, count: int = 5) -> list[int]:
+    """Evenly spaced layers ending at the last (normed) one, e.g. 6, 12, 18, 24, 30 of 30."""
+    return sorted({max(1, round(num_layers * (i + 1) / count)) for i in range(count)})
+
+
+def layer_sets(layers: list[int]) -> list[list[int]]:
+    """The layer subsets tried: the last; a middle one and the last; thirds; all candidates."""
+    last, middle = layers[-1], layers[len(layers) // 2]
+    thirds = sorted({layers[len(layers) // 3], layers[2 * len(layers) // 3], last})
+    sets = [[last], sorted({middle, last}), thirds, layers]
+    return [list(s) for s in dict.fromkeys(tuple(s) for s in sets)]
+
+
+@dataclass
+class PrefixTable:
+    """One row per (answer, prefix length): features over the candidate layers, and labels."""
+
+    features: torch.Tensor  # rows x (2 * len(layers) * hidden + 1)
+    target: torch.Tensor  # the answer's final reward
+    prompt: list[int]  # index of the prompt
+    answer: list[int]  # index of the answer (global)
+    length: list[int]  # prefix length in tokens
+    layers: list[int]
+    hidden: int
+
+    def columns(self, subset: Sequence[int]) -> torch.Tensor:
+        """Column indices of a layer subset's features (means, lasts, length), in prefix_features' order."""
+        position = {layer: i for i, layer in enumerate(self.layers)}
+        h, k = self.hidden, len(self.layers)
+        means = [torch.arange(position[l] * h, (position[l] + 1) * h) for l in subset]
+        lasts = [torch.arange((k + position[l]) * h, (k + position[l] + 1) * h) for l in subset]
+        return torch.cat(means + lasts + [torch.tensor([2 * k * h])])
+
+
+def featurize(engine, records: list[dict], layers: list[int], *, progress: bool = True) -> PrefixTable:
+    """Teacher-forced features of every grid prefix of every sampled answer."""
+    from tqdm import tqdm
+
+    features, target, prompt, answer, length = [], [], [], [], []
+    count = 0
+    for p, record in enumerate(tqdm(records, unit="prompt", desc="features", disable=not progress)):
+        answers = [answer_ids(engine, a["tokens"]) for a in record["answers"]]
+        grids = [length_grid(len(a)) for a in answers]
+        features.append(teacher_forced_features(engine, engine.render(record["prompt"]), answers, layers, grids))
+        for a, grid in zip(record["answers"], grids):
+            target += [a["reward"]] * len(grid)
+            prompt += [p] * len(grid)
+            answer += [count] * len(grid)
+            length += grid
+            count += 1
+    return PrefixTable(torch.cat(features), torch.tensor(target, dtype=torch.float64), prompt, answer, length,
+                       list(layers), engine.hidden_size)
+
+
+def fit_ridge(x: torch.Tensor, y: torch.Tensor, penalty: float) -> tuple[torch.Tensor, float]:
+    """argmin |X w + b - y|^2 + penalty * n * |w / sd|^2 on standardised columns; returns (w, b) for raw x."""
+    x = x.double()
+    mean, sd = x.mean(0), x.std(0).clamp(min=1e-6)
+    z = (x - mean) / sd
+    gram = z.T @ z + penalty * len(y) * torch.eye(z.shape[1], dtype=torch.float64)
+    w = torch.linalg.solve(gram, z.T @ (y - y.mean()))
+    weight = w / sd
+    return weight.float(), float(y.mean() - (mean * weight).sum())
+
+
+def within_prompt_correlation(scores: Sequence[float], finals: Sequence[float], groups: Sequence) -> float:
+    """Mean over groups (prompts) of the Pearson correlation of scores with final rewards; groups
+    with fewer than 3 items or no spread are skipped."""
+    by_group: dict = {}
+    for s, f, g in zip(scores, finals, groups):
+        by_group.setdefault(g, []).append((s, f))
+    values = []
+    for pairs in by_group.values():
+        if len(pairs) < 3:
+            continue
+        xs, ys = zip(*pairs)
+        if statistics.pstdev(xs) < 1e-12 or statistics.pstdev(ys) < 1e-12:
+            continue
+        values.append(statistics.correlation(xs, ys))
+    return statistics.fmean(values) if values else math.nan
+
+
+def judge(scores: Sequence[float], finals: Sequence[float], groups: Sequence, lengths: Sequence[int],
+          final_sd: float) -> dict[int, dict]:
+    """Per check length: within-prompt correlation with the final reward, and drift (mean score minus
+    mean final reward of the same answers, in final-reward standard deviations)."""
+    report = {}
+    for length in CHECK_LENGTHS:
+        picked = [i for i, l in enumerate(lengths) if l == length]
+        if not picked:
+            continue
+        s = [scores[i] for i in picked]
+        f = [finals[i] for i in picked]
+        report[length] = {"n": len(picked),
+                          "correlation": within_prompt_correlation(s, f, [groups[i] for i in picked]),
+                          "drift_sd": (statistics.fmean(s) - statistics.fmean(f)) / final_sd}
+    return report
+
+
+def split_prompts(count: int, validation: float, seed: int) -> tuple[list[int], list[int]]:
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    cut = max(1, round(count * validation))
+    if cut >= count:
+        raise DecalignError(f"need at least 2 prompts to split into training and validation, got {count}")
+    return sorted(order[cut:]), sorted(order[:cut])
+
+
+def select_and_fit(table: PrefixTable, train: list[int], val: list[int], *,
+                   log=print) -> tuple[list[int], float, torch.Tensor, float, list[dict]]:
+    """Try each layer subset and penalty on the training prompts; keep the best by the validation
+    prompts' mean within-prompt correlation over the check lengths (by validation error when the
+    reward does not vary within a prompt, so no correlation is defined)."""
+    train_set = set(train)
+    is_train = torch.tensor([p in train_set for p in table.prompt])
+    y = table.target
+    val_rows = (~is_train).nonzero().flatten().tolist()
+    finals = y[val_rows].tolist()
+    final_sd = statistics.pstdev({table.answer[i]: y[i].item() for i in val_rows}.values()) or 1.0
+    trials, best = [], None
+    for subset in layer_sets(table.layers):
+        columns = table.columns(subset)
+        x_train = table.features[is_train][:, columns]
+        for penalty in PENALTIES:
+            weight, bias = fit_ridge(x_train, y[is_train], penalty)
+            scores = (table.features[val_rows][:, columns] @ weight + bias).tolist()
+            report = judge(scores, finals, [table.prompt[i] for i in val_rows], [table.length[i] for i in val_rows],
+                           final_sd)
+            correlations = [r["correlation"] for r in report.values() if not math.isnan(r["correlation"])]
+            error = statistics.fmean((s - f) ** 2 for s, f in zip(scores, finals))
+            quality = (statistics.fmean(correlations), -error) if correlations else (-math.inf, -error)
+            trials.append({"layers": subset, "penalty": penalty,
+                           "mean_correlation": quality[0] if correlations else None, "mse": error,
+                           "by_length": {str(k): v for k, v in report.items()}})
+            log(f"layers {subset} penalty {penalty:g}: validation within-prompt correlation "
+                f"{quality[0]:.3f}, squared error {error:.4f}")
+            if best is None or quality > best[0]:
+                best = (quality, subset, penalty, weight, bias)
+    _, subset, penalty, weight, bias = best
+    return subset, penalty, weight, bias, trials
+
+
+def train_value(*, prompts: Path, reward_spec: "str | Reward", out: Path, model: str | None = None, adapter: str | None = None,
+                exclude: Path | None = None, limit: int | None = None, offset: int = 0, n: int = 8,
+                max_new_tokens: int = 96, temperature: float = 0.7, top_k: int = 40, seed: int = 0,
+                validation: float = 0.2, batch_size: int = 16, samples: Path | None = None,
+                progress: bool = True, log=print) -> ValueHead:
+    """The whole recipe; samples are kept in `samples` (default OUT/samples.jsonl) so a rerun resumes."""
+    from .. import __version__
+    from ..api import get_engine
+    from ..rewards import load_reward
+    from .sampling import read_prompts, sample_answers
+
+    if not 0 < validation < 1:
+        raise DecalignError(f"--validation must be in (0, 1), got {validation}")
+    reward = load_reward(reward_spec)
+    items = read_prompts(prompts, exclude=exclude, limit=limit, offset=offset)
+    engine = get_engine(model, adapter)
+    samples = samples or out / "samples.jsonl"
+    started = time.perf_counter()
+    records = sample_answers(engine, reward, items, samples, n=n, max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_k=top_k, seed=seed, batch_size=batch_size,
+                             progress=progress)
+    layers = candidate_layers(engine.num_layers)
+    table = featurize(engine, records, layers, progress=progress)
+    train, val = split_prompts(len(records), validation, seed)
+    subset, penalty, weight, bias, trials = select_and_fit(table, train, val, log=log)
+    chosen = next(t for t in trials if t["layers"] == subset and t["penalty"] == penalty)
+    card = {
+        "name": out.name,
+        "policy": policy_signature(engine),
+        "features": "per layer: mean state over the answer's tokens, state at the last token read; log(1 + tokens)",
+        "reward": reward.name,
+        "data": {"prompts": str(prompts), "exclude": str(exclude) if exclude else None, "offset": offset,
+                 "limit": limit, "prompts_used": len(records), "train_prompts": len(train),
+                 "validation_prompts": len(val), "answers_per_prompt": n, "max_new_tokens": max_new_tokens,
+                 "temperature": temperature, "top_k": top_k, "seed": seed, "prefix_rows": len(table.target)},
+        "validation": {"penalty": penalty, "mean_correlation": chosen["mean_correlation"], "mse": chosen["mse"],
+                       "by_length": chosen["by_length"]},
+        "trials": trials,
+        "seconds": round(time.perf_counter() - started, 1),
+        "decalign": __version__,
+    }
+    head = ValueHead(name=out.name, layers=subset, weight=weight, bias=bias, card=card)
+    head.save(out)
+    return head

@@ -1,0 +1,178 @@
+"""Prefix values: the engine's tracked states are exact, a trained value recovers a known value, and
+methods with value= score partial answers by the value and finished ones by the reward only."""
+
+import json
+
+import pytest
+import torch
+
+from decalign import DecalignError, EntropyStop, Reward, generate
+from decalign.sampling import Sampling
+from decalign.values import ValueReward, load_value, prefix_features, teacher_forced_features
+from decalign.values.train import fit_ridge, train_value, within_prompt_correlation
+
+SAMPLE = Sampling(temperature=1.0)
+LAYERS = [1, 2]
+
+
+def batch_features(batch, rows):
+    lengths = torch.tensor([batch.fed[r] for r in rows])
+    return prefix_features(batch.state_means(rows), batch.last_states(rows), lengths)
+
+
+def recomputed(engine, prompt, tokens):
+    return teacher_forced_features(engine, prompt, [tokens], LAYERS, [[len(tokens)]])[0]
+
+
+def assert_states_match(engine, batch, prompts):
+    rows = [r for r in range(batch.size)]
+    tracked = batch_features(batch, rows)
+    for i, row in enumerate(rows):
+        fed = batch.tokens[row][:batch.fed[row]]
+        expected = recomputed(engine, prompts[batch.prompt_of[row]], fed)
+        assert torch.allclose(tracked[i], expected, atol=1e-4), (row, (tracked[i] - expected).abs().max())
+
+
+def test_tracked_running_mean_equals_recompute_through_fork_crop_copy_and_force(engine, prompts):
+    batch = engine.start(prompts, n=2, seeds=[1, 2, 3], max_new_tokens=30, state_layers=LAYERS)
+    assert_states_match(engine, batch, prompts)  # empty answers: the prompt's last state, zero mean
+    batch.extend(SAMPLE, max_tokens=5)
+    segments = {s.row: s for s in batch.extend(SAMPLE, max_tokens=4, stop_rule=EntropyStop(1.0, min_tokens=2))}
+    assert_states_match(engine, batch, prompts)
+    live = batch.live_rows()
+    batch.crop(live[:2], [batch.fed[live[0]] - 2, segments[live[1]].start])  # mid-segment and at a segment start
+    batch.select([0, 0, 1, 2, 3, 4, 5])  # fork row 0
+    batch.copy_row(2, [1])  # rows 0-2 belong to prompt 0
+    assert_states_match(engine, batch, prompts)
+    row = batch.live_rows()[0]
+    drawn = batch.extend(SAMPLE, rows=[row], max_tokens=3)[0]
+    batch.crop([row], [drawn.start])
+    batch.force({row: drawn})  # written back in one pass
+    batch.extend(SAMPLE, max_tokens=6)
+    assert_states_match(engine, batch, prompts)
+
+
+def test_untracked_batch_refuses_state_queries(engine, prompts):
+    batch = engine.start(prompts[:1], max_new_tokens=4)
+    with pytest.raises(DecalignError, match="keeps no hidden states"):
+        batch.state_means([0])
+    with pytest.raises(DecalignError, match="state layers"):
+        engine.start(prompts[:1], max_new_tokens=4, state_layers=[99])
+
+
+def test_ridge_recovers_a_linear_target():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 6, generator=generator) * torch.tensor([1.0, 10, 0.1, 1, 1, 1])
+    truth = torch.tensor([0.5, -0.05, 3.0, 0.0, 1.0, 0.0])
+    weight, bias = fit_ridge(x, (x @ truth + 2.0).double(), 1e-9)
+    assert torch.allclose(weight, truth, atol=1e-3) and abs(bias - 2.0) < 1e-3
+
+
+def test_within_prompt_correlation_ignores_levels_between_prompts():
+    scores = [1, 2, 3, 101, 102, 103]
+    finals = [0.1, 0.2, 0.3, 0.3, 0.2, 0.1]  # ranked the same way in prompt 0, reversed in prompt 1
+    assert within_prompt_correlation(scores, finals, [0, 0, 0, 1, 1, 1]) == pytest.approx(0.0)
+    assert within_prompt_correlation(scores[:3], finals[:3], [0, 0, 0]) == pytest.approx(1.0)
+
+
+BREAD = ["How do I bake bread with flour", "Tell me about yeast and bread", "Bread recipe with water and salt",
+         "Why does bread rise when I knead it", "Flour, water, salt: what bread is that", "Knead the bread dough"]
+CAPITALS = ["What is the capital of France", "Paris or Berlin, which is a capital", "Name the capital of Germany",
+            "Is Berlin the capital of France", "The capital city of Germany is", "Which country has Paris"]
+
+
+class FamilyReward(Reward):
+    """A reward whose expected value given any prefix is known: 1 for bread prompts, 0 for the others.
+    It refuses to score partial answers, so a method that asks it to fails loudly."""
+
+    name = "family"
+
+    def __init__(self):
+        super().__init__()
+        self.scored: list[str] = []
+
+    def _score(self, prompts, responses):
+        self.scored += list(responses)
+        return [1.0 if any(w in p.lower() for w in ("bread", "flour", "knead", "yeast")) else 0.0 for p in prompts]
+
+    def _score_prefix(self, prompts, partials):
+        raise AssertionError("a method with value= scored a partial answer with the reward")
+
+
+def _write_prompts(path, texts):
+    path.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    return path
+
+
+@pytest.fixture(scope="module")
+def family_value(tmp_path_factory, engine, tiny_path):
+    folder = tmp_path_factory.mktemp("value")
+    train = _write_prompts(folder / "train.jsonl", [f"{t} {i}" for i in range(3) for t in BREAD + CAPITALS])
+    train_value(prompts=train, reward_spec=FamilyReward(), out=folder / "family", model=str(tiny_path), n=2,
+                max_new_tokens=8, temperature=1.0, top_k=0, batch_size=12, validation=0.25, progress=False,
+                log=lambda line: None)
+    return folder / "family"
+
+
+def test_trained_value_recovers_a_known_value_on_new_prompts(family_value, engine):
+    value = load_value(str(family_value))
+    assert value.card["policy"]["num_layers"] == 2 and value.card["data"]["validation_prompts"] == 9
+    tests = [f"{t}, please" for t in BREAD[:3] + CAPITALS[:3]]
+    batch = engine.start([engine.render(t) for t in tests], n=2, seeds=list(range(6)), max_new_tokens=8,
+                         state_layers=value.layers)
+    predictions = []
+    for _ in range(4):  # at 0, 2, 4 and 6 tokens
+        predictions.append(value.score_rows(batch, range(batch.size)))
+        batch.extend(SAMPLE, max_tokens=2)
+    predictions = torch.tensor(predictions)  # lengths x rows
+    truth = torch.tensor([1.0 if batch.prompt_of[r] < 3 else 0.0 for r in range(batch.size)])
+    assert (predictions - truth).abs().mean() < 0.25, predictions
+    assert (predictions[:, truth == 1].min() > predictions[:, truth == 0].max()), predictions
+
+
+def test_value_reward_equals_the_value_read_off_a_batch(family_value, engine):
+    value = load_value(str(family_value))
+    batch = engine.start([engine.render(BREAD[0])], n=2, seeds=[3], max_new_tokens=12, state_layers=value.layers)
+    batch.extend(SAMPLE, max_tokens=5)
+    as_reward = ValueReward(str(family_value), engine=engine)
+    texts = [batch.text(r) for r in range(2)]
+    # the reward re-tokenizes the text: equal when the text round-trips to the same tokens
+    same = [engine.tokenizer(t, add_special_tokens=False)["input_ids"] == batch.tokens[r] for r, t in enumerate(texts)]
+    scores = as_reward.score([BREAD[0]] * 2, texts)
+    for r in range(2):
+        if same[r]:
+            assert scores[r] == pytest.approx(value.score_rows(batch, [r])[0], abs=1e-4)
+
+
+@pytest.mark.parametrize("method, params", [("cards", {"tau_u": 1.0, "proposals": 2}), ("args", {"k": 3})])
+def test_method_with_value_scores_partial_answers_by_the_value_only(family_value, tiny_path, method, params):
+    reward = FamilyReward()  # its prefix scorer raises
+    results = generate([BREAD[1], CAPITALS[1]], method=method, model=str(tiny_path), reward=reward,
+                       max_new_tokens=10, seed=0, value=str(family_value), **params)
+    finished_texts = set(reward.scored)
+    for result in results:
+        assert result.text in finished_texts  # the answer's reward is the reward's, on the whole answer
+    assert len(reward.scored) == sum(r.stats["reward_calls"] for r in results)
+    assert sum(r.stats["reward_calls"] for r in results) < sum(r.stats["generated_tokens"] for r in results)
+
+
+def test_bad_values_get_one_line_errors(tmp_path, family_value, tiny_path):
+    with pytest.raises(DecalignError, match="no value"):
+        load_value(str(tmp_path / "missing"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "value.json").write_text("{not json")
+    (broken / "value.safetensors").write_bytes(b"junk")
+    with pytest.raises(DecalignError, match="unreadable"):
+        load_value(str(broken))
+    other = tmp_path / "other"
+    other.mkdir()
+    card = json.loads((family_value / "value.json").read_text())
+    card["policy"]["model"] = "another-model"
+    (other / "value.json").write_text(json.dumps(card))
+    (other / "value.safetensors").write_bytes((family_value / "value.safetensors").read_bytes())
+    with pytest.raises(DecalignError, match="trained for model another-model"):
+        generate("hi", method="cards", model=str(tiny_path), reward=FamilyReward(), max_new_tokens=4,
+                 value=str(other))
+    with pytest.raises(DecalignError, match="bon has no parameter value"):
+        generate("hi", method="bon", model=str(tiny_path), reward=FamilyReward(), value=str(family_value))
