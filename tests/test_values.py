@@ -176,3 +176,27 @@ def test_bad_values_get_one_line_errors(tmp_path, family_value, tiny_path):
                  value=str(other))
     with pytest.raises(DecalignError, match="bon has no parameter value"):
         generate("hi", method="bon", model=str(tiny_path), reward=FamilyReward(), value=str(family_value))
+
+
+class FirstLetterReward(Reward):
+    """Depends only on an answer's first character, so every prefix already scores what the whole answer will."""
+
+    name = "first-letter"
+
+    def _score(self, prompts, responses):
+        return [float(ord(r.lstrip()[:1] or " ") % 7) for r in responses]
+
+
+def test_value_check_reports_perfect_prefix_scores_as_such(tmp_path, family_value, tiny_path):
+    from decalign.values.check import check_values
+
+    prompts = _write_prompts(tmp_path / "p.jsonl", [f"{t} {i}" for i in range(2) for t in BREAD + CAPITALS])
+    table = check_values(prompts=prompts, reward_spec=FirstLetterReward(), out=tmp_path / "check",
+                         values=[str(family_value)], model=str(tiny_path), n=4, max_new_tokens=12, temperature=1.0,
+                         top_k=0, progress=False)
+    report = json.loads((tmp_path / "check" / "value_check.json").read_text())["scorers"]
+    prefix = report["first-letter (reward on prefixes)"]
+    assert set(prefix) == {"4", "8"}  # answers of 12 tokens are longer than 4 and 8 only
+    for figures in prefix.values():
+        assert figures["correlation"] == pytest.approx(1.0) and figures["drift_sd"] == pytest.approx(0.0)
+    assert f"value {family_value}" in report and "| 8 |" in table

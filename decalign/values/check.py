@@ -20,13 +20,18 @@ from . import load_value, teacher_forced_features
 from .train import CHECK_LENGTHS, answer_ids, judge
 
 
+def _check_lengths(ids: list[int]) -> list[int]:
+    return [length for length in CHECK_LENGTHS if len(ids) > length]
+
+
 def _prefixes(engine, records: list[dict]) -> list[tuple[int, int, list[int], float]]:
-    """(prompt index, L, answer ids, final reward) for every answer longer than each check length."""
+    """(prompt index, L, answer ids, final reward) for every answer longer than each check length,
+    in the order value features are computed (prompt, answer, length)."""
     items = []
     for p, record in enumerate(records):
         for answer in record["answers"]:
             ids = answer_ids(engine, answer["tokens"])
-            items += [(p, length, ids, answer["reward"]) for length in CHECK_LENGTHS if len(ids) > length]
+            items += [(p, length, ids, answer["reward"]) for length in _check_lengths(ids)]
     return items
 
 
@@ -69,12 +74,15 @@ def check_values(*, prompts: Path, reward_spec: str, out: Path, values: Sequence
         for start in tqdm(range(0, len(texts), 64), desc=f"scoring {name}", disable=not progress):
             scores += scorer.score_prefix(owners[start:start + 64], texts[start:start + 64])
         columns[name] = scores
-    for head in heads:
+    for head in heads:  # one forward pass per prompt gives every prefix of its answers
         scores = []
-        for p, length, ids, _ in tqdm(prefixes, desc=f"value {head.name}", disable=not progress):
-            features = teacher_forced_features(engine, engine.render(records[p]["prompt"]), [ids[:length]],
-                                               head.layers, [[length]])
-            scores.append(float(head.score_features(features)[0]))
+        for record in tqdm(records, desc=f"value {head.name}", disable=not progress):
+            answers = [answer_ids(engine, a["tokens"]) for a in record["answers"]]
+            cuts = [_check_lengths(ids) for ids in answers]
+            if any(cuts):
+                features = teacher_forced_features(engine, engine.render(record["prompt"]), answers, head.layers,
+                                                   cuts)
+                scores += head.score_features(features).tolist()
         columns[f"value {head.name}"] = scores
     reports = {name: judge(scores, finals, groups, lengths, final_sd) for name, scores in columns.items()}
     summary = {"prompts": len(records), "answers_per_prompt": n, "final_reward_mean": statistics.fmean(all_finals),

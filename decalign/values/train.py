@@ -27,7 +27,7 @@ from ..rewards import Reward
 from . import ValueHead, policy_signature, teacher_forced_features
 
 CHECK_LENGTHS = (4, 8, 16, 32, 64)  # where values are judged (value-check uses the same)
-PENALTIES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # ridge penalty, times the number of training rows
+PENALTIES = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)  # ridge penalty, times the training rows
 
 
 def length_grid(answer_tokens: int) -> list[int]:
@@ -48,10 +48,10 @@ def candidate_layers(num_layers: int, count: int = 5) -> list[int]:
 
 
 def layer_sets(layers: list[int]) -> list[list[int]]:
-    """The layer subsets tried: the last; a middle one and the last; thirds; all candidates."""
+    """The layer subsets tried: the last; a middle one and the last; thirds."""
     last, middle = layers[-1], layers[len(layers) // 2]
     thirds = sorted({layers[len(layers) // 3], layers[2 * len(layers) // 3], last})
-    sets = [[last], sorted({middle, last}), thirds, layers]
+    sets = [[last], sorted({middle, last}), thirds]
     return [list(s) for s in dict.fromkeys(tuple(s) for s in sets)]
 
 
@@ -96,15 +96,38 @@ def featurize(engine, records: list[dict], layers: list[int], *, progress: bool 
                        list(layers), engine.hidden_size)
 
 
+class RidgePath:
+    """Ridge regressions of y on standardised columns of x, for any column subset and penalty, from
+    one Gram matrix: argmin |Z w - (y - mean y)|^2 + penalty * n * |w|^2, mapped back to raw x."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> None:
+        self.mean = x.double().mean(0)
+        self.sd = x.double().std(0).clamp(min=1e-6)
+        self.y_mean = float(y.double().mean())
+        self.rows = len(y)
+        self.gram = torch.zeros((x.shape[1], x.shape[1]), dtype=torch.float64)
+        self.zy = torch.zeros(x.shape[1], dtype=torch.float64)
+        centred = y.double() - self.y_mean
+        for start in range(0, len(y), chunk):  # float32 products, float64 sums: fast and exact enough
+            z = ((x[start:start + chunk].double() - self.mean) / self.sd).float()
+            self.gram += (z.T @ z).double()
+            self.zy += z.double().T @ centred[start:start + chunk]
+
+    def fits(self, columns: torch.Tensor, penalties: Sequence[float]) -> list[tuple[torch.Tensor, float]]:
+        """(weight over `columns` of raw x, bias) for each penalty, from one eigendecomposition."""
+        values, vectors = torch.linalg.eigh(self.gram[columns][:, columns])
+        projected = vectors.T @ self.zy[columns]
+        mean, sd = self.mean[columns], self.sd[columns]
+        out = []
+        for penalty in penalties:
+            weight = (vectors @ (projected / (values.clamp(min=0) + penalty * self.rows))) / sd
+            out.append((weight.float(), self.y_mean - float((mean * weight).sum())))
+        return out
+
+
 def fit_ridge(x: torch.Tensor, y: torch.Tensor, penalty: float) -> tuple[torch.Tensor, float]:
-    """argmin |X w + b - y|^2 + penalty * n * |w / sd|^2 on standardised columns; returns (w, b) for raw x."""
-    x = x.double()
-    mean, sd = x.mean(0), x.std(0).clamp(min=1e-6)
-    z = (x - mean) / sd
-    gram = z.T @ z + penalty * len(y) * torch.eye(z.shape[1], dtype=torch.float64)
-    w = torch.linalg.solve(gram, z.T @ (y - y.mean()))
-    weight = w / sd
-    return weight.float(), float(y.mean() - (mean * weight).sum())
+    """One ridge regression on all columns (see RidgePath)."""
+    return RidgePath(x, y).fits(torch.arange(x.shape[1]), [penalty])[0]
 
 
 def within_prompt_correlation(scores: Sequence[float], finals: Sequence[float], groups: Sequence) -> float:
@@ -150,7 +173,7 @@ def split_prompts(count: int, validation: float, seed: int) -> tuple[list[int], 
     return sorted(order[cut:]), sorted(order[:cut])
 
 
-def select_and_fit(table: PrefixTable, train: list[int], val: list[int], *,
+def select_and_fit(table: PrefixTable, train: list[int], val: list[int], subsets: list[list[int]], *,
                    log=print) -> tuple[list[int], float, torch.Tensor, float, list[dict]]:
     """Try each layer subset and penalty on the training prompts; keep the best by the validation
     prompts' mean within-prompt correlation over the check lengths (by validation error when the
@@ -162,12 +185,12 @@ def select_and_fit(table: PrefixTable, train: list[int], val: list[int], *,
     finals = y[val_rows].tolist()
     final_sd = statistics.pstdev({table.answer[i]: y[i].item() for i in val_rows}.values()) or 1.0
     trials, best = [], None
-    for subset in layer_sets(table.layers):
+    path = RidgePath(table.features[is_train], y[is_train])
+    x_val = table.features[val_rows]
+    for subset in subsets:
         columns = table.columns(subset)
-        x_train = table.features[is_train][:, columns]
-        for penalty in PENALTIES:
-            weight, bias = fit_ridge(x_train, y[is_train], penalty)
-            scores = (table.features[val_rows][:, columns] @ weight + bias).tolist()
+        for penalty, (weight, bias) in zip(PENALTIES, path.fits(columns, PENALTIES)):
+            scores = (x_val[:, columns] @ weight + bias).tolist()
             report = judge(scores, finals, [table.prompt[i] for i in val_rows], [table.length[i] for i in val_rows],
                            final_sd)
             correlations = [r["correlation"] for r in report.values() if not math.isnan(r["correlation"])]
@@ -205,10 +228,10 @@ def train_value(*, prompts: Path, reward_spec: "str | Reward", out: Path, model:
     records = sample_answers(engine, reward, items, samples, n=n, max_new_tokens=max_new_tokens,
                              temperature=temperature, top_k=top_k, seed=seed, batch_size=batch_size,
                              progress=progress)
-    layers = candidate_layers(engine.num_layers)
-    table = featurize(engine, records, layers, progress=progress)
+    subsets = layer_sets(candidate_layers(engine.num_layers))
+    table = featurize(engine, records, sorted({layer for s in subsets for layer in s}), progress=progress)
     train, val = split_prompts(len(records), validation, seed)
-    subset, penalty, weight, bias, trials = select_and_fit(table, train, val, log=log)
+    subset, penalty, weight, bias, trials = select_and_fit(table, train, val, subsets, log=log)
     chosen = next(t for t in trials if t["layers"] == subset and t["penalty"] == penalty)
     card = {
         "name": out.name,
