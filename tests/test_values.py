@@ -68,6 +68,20 @@ def test_ridge_recovers_a_linear_target():
     assert torch.allclose(weight, truth, atol=1e-3) and abs(bias - 2.0) < 1e-3
 
 
+def test_within_group_ridge_learns_differences_that_group_levels_would_drown():
+    """y = a large level per group (carried by feature 0, and noise) + 0.1 * feature 1 within groups:
+    centred within groups, the fit finds feature 1's weight exactly."""
+    from decalign.values.train import RidgePath
+
+    generator = torch.Generator().manual_seed(1)
+    groups = torch.arange(200).repeat_interleave(8)
+    level = torch.randn(200, generator=generator)[groups] * 5
+    x = torch.stack([level + torch.randn(1600, generator=generator), torch.randn(1600, generator=generator)], 1)
+    y = (level + 0.1 * x[:, 1]).double()
+    (weight, _), = RidgePath(x, y, groups=groups.tolist()).fits(torch.arange(2), [1e-9])
+    assert weight[1] == pytest.approx(0.1, abs=1e-4) and abs(weight[0]) < 1e-4
+
+
 def test_within_prompt_correlation_ignores_levels_between_prompts():
     scores = [1, 2, 3, 101, 102, 103]
     finals = [0.1, 0.2, 0.3, 0.3, 0.2, 0.1]  # ranked the same way in prompt 0, reversed in prompt 1

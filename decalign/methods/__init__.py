@@ -92,7 +92,11 @@ def make_config(method: str, params: dict[str, Any]) -> Any:
     unknown = sorted(set(params) - set(valid))
     if unknown:
         choices = ", ".join(valid) if valid else "none"
-        raise DecalignError(f"method {method} has no parameter {', '.join(unknown)}; its parameters: {choices}")
+        hint = ""
+        if "value" in unknown:
+            takers = ", ".join(name for name in method_names() if "value" in METHODS[name].parameters())
+            hint = f" (a prefix value is taken by: {takers})"
+        raise DecalignError(f"method {method} has no parameter {', '.join(unknown)}; its parameters: {choices}{hint}")
     values = {name: _convert(method, name, hints[name], value) for name, value in params.items()}
     try:
         return spec.config(**values)

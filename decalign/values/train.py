@@ -75,6 +75,30 @@ class PrefixTable:
         lasts = [torch.arange((k + position[l]) * h, (k + position[l] + 1) * h) for l in subset]
         return torch.cat(means + lasts + [torch.tensor([2 * k * h])])
 
+    def save(self, path: Path, records: int) -> None:
+        """Kept beside the samples, so that refitting does not run the policy again."""
+        from safetensors.torch import save_file
+
+        save_file({"features": self.features.half(), "target": self.target, "prompt": torch.tensor(self.prompt),
+                   "answer": torch.tensor(self.answer), "length": torch.tensor(self.length)}, str(path),
+                  metadata={"layers": ",".join(map(str, self.layers)), "hidden": str(self.hidden),
+                            "records": str(records)})
+
+    @classmethod
+    def load(cls, path: Path, layers: list[int], records: int) -> "PrefixTable | None":
+        """The saved table, if it holds these layers for this many prompts; else None."""
+        from safetensors import safe_open
+
+        if not path.is_file():
+            return None
+        with safe_open(str(path), "pt") as handle:
+            meta = handle.metadata() or {}
+            if meta.get("layers") != ",".join(map(str, layers)) or meta.get("records") != str(records):
+                return None
+            t = {name: handle.get_tensor(name) for name in handle.keys()}
+        return cls(t["features"].float(), t["target"], t["prompt"].tolist(), t["answer"].tolist(),
+                   t["length"].tolist(), list(layers), int(meta["hidden"]))
+
 
 def featurize(engine, records: list[dict], layers: list[int], *, progress: bool = True) -> PrefixTable:
     """Teacher-forced features of every grid prefix of every sampled answer."""
@@ -98,30 +122,63 @@ def featurize(engine, records: list[dict], layers: list[int], *, progress: bool 
 
 class RidgePath:
     """Ridge regressions of y on standardised columns of x, for any column subset and penalty, from
-    one Gram matrix: argmin |Z w - (y - mean y)|^2 + penalty * n * |w|^2, mapped back to raw x."""
+    one Gram matrix: argmin |Z w - (y - mean y)|^2 + penalty * n * |w|^2, mapped back to raw x.
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> None:
-        self.mean = x.double().mean(0)
-        self.sd = x.double().std(0).clamp(min=1e-6)
-        self.y_mean = float(y.double().mean())
-        self.rows = len(y)
+    With `groups`, x and y are first centred within each group (a fixed-effects regression): the fit
+    then learns only differences between rows of the same group, e.g. answers to the same prompt at
+    the same length, which is what a search compares."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, groups: Sequence[int] | None = None,
+                 chunk: int = 4096) -> None:
+        y = y.double()
+        if groups is not None:
+            index = torch.as_tensor(list(groups))
+            count = torch.zeros(int(index.max()) + 1, dtype=torch.float64).index_add_(0, index, torch.ones(len(y),
+                                                                                                   dtype=torch.float64))
+            x_means = torch.zeros((len(count), x.shape[1]), dtype=torch.float64).index_add_(0, index, x.double())
+            x_means /= count[:, None]
+            y = y - (torch.zeros(len(count), dtype=torch.float64).index_add_(0, index, y) / count)[index]
+            shift = lambda rows: x_means[index[rows]]  # noqa: E731
+        else:
+            shift = lambda rows: 0.0  # noqa: E731
+        self.mean = torch.zeros(x.shape[1], dtype=torch.float64)
+        for start in range(0, len(y), chunk):
+            rows = slice(start, start + chunk)
+            self.mean += (x[rows].double() - shift(rows)).sum(0)
+        self.mean /= len(y)
+        square = torch.zeros(x.shape[1], dtype=torch.float64)
         self.gram = torch.zeros((x.shape[1], x.shape[1]), dtype=torch.float64)
-        self.zy = torch.zeros(x.shape[1], dtype=torch.float64)
-        centred = y.double() - self.y_mean
         for start in range(0, len(y), chunk):  # float32 products, float64 sums: fast and exact enough
-            z = ((x[start:start + chunk].double() - self.mean) / self.sd).float()
+            rows = slice(start, start + chunk)
+            centred = x[rows].double() - shift(rows) - self.mean
+            square += (centred ** 2).sum(0)
+            z = centred.float()
             self.gram += (z.T @ z).double()
-            self.zy += z.double().T @ centred[start:start + chunk]
+        self.sd = (square / max(1, len(y) - 1)).sqrt().clamp(min=1e-6)
+        self.gram /= self.sd[:, None] * self.sd[None, :]
+        self.y_mean = float(y.mean())
+        self.rows = len(y)
+        self.zy = torch.zeros(x.shape[1], dtype=torch.float64)
+        for start in range(0, len(y), chunk):
+            rows = slice(start, start + chunk)
+            z = (x[rows].double() - shift(rows) - self.mean) / self.sd
+            self.zy += z.T @ (y[rows] - self.y_mean)
 
-    def fits(self, columns: torch.Tensor, penalties: Sequence[float]) -> list[tuple[torch.Tensor, float]]:
-        """(weight over `columns` of raw x, bias) for each penalty, from one eigendecomposition."""
-        values, vectors = torch.linalg.eigh(self.gram[columns][:, columns])
-        projected = vectors.T @ self.zy[columns]
+    def fits(self, columns: torch.Tensor, penalties: Sequence[float], *,
+             minus: Sequence[torch.Tensor] | None = None) -> list[tuple[torch.Tensor, float]]:
+        """(weight over `columns` of raw x, bias) for each penalty, from one eigendecomposition.
+        minus: one weight per penalty, whose predictions are first taken off y (fit the residual)."""
+        gram = self.gram[columns][:, columns]
+        values, vectors = torch.linalg.eigh(gram)
         mean, sd = self.mean[columns], self.sd[columns]
         out = []
-        for penalty in penalties:
-            weight = (vectors @ (projected / (values.clamp(min=0) + penalty * self.rows))) / sd
-            out.append((weight.float(), self.y_mean - float((mean * weight).sum())))
+        for i, penalty in enumerate(penalties):
+            zy, y_mean = self.zy[columns], self.y_mean
+            if minus is not None:  # Z^T (y - X w) = Z^T y - gram (sd * w), as Z's columns are centred
+                scaled = sd * minus[i].double()
+                zy, y_mean = zy - gram @ scaled, y_mean - float((mean * minus[i].double()).sum())
+            weight = (vectors @ ((vectors.T @ zy) / (values.clamp(min=0) + penalty * self.rows))) / sd
+            out.append((weight.float(), y_mean - float((mean * weight).sum())))
         return out
 
 
@@ -174,7 +231,7 @@ def split_prompts(count: int, validation: float, seed: int) -> tuple[list[int], 
 
 
 def select_and_fit(table: PrefixTable, train: list[int], val: list[int], subsets: list[list[int]], *,
-                   log=print) -> tuple[list[int], float, torch.Tensor, float, list[dict]]:
+                   log=print) -> tuple[dict, torch.Tensor, float, list[dict]]:
     """Try each layer subset and penalty on the training prompts; keep the best by the validation
     prompts' mean within-prompt correlation over the check lengths (by validation error when the
     reward does not vary within a prompt, so no correlation is defined)."""
@@ -185,26 +242,36 @@ def select_and_fit(table: PrefixTable, train: list[int], val: list[int], subsets
     finals = y[val_rows].tolist()
     final_sd = statistics.pstdev({table.answer[i]: y[i].item() for i in val_rows}.values()) or 1.0
     trials, best = [], None
-    path = RidgePath(table.features[is_train], y[is_train])
+    x_train = table.features[is_train]
+    train_rows = is_train.nonzero().flatten().tolist()
+    pooled = RidgePath(x_train, y[is_train])
+    groups: dict[tuple[int, int], int] = {}
+    within = RidgePath(x_train, y[is_train], groups=[groups.setdefault((table.prompt[i], table.length[i]), len(groups))
+                                                     for i in train_rows])
     x_val = table.features[val_rows]
     for subset in subsets:
         columns = table.columns(subset)
-        for penalty, (weight, bias) in zip(PENALTIES, path.fits(columns, PENALTIES)):
+        inside = within.fits(columns, PENALTIES)
+        fits = [("pooled", p, f) for p, f in zip(PENALTIES, pooled.fits(columns, PENALTIES))]
+        levels = pooled.fits(columns, PENALTIES, minus=[w for w, _ in inside])
+        fits += [("within+level", p, (w + w_level, b_level)) for p, (w, _), (w_level, b_level)
+                 in zip(PENALTIES, inside, levels)]
+        for kind, penalty, (weight, bias) in fits:
             scores = (x_val[:, columns] @ weight + bias).tolist()
             report = judge(scores, finals, [table.prompt[i] for i in val_rows], [table.length[i] for i in val_rows],
                            final_sd)
             correlations = [r["correlation"] for r in report.values() if not math.isnan(r["correlation"])]
             error = statistics.fmean((s - f) ** 2 for s, f in zip(scores, finals))
             quality = (statistics.fmean(correlations), -error) if correlations else (-math.inf, -error)
-            trials.append({"layers": subset, "penalty": penalty,
+            trials.append({"layers": subset, "fit": kind, "penalty": penalty,
                            "mean_correlation": quality[0] if correlations else None, "mse": error,
                            "by_length": {str(k): v for k, v in report.items()}})
-            log(f"layers {subset} penalty {penalty:g}: validation within-prompt correlation "
+            log(f"layers {subset} {kind} penalty {penalty:g}: validation within-prompt correlation "
                 f"{quality[0]:.3f}, squared error {error:.4f}")
             if best is None or quality > best[0]:
-                best = (quality, subset, penalty, weight, bias)
-    _, subset, penalty, weight, bias = best
-    return subset, penalty, weight, bias, trials
+                best = (quality, len(trials) - 1, weight, bias)
+    _, chosen, weight, bias = best
+    return trials[chosen], weight, bias, trials
 
 
 def train_value(*, prompts: Path, reward_spec: "str | Reward", out: Path, model: str | None = None, adapter: str | None = None,
@@ -229,10 +296,14 @@ def train_value(*, prompts: Path, reward_spec: "str | Reward", out: Path, model:
                              temperature=temperature, top_k=top_k, seed=seed, batch_size=batch_size,
                              progress=progress)
     subsets = layer_sets(candidate_layers(engine.num_layers))
-    table = featurize(engine, records, sorted({layer for s in subsets for layer in s}), progress=progress)
+    layers = sorted({layer for s in subsets for layer in s})
+    cached = out / "features.safetensors"
+    table = PrefixTable.load(cached, layers, len(records))
+    if table is None:
+        table = featurize(engine, records, layers, progress=progress)
+        table.save(cached, len(records))
     train, val = split_prompts(len(records), validation, seed)
-    subset, penalty, weight, bias, trials = select_and_fit(table, train, val, subsets, log=log)
-    chosen = next(t for t in trials if t["layers"] == subset and t["penalty"] == penalty)
+    chosen, weight, bias, trials = select_and_fit(table, train, val, subsets, log=log)
     card = {
         "name": out.name,
         "policy": policy_signature(engine),
@@ -242,12 +313,13 @@ def train_value(*, prompts: Path, reward_spec: "str | Reward", out: Path, model:
                  "limit": limit, "prompts_used": len(records), "train_prompts": len(train),
                  "validation_prompts": len(val), "answers_per_prompt": n, "max_new_tokens": max_new_tokens,
                  "temperature": temperature, "top_k": top_k, "seed": seed, "prefix_rows": len(table.target)},
-        "validation": {"penalty": penalty, "mean_correlation": chosen["mean_correlation"], "mse": chosen["mse"],
+        "validation": {"fit": chosen["fit"], "penalty": chosen["penalty"],
+                       "mean_correlation": chosen["mean_correlation"], "mse": chosen["mse"],
                        "by_length": chosen["by_length"]},
         "trials": trials,
         "seconds": round(time.perf_counter() - started, 1),
         "decalign": __version__,
     }
-    head = ValueHead(name=out.name, layers=subset, weight=weight, bias=bias, card=card)
+    head = ValueHead(name=out.name, layers=chosen["layers"], weight=weight, bias=bias, card=card)
     head.save(out)
     return head
