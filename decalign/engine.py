@@ -192,8 +192,8 @@ class Engine:
         adapter, or "__base__" for the model without adapters, all in the same forward passes
         (CoLD puts a prompt twice, once per name).
 
-        `state_layers`: keep, per row, the hidden states of these layers (0 = embeddings, the last =
-        the final normed state) for the answer's tokens, so that `state_means` and `last_states` give a
+        `state_layers`: keep, per row, the hidden states of these layers (0 = embeddings, N = the
+        last layer's output, as the model reports them) for the answer's tokens, so that `state_means` and `last_states` give a
         prefix value its features with no extra forward pass."""
         return Batch(self, prompts, n=n, seeds=seeds, max_new_tokens=max_new_tokens,
                      min_new_tokens=min_new_tokens, stop_strings=stop_strings, adapters=adapters,

@@ -214,3 +214,27 @@ def test_value_check_reports_perfect_prefix_scores_as_such(tmp_path, family_valu
     for figures in prefix.values():
         assert figures["correlation"] == pytest.approx(1.0) and figures["drift_sd"] == pytest.approx(0.0)
     assert f"value {family_value}" in report and "| 8 |" in table
+
+
+def test_args_with_value_picks_logprob_plus_weighted_value(family_value, engine):
+    value, reward = load_value(str(family_value)), FamilyReward()
+    prompt_text = BREAD[2]
+    (result,) = generate(prompt_text, method="args", model=engine, reward=reward, max_new_tokens=5, k=3, w=2.0,
+                         value=str(family_value))
+    prompt, tokens = engine.render(prompt_text), []
+    for _ in range(5):
+        with torch.no_grad():
+            logp = engine.model(torch.tensor([prompt + tokens])).logits[0, -1].float().log_softmax(-1)
+        top = logp.topk(3)
+        scores = []
+        for lp, token in zip(top.values.tolist(), top.indices.tolist()):
+            if token in engine.eos_ids:  # a finished answer is scored by the reward
+                look = reward.score([prompt_text], [engine.decode(tokens + [token])])[0]
+            else:
+                look = float(value.score_features(teacher_forced_features(
+                    engine, prompt, [tokens + [token]], value.layers, [[len(tokens) + 1]]))[0])
+            scores.append(lp + 2.0 * look)
+        tokens.append(top.indices.tolist()[scores.index(max(scores))])
+        if tokens[-1] in engine.eos_ids:
+            break
+    assert result.tokens == tokens

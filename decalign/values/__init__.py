@@ -2,7 +2,7 @@
 
 A value is a linear head (CD-FUDGE, Mudgal et al., arXiv:2310.17022: an L2 regression of the final
 reward onto prefixes of the policy's own samples). Its features for a prefix of L answer tokens are,
-for each of its layers l (0 = embeddings, the last = the final normed state):
+for each of its layers l (0 = embeddings, N = the last layer's output, as the model reports them):
     mean_l = the mean of layer l's states over the L answer tokens (zeros when L = 0)
     last_l = layer l's state at the last token read (the prompt's last token when L = 0)
 and log(1 + L). The engine keeps these per row as it decodes (`Batch.state_means`, `last_states`),
@@ -128,7 +128,7 @@ def teacher_forced_features(engine, prompt_ids: Sequence[int], answers: Sequence
         ids[k, :len(sequence)] = torch.tensor(sequence)
         mask[k, :len(sequence)] = 1
     out = engine.model(input_ids=ids.to(engine.device), attention_mask=mask.to(engine.device),
-                       output_hidden_states=True, logits_to_keep=1)
+                       output_hidden_states=True, use_cache=False, logits_to_keep=1)
     states = torch.cat([out.hidden_states[layer] for layer in layers], dim=-1)  # answers x width x F
     start = len(prompt_ids)
     rows = []
