@@ -387,7 +387,8 @@ def write_plots(out: Path, records: list[dict], summary: dict) -> list[Path]:
 
 
 def _plot_frontier(plt, summary: dict, out: Path) -> list[Path]:
-    """Reward (and judge) against decode tokens and against seconds per answer, a curve per method."""
+    """Reward (and judge) against decode tokens and against seconds per answer, a curve per method:
+    every setting a marker, the line through those that beat every cheaper setting."""
     rows = summary["methods"]
     curves = summary["frontier"]["curves"]
     judged = any(rows[l]["judge"] for c in curves.values() for l in c["points"])
@@ -403,8 +404,12 @@ def _plot_frontier(plt, summary: dict, out: Path) -> list[Path]:
                 xs = [p[0] for p in points]
                 ys = [p[1][0] for p in points]
                 errors = [0 if math.isnan(p[1][1]) else p[1][1] for p in points]
-                style = dict(color="#333333", linestyle="--") if curve == "bon" else {}
-                axis.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=curve, **style)
+                style = dict(color="#333333") if curve == "bon" else {}
+                drawn = axis.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, linestyle="none", label=curve,
+                                      **style)
+                best = [i for i, y in enumerate(ys) if all(y > earlier for earlier in ys[:i])]  # the Pareto front
+                axis.plot([xs[i] for i in best], [ys[i] for i in best], color=drawn[0].get_color(),
+                          linestyle="--" if curve == "bon" else "-")
                 for x, y, (_, _, label) in zip(xs, ys, points):
                     tag = label.split(":", 1)[1] if ":" in label else label
                     axis.annotate(tag.replace("value=", "v="), (x, y), textcoords="offset points", xytext=(4, 4),
