@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import DecalignError
-from .records import append_record, load_output, read_records
+from .records import append_record, check_run_config, load_output, read_records
 
 # two-sided 95% t critical values by degrees of freedom; 1.96 beyond
 _T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -71,19 +71,6 @@ def parse_methods(text: str, *, frontier: bool = False) -> list[MethodRun]:
     return runs
 
 
-def _check_config(out: Path, config: dict) -> None:
-    path = out / "config.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        changed = [k for k in config if old.get(k) != config[k]]
-        if changed:
-            raise DecalignError(f"{out} holds records of another configuration ({', '.join(changed)} differ); "
-                                f"use a new --out or delete {out} to start fresh")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(config, indent=2))
-
-
 def run_bench(*, methods: str, prompts: Path, out: Path, reward: str | None, judge: str | None = None,
               model: str | None = None, adapter: str | None = None, max_new_tokens: int = 128,
               limit: int | None = None, batch_size: int | None = None, seed: int = 0, baseline: str | None = None,
@@ -117,7 +104,7 @@ def run_bench(*, methods: str, prompts: Path, out: Path, reward: str | None, jud
         raise DecalignError(f"--reward is needed by {', '.join(needs)}")
     config = {"prompts": str(prompts), "offset": offset, "model": model, "adapter": adapter, "reward": reward, "judge": judge,
               "max_new_tokens": max_new_tokens, "seed": seed, "system": system}
-    _check_config(out, config)
+    check_run_config(out, config, defaults={"offset": 0})  # run folders from before --offset had none
     records_path = out / "records.jsonl"
     done, _ = load_output(records_path, key=lambda r: (r["method"], r["id"]))
     engine = get_engine(model, adapter)
@@ -226,11 +213,15 @@ def _curve_key(label: str) -> str:
 
 
 def _bon_n(label: str) -> int | None:
+    """N of a plain Best-of-N run ('bon:n=8', or 'bon' at its default N); None for anything else."""
+    from .methods import get_method
+
     name, *parts = label.split(":")
     if name != "bon" or any(not p.startswith("n=") for p in parts):
         return None
-    n = [p[2:] for p in parts]
-    return int(n[0]) if n and n[0].isdigit() else (4 if not n else None)
+    if not parts:
+        return get_method("bon").parameters()["n"]
+    return int(parts[0][2:]) if parts[0][2:].isdigit() else None
 
 
 def cost_to_reach(points: list[tuple[float, float]], target: float) -> float | None:

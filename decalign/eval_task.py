@@ -28,7 +28,7 @@ from typing import Any
 import click
 
 from .errors import DecalignError
-from .records import append_record, load_output, read_records
+from .records import append_record, check_run_config, load_output, read_records
 from .tasks import is_formatted, parse_final, parse_lenient
 
 BASE_LABEL = "base"
@@ -122,7 +122,6 @@ def run_eval(*, test: Path, adapter: str, variants: str, out: Path, model: str |
     from tqdm import tqdm
 
     from .api import generate, get_engine
-    from .bench import _check_config
     from .sampling import derive_seed
 
     runs = parse_variants(variants)
@@ -139,7 +138,7 @@ def run_eval(*, test: Path, adapter: str, variants: str, out: Path, model: str |
         torch.set_num_threads(threads)
     config = {"test": str(test), "model": model, "adapter": str(adapter), "max_new_tokens": max_new_tokens,
               "seed": seed}
-    _check_config(out, config)
+    check_run_config(out, config)
     records_path = out / "records.jsonl"
     done, _ = load_output(records_path, key=lambda r: (r["variant"], r["id"]))
     engine = get_engine(model, adapter)

@@ -70,6 +70,21 @@ def load_output(path: Path, key: Callable[[dict], Any] = lambda record: record["
     return {key(r) for r in records}, records
 
 
+def check_run_config(out: Path, config: dict, *, defaults: dict | None = None) -> None:
+    """Write a run folder's config.json, or refuse a folder that holds another configuration's work
+    (a key missing from an older config.json counts as its value in `defaults`)."""
+    path = out / "config.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed = [k for k in config if old.get(k, (defaults or {}).get(k)) != config[k]]
+        if changed:
+            raise DecalignError(f"{out} holds records of another configuration ({', '.join(changed)} differ); "
+                                f"use a new folder or delete {out} to start fresh")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(config, indent=2))
+
+
 def append_record(handle, record: dict) -> None:
     handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     handle.flush()  # a finished record survives a kill

@@ -238,3 +238,15 @@ def test_args_with_value_picks_logprob_plus_weighted_value(family_value, engine)
         if tokens[-1] in engine.eos_ids:
             break
     assert result.tokens == tokens
+
+
+def test_samples_of_another_configuration_are_refused_not_mixed(tmp_path, engine):
+    from decalign.values.sampling import sample_answers
+
+    items = [(0, BREAD[0]), (1, CAPITALS[0])]
+    common = dict(max_new_tokens=4, temperature=1.0, top_k=0, seed=0, batch_size=2, progress=False)
+    first = sample_answers(engine, FamilyReward(), items, tmp_path / "samples.jsonl", n=2, **common)
+    again = sample_answers(engine, FamilyReward(), items, tmp_path / "samples.jsonl", n=2, **common)
+    assert again == first  # resumed: nothing sampled twice
+    with pytest.raises(DecalignError, match="another configuration \\(n differ"):
+        sample_answers(engine, FamilyReward(), items, tmp_path / "samples.jsonl", n=3, **common)

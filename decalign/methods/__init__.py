@@ -173,11 +173,13 @@ class Job:
         if self.listener is not None:
             self.listener(prompt, text)
 
-    def score(self, prompt_indices: Sequence[int], texts: Sequence[str]) -> list[float]:
-        """Score texts against their prompts with the job's reward, counting items per prompt."""
+    def score(self, prompt_indices: Sequence[int], texts: Sequence[str], *, prefix: bool = False) -> list[float]:
+        """Score texts against their prompts with the job's reward (its prefix scorer for partial
+        answers), counting items per prompt."""
         if self.reward is None:
             raise DecalignError(f"method {self.method} needs a reward")
-        scores = self.reward.score([self.prompts[p] for p in prompt_indices], list(texts))
+        scorer = self.reward.score_prefix if prefix else self.reward.score
+        scores = scorer([self.prompts[p] for p in prompt_indices], list(texts))
         for p in prompt_indices:
             self.reward_items[p] += 1
         return scores
@@ -186,8 +188,6 @@ class Job:
         """Scores of rows' answers as they stand: finished answers by the reward; partial ones by the
         value when the job has one (a dot product on the batch's states), else by the reward's prefix
         scorer."""
-        if self.reward is None:
-            raise DecalignError(f"method {self.method} needs a reward")
         scores: dict[int, float] = {}
         finished = [r for r in rows if batch.finish[r] is not None]
         partial = [r for r in rows if batch.finish[r] is None]
@@ -197,11 +197,8 @@ class Job:
         if partial and self.value is not None:
             scores.update(zip(partial, self.value.score_rows(batch, partial)))
         elif partial:
-            owners = [batch.prompt_of[r] for r in partial]
-            scores.update(zip(partial, self.reward.score_prefix([self.prompts[p] for p in owners],
-                                                                [batch.text(r) for r in partial])))
-            for p in owners:
-                self.reward_items[p] += 1
+            scores.update(zip(partial, self.score([batch.prompt_of[r] for r in partial],
+                                                  [batch.text(r) for r in partial], prefix=True)))
         return [scores[r] for r in rows]
 
     def candidate(self, batch: Batch, row: int, reward: float | None = None) -> Candidate:

@@ -149,6 +149,8 @@ class ValueReward(Reward):
         super().__init__()
         self.value = load_value(spec or "harmless")
         self.name = f"value:{self.value.name}"
+        if engine is not None:
+            self.value.check_engine(engine)
         self._engine = engine
 
     @property

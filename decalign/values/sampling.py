@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import DecalignError
-from ..records import append_record, load_output, read_records
+from ..records import append_record, check_run_config, load_output, read_records
 
 
 def prompt_key(prompt: Any) -> str:
@@ -48,7 +48,8 @@ def read_prompts(path: Path, *, exclude: Path | None = None, limit: int | None =
 
 def sample_answers(engine, reward, items: Sequence[tuple[Any, Any]], out: Path, *, n: int, max_new_tokens: int,
                    temperature: float, top_k: int, seed: int, batch_size: int, progress: bool = True) -> list[dict]:
-    """n answers per prompt from the policy, scored by the reward; appended to `out` per batch (resumes)."""
+    """n answers per prompt from the policy, scored by the reward; appended to `out` per batch (resumes).
+    A folder holding samples of another policy, reward or sampling is refused, never mixed in."""
     from tqdm import tqdm
 
     from ..sampling import Sampling, derive_seed
@@ -57,12 +58,14 @@ def sample_answers(engine, reward, items: Sequence[tuple[Any, Any]], out: Path, 
         raise DecalignError(f"--n must be >= 2 (values are judged within a prompt), got {n}")
     if batch_size < 1:
         raise DecalignError(f"--batch-size must be >= 1, got {batch_size}")
+    check_run_config(out.parent, {"model": engine.name, "adapter": engine.adapter, "reward": reward.name, "n": n,
+                                  "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
+                                  "seed": seed})
     done, records = load_output(out)
     pending = [(i, p) for i, p in items if i not in done]
     sampling = Sampling(temperature, top_k=top_k)
     bar = tqdm(total=len(items), initial=len(items) - len(pending), unit="prompt", desc="sampling",
                disable=not progress)
-    out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a", encoding="utf-8") as handle:
         for start in range(0, len(pending), batch_size):
             chunk = pending[start:start + batch_size]

@@ -79,7 +79,7 @@ class PrefixTable:
         """Kept beside the samples, so that refitting does not run the policy again."""
         from safetensors.torch import save_file
 
-        save_file({"features": self.features.half(), "target": self.target, "prompt": torch.tensor(self.prompt),
+        save_file({"features": self.features, "target": self.target, "prompt": torch.tensor(self.prompt),
                    "answer": torch.tensor(self.answer), "length": torch.tensor(self.length)}, str(path),
                   metadata={"layers": ",".join(map(str, self.layers)), "hidden": str(self.hidden),
                             "records": str(records)})
@@ -96,7 +96,7 @@ class PrefixTable:
             if meta.get("layers") != ",".join(map(str, layers)) or meta.get("records") != str(records):
                 return None
             t = {name: handle.get_tensor(name) for name in handle.keys()}
-        return cls(t["features"].float(), t["target"], t["prompt"].tolist(), t["answer"].tolist(),
+        return cls(t["features"], t["target"], t["prompt"].tolist(), t["answer"].tolist(),
                    t["length"].tolist(), list(layers), int(meta["hidden"]))
 
 
