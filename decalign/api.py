@@ -5,39 +5,14 @@ from __future__ import annotations
 import random
 from typing import Any, Callable, Sequence
 
-from .engine import Engine, Prompt
+from .engine import Engine, Prompt, get_engine
 from .errors import DecalignError
-from .methods import Job, get_method, make_config, missing_adapter
+from .methods import Job, drive
+from .request import Request
 from .result import Result
-from .rewards import Reward, load_reward
+from .rewards import Reward
 from .sampling import derive_seed
-
-_ENGINES: dict[tuple, Engine] = {}
-
-
-def get_engine(model: "str | Engine | None" = None, adapter: str | None = None, *,
-               trust_remote_code: bool = False) -> Engine:
-    """The engine for a model spec, loaded once per process (the last one is kept)."""
-    if isinstance(model, Engine):
-        if adapter is not None:
-            raise DecalignError("pass the adapter when loading the Engine, not with an Engine instance")
-        return model
-    key = (model, adapter, trust_remote_code)
-    if key not in _ENGINES:
-        _ENGINES.clear()  # one policy in memory at a time
-        _ENGINES[key] = Engine.load(model, adapter, trust_remote_code=trust_remote_code)
-    return _ENGINES[key]
-
-
-def _as_prompt_list(prompts: "Prompt | Sequence[Prompt]") -> list[Prompt]:
-    if isinstance(prompts, str):
-        return [prompts]
-    if isinstance(prompts, list) and prompts and all(isinstance(m, dict) for m in prompts):
-        return [prompts]  # one conversation
-    if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise DecalignError("prompts must be a string, a message list, or a non-empty list of them")
-    return list(prompts)
-
+from .values import load_value
 
 def _shifted(callback: Callable | None, offset: int) -> Callable | None:
     """A per-batch callback taking the batch's prompt index, calling `callback` with the global one."""
@@ -80,41 +55,76 @@ def generate(
     cancelled: cancelled(i) -> True stops prompt i's work early (the server's disconnects).
     method_params: the method's parameters (see `decalign methods`), e.g. n=8, temperature=0.7.
     """
-    spec = get_method(method)
-    config = make_config(method, method_params)
-    if max_new_tokens < 1:
-        raise DecalignError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if batch_size < 1:
-        raise DecalignError(f"batch_size must be >= 1, got {batch_size}")
-    prompt_list = _as_prompt_list(prompts)
-    scorer = load_reward(reward)
-    if spec.needs_reward and scorer is None:
-        raise DecalignError(f"method {method} needs a reward (--reward), e.g. sentiment")
-    if spec.needs_adapter and adapter is None and not (isinstance(model, Engine) and model.adapter_names()):
-        raise missing_adapter(method)
-    if seed is None or isinstance(seed, int):
-        base = random.randrange(2**62) if seed is None else seed
-        seeds = [derive_seed(base, i) for i in range(len(prompt_list))]
-    else:
-        seeds = list(seed)
-        if len(seeds) != len(prompt_list):
-            raise DecalignError(f"{len(seeds)} seeds for {len(prompt_list)} prompts")
-    engine = get_engine(model, adapter, trust_remote_code=trust_remote_code)
-    value = None
-    if getattr(config, "value", None) is not None:
-        from .values import load_value
+    request = Request.build(
+        prompts=prompts, method=method, params=method_params, reward=reward, max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens, seed=seed if seed is None or isinstance(seed, int) else list(seed),
+        system=system, chat=chat, stop=list(stop), batch_size=batch_size, model=model, adapter=adapter,
+        trust_remote_code=trust_remote_code)
+    return run(request, progress=progress, listener=listener, cancelled=cancelled)
 
-        value = load_value(config.value)
-        value.check_engine(engine)
-    encoded = [engine.render(p, system=system, chat=chat) for p in prompt_list]
+
+def run(
+    request: Request,
+    *,
+    progress: Callable[[int], None] | None = None,
+    listener: Callable[[int, str], None] | None = None,
+    cancelled: Callable[[int], bool] | None = None,
+) -> list[Result]:
+    """Decode a validated request with prompts, `batch_size` prompts at a time; see `generate` for
+    the callbacks."""
+    plan = _Plan(request)
     results: list[Result] = []
-    for start in range(0, len(prompt_list), batch_size):
-        chunk = slice(start, start + batch_size)
-        job = Job(engine=engine, method=method, params=dict(method_params), prompts=prompt_list[chunk],
-                  prompt_ids=encoded[chunk], seeds=seeds[chunk], reward=scorer,
-                  max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, stop=tuple(stop),
-                  listener=_shifted(listener, start), cancelled=_shifted(cancelled, start), value=value)
-        results.extend(spec.run(job, config))
+    for start in range(0, len(plan.prompts), request.batch_size):
+        job = plan.job(slice(start, start + request.batch_size), _shifted(listener, start),
+                       _shifted(cancelled, start))
+        results.extend(request.spec.run(job, request.config))
         if progress is not None:
             progress(len(results))
     return results
+
+
+def run_together(
+    requests: Sequence[Request],
+    *,
+    listeners: Sequence[Callable[[int, str], None] | None] | None = None,
+    cancelled: Sequence[Callable[[int], bool] | None] | None = None,
+) -> list[list[Result]]:
+    """Decode several requests side by side in one batch, whatever their methods, rewards, values
+    and limits: every step is one forward pass for all of them. They must share a model.
+    listeners / cancelled: one callback (or None) per request, as `generate` takes them."""
+    plans = [_Plan(request) for request in requests]
+    if len({id(plan.engine) for plan in plans}) > 1:
+        raise DecalignError("requests decoded together must use the same model and adapter")
+    listeners = listeners or [None] * len(plans)
+    cancelled = cancelled or [None] * len(plans)
+    methods = [plan.request.spec.machine(plan.job(slice(None), listener, cancel), plan.request.config)
+               for plan, listener, cancel in zip(plans, listeners, cancelled)]
+    return drive(plans[0].engine, methods)
+
+
+class _Plan:
+    """A request resolved against its engine: prompts encoded, seeds drawn, value loaded."""
+
+    def __init__(self, request: Request) -> None:
+        if request.prompts is None:
+            raise DecalignError("the request has no prompts")
+        self.request, self.prompts = request, request.prompts
+        if request.seed is None or isinstance(request.seed, int):
+            base = random.randrange(2**62) if request.seed is None else request.seed
+            self.seeds = [derive_seed(base, i) for i in range(len(self.prompts))]
+        else:
+            self.seeds = list(request.seed)
+        self.engine = get_engine(request.model, request.adapter, trust_remote_code=request.trust_remote_code)
+        self.value = None
+        if getattr(request.config, "value", None) is not None:
+            self.value = load_value(request.config.value)
+            self.value.check_engine(self.engine)
+        self.encoded = [self.engine.render(p, system=request.system, chat=request.chat) for p in self.prompts]
+
+    def job(self, part: slice, listener: Callable | None = None, cancelled: Callable | None = None) -> Job:
+        request = self.request
+        return Job(engine=self.engine, method=request.method, params=dict(request.params),
+                   prompts=self.prompts[part], prompt_ids=self.encoded[part], seeds=self.seeds[part],
+                   reward=request.scorer, max_new_tokens=request.max_new_tokens,
+                   min_new_tokens=request.min_new_tokens, stop=tuple(request.stop), listener=listener,
+                   cancelled=cancelled, value=self.value)

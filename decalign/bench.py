@@ -8,32 +8,25 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import DecalignError
-from .records import append_record, check_run_config, load_output, read_records
+from tqdm import tqdm
 
-# two-sided 95% t critical values by degrees of freedom; 1.96 beyond
-_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-        2.045, 2.042]
+from .api import run as run_request
+from .engine import get_engine
+from .errors import DecalignError
+from .methods import get_method, parse_method_spec
+from .records import append_record, check_run_config, environment, load_output, read_records
+from .request import Request
+from .rewards import Reward, load_reward
+from .sampling import derive_seed
+from .stats import mean_ci
+
 COST_FIELDS = ("forward_passes", "prefill_tokens", "decode_tokens", "discarded_tokens", "reward_calls")
 FRONTIER_N = (1, 2, 4, 8, 16, 32)  # the Best-of-N reference curve of --frontier
-
-
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% confidence interval (Student t)."""
-    if not values:
-        return math.nan, math.nan
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, math.nan
-    t = _T95[len(values) - 2] if len(values) - 1 <= len(_T95) else 1.96
-    return mean, t * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def win_tie(scores: dict[Any, float], baseline: dict[Any, float], tolerance: float = 1e-9) -> dict[str, float]:
@@ -55,8 +48,6 @@ class MethodRun:
 
 def parse_methods(text: str, *, frontier: bool = False) -> list[MethodRun]:
     """Runs from 'greedy,bon:n=8,cards'; with frontier, Best-of-N at N = 1..32 goes first."""
-    from .methods import parse_method_spec
-
     labels = [part.strip() for part in text.split(",") if part.strip()]
     if frontier:
         labels = [f"bon:n={n}" for n in FRONTIER_N if f"bon:n={n}" not in labels] + labels
@@ -78,17 +69,7 @@ def run_bench(*, methods: str, prompts: Path, out: Path, reward: str | None, jud
               on_record: Callable[[dict], None] | None = None) -> dict:
     """Run every method on every prompt (resuming), then write the summary and plots. With
     `frontier`, Best-of-N runs at N = 1..32 beside the methods and the compute frontier is drawn."""
-    from tqdm import tqdm
-
-    from .api import generate, get_engine
-    from .rewards import load_reward
-    from .sampling import derive_seed
-
     runs = parse_methods(methods, frontier=frontier)
-    if max_new_tokens < 1:
-        raise DecalignError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    if batch_size is not None and batch_size < 1:
-        raise DecalignError(f"--batch-size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
         raise DecalignError(f"--limit must be >= 1, got {limit}")
     if offset < 0:
@@ -99,9 +80,11 @@ def run_bench(*, methods: str, prompts: Path, out: Path, reward: str | None, jud
         raise DecalignError(f"{prompts} holds no prompts")
     steer = load_reward(reward)
     scorer = load_reward(judge) if judge else None
-    needs = [r.label for r in runs if _needs_reward(r.name)]
+    needs = [r.label for r in runs if get_method(r.name).needs_reward]
     if needs and steer is None:
         raise DecalignError(f"--reward is needed by {', '.join(needs)}")
+    requests = {run.label: _request(run, steer, model=model, adapter=adapter, max_new_tokens=max_new_tokens,
+                                    system=system, batch_size=batch_size) for run in runs}
     config = {"prompts": str(prompts), "offset": offset, "model": model, "adapter": adapter, "reward": reward, "judge": judge,
               "max_new_tokens": max_new_tokens, "seed": seed, "system": system}
     check_run_config(out, config, defaults={"offset": 0})  # run folders from before --offset had none
@@ -114,15 +97,12 @@ def run_bench(*, methods: str, prompts: Path, out: Path, reward: str | None, jud
         for run in runs:
             pending = [(i, p) for i, p in items if (run.label, i) not in done]
             size = batch_size or len(pending) or 1
-            params = dict(run.params)
-            if "trace" in _parameters(run.name):
-                params.setdefault("trace", True)
             for start in range(0, len(pending), size):
                 chunk = pending[start:start + size]
                 bar.set_description(f"bench {run.label}")
-                results = generate([p for _, p in chunk], method=run.name, model=engine, reward=steer,
-                                   max_new_tokens=max_new_tokens, seed=[derive_seed(seed, i) for i, _ in chunk],
-                                   system=system, batch_size=len(chunk), **params)
+                results = run_request(requests[run.label].with_prompts(
+                    [p for _, p in chunk], seed=[derive_seed(seed, i) for i, _ in chunk], model=engine,
+                    batch_size=len(chunk)))
                 texts = [r.text for r in results]
                 prompts_ = [p for _, p in chunk]
                 rewards = steer.score(prompts_, texts) if steer else [None] * len(chunk)
@@ -145,27 +125,19 @@ def run_bench(*, methods: str, prompts: Path, out: Path, reward: str | None, jud
     return summary
 
 
-def _parameters(name: str) -> dict:
-    from .methods import get_method
-
-    return get_method(name).parameters()
-
-
-def _needs_reward(name: str) -> bool:
-    from .methods import get_method
-
-    return get_method(name).needs_reward
+def _request(run: MethodRun, reward: Reward | None, *, model: str | None, adapter: str | None, max_new_tokens: int,
+             system: str | None, batch_size: int | None) -> Request:
+    """The run's decoding as a Request, validated before anything is decoded (traces kept where the
+    method has them)."""
+    params = dict(run.params)
+    if "trace" in get_method(run.name).parameters():
+        params.setdefault("trace", True)
+    return Request.from_options(method=run.name, params=params, reward=reward, model=model, adapter=adapter,
+                                max_new_tokens=max_new_tokens, system=system, batch_size=batch_size or 1)
 
 
 def _header(engine, config: dict) -> str:
-    import torch
-    import transformers
-
-    from . import __version__
-
-    return (f"decalign {__version__} · torch {torch.__version__} · transformers {transformers.__version__} · "
-            f"{platform.machine()} {torch.get_num_threads()} threads · model {engine.name} · "
-            f"reward {config['reward']} · judge {config['judge']} · {config['max_new_tokens']} new tokens · "
+    return (f"{environment(engine)} · reward {config['reward']} · judge {config['judge']} · {config['max_new_tokens']} new tokens · "
             f"seed {config['seed']}")
 
 
@@ -214,8 +186,6 @@ def _curve_key(label: str) -> str:
 
 def _bon_n(label: str) -> int | None:
     """N of a plain Best-of-N run ('bon:n=8', or 'bon' at its default N); None for anything else."""
-    from .methods import get_method
-
     name, *parts = label.split(":")
     if name != "bon" or any(not p.startswith("n=") for p in parts):
         return None

@@ -15,14 +15,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import click
 import torch
+from transformers import AutoModelForCausalLM
 
-PROMPTS = [
-    "How do I bake bread at home?",
-    "Write a short poem about the sea.",
-    "Explain what a KV cache is in two sentences.",
-    "What should I pack for a weekend hike in the mountains?",
+from .api import generate
+from .bench_engine import PROMPTS as BENCH_PROMPTS
+from .engine import Engine
+from .models import resolve_model_path
+
+PROMPTS = BENCH_PROMPTS + [
     "Tom has 3 apples and buys 5 more. How many apples does he have?",
     "Give me three tips for learning a new language.",
     "Why is the sky blue?",
@@ -32,10 +33,7 @@ PROMPTS = [
 
 def random_adapter(model: str | None, out: Path, rank: int = 8, scale: float = 0.02, seed: int = 0) -> Path:
     """A random-init LoRA on every linear layer (B ~ N(0, scale)): enough to time, not to use."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from .models import resolve_model_path
+    from peft import LoraConfig, get_peft_model  # local: peft costs ~2 s and only this helper needs it here
 
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path(model))
     peft_model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
@@ -51,9 +49,6 @@ def random_adapter(model: str | None, out: Path, rank: int = 8, scale: float = 0
 def run_latency(model: str | None = None, adapter: str | None = None, batch_sizes=(1, 8), new_tokens: int = 32,
                 repeats: int = 5, threads: int | None = None, alpha: float = 0.1, beta: float = 0.5,
                 routes: bool = True, free_tokens: int = 128) -> str:
-    from .api import generate
-    from .engine import Engine
-
     if threads:
         torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as scratch:
@@ -67,11 +62,11 @@ def run_latency(model: str | None = None, adapter: str | None = None, batch_size
 
     def call(spec: dict, prompts: list[str], tokens: int, fixed: bool) -> tuple[float, list]:
         spec = dict(spec)
-        engine._gate_ok = False if spec.pop("_route", None) == "peft" else None
+        engine.lora_gate.ok = False if spec.pop("_route", None) == "peft" else None
         start = time.perf_counter()
         results = generate(prompts, model=engine, max_new_tokens=tokens, min_new_tokens=tokens if fixed else 0,
                            seed=0, batch_size=len(prompts), **spec)
-        engine._gate_ok = None
+        engine.lora_gate.ok = None
         return time.perf_counter() - start, results
 
     lines = [f"CoLD vs greedy with the same adapter · model {engine.name} · adapter: {adapter_note} · "
@@ -101,24 +96,3 @@ def run_latency(model: str | None = None, adapter: str | None = None, batch_size
             lines.append(f"| {size} | {name} | {statistics.median(one[name]) * 1000:.0f} | {decode[name]:.1f} | "
                          f"{decode[name] / base:.2f} | {lengths[name]:.1f} |")
     return "\n".join(lines)
-
-
-@click.command("bench-cold")
-@click.option("--model", default=None, help="Model [default: embedded SmolLM2-135M-Instruct].")
-@click.option("--adapter", default=None, help="LoRA adapter [default: a random-init LoRA, for timing only].")
-@click.option("--batch-sizes", default="1,8", show_default=True)
-@click.option("--new-tokens", default=32, show_default=True, type=int)
-@click.option("--repeats", default=5, show_default=True, type=int)
-@click.option("--threads", default=None, type=int, help="torch threads [default: all cores].")
-@click.option("--free-tokens", default=128, show_default=True, type=int,
-              help="Token cap of the free-running answers that give tokens per answer.")
-def bench_cold_command(model, adapter, batch_sizes, new_tokens, repeats, threads, free_tokens):
-    """CoLD's decode cost against greedy with the same adapter, side by side."""
-    from .cli import _quiet_transformers
-
-    _quiet_transformers()
-    if threads:
-        torch.set_num_threads(threads)
-    sizes = [int(s) for s in batch_sizes.split(",") if s.strip()]
-    click.echo(run_latency(model=model, adapter=adapter, batch_sizes=sizes, new_tokens=new_tokens, repeats=repeats,
-                           threads=threads, free_tokens=free_tokens))

@@ -13,6 +13,9 @@ import time
 
 import torch
 
+from .engine import get_engine
+from .sampling import Sampling
+
 PROMPTS = [
     "How do I bake bread at home?",
     "Write a short poem about the sea.",
@@ -30,13 +33,11 @@ def _time(fn) -> float:
 def run_bench(model: str | None = None, batch_sizes=(1, 4, 16), new_tokens: int = 64, repeats: int = 3,
               threads: int | None = None) -> str:
     """A markdown table of tokens per second (whole batch) for the engine and for HF generate."""
-    from .api import get_engine
-    from .sampling import Sampling
 
     if threads:
         torch.set_num_threads(threads)
     engine = get_engine(model)
-    tokenizer, policy = engine.tokenizer, engine.model
+    policy = engine.model
     sampling = Sampling(temperature=1.0)
     rows = [f"engine vs transformers.generate · model {engine.name} · {new_tokens} new tokens · "
             f"median of {repeats} · torch {torch.__version__} · {torch.get_num_threads()} threads · "

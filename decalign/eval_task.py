@@ -16,8 +16,6 @@ and may add variants) and summary.md / summary.json.
 from __future__ import annotations
 
 import json
-import math
-import platform
 import statistics
 import sys
 import time
@@ -25,14 +23,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import click
+import torch
+from tqdm import tqdm
 
+from .api import run as run_request
+from .engine import get_engine
 from .errors import DecalignError
-from .records import append_record, check_run_config, load_output, read_records
+from .methods import parse_method_spec
+from .records import append_record, check_run_config, environment, load_output, read_records
+from .request import Request
+from .sampling import derive_seed
+from .stats import mcnemar_exact, paired_bootstrap, wilson
 from .tasks import is_formatted, parse_final, parse_lenient
 
 BASE_LABEL = "base"
-Z95 = 1.959963984540054
 
 
 @dataclass
@@ -47,8 +51,6 @@ class Variant:
 
 def parse_variants(text: str) -> list[Variant]:
     """'base,greedy,cold:alpha=0.1:beta=0.5' -> variants, each validated before any model loads."""
-    from .methods import parse_method_spec
-
     variants = []
     for label in [part.strip() for part in text.split(",") if part.strip()]:
         if label == BASE_LABEL:
@@ -78,57 +80,16 @@ def read_items(path: Path, limit: int | None = None) -> list[tuple[Any, Any, int
     return items
 
 
-# ----- statistics ------------------------------------------------------------------------------
-def wilson(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval of a proportion: sound near 0 and 1, where the normal one is not."""
-    if n == 0:
-        return math.nan, math.nan
-    p = correct / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def mcnemar_exact(b: int, c: int) -> float:
-    """Two-sided exact McNemar p-value: the discordant pairs as b + c fair coin flips."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1))
-    return min(1.0, 2 * tail / 2**n)
-
-
-def paired_bootstrap(reference: list[bool], other: list[bool], resamples: int = 10000,
-                     seed: int = 0) -> tuple[float, float, float]:
-    """(difference, low, high): accuracy of `other` minus `reference` on the same items, with the
-    95% percentile interval of that difference over items resampled with replacement."""
-    import numpy as np
-
-    if len(reference) != len(other) or not reference:
-        raise DecalignError("a paired bootstrap needs two equally long, non-empty lists of outcomes")
-    diff = np.asarray(other, dtype=float) - np.asarray(reference, dtype=float)
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(diff.mean()), float(low), float(high)
-
-
 # ----- the run ---------------------------------------------------------------------------------
 def run_eval(*, test: Path, adapter: str, variants: str, out: Path, model: str | None = None,
              max_new_tokens: int = 64, batch_size: int = 16, limit: int | None = None, seed: int = 0,
              reference: str = "greedy", threads: int | None = None, progress: bool = True) -> dict:
     """Answer every test item with every variant (resuming), then write and return the summary."""
-    import torch
-    from tqdm import tqdm
-
-    from .api import generate, get_engine
-    from .sampling import derive_seed
-
     runs = parse_variants(variants)
-    for name, value in (("--max-new-tokens", max_new_tokens), ("--batch-size", batch_size),
-                        ("--limit", limit), ("--threads", threads)):
+    for name, value in (("--limit", limit), ("--threads", threads)):
         if value is not None and value < 1:
             raise DecalignError(f"{name} must be >= 1, got {value}")
+    requests = {run.label: _request(run, adapter, max_new_tokens, batch_size) for run in runs}
     if reference not in [v.label for v in runs]:
         raise DecalignError(f"reference {reference!r} is not among the variants: {', '.join(v.label for v in runs)}")
     if not (Path(adapter).expanduser() / "adapter_model.safetensors").is_file():
@@ -151,14 +112,14 @@ def run_eval(*, test: Path, adapter: str, variants: str, out: Path, model: str |
             bar.set_description(f"eval-task {run.label}")
             for start in range(0, len(pending), batch_size):
                 chunk = pending[start:start + batch_size]
-                kwargs = dict(method=run.method, model=engine, max_new_tokens=max_new_tokens,
-                              seed=[derive_seed(seed, i) for i, _, _ in chunk], batch_size=len(chunk), **run.params)
-                prompts = [p for _, p, _ in chunk]
+                request = requests[run.label].with_prompts(
+                    [p for _, p, _ in chunk], [derive_seed(seed, i) for i, _, _ in chunk], model=engine,
+                    adapter=None, batch_size=len(chunk))
                 if run.adapter:
-                    results = generate(prompts, **kwargs)
+                    results = run_request(request)
                 else:
                     with engine.model.disable_adapter():
-                        results = generate(prompts, **kwargs)
+                        results = run_request(request)
                 for (record_id, _, gold), result in zip(chunk, results):
                     answer = parse_final(result.text)
                     append_record(handle, {
@@ -179,13 +140,14 @@ def run_eval(*, test: Path, adapter: str, variants: str, out: Path, model: str |
     return summary
 
 
+def _request(variant: Variant, adapter: str, max_new_tokens: int, batch_size: int) -> Request:
+    """The variant's decoding as a Request, validated before any model loads."""
+    return Request.from_options(method=variant.method, params=variant.params, adapter=adapter,
+                                max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+
 def _header(engine, config: dict, items: int) -> str:
-    import torch
-
-    from . import __version__
-
-    return (f"decalign {__version__} · torch {torch.__version__} · {platform.machine()} "
-            f"{torch.get_num_threads()} threads · model {engine.name} · adapter {config['adapter']} · "
+    return (f"{environment(engine)} · adapter {config['adapter']} · "
             f"{items} items of {config['test']} · {config['max_new_tokens']} new tokens · seed {config['seed']} · "
             f"{time.strftime('%Y-%m-%d')}")
 
@@ -242,29 +204,3 @@ def summary_markdown(summary: dict) -> str:
               f"{summary['reference']} gets right, c: items only the variant gets right; diff = variant minus "
               f"{summary['reference']}. flips: steps where CoLD's token differs from the adapter's own argmax."]
     return "\n".join(lines)
-
-
-@click.command("eval-task")
-@click.argument("test", metavar="TEST.jsonl", type=click.Path(dir_okay=False))
-@click.option("--adapter", required=True, help="PEFT LoRA adapter folder (trained with train-lora).")
-@click.option("--variants", "-v", default="base,greedy,cold:alpha=0.1:beta=0.5", show_default=True,
-              help="Comma-separated decoders: base (no adapter) or a method spec run with the adapter.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (resumable).")
-@click.option("--model", default=None, help="Base model [default: embedded SmolLM2-135M-Instruct].")
-@click.option("--reference", default="greedy", show_default=True, help="Variant the paired statistics compare to.")
-@click.option("--max-new-tokens", default=64, show_default=True, type=int)
-@click.option("--batch-size", default=16, show_default=True, type=int, help="Items decoded together.")
-@click.option("--limit", default=None, type=int, help="Use the first K test items.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seeds sampling variants (greedy ignores it).")
-@click.option("--threads", default=None, type=int, help="torch threads [default: all cores].")
-def eval_task_command(test, adapter, variants, out, model, reference, max_new_tokens, batch_size, limit, seed,
-                      threads):
-    """Exact-match accuracy of base, adapter greedy and CoLD on a test split, with paired statistics."""
-    from .cli import _quiet_transformers
-
-    _quiet_transformers()
-    summary = run_eval(test=Path(test), adapter=adapter, variants=variants, out=Path(out), model=model,
-                       max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, seed=seed,
-                       reference=reference, threads=threads)
-    click.echo(summary_markdown(summary))
-    click.echo(f"\nrecords and summary in {out}", err=True)

@@ -14,9 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-import click
+import torch
+from tqdm import tqdm
 
 from .errors import DecalignError
+from .models import load_model
 from .records import json_objects
 
 
@@ -83,11 +85,7 @@ def train_lora(
 
     Returns {"steps", "examples", "first_loss", "last_loss", "seconds", "path"}: the losses are the
     means over the first and the last up-to-10 steps (a quick check that it learned)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from tqdm import tqdm
-
-    from .models import load_model
+    from peft import LoraConfig, get_peft_model  # local: peft costs ~2 s and only training needs it
 
     if rank < 1:
         raise DecalignError(f"rank must be >= 1, got {rank}")
@@ -157,25 +155,3 @@ def train_lora(
     head, tail = losses[:10], losses[-10:]
     return {"steps": step, "examples": len(examples), "first_loss": sum(head) / len(head),
             "last_loss": sum(tail) / len(tail), "seconds": time.perf_counter() - started, "path": str(out)}
-
-
-@click.command("train-lora")
-@click.argument("data", metavar="DATA.jsonl", type=click.Path(dir_okay=False))
-@click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Adapter folder to write.")
-@click.option("--model", default=None, help="Base model [default: embedded SmolLM2-135M-Instruct].")
-@click.option("--max-steps", default=None, type=int, help="Stop after N optimizer steps [default: whole epochs].")
-@click.option("--epochs", default=1, show_default=True, type=int)
-@click.option("--rank", default=8, show_default=True, type=int, help="LoRA rank (lora_alpha = 2 x rank).")
-@click.option("--lr", default=2e-3, show_default=True, type=float)
-@click.option("--batch-size", default=8, show_default=True, type=int)
-@click.option("--seed", default=0, show_default=True, type=int)
-def train_lora_command(data, output, model, max_steps, epochs, rank, lr, batch_size, seed):
-    """Fine-tune a LoRA adapter on {"messages": [...]} records (loss on assistant turns only)."""
-    from .cli import _quiet_transformers
-
-    _quiet_transformers()
-    summary = train_lora(data, output, model=model, max_steps=max_steps, epochs=epochs, rank=rank, lr=lr,
-                         batch_size=batch_size, seed=seed)
-    click.echo(f"adapter written to {summary['path']}: {summary['steps']} steps on {summary['examples']} "
-               f"examples, loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f} "
-               f"({summary['seconds']:.0f} s)", err=True)

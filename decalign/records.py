@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import torch
+import transformers
+
+from . import __version__
 from .errors import DecalignError
 
 
@@ -88,3 +93,9 @@ def check_run_config(out: Path, config: dict, *, defaults: dict | None = None) -
 def append_record(handle, record: dict) -> None:
     handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     handle.flush()  # a finished record survives a kill
+
+
+def environment(engine) -> str:
+    """The first words of a run's header: versions, machine, threads and model, to read figures by."""
+    return (f"decalign {__version__} · torch {torch.__version__} · transformers {transformers.__version__} · "
+            f"{platform.machine()} {torch.get_num_threads()} threads · model {engine.name}")

@@ -22,8 +22,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
-
 from .errors import DecalignError
 
 NAMES = [("Mia", "she", "her"), ("Tom", "he", "his"), ("Ava", "she", "her"), ("Leo", "he", "his"),
@@ -138,15 +136,3 @@ def write_splits(out: Path, train: int, test: int, seed: int = 0, max_steps: int
         for p in test_items:
             handle.write(json.dumps({"id": p.id, "prompt": p.question, "answer": p.answer, "steps": p.steps}) + "\n")
     return train_path, test_path
-
-
-@click.command("make-task")
-@click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Folder for the two splits.")
-@click.option("--train", default=3000, show_default=True, type=int, help="Train problems (chat JSONL).")
-@click.option("--test", default=300, show_default=True, type=int, help="Held-out test problems.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--max-steps", default=3, show_default=True, type=int, help="Most arithmetic steps per problem.")
-def make_task_command(output, train, test, seed, max_steps):
-    """Write seeded arithmetic word problems (answer format `#### <n>`): train.jsonl and test.jsonl."""
-    train_path, test_path = write_splits(Path(output), train, test, seed, max_steps)
-    click.echo(f"wrote {train} train problems to {train_path} and {test} test problems to {test_path}", err=True)

@@ -46,7 +46,7 @@ def test_mixed_batch_rows_equal_adapter_on_and_off_exactly(adapted, ids, route):
     in one forward pass (the engine's own gate, and PEFT's adapter_names route)."""
     prompts = ids + ids
     names = ["default"] * 3 + ["__base__"] * 3
-    adapted._gate_ok = None if route == "gate" else False
+    adapted.lora_gate.ok = None if route == "gate" else False
     try:
         mixed = adapted.start(prompts, adapters=names, max_new_tokens=6)
         on, off = both_ways(adapted, prompts)
@@ -61,7 +61,7 @@ def test_mixed_batch_rows_equal_adapter_on_and_off_exactly(adapted, ids, route):
         mixed.select([0, 3, 0])  # forks copy the names
         assert mixed.adapters == ["default", "__base__", "default"]
     finally:
-        adapted._gate_ok = None
+        adapted.lora_gate.ok = None
 
 
 def test_mixed_batch_names_are_checked(adapted, engine, ids):

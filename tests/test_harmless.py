@@ -22,7 +22,7 @@ PAIRS = Path("/work/shared/data/hh-rlhf-harmless/pairs.jsonl")
 
 @pytest.fixture(scope="module")
 def reward():
-    from decalign.rewards.base import load_reward
+    from decalign.rewards import load_reward
 
     return load_reward("harmless")
 
@@ -122,7 +122,8 @@ def _synthetic_pairs(path: Path, n: int, seed: int) -> None:
 
 
 def test_train_reward_on_a_users_pairs_file_reloads(tmp_path):
-    from decalign.rewards.harmless import HarmlessReward, train_reward
+    from decalign.rewards.harmless import HarmlessReward
+    from decalign.rewards.harmless_training import train_reward
 
     pairs = tmp_path / "pairs.jsonl"
     _synthetic_pairs(pairs, 40, seed=0)
@@ -154,7 +155,8 @@ def test_train_reward_on_a_users_pairs_file_reloads(tmp_path):
 
 
 def test_word_prefixes_and_prefix_pairs():
-    from decalign.rewards.harmless import prefix_pairs, word_prefix
+    from decalign.rewards.harmless import word_prefix
+    from decalign.rewards.harmless_training import prefix_pairs
 
     text = "Hello,  big\nworld  again !"
     assert word_prefix(text, 0.6) == "Hello,  big\nworld"  # 3 of 5 words, spacing kept, cut after a word
@@ -170,7 +172,8 @@ def test_word_prefixes_and_prefix_pairs():
 
 
 def test_malformed_pairs_file_names_the_line(tmp_path):
-    from decalign.rewards.harmless import HarmlessReward, read_pairs
+    from decalign.rewards.harmless import HarmlessReward
+    from decalign.rewards.harmless_training import read_pairs
 
     bad = tmp_path / "bad.jsonl"
     good_line = json.dumps({"messages": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b"})
@@ -190,7 +193,8 @@ def test_malformed_pairs_file_names_the_line(tmp_path):
 def test_empty_answer_anchor_pulls_the_empty_answer_down(tmp_path):
     """When raters prefer short answers, an unanchored head extrapolates the empty answer to the top;
     the chosen > "" > rejected anchor pulls it back towards the answers it sits between."""
-    from decalign.rewards.harmless import HarmlessReward, train_reward
+    from decalign.rewards.harmless import HarmlessReward
+    from decalign.rewards.harmless_training import train_reward
 
     short = ["No.", "Nope.", "I won't.", "Never.", "No way."]
     rng = random.Random(0)

@@ -5,7 +5,6 @@ import torch
 
 from decalign import DecalignError, Engine, generate
 from decalign.methods import make_config, method_names, parse_method_spec
-from decalign.sampling import GREEDY
 
 
 @pytest.fixture(scope="module")

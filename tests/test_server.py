@@ -1,6 +1,5 @@
 """decalign serve: the real `openai` client against a server on a free loopback port, tiny model."""
 
-import json
 import socket
 import threading
 import time
@@ -157,7 +156,8 @@ def test_concurrent_requests_are_batched_and_a_full_queue_says_429(engine):
         assert set(results) <= {200, 429} and 200 in results
         metrics = httpx.get(url + "/metrics", timeout=10).text
         answered = results.count(200)
-        batches = int(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("decalign_batches_total")))
+        batches = int(float(next(line.split()[-1] for line in metrics.splitlines()
+                                  if line.startswith("decalign_batches_total"))))
         assert batches < answered or answered == 1  # companions shared a batch
         if 429 in results:
             reply = httpx.post(url + "/v1/chat/completions", timeout=60,
@@ -181,8 +181,42 @@ def test_a_disconnected_stream_stops_its_work(engine):
                     break  # hang up after the first token
         time.sleep(1.0)
         metrics = httpx.get(url + "/metrics", timeout=10).text
-        tokens = int(next(line.split()[-1] for line in metrics.splitlines()
-                          if line.startswith("decalign_generated_tokens_total")))
+        tokens = int(float(next(line.split()[-1] for line in metrics.splitlines()
+                                if line.startswith("decalign_generated_tokens_total"))))
         assert tokens - full["usage"]["completion_tokens"] < full["usage"]["completion_tokens"] / 2
     finally:
         server.should_exit = True
+
+
+def test_requests_of_different_methods_share_a_batch(engine):
+    """A greedy, a Best-of-N and a CARDS request that arrive together are decoded in one batch, and
+    each answers as it does alone."""
+    server, url = start(engine, batch_window=0.5, max_batch=8)
+    bodies = [
+        {"max_tokens": 6, "seed": 1},
+        {"max_tokens": 8, "seed": 2, "alignment": {"method": "bon", "n": 3, "reward": "sentiment"}},
+        {"max_tokens": 10, "seed": 3, "alignment": {"method": "cards", "reward": "sentiment", "max_retries": 2}},
+    ]
+    try:
+        def ask(body):
+            return httpx.post(url + "/v1/completions", timeout=60, json={"prompt": "The answer is", **body}).json()
+
+        alone = [ask(body) for body in bodies]
+        before = batches_total(url)
+        together: list = [None] * len(bodies)
+        threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, ask(bodies[i])))
+                   for i in range(len(bodies))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert batches_total(url) - before == 1
+        assert [a["choices"][0]["text"] for a in together] == [a["choices"][0]["text"] for a in alone]
+        assert [a["alignment"]["method"] for a in together] == ["greedy", "bon", "cards"]
+    finally:
+        server.should_exit = True
+
+
+def batches_total(url: str) -> int:
+    metrics = httpx.get(url + "/metrics", timeout=10).text
+    return int(float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("decalign_batches_total"))))

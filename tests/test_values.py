@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from decalign import DecalignError, EntropyStop, Reward, generate
+from decalign.rewards.value import ValueReward
 from decalign.sampling import Sampling
-from decalign.values import ValueReward, load_value, prefix_features, teacher_forced_features
+from decalign.values import load_value, prefix_features, teacher_forced_features
 from decalign.values.train import fit_ridge, train_value, within_prompt_correlation
 
 SAMPLE = Sampling(temperature=1.0)

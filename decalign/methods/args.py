@@ -17,19 +17,20 @@ from dataclasses import dataclass
 
 import torch
 
+from ..engine import Batch, Move, Write
 from ..errors import DecalignError
-from ..result import Result
 from ..sampling import Sampling, choose_tokens
-from . import Job, register
+from .base import Method, param, register
 
 
 @dataclass
 class ArgsConfig:
-    k: int = 40
-    w: float = 1.5
-    mode: str = "greedy"  # greedy | sample
-    temperature: float = 1.0  # for mode=sample
-    value: str | None = None  # a prefix value (shipped name or folder) scores partial answers; the reward, finished ones
+    k: int = param(40, "candidate next tokens scored per step")
+    w: float = param(1.5, "reward weight: pick by logprob + w * reward")
+    mode: str = param("greedy", "greedy: the best candidate; sample: draw from softmax(score / temperature)")
+    temperature: float = param(1.0, "temperature of mode=sample")
+    value: str | None = param(None, "prefix value (shipped name or folder) scoring the look-ahead; the reward "
+                                    "scores finished answers")
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -42,41 +43,60 @@ class ArgsConfig:
 
 @register("args", ArgsConfig, needs_reward=True,
           summary="token-level search: top-k next tokens re-ranked by logprob + w * reward")
-def args(job: Job, config: ArgsConfig) -> list[Result]:
-    batch = job.start(stream_tokens=True)
-    decode = job.engine.decode
-    answer_reward: dict[int, float] = {}  # the reward of each row's text as it stands
-    while live := batch.live_rows():
+class Args(Method):
+    streams_tokens = True
+
+    def begin(self, batch: Batch, rows: list[list[int]]) -> None:
+        self.rows = [row for group in rows for row in group]
+        self.answer_reward: dict[int, float] = {}  # the reward of each row's text as it stands
+
+    def moves(self) -> list[Move]:
+        job, batch, config = self.job, self.batch, self.config
+        live = [r for r in self.rows if batch.finish[r] is None]
+        if not live:
+            return []
         logprobs = batch.mask_early_eos(live, batch.next_logits(live)).log_softmax(-1)
         top_logprobs, top_tokens = logprobs.topk(min(config.k, logprobs.shape[-1]), dim=-1)
         top_logprobs, top_tokens = top_logprobs.tolist(), top_tokens.tolist()
         if job.value is not None:
-            rewards = torch.tensor(_look_ahead(job, batch, live, top_tokens)).view(len(live), -1)
+            rewards = torch.tensor(self._look_ahead(live, top_tokens)).view(len(live), -1)
         else:
             owners, texts = [], []
             for row, tokens in zip(live, top_tokens):
-                owners += [batch.prompt_of[row]] * len(tokens)
-                texts += [decode(batch.tokens[row] + [token]) for token in tokens]
+                owners += [job.prompt_of(batch, row)] * len(tokens)
+                texts += [job.engine.decode(batch.tokens[row] + [token]) for token in tokens]
             rewards = torch.tensor(job.score(owners, texts)).view(len(live), -1)
         scores = torch.tensor(top_logprobs) + config.w * rewards
         sampling = Sampling(0.0 if config.mode == "greedy" else config.temperature)
         picks = choose_tokens(scores, sampling, [batch.generators[r] for r in live]).tolist()
-        batch.append({row: top_tokens[i][pick] for i, (row, pick) in enumerate(zip(live, picks))})
-        answer_reward.update({row: float(rewards[i, pick]) for i, (row, pick) in enumerate(zip(live, picks))})
-    return job.results(batch, range(batch.size), rewards=[answer_reward[r] for r in range(batch.size)])
+        self.answer_reward.update({row: float(rewards[i, pick]) for i, (row, pick) in enumerate(zip(live, picks))})
+        return [Write({row: top_tokens[i][pick] for i, (row, pick) in enumerate(zip(live, picks))})]
 
+    def react(self) -> None:
+        if all(self.batch.finish[r] is not None for r in self.rows):
+            self.results[:] = self.job.results(self.batch, self.rows,
+                                               rewards=[self.answer_reward[r] for r in self.rows])
 
-def _look_ahead(job: Job, batch, live: list[int], top_tokens: list[list[int]]) -> list[float]:
-    """Scores of each live row's answer extended by each of its candidate tokens: forked copies read
-    the candidates (one forward pass), are scored, and leave the batch; the rows keep their streams."""
-    size = batch.size
-    forks = [row for row, tokens in zip(live, top_tokens) for _ in tokens]
-    listener, batch.on_token = batch.on_token, None  # look-ahead tokens are not the answer's
-    try:
-        batch.select(list(range(size)) + forks)
-        batch.append({size + i: token for i, token in enumerate(t for tokens in top_tokens for t in tokens)})
-        scores = job.evaluate(batch, range(size, size + len(forks)))
-        batch.select(list(range(size)))
-    finally:
-        batch.on_token = listener
-    return scores
+    def live_rows(self) -> list[int]:
+        return list(self.rows)
+
+    def remap(self, new_row: dict[int, int]) -> None:
+        self.rows = [new_row[r] for r in self.rows]
+        self.answer_reward = {new_row[r]: v for r, v in self.answer_reward.items()}
+
+    def _look_ahead(self, live: list[int], top_tokens: list[list[int]]) -> list[float]:
+        """Scores of each live row's answer extended by each of its candidate tokens: forked copies
+        (appended after every row of the batch) read the candidates in one forward pass, are scored,
+        and leave the batch; the rows keep their streams."""
+        batch = self.batch
+        size = batch.size
+        forks = [row for row, tokens in zip(live, top_tokens) for _ in tokens]
+        listener, batch.on_token = batch.on_token, None  # look-ahead tokens are not the answer's
+        try:
+            batch.select(list(range(size)) + forks)
+            batch.append({size + i: token for i, token in enumerate(t for tokens in top_tokens for t in tokens)})
+            scores = self.job.evaluate(batch, range(size, size + len(forks)))
+            batch.select(list(range(size)))
+        finally:
+            batch.on_token = listener
+        return scores

@@ -1,6 +1,8 @@
 """Best-of-N: sample N answers per prompt in one batch, score them, keep the best.
 
-All N candidates share the prompt's encoding (the engine forks them after one prefill).
+    rows: N per prompt, forked after one prefill of the prompt
+    every row: sample a whole answer
+    answer: argmax over the prompt's N rows of reward(prompt, answer)   (the first of equals wins)
 """
 
 from __future__ import annotations
@@ -9,14 +11,15 @@ from dataclasses import dataclass
 
 from ..errors import DecalignError
 from ..result import Result
-from . import Job, SamplingParams, register
+from .base import SamplingParams, param, register
+from .sample import WholeAnswers
 
 
 @dataclass
 class BestOfNConfig(SamplingParams):
     """n candidates per prompt; temperature, top_k, top_p as for sampling."""
 
-    n: int = 4
+    n: int = param(4, "candidates per prompt")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -25,16 +28,20 @@ class BestOfNConfig(SamplingParams):
 
 
 @register("bon", BestOfNConfig, needs_reward=True, summary="best of n sampled answers by reward")
-def best_of_n(job: Job, config: BestOfNConfig) -> list[Result]:
-    n = config.n
-    batch = job.start(n=n)
-    batch.extend(config.sampling)
-    scores = job.score(batch.prompt_of, [batch.text(r) for r in range(batch.size)])
-    best_rows, rewards, candidates = [], [], []
-    for p in range(len(job.prompts)):
-        rows = range(p * n, (p + 1) * n)
-        best = max(rows, key=lambda r: scores[r])  # the first of equals wins
-        best_rows.append(best)
-        rewards.append(scores[best])
-        candidates.append([job.candidate(batch, r, scores[r]) for r in rows])
-    return job.results(batch, best_rows, rewards=rewards, candidates=candidates)
+class BestOfN(WholeAnswers):
+    streams_tokens = False  # no token is final until the best answer is known
+
+    def rows_per_prompt(self) -> int:
+        return self.config.n
+
+    def answer(self, rows: list[int]) -> list[Result]:
+        job, batch, n = self.job, self.batch, self.config.n
+        scores = job.score([job.prompt_of(batch, r) for r in rows], [batch.text(r) for r in rows])
+        best_rows, rewards, candidates = [], [], []
+        for p in range(len(job.prompts)):
+            mine = range(p * n, (p + 1) * n)
+            best = max(mine, key=lambda i: scores[i])
+            best_rows.append(rows[best])
+            rewards.append(scores[best])
+            candidates.append([job.candidate(batch, rows[i], scores[i]) for i in mine])
+        return job.results(batch, best_rows, rewards=rewards, candidates=candidates)

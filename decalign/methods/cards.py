@@ -19,42 +19,33 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..engine import EntropyStop, MaxProbStop, PunctuationCut
+from ..engine import EntropyStop, MaxProbStop, PunctuationCut, Sample
 from ..errors import DecalignError
-from ..result import Result
-from ..sampling import Sampling
-from . import Job, register
-from .rejection import PromptState, Proposal, RejectionSampler, check_common
+from .base import param, register
+from .rejection import PromptState, RejectionParams, RejectionSampler
 
 SEGMENTATIONS = ("entropy", "maxprob", "punctuation", "fixed")
 
 
 @dataclass
-class CardsConfig:
+class CardsConfig(RejectionParams):
     """Paper defaults: tau_u 3.0, alpha 0.5, beta 0.7 (also the sampling temperature), top_k 40,
     segments of 4..64 tokens, best of 21 after 20 rejections."""
 
-    r_star: float | None = None  # target reward; None = calibrated per prompt (mean + margin*std of round 1)
-    alpha: float = 0.5
-    beta: float = 0.7  # acceptance temperature
-    temperature: float | None = None  # sampling temperature; None = beta, as in the paper
-    top_k: int = 40
-    tau_u: float = 3.0  # entropy threshold in nats (segmentation=entropy)
-    tau_p: float = 0.5  # 1 - max probability threshold (segmentation=maxprob)
-    segmentation: str = "entropy"  # entropy | maxprob | punctuation | fixed (max_segment tokens)
-    min_segment: int = 4
-    max_segment: int = 64
-    max_retries: int = 20
-    proposals: int = 4  # slots per prompt: proposals drawn at once, tested in the order they start
-    acceptance: str = "soft"  # soft | hard
-    margin: float = 1.0  # calibration: r_star = mean + margin * std of the first proposals' rewards
-    anchor: str = "prompt"  # prompt: tau rises from r0 (the paper); prefix: from the accepted prefix's reward
-    value: str | None = None  # a prefix value (shipped name or folder) scores partial answers; the reward, finished ones
-    trace: bool = False
+    alpha: float = param(0.5, "where the threshold starts: r0 = (1 - alpha) r(prompt) + alpha r_star")
+    tau_u: float = param(3.0, "entropy threshold in nats that ends a segment (segmentation=entropy)")
+    tau_p: float = param(0.5, "1 - max probability threshold that ends a segment (segmentation=maxprob)")
+    segmentation: str = param("entropy", "entropy | maxprob | punctuation | fixed (max_segment tokens)")
+    min_segment: int = param(4, "fewest tokens in a segment")
+    max_segment: int = param(64, "most tokens in a segment")
+    anchor: str = param("prompt", "prompt: tau rises from r0 (the paper); prefix: from the accepted prefix's score")
+    value: str | None = param(None, "prefix value (shipped name or folder) scoring partial answers; the reward "
+                                    "scores finished ones")
 
     def __post_init__(self) -> None:
-        check_common(self.alpha, self.beta, self.proposals, self.max_retries, self.acceptance,
-                     self.temperature, self.top_k)
+        super().__post_init__()
+        if not 0 <= self.alpha <= 1:
+            raise DecalignError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.tau_u < 0:
             raise DecalignError(f"tau_u must be >= 0, got {self.tau_u}")
         if not 0 <= self.tau_p <= 1:
@@ -66,15 +57,14 @@ class CardsConfig:
         if not 1 <= self.min_segment <= self.max_segment:
             raise DecalignError(f"need 1 <= min_segment <= max_segment, got {self.min_segment} and {self.max_segment}")
 
-    def proposal(self) -> Proposal:
-        sampling = Sampling(self.beta if self.temperature is None else self.temperature, top_k=self.top_k)
+    def proposal(self) -> Sample:
         rules = {
             "entropy": {"stop_rule": EntropyStop(self.tau_u, self.min_segment)},
             "maxprob": {"stop_rule": MaxProbStop(self.tau_p, self.min_segment)},
             "punctuation": {"cut_rule": PunctuationCut(min_entropy=1.0, min_tokens=self.min_segment)},
             "fixed": {},
         }[self.segmentation]
-        return Proposal(sampling, max_tokens=self.max_segment, **rules)
+        return Sample((), self.sampling, max_tokens=self.max_segment, **rules)
 
 
 def threshold(prompt_reward: float, r_star: float, alpha: float, tokens: int, n_max: int) -> float:
@@ -95,13 +85,13 @@ def relative_threshold(prefix_reward: float, prefix_tokens: int, prompt_reward: 
 
 @register("cards", CardsConfig, needs_reward=True,
           summary="cascade reward sampling: segments cut at entropy spikes, accepted by a rising threshold")
-def cards(job: Job, config: CardsConfig) -> list[Result]:
-    def rising(state: PromptState, tokens: int) -> float:
+class Cards(RejectionSampler):
+    def proposal(self) -> Sample:
+        return self.config.proposal()
+
+    def threshold(self, state: PromptState, tokens: int) -> float:
+        config, n_max = self.config, self.job.max_new_tokens
         if config.anchor == "prefix" and state.reward is not None:
             return relative_threshold(state.reward, state.prefix_tokens, state.prompt_reward, state.r_star,
-                                      config.alpha, tokens, job.max_new_tokens)
-        return threshold(state.prompt_reward, state.r_star, config.alpha, tokens, job.max_new_tokens)
-
-    return RejectionSampler(job, config.proposal(), rising, beta=config.beta, proposals=config.proposals,
-                            max_retries=config.max_retries, acceptance=config.acceptance, r_star=config.r_star,
-                            margin=config.margin, trace=config.trace).run()
+                                      config.alpha, tokens, n_max)
+        return threshold(state.prompt_reward, state.r_star, config.alpha, tokens, n_max)

@@ -24,17 +24,17 @@ beta = 0 or alpha = 1 reduces cold and contrastive exactly to greedy decoding of
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from ..engine import BASE, Batch, Engine
+from ..engine import BASE, Batch, BatchPrompt, Engine, Move, Write
 from ..errors import DecalignError
 from ..result import Result
 from ..sampling import Sampling, choose_tokens
-from . import Job, missing_adapter, register
+from .base import Job, Method, missing_adapter, param, register
 
 
 # ----- the shared step --------------------------------------------------------------------------
@@ -56,15 +56,6 @@ def contrast_scores(logits: Sequence[torch.Tensor], weights: Sequence[float], *,
     return score.masked_fill(~plausible, float("-inf")), plausible
 
 
-@dataclass
-class Branch:
-    """Rows of one batch that give one branch: prompt p is row `offset + p`."""
-
-    batch: Batch
-    offset: int
-    weight: float
-
-
 def _fit(logits: torch.Tensor, width: int) -> torch.Tensor:
     """Match a branch's vocabulary width to the head's: extra ids are dropped, missing ids get the
     row's minimum (a finite floor, never -inf, so -weight * logit cannot become +inf)."""
@@ -76,52 +67,107 @@ def _fit(logits: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([logits, floor], dim=-1)
 
 
-def decode_contrast(job: Job, branches: list[Branch], *, head: int, alpha: float, sampling: Sampling) -> list[Result]:
-    """Run the step until every prompt finishes; branch 0 (offset 0) holds the answers."""
-    prompts = len(job.prompts)
-    primary = branches[0]
-    steps, flips, plausible_sizes = [0] * prompts, [0] * prompts, [0] * prompts
-    live = list(range(prompts))
-    while live:
-        logits = [b.batch.next_logits([b.offset + p for p in live]) for b in branches]
-        width = logits[head].shape[-1]
+@dataclass
+class Branch:
+    """One branch: prompt p's row is `rows[p]` of `batch` (the shared batch, or a private one for a
+    separate model); its logits enter the score with `weight`."""
+
+    weight: float
+    adapter: str | None = None  # the adapter its rows run with in the shared batch
+    engine: Engine | None = None  # a separate model (its own batch), None for the shared batch
+    batch: Batch | None = None
+    rows: list[int] = field(default_factory=list)
+
+
+class Contrast(Method):
+    """The contrastive step as a machine: every step combines the branches' logits and writes the
+    chosen token on every branch's row; branch 0 holds the answers. Subclasses set `branches()`."""
+
+    head = 0
+
+    def branches(self) -> list[Branch]:
+        raise NotImplementedError
+
+    def batch_prompts(self) -> list[BatchPrompt]:
+        self.parts = self.branches()
+        job = self.job
+        return [job.batch_prompt(ids, seed, 1, branch.adapter)
+                for branch in self.parts if branch.engine is None
+                for ids, seed in zip(job.prompt_ids, job.seeds)]
+
+    def begin(self, batch: Batch, rows: list[list[int]]) -> None:
+        job, count = self.job, len(self.job.prompts)
+        shared = iter(rows)
+        for branch in self.parts:
+            if branch.engine is None:
+                branch.batch, branch.rows = batch, [next(shared)[0] for _ in range(count)]
+            else:  # a separate model: its own batch, written in step with the shared one
+                branch.batch = branch.engine.open([job.batch_prompt(ids, seed, 1)
+                                                   for ids, seed in zip(job.prompt_ids, job.seeds)])
+                branch.rows = list(range(count))
+                if job.cancelled is not None:
+                    branch.batch.cancelled = job.is_cancelled
+        self.steps, self.flips, self.plausible_sizes = [0] * count, [0] * count, [0] * count
+        self.live = list(range(count))
+
+    def moves(self) -> list[Move]:
+        primary = self.parts[0]
+        logits = [b.batch.next_logits([b.rows[p] for p in self.live]) for b in self.parts]
+        width = logits[self.head].shape[-1]
         logits = [_fit(x, width) for x in logits]
-        score, plausible = contrast_scores(logits, [b.weight for b in branches], head=head, alpha=alpha)
-        primary_rows = [primary.offset + p for p in live]
+        score, plausible = contrast_scores(logits, [b.weight for b in self.parts], head=self.head,
+                                           alpha=self.config.alpha)
+        primary_rows = [primary.rows[p] for p in self.live]
         score = primary.batch.mask_early_eos(primary_rows, score)
-        chosen = choose_tokens(score, sampling, [primary.batch.generators[r] for r in primary_rows]).tolist()
-        own = logits[head].argmax(-1).tolist()
+        chosen = choose_tokens(score, self.config.sampling,
+                               [primary.batch.generators[r] for r in primary_rows]).tolist()
+        own = logits[self.head].argmax(-1).tolist()
         sizes = plausible.sum(-1).tolist()
-        done = set()
-        for i, p in enumerate(live):
-            steps[p] += 1
-            flips[p] += chosen[i] != own[i]
-            plausible_sizes[p] += sizes[i]
-        writes: dict[int, tuple[Batch, dict[int, int]]] = {}
-        for b in branches:  # one append per batch: its rows of every branch go through one forward
-            rows = writes.setdefault(id(b.batch), (b.batch, {}))[1]
-            rows.update({b.offset + p: chosen[i] for i, p in enumerate(live)})
-        for batch, rows in writes.values():
-            reasons = batch.append(rows)
-            done.update(batch.prompt_of[r] % prompts for r, reason in reasons.items() if reason is not None)
-        for p in live:  # every chosen token is final: stream it
-            job.publish(p, primary.batch.text(primary.offset + p))
-        live = [p for p in live if p not in done]
-    results = job.results(primary.batch, [primary.offset + p for p in range(prompts)])
-    for p, result in enumerate(results):
-        works = [b.batch.work[b.offset + p] for b in branches]
-        passes: dict[int, int] = {}
-        for b, work in zip(branches, works):  # rows of one batch share its forward passes
-            passes[id(b.batch)] = max(passes.get(id(b.batch), 0), work.forward_passes)
-        result.stats.update(
-            forward_passes=sum(passes.values()),
-            prefill_tokens=sum(w.prefill_tokens for w in works),
-            decode_tokens=sum(w.decode_tokens for w in works),
-            branches=len(branches),
-            contrast_flips=flips[p],  # steps whose token differs from the head branch's own argmax
-            plausible_mean=plausible_sizes[p] / max(steps[p], 1),
-        )
-    return results
+        for i, p in enumerate(self.live):
+            self.steps[p] += 1
+            self.flips[p] += chosen[i] != own[i]
+            self.plausible_sizes[p] += sizes[i]
+        self.chosen = {p: chosen[i] for i, p in enumerate(self.live)}
+        for b in self.parts[1:]:  # a separate model's rows: written by their own forward pass
+            if b.batch is not primary.batch:
+                b.batch.append({b.rows[p]: token for p, token in self.chosen.items()})
+        return [Write({b.rows[p]: token for b in self.parts if b.batch is primary.batch
+                       for p, token in self.chosen.items()})]
+
+    def react(self) -> None:
+        primary = self.parts[0]
+        for p in self.live:  # every chosen token is final: stream it
+            self.job.publish(p, primary.batch.text(primary.rows[p]))
+        self.live = [p for p in self.live if primary.batch.finish[primary.rows[p]] is None]
+        if not self.live:
+            self.results[:] = self._results()
+            self.close()
+
+    def _results(self) -> list[Result]:
+        job, primary = self.job, self.parts[0]
+        results = job.results(primary.batch, primary.rows)
+        for p, result in enumerate(results):
+            works = [b.batch.work[b.batch.prompt_of[b.rows[p]]] for b in self.parts]
+            passes: dict[int, int] = {}
+            for b, work in zip(self.parts, works):  # rows of one batch share its forward passes
+                passes[id(b.batch)] = max(passes.get(id(b.batch), 0), work.forward_passes)
+            result.stats.update(
+                forward_passes=sum(passes.values()),
+                prefill_tokens=sum(w.prefill_tokens for w in works),
+                decode_tokens=sum(w.decode_tokens for w in works),
+                branches=len(self.parts),
+                contrast_flips=self.flips[p],  # steps whose token differs from the head branch's own argmax
+                plausible_mean=self.plausible_sizes[p] / max(self.steps[p], 1),
+            )
+        return results
+
+    def live_rows(self) -> list[int]:
+        return [b.rows[p] for b in self.parts if b.batch is self.batch for p in range(len(self.job.prompts))]
+
+    def remap(self, new_row: dict[int, int]) -> None:
+        for b in self.parts:
+            if b.batch is self.batch:
+                b.rows = [new_row[r] for r in b.rows]
 
 
 # ----- configurations ---------------------------------------------------------------------------
@@ -129,10 +175,10 @@ def decode_contrast(job: Job, branches: list[Branch], *, head: int, alpha: float
 class ContrastParams:
     """alpha: plausibility mask (0, 1]; beta >= 0: contrast strength; temperature 0 = greedy."""
 
-    alpha: float = 0.1
-    beta: float = 0.5
-    temperature: float = 0.0
-    top_p: float = 1.0
+    alpha: float = param(0.1, "plausibility mask: tokens within log(alpha) of the head branch's best")
+    beta: float = param(0.5, "contrast strength (>= 0; 0 = greedy decoding of the expert)")
+    temperature: float = param(0.0, "0 = argmax of the contrast score; > 0 samples from it")
+    top_p: float = param(1.0, "nucleus filter of the contrast distribution (1 = off)")
 
     def __post_init__(self) -> None:
         if not 0 < self.alpha <= 1:
@@ -150,7 +196,7 @@ class ContrastParams:
 class ColdConfig(ContrastParams):
     """CoLD: alpha (mask on the expert), beta, amateur_temperature tau, temperature (0 = greedy), top_p."""
 
-    amateur_temperature: float = 1.0
+    amateur_temperature: float = param(1.0, "tau: the amateur's logits are divided by it")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -158,37 +204,28 @@ class ColdConfig(ContrastParams):
             raise DecalignError(f"amateur_temperature must be > 0, got {self.amateur_temperature}")
 
 
-def _start(job: Job, engine: Engine, prompt_ids: list, seeds: list, adapters: list[str] | None = None) -> Batch:
-    """A batch whose prompts are the job's, repeated once per branch (row prompt q is job prompt q % P)."""
-    batch = engine.start(prompt_ids, seeds=seeds, max_new_tokens=job.max_new_tokens,
-                         min_new_tokens=job.min_new_tokens, stop_strings=job.stop, adapters=adapters)
-    if job.cancelled is not None:
-        batch.cancelled = lambda prompt: job.cancelled(prompt % len(job.prompts))
-    return batch
-
-
 def _active_adapter(job: Job, method: str) -> str:
-    names = job.engine.adapter_names()
-    if not names:
+    if not job.engine.adapter_names():
         raise missing_adapter(method)
-    active = getattr(job.engine.model, "active_adapter", names[0])
-    return active if isinstance(active, str) else names[0]
+    return job.engine.active_adapter()
 
 
-@register("cold", ColdConfig, needs_adapter=True, summary="CoLD: LoRA expert contrasted with its own base, in one batch (needs --adapter)")
-def cold(job: Job, config: ColdConfig) -> list[Result]:
-    adapter = _active_adapter(job, "cold")
-    count = len(job.prompts)
-    batch = _start(job, job.engine, job.prompt_ids * 2, job.seeds * 2, [adapter] * count + [BASE] * count)
-    branches = [Branch(batch, 0, 1 + config.beta), Branch(batch, count, -config.beta / config.amateur_temperature)]
-    return decode_contrast(job, branches, head=0, alpha=config.alpha, sampling=config.sampling)
+@register("cold", ColdConfig, needs_adapter=True,
+          summary="CoLD: LoRA expert contrasted with its own base, in one batch (needs --adapter)")
+class Cold(Contrast):
+    """score = (1 + beta) * s_expert - (beta / tau) * s_base; expert = model + LoRA, base = without it."""
+
+    def branches(self) -> list[Branch]:
+        config = self.config
+        return [Branch(1 + config.beta, _active_adapter(self.job, "cold")),
+                Branch(-config.beta / config.amateur_temperature, BASE)]
 
 
 @dataclass
 class ContrastiveConfig(ColdConfig):
     """Contrastive decoding with a separate amateur model (same tokenizer): amateur=PATH, alpha, beta, tau."""
 
-    amateur: str = ""
+    amateur: str = param("", "amateur model (HF id or folder) with the same tokenizer")
 
 
 _AMATEURS: dict[str, Engine] = {}
@@ -210,20 +247,21 @@ def load_amateur(spec: str, expert: Engine) -> Engine:
 
 @register("contrastive", ContrastiveConfig,
           summary="contrastive decoding against a smaller amateur model with the same tokenizer (amateur=PATH)")
-def contrastive(job: Job, config: ContrastiveConfig) -> list[Result]:
-    amateur = load_amateur(config.amateur, job.engine)
-    expert = _start(job, job.engine, job.prompt_ids, job.seeds)
-    weak = _start(job, amateur, job.prompt_ids, job.seeds)
-    branches = [Branch(expert, 0, 1 + config.beta), Branch(weak, 0, -config.beta / config.amateur_temperature)]
-    return decode_contrast(job, branches, head=0, alpha=config.alpha, sampling=config.sampling)
+class Contrastive(Contrast):
+    """score = (1 + beta) * s_expert - (beta / tau) * s_amateur, the amateur a separate model."""
+
+    def branches(self) -> list[Branch]:
+        config = self.config
+        amateur = load_amateur(config.amateur, self.job.engine)
+        return [Branch(1 + config.beta), Branch(-config.beta / config.amateur_temperature, engine=amateur)]
 
 
 @dataclass
 class DExpertsConfig(ContrastParams):
     """base + beta * (expert - anti-expert); expert = --adapter, anti_adapter = PATH (default: the base)."""
 
-    beta: float = 1.0
-    anti_adapter: str = ""
+    beta: float = param(1.0, "weight of expert - anti-expert")
+    anti_adapter: str = param("", "anti-expert LoRA folder (empty = the base model itself)")
 
 
 ANTI = "anti_expert"
@@ -231,11 +269,16 @@ ANTI = "anti_expert"
 
 @register("dexperts", DExpertsConfig, needs_adapter=True,
           summary="DExperts / proxy-tuning: base + beta * (adapter expert - anti-expert), one batch (needs --adapter)")
-def dexperts(job: Job, config: DExpertsConfig) -> list[Result]:
-    expert = _active_adapter(job, "dexperts")
-    model, count = job.engine.model, len(job.prompts)
+class DExperts(Contrast):
+    """score = s_base + beta * (s_expert - s_anti); the anti-expert is anti_adapter or the base itself."""
+
     loaded = False
-    if config.anti_adapter:
+
+    def branches(self) -> list[Branch]:
+        config, model = self.config, self.job.engine.model
+        expert = _active_adapter(self.job, "dexperts")
+        if not config.anti_adapter:  # the anti-expert is the base itself: s_base + beta * (s_expert - s_base)
+            return [Branch(1.0 - config.beta, BASE), Branch(config.beta, expert)]
         folder = Path(config.anti_adapter).expanduser()
         if not (folder / "adapter_model.safetensors").is_file():
             raise DecalignError(f"anti_adapter {config.anti_adapter} has no adapter_model.safetensors")
@@ -245,17 +288,10 @@ def dexperts(job: Job, config: DExpertsConfig) -> list[Result]:
             raise DecalignError(f"anti_adapter {config.anti_adapter} does not fit the model: "
                                 f"{str(exc).splitlines()[0]}") from exc
         model.set_adapter(expert)
-        loaded = True
-    try:
-        if loaded:
-            names = [BASE] * count + [expert] * count + [ANTI] * count
-            batch = _start(job, job.engine, job.prompt_ids * 3, job.seeds * 3, names)
-            branches = [Branch(batch, 0, 1.0), Branch(batch, count, config.beta),
-                        Branch(batch, 2 * count, -config.beta)]
-        else:  # the anti-expert is the base itself: s_base + beta * (s_expert - s_base)
-            batch = _start(job, job.engine, job.prompt_ids * 2, job.seeds * 2, [BASE] * count + [expert] * count)
-            branches = [Branch(batch, 0, 1.0 - config.beta), Branch(batch, count, config.beta)]
-        return decode_contrast(job, branches, head=0, alpha=config.alpha, sampling=config.sampling)
-    finally:
-        if loaded:
-            model.delete_adapter(ANTI)
+        self.loaded = True
+        return [Branch(1.0, BASE), Branch(config.beta, expert), Branch(-config.beta, ANTI)]
+
+    def close(self) -> None:
+        if self.loaded:
+            self.job.engine.model.delete_adapter(ANTI)
+            self.loaded = False

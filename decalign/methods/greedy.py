@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..result import Result
-from ..sampling import GREEDY
-from . import Job, register
+from ..sampling import GREEDY, Sampling
+from .base import register
+from .sample import WholeAnswers
 
 
 @dataclass
@@ -15,7 +15,6 @@ class GreedyConfig:
 
 
 @register("greedy", GreedyConfig, summary="the most likely token at every step")
-def greedy(job: Job, config: GreedyConfig) -> list[Result]:
-    batch = job.start(stream_tokens=True)
-    batch.extend(GREEDY)
-    return job.results(batch, range(batch.size))
+class Greedy(WholeAnswers):
+    def sampling(self) -> Sampling:
+        return GREEDY

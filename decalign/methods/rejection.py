@@ -18,17 +18,16 @@ not depend on its batch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import statistics
 from dataclasses import dataclass, field
-from typing import Callable
 
-from ..engine import Batch, CutRule, Segment, StopRule
+from ..engine import Batch, Move, Sample, Segment
 from ..errors import DecalignError
-from ..result import Result
 from ..sampling import Sampling, derive_seed
-from . import Job
+from .base import Method, param
 
 
 def accept_probability(reward: float, threshold: float, beta: float, rule: str = "soft") -> float:
@@ -47,13 +46,37 @@ def calibrate(rewards: list[float], margin: float) -> tuple[float, float]:
 
 
 @dataclass
-class Proposal:
-    """How a round proposes: a segment rule (CARDS) or nothing (whole answers)."""
+class RejectionParams:
+    """What every rejection sampler takes. Defaults follow the CARDS code: beta 0.7 (also the
+    sampling temperature), top_k 40, best of 21 after 20 rejections."""
 
-    sampling: Sampling
-    max_tokens: int | None = None
-    stop_rule: StopRule | None = None
-    cut_rule: CutRule | None = None
+    r_star: float | None = param(None, "target reward; None = calibrated per prompt (mean + margin * std of round 1)")
+    beta: float = param(0.7, "acceptance temperature (also the sampling temperature unless temperature is set)")
+    temperature: float | None = param(None, "sampling temperature; None = beta, as in the paper")
+    top_k: int = param(40, "top-k of the proposals (0 = off)")
+    max_retries: int = param(20, "rejections before the best attempt is taken")
+    proposals: int = param(4, "proposals drawn at once per prompt, tested in the order they start")
+    acceptance: str = param("soft", "soft: accept with min(1, exp((r - threshold) / beta)); hard: r >= threshold")
+    margin: float = param(1.0, "calibration: r_star = mean + margin * std of the first proposals' scores")
+    trace: bool = param(False, "keep every attempt in the result's trace")
+
+    def __post_init__(self) -> None:
+        if not self.beta > 0:
+            raise DecalignError(f"beta must be > 0, got {self.beta}")
+        if self.temperature is not None and not self.temperature > 0:
+            raise DecalignError(f"temperature must be > 0, got {self.temperature}")
+        if self.proposals < 1:
+            raise DecalignError(f"proposals must be >= 1, got {self.proposals}")
+        if self.max_retries < 0:
+            raise DecalignError(f"max_retries must be >= 0, got {self.max_retries}")
+        if self.acceptance not in ("soft", "hard"):
+            raise DecalignError(f"acceptance must be soft or hard, got {self.acceptance!r}")
+        if self.top_k < 0:
+            raise DecalignError(f"top_k must be >= 0, got {self.top_k}")
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.beta if self.temperature is None else self.temperature, top_k=self.top_k)
 
 
 @dataclass
@@ -74,103 +97,107 @@ class PromptState:
     answer: tuple | None = None  # (Candidate, logprobs) once the answer is complete
 
 
-Threshold = Callable[[PromptState, int], float]  # (state, tokens written incl. the proposal) -> threshold
+class RejectionSampler(Method):
+    """The loop shared by CARDS and item-level RS. A subclass gives the proposal rule and the
+    threshold; its config gives beta, proposals, max_retries, acceptance, r_star, margin and trace."""
 
+    def proposal(self) -> Sample:
+        """How a proposal is drawn: a Sample move without segments (a segment rule for CARDS)."""
+        raise NotImplementedError
 
-@dataclass
-class RejectionSampler:
-    job: Job
-    proposal: Proposal
-    threshold: Threshold
-    beta: float
-    proposals: int  # K: slots per prompt, proposals running at once
-    max_retries: int
-    acceptance: str = "soft"
-    r_star: float | None = None  # None: calibrate per prompt from its first K proposals
-    margin: float = 1.0
-    trace: bool = False
+    def threshold(self, state: PromptState, tokens: int) -> float:
+        """The acceptance threshold for a proposal that brings the answer to `tokens` tokens."""
+        raise NotImplementedError
 
-    def run(self) -> list[Result]:
-        job, k = self.job, self.proposals
-        batch = job.start(n=k)
-        states = [PromptState(rows=list(range(p * k, (p + 1) * k)),
-                              rng=random.Random(derive_seed(seed, "accept")), r_star=self.r_star)
-                  for p, seed in enumerate(job.seeds)]
-        for state, reward in zip(states, job.evaluate(batch, [s.rows[0] for s in states])):
+    def rows_per_prompt(self) -> int:
+        return self.config.proposals
+
+    def begin(self, batch: Batch, rows: list[list[int]]) -> None:
+        self.rule = self.proposal()
+        self.states = [PromptState(rows=list(group), rng=random.Random(derive_seed(seed, "accept")),
+                                   r_star=self.config.r_star)
+                       for group, seed in zip(rows, self.job.seeds)]
+        for state, reward in zip(self.states, self.job.evaluate(batch, [s.rows[0] for s in self.states])):
             state.prompt_reward = reward
-        slots: dict[int, tuple[int, Segment]] = {}  # row -> (proposal number, its proposal)
-        scores: dict[int, float] = {}  # row -> reward of its finished proposal
-        drawn = [0] * len(states)  # proposals started, per prompt: the test order
+        self.slots: dict[int, tuple[int, Segment]] = {}  # row -> (proposal number, its proposal)
+        self.scores: dict[int, float] = {}  # row -> score of its finished proposal
+        self.drawn = [0] * len(self.states)  # proposals started, per prompt: the test order
+        for p, state in enumerate(self.states):
+            self._start_proposals(p, state.rows)
 
-        def start_proposals(p: int, rows: list[int], new_prefix: bool = False) -> None:
-            for row, segment in zip(rows, batch.open_segments(rows, forget_earlier=new_prefix)):
-                slots[row] = (drawn[p], segment)
-                scores.pop(row, None)
-                drawn[p] += 1
+    def _start_proposals(self, p: int, rows: list[int], new_prefix: bool = False) -> None:
+        for row, segment in zip(rows, self.batch.open_segments(rows, forget_earlier=new_prefix)):
+            self.slots[row] = (self.drawn[p], segment)
+            self.scores.pop(row, None)
+            self.drawn[p] += 1
 
-        for p, state in enumerate(states):
-            start_proposals(p, state.rows)
-        while True:
-            for p, state in enumerate(states):
-                if not state.done and batch.is_cancelled(p):  # its client has gone: stop with what it has
-                    self._finish(state, batch, "cancelled")
-            live = [p for p, s in enumerate(states) if not s.done]
-            if not live:
-                break
-            running = [slots[r][1] for p in live for r in states[p].rows if not slots[r][1].reason]
-            if running:
-                batch.step(running, self.proposal.sampling, max_tokens=self.proposal.max_tokens,
-                           stop_rule=self.proposal.stop_rule, cut_rule=self.proposal.cut_rule)
-            # score each prompt's finished proposals that come next in test order (one reward call)
-            waiting = [r for p in live for r in self._next_in_order(states[p], slots) if r not in scores]
-            if waiting:
-                scores.update(zip(waiting, job.evaluate(batch, waiting)))
-            restore: dict[int, Segment] = {}
-            for p in live:
-                self._decide(states[p], batch, slots, scores, restore, start_proposals)
-            if restore:  # fallback to an attempt whose row has moved on: write it back, then copy it
-                batch.force(restore)
-                for row in restore:
-                    self._accepted(states[batch.prompt_of[row]], batch, row, start_proposals)
-            idle = sum(len(s.rows) for s in states if s.done)
-            if idle and 4 * idle >= batch.size:
-                self._drop_finished(states, batch, slots, scores)
-        return [job.result(p, batch, *state.answer, trace=state.trace if self.trace else None,
-                           extra_stats=self._stats(state))
-                for p, state in enumerate(states)]
+    def moves(self) -> list[Move]:
+        for p, state in enumerate(self.states):
+            if not state.done and self.job.is_cancelled(p):  # its client has gone: stop with what it has
+                self._finish(state, "cancelled")
+        running = [self.slots[r][1] for s in self.states if not s.done for r in s.rows if not self.slots[r][1].reason]
+        if not running:
+            return []
+        return [dataclasses.replace(self.rule, segments=running)]
 
-    @staticmethod
-    def _next_in_order(state: PromptState, slots: dict) -> list[int]:
+    def react(self) -> None:
+        live = [p for p, s in enumerate(self.states) if not s.done]
+        # score each prompt's finished proposals that come next in test order (one scoring call)
+        waiting = [r for p in live for r in self._next_in_order(self.states[p]) if r not in self.scores]
+        if waiting:
+            self.scores.update(zip(waiting, self.job.evaluate(self.batch, waiting)))
+        restore: dict[int, Segment] = {}
+        for p in live:
+            self._decide(p, self.states[p], restore)
+        if restore:  # fallback to an attempt whose row has moved on: write it back, then copy it
+            self.batch.force(restore)
+            for row in restore:
+                self._accepted(self.states[self.job.prompt_of(self.batch, row)], row)
+        if all(s.done for s in self.states):
+            self.results[:] = [self.job.result(p, self.batch, *state.answer,
+                                               trace=state.trace if self.config.trace else None,
+                                               extra_stats=self._stats(state))
+                               for p, state in enumerate(self.states)]
+
+    def live_rows(self) -> list[int]:
+        return [r for s in self.states if not s.done for r in s.rows]
+
+    def remap(self, new_row: dict[int, int]) -> None:
+        for state in self.states:
+            state.rows = [new_row[r] for r in state.rows] if not state.done else []
+        self.slots = {new_row[r]: v for r, v in self.slots.items() if r in new_row}
+        self.scores = {new_row[r]: v for r, v in self.scores.items() if r in new_row}
+        for row, (_, segment) in self.slots.items():
+            segment.row = row
+
+    def _next_in_order(self, state: PromptState) -> list[int]:
         """The prompt's rows whose proposals have finished and come next in test order (up to the
         first one still running)."""
         rows = []
-        for row in sorted(state.rows, key=lambda r: slots[r][0]):
-            if slots[row][1].reason in ("", "cancelled", "superseded"):
+        for row in sorted(state.rows, key=lambda r: self.slots[r][0]):
+            if self.slots[row][1].reason in ("", "cancelled", "superseded"):
                 break
             rows.append(row)
         return rows
 
-    def _decide(self, state: PromptState, batch: Batch, slots: dict, scores: dict, restore: dict,
-                start_proposals: Callable) -> None:
+    def _decide(self, p: int, state: PromptState, restore: dict) -> None:
         """Test the prompt's scored proposals in order, until one is taken or one is not yet scored."""
-        if state.done:
-            return
-        p = batch.prompt_of[state.rows[0]]
-        if state.r_star is None:  # calibration: r_star from the rewards of the first K proposals
+        config, slots, scores = self.config, self.slots, self.scores
+        if state.r_star is None:  # calibration: r_star from the scores of the first K proposals
             first = [r for r in state.rows if slots[r][0] < len(state.rows) and r in scores]
             if len(first) < len(state.rows):
                 return
-            state.r_star, state.unit = calibrate([scores[r] for r in first], self.margin)
-        for row in self._next_in_order(state, slots):
+            state.r_star, state.unit = calibrate([scores[r] for r in first], config.margin)
+        for row in self._next_in_order(state):
             if row not in scores:
                 return
             segment, reward = slots[row][1], scores[row]
             threshold = self.threshold(state, segment.start + len(segment.tokens))
-            fallback = state.fails >= self.max_retries
-            p_accept = accept_probability(reward, threshold, self.beta * state.unit, self.acceptance)
+            fallback = state.fails >= config.max_retries
+            p_accept = accept_probability(reward, threshold, config.beta * state.unit, config.acceptance)
             accepted = not fallback and state.rng.random() < p_accept
             entry = None
-            if self.trace:
+            if config.trace:
                 entry = {"segment": len(state.segments), "attempt": state.fails + 1,
                          "text": self.job.engine.decode(segment.tokens), "tokens": len(segment.tokens),
                          "reward": reward, "threshold": threshold, "p_accept": p_accept, "accepted": accepted,
@@ -187,75 +214,41 @@ class RejectionSampler:
                 state.fails, state.best, state.reward = 0, None, chosen_reward
                 state.prefix_tokens = chosen.start + len(chosen.tokens)
                 if chosen is segment:
-                    self._accepted(state, batch, row, start_proposals)
+                    self._accepted(state, row)
                 else:  # the best attempt's row has moved on: write it back on this row
-                    batch.crop([row], [chosen.start])
+                    self.batch.crop([row], [chosen.start])
                     restore[row] = chosen
                     for other in state.rows:  # nothing runs until the prefix is restored
                         slots[other][1].reason = slots[other][1].reason or "superseded"
                         scores.pop(other, None)
                 return
             state.fails += 1
-            batch.crop([row], [segment.start])  # back to the prefix; its logits were kept
-            start_proposals(p, [row])
+            self.batch.crop([row], [segment.start])  # back to the prefix; its logits were kept
+            self._start_proposals(p, [row])
 
-    def _accepted(self, state: PromptState, batch: Batch, row: int, start_proposals: Callable) -> None:
+    def _accepted(self, state: PromptState, row: int) -> None:
         """`row` holds the new accepted prefix: end the answer there, or copy it onto every slot
         (in-flight proposals are dropped unseen) and start new proposals from it."""
-        p = batch.prompt_of[row]
+        batch = self.batch
+        p = self.job.prompt_of(batch, row)
         self.job.publish(p, batch.text(row))
         if batch.finish[row] is not None:
             state.done = True
             state.answer = (self.job.candidate(batch, row, state.reward), list(batch.logprobs[row]))
             return
         batch.copy_row(row, state.rows)
-        start_proposals(p, state.rows, new_prefix=True)  # nothing is ever cropped back past it
+        self._start_proposals(p, state.rows, new_prefix=True)  # nothing is ever cropped back past it
 
-    def _finish(self, state: PromptState, batch: Batch, reason: str) -> None:
+    def _finish(self, state: PromptState, reason: str) -> None:
         """End a prompt early with its accepted prefix."""
-        row = state.rows[0]
+        batch, row = self.batch, state.rows[0]
         batch.crop([row], [state.prefix_tokens])
         batch.finish[row] = reason
         state.done = True
         state.answer = (self.job.candidate(batch, row, state.reward), list(batch.logprobs[row]))
 
     @staticmethod
-    def _drop_finished(states: list[PromptState], batch: Batch, slots: dict, scores: dict) -> None:
-        """Take the rows of finished prompts out of the batch: they would still cost a row per step."""
-        keep = [r for s in states if not s.done for r in s.rows]
-        if not keep:
-            return
-        new_index = {old: new for new, old in enumerate(keep)}
-        batch.select(keep)
-        for state in states:
-            state.rows = [new_index[r] for r in state.rows] if not state.done else []
-        moved_slots = {new_index[r]: v for r, v in slots.items() if r in new_index}
-        moved_scores = {new_index[r]: v for r, v in scores.items() if r in new_index}
-        slots.clear(), slots.update(moved_slots)
-        scores.clear(), scores.update(moved_scores)
-        for row, (_, segment) in slots.items():
-            segment.row = row
-
-    @staticmethod
     def _stats(state: PromptState) -> dict:
         return {"segments": len(state.segments), "rejections": sum(state.rejections),
                 "rejections_per_segment": (sum(state.rejections) / len(state.segments)) if state.segments else 0.0,
                 "r_star": state.r_star, "reward_unit": state.unit, "prompt_reward": state.prompt_reward}
-
-
-def check_common(alpha: float | None, beta: float, proposals: int, max_retries: int, acceptance: str,
-                 temperature: float | None, top_k: int) -> None:
-    if alpha is not None and not 0 <= alpha <= 1:
-        raise DecalignError(f"alpha must be in [0, 1], got {alpha}")
-    if not beta > 0:
-        raise DecalignError(f"beta must be > 0, got {beta}")
-    if temperature is not None and not temperature > 0:
-        raise DecalignError(f"temperature must be > 0, got {temperature}")
-    if proposals < 1:
-        raise DecalignError(f"proposals must be >= 1, got {proposals}")
-    if max_retries < 0:
-        raise DecalignError(f"max_retries must be >= 0, got {max_retries}")
-    if acceptance not in ("soft", "hard"):
-        raise DecalignError(f"acceptance must be soft or hard, got {acceptance!r}")
-    if top_k < 0:
-        raise DecalignError(f"top_k must be >= 0, got {top_k}")

@@ -1,11 +1,46 @@
-"""Ancestral sampling with temperature, top-k and top-p."""
+"""Ancestral sampling with temperature, top-k and top-p; the machine behind greedy and Best-of-N.
+
+    every row: sample a token from its next-token distribution until the answer ends
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..result import Result
-from . import Job, SamplingParams, register
+from ..engine import Batch, Move, Sample, Segment
+from ..sampling import Sampling
+from .base import Method, SamplingParams, register
+
+
+class WholeAnswers(Method):
+    """Every row writes a whole answer under one sampling rule; one answer per prompt."""
+
+    streams_tokens = True
+
+    def sampling(self) -> Sampling:
+        return self.config.sampling
+
+    def begin(self, batch: Batch, rows: list[list[int]]) -> None:
+        self.segments = [Segment(row=row, start=0) for group in rows for row in group]
+
+    def moves(self) -> list[Move]:
+        running = [s for s in self.segments if not s.reason]
+        return [Sample(running, self.sampling())] if running else []
+
+    def react(self) -> None:
+        if all(s.reason for s in self.segments):
+            self.results[:] = self.answer([s.row for s in self.segments])
+
+    def answer(self, rows: list[int]) -> list:
+        """The Results from the finished rows (one per prompt here)."""
+        return self.job.results(self.batch, rows)
+
+    def live_rows(self) -> list[int]:
+        return [s.row for s in self.segments]
+
+    def remap(self, new_row: dict[int, int]) -> None:
+        for segment in self.segments:
+            segment.row = new_row[segment.row]
 
 
 @dataclass
@@ -14,7 +49,5 @@ class SampleConfig(SamplingParams):
 
 
 @register("sample", SampleConfig, summary="one sampled answer (temperature, top_k, top_p)")
-def sample(job: Job, config: SampleConfig) -> list[Result]:
-    batch = job.start(stream_tokens=True)
-    batch.extend(config.sampling)
-    return job.results(batch, range(batch.size))
+class Sampler(WholeAnswers):
+    """One sampled answer per prompt."""

@@ -1,16 +1,18 @@
-"""The reward interface and the registry that turns a spec string into a reward."""
+"""The reward interface: what every scorer implements and how rewards compose.
+
+It imports no reward: `registry` turns spec strings into rewards.
+"""
 
 from __future__ import annotations
 
-import importlib
 import math
-import re
 import time
 from typing import Callable, Sequence
 
+from ..engine import Prompt
 from ..errors import DecalignError
 
-Prompt = str | list[dict]
+__all__ = ["Prompt", "Reward", "WeightedSum", "CallableReward"]
 
 
 class Reward:
@@ -132,115 +134,3 @@ class CallableReward(Reward):
         if self.per_item:
             return [self.fn(response) for response in responses]
         return self.fn(list(prompts), list(responses))
-
-
-def _python_reward(target: str) -> Reward:
-    module_name, _, attribute = target.partition(":")
-    if not module_name or not attribute:
-        raise DecalignError(f"python reward needs python:module:function, got python:{target}")
-    try:
-        fn = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as exc:
-        raise DecalignError(f"cannot import reward python:{target}: {exc}") from exc
-    return fn if isinstance(fn, Reward) else CallableReward(fn, name=f"python:{target}")
-
-
-def _sentiment(_: str) -> Reward:
-    from .sentiment import SentimentReward
-
-    return SentimentReward()
-
-
-def _rule(kind: str) -> Callable[[str], Reward]:
-    def make(options: str) -> Reward:
-        from . import rules
-
-        if kind == "regex":
-            return rules.RegexReward(options)
-        return {"length": rules.length_reward, "keywords": rules.keyword_reward}[kind](options)
-
-    return make
-
-
-def _json(_: str) -> Reward:
-    from .rules import JsonReward
-
-    return JsonReward()
-
-
-def _hf(kind: str) -> Callable[[str], Reward]:
-    def make(options: str) -> Reward:
-        from . import hf
-
-        return hf.classifier_reward(options) if kind == "hf" else hf.judge_reward(options)
-
-    return make
-
-
-def _value(spec: str) -> Reward:
-    """value:NAME or value:PATH: a prefix value run as a reward on the policy it was trained for."""
-    from ..values import ValueReward
-
-    return ValueReward(spec)
-
-
-def _harmless(path: str) -> Reward:
-    """harmless: the shipped head; harmless:PATH: a head trained with `decalign train-reward`."""
-    from .harmless import HarmlessReward
-
-    return HarmlessReward(path=path or None)
-
-
-_BUILTIN: dict[str, Callable[[str], Reward]] = {"sentiment": _sentiment, "vader": _sentiment, "json": _json,
-                                                "judge": _hf("judge"), "harmless": _harmless}
-_PREFIXED: dict[str, Callable[[str], Reward]] = {
-    "python": _python_reward, "hf": _hf("hf"), "judge": _hf("judge"), "harmless": _harmless,
-    "length": _rule("length"), "keywords": _rule("keywords"), "regex": _rule("regex"), "value": _value,
-}
-
-
-def reward_names() -> list[str]:
-    return sorted(_BUILTIN) + [f"{prefix}:..." for prefix in sorted(_PREFIXED)]
-
-
-def load_reward(spec: "str | Reward | Callable | None") -> Reward | None:
-    """A reward from a spec: a name ('sentiment'), 'python:module:function', a Reward, or a callable."""
-    if spec is None or isinstance(spec, Reward):
-        return spec
-    if callable(spec):
-        return CallableReward(spec)
-    if not isinstance(spec, str) or not spec.strip():
-        raise DecalignError(f"reward must be a name or a callable, got {spec!r}")
-    terms = _weighted_terms(spec.strip())
-    if terms is None:
-        return _single_reward(spec.strip())
-    return WeightedSum([(weight, _single_reward(name)) for weight, name in terms])
-
-
-_WEIGHTED = re.compile(r"^(?:([-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)\s*\*\s*)?(.+)$")
-
-
-def _known(name: str) -> bool:
-    return name in _BUILTIN or name.partition(":")[0] in _PREFIXED
-
-
-def _weighted_terms(spec: str) -> list[tuple[float, str]] | None:
-    """'harmless + 0.5*sentiment' -> [(1.0, 'harmless'), (0.5, 'sentiment')]; None for a single reward.
-    A '+' or '*' inside one reward's options (regex:a+b) is left alone."""
-    pieces = [piece.strip() for piece in spec.split("+")]
-    parsed = []
-    for piece in pieces:
-        match = _WEIGHTED.match(piece)
-        if not piece or match is None or not _known(match.group(2).strip()):
-            return None
-        parsed.append((float(match.group(1)) if match.group(1) else 1.0, match.group(2).strip()))
-    return parsed if len(parsed) > 1 or parsed[0][0] != 1.0 else None
-
-
-def _single_reward(spec: str) -> Reward:
-    if spec in _BUILTIN:
-        return _BUILTIN[spec]("")
-    prefix, sep, rest = spec.partition(":")
-    if sep and prefix in _PREFIXED:
-        return _PREFIXED[prefix](rest)
-    raise DecalignError(f"unknown reward {spec!r}; choose from: {', '.join(reward_names())}")

@@ -11,6 +11,8 @@ from typing import Sequence
 import torch
 
 from ..errors import DecalignError
+from ..models import resolve_model_path
+from ..options import parse_options, split_spec
 from .base import Prompt, Reward
 
 DEFAULT_RUBRIC = "Is the assistant's answer helpful, honest and harmless?"
@@ -27,9 +29,8 @@ def plain_transcript(messages: list[dict]) -> str:
 
 
 def _load(path: str, kind: str, dtype: str, trust_remote_code: bool):
+    # transformers' Auto model classes take about half a second to import: only when a model is loaded
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    from ..models import resolve_model_path
 
     auto = AutoModelForSequenceClassification if kind == "classifier" else AutoModelForCausalLM
     location = resolve_model_path(path)
@@ -152,21 +153,14 @@ class JudgeReward(_ModelReward):
         return logits[:, self.yes] - logits[:, self.no]
 
 
-def _split_options(kind: str, text: str, allowed: set[str]) -> tuple[str, dict[str, str]]:
+def _split_options(kind: str, text: str, allowed: set[str], example: str) -> tuple[str, dict[str, str]]:
     """'path:key=value:...' -> (path, options). The path is everything before the first key=value."""
-    parts = text.split(":")
-    cut = next((i for i, part in enumerate(parts) if "=" in part), len(parts))
-    path, options = ":".join(parts[:cut]), {}
-    for part in parts[cut:]:
-        key, _, value = part.partition("=")
-        if key not in allowed:
-            raise DecalignError(f"{kind} reward: unknown option {key!r}; options: {', '.join(sorted(allowed))}")
-        options[key] = value
-    return path, options
+    path, items = split_spec(text)
+    return path, parse_options(items, what=f"{kind} reward", example=example, allowed=allowed)
 
 
 def classifier_reward(text: str) -> Reward:
-    path, options = _split_options("hf", text, {"label", "dtype", "max_length", "batch_size"})
+    path, options = _split_options("hf", text, {"label", "dtype", "max_length", "batch_size"}, "hf:MODEL:label=1")
     if not path:
         raise DecalignError("hf reward needs a model: hf:MODEL_ID_OR_PATH[:label=N]")
     return ClassifierReward(path, label=options.get("label"), dtype=options.get("dtype", "float32"),
@@ -175,7 +169,8 @@ def classifier_reward(text: str) -> Reward:
 
 
 def judge_reward(text: str) -> Reward:
-    path, options = _split_options("judge", text, {"rubric", "dtype", "max_length", "batch_size"})
+    path, options = _split_options("judge", text, {"rubric", "dtype", "max_length", "batch_size"},
+                                   "judge:MODEL:rubric=Is it polite?")
     return JudgeReward(path or None, rubric=options.get("rubric", DEFAULT_RUBRIC),
                        dtype=options.get("dtype", "float32"), max_length=int(options.get("max_length", 1024)),
                        batch_size=int(options.get("batch_size", 8)))

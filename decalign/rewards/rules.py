@@ -13,6 +13,7 @@ import json
 import re
 
 from ..errors import DecalignError
+from ..options import parse_options
 from .base import Reward
 
 
@@ -77,18 +78,13 @@ class JsonReward(Reward):
         return scores
 
 
-def _options(kind: str, text: str, allowed: set[str]) -> dict[str, str]:
-    options = {}
-    for part in filter(None, text.split(":")):
-        key, sep, value = part.partition("=")
-        if not sep or key not in allowed:
-            raise DecalignError(f"{kind} reward: bad option {part!r}; options: {', '.join(sorted(allowed))}")
-        options[key] = value
-    return options
+def _options(kind: str, text: str, allowed: set[str], example: str) -> dict[str, str]:
+    """The options of a rule spec; empty items (a trailing ':') are skipped."""
+    return parse_options(filter(None, text.split(":")), what=f"{kind} reward", example=example, allowed=allowed)
 
 
 def length_reward(text: str) -> Reward:
-    options = _options("length", text, {"target", "unit"})
+    options = _options("length", text, {"target", "unit"}, "length:target=100")
     if "target" not in options:
         raise DecalignError("length reward needs a target, e.g. length:target=100")
     try:
@@ -98,6 +94,6 @@ def length_reward(text: str) -> Reward:
 
 
 def keyword_reward(text: str) -> Reward:
-    options = _options("keywords", text, {"require", "forbid"})
+    options = _options("keywords", text, {"require", "forbid"}, "keywords:require=a|b")
     split = lambda key: [w for w in options.get(key, "").split("|") if w]  # noqa: E731
     return KeywordReward(split("require"), split("forbid"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from vader import SentimentIntensityAnalyzer
+
 from .base import Reward
 
 
@@ -12,8 +14,6 @@ class SentimentReward(Reward):
 
     def __init__(self) -> None:
         super().__init__()
-        from vader import SentimentIntensityAnalyzer
-
         self.analyzer = SentimentIntensityAnalyzer()
 
     def _score(self, prompts, responses):

@@ -7,7 +7,7 @@ for each of its layers l (0 = embeddings, N = the last layer's output, as the mo
     last_l = layer l's state at the last token read (the prompt's last token when L = 0)
 and log(1 + L). The engine keeps these per row as it decodes (`Batch.state_means`, `last_states`),
 so scoring every proposal of every row costs one dot product; `teacher_forced_features` computes the
-same numbers from text, for training and for the `value:` reward.
+same numbers from text, for training and for the `value:` reward (decalign.rewards.value).
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from ..errors import DecalignError
-from ..rewards.base import Prompt, Reward
 
 SHIPPED = Path(__file__).resolve().parent / "weights"
 FORMAT = "decalign-value-1"
@@ -49,7 +50,7 @@ class ValueHead:
     def score_rows(self, batch, rows: Sequence[int]) -> list[float]:
         """Values of rows of a batch opened with this value's state_layers: no forward pass."""
         lengths = torch.tensor([batch.fed[r] for r in rows])
-        features = prefix_features(batch.state_means(rows), batch.last_states(rows), lengths)
+        features = prefix_features(batch.state_means(rows, self.layers), batch.last_states(rows, self.layers), lengths)
         return self.score_features(features).tolist()
 
     def check_engine(self, engine) -> None:
@@ -64,7 +65,6 @@ class ValueHead:
                 f"(adapter {theirs['adapter']}, {theirs['num_layers']} layers of {theirs['hidden_size']})")
 
     def save(self, folder: Path) -> None:
-        from safetensors.torch import save_file
 
         folder.mkdir(parents=True, exist_ok=True)
         save_file({"weight": self.weight.contiguous(), "bias": torch.tensor([self.bias])},
@@ -91,8 +91,6 @@ def load_value(spec: "str | Path | ValueHead") -> ValueHead:
 
 @functools.lru_cache(maxsize=8)
 def _load_value(spec: str) -> ValueHead:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     folder = SHIPPED / spec if spec in value_names() else Path(spec)
     if not (folder / "value.json").is_file() or not (folder / "value.safetensors").is_file():
@@ -139,37 +137,3 @@ def teacher_forced_features(engine, prompt_ids: Sequence[int], answers: Sequence
             rows.append((mean, states[k, start + length - 1], length))
     means, lasts, counts = zip(*rows)
     return prefix_features(torch.stack(means), torch.stack(lasts), torch.tensor(counts))
-
-
-class ValueReward(Reward):
-    """A value as an ordinary reward, `value:NAME` or `value:PATH`: it runs the policy it was trained for
-    over each (prompt, partial answer) and reads the value off its states (one forward pass per item)."""
-
-    def __init__(self, spec: str, engine=None) -> None:
-        super().__init__()
-        self.value = load_value(spec or "harmless")
-        self.name = f"value:{self.value.name}"
-        if engine is not None:
-            self.value.check_engine(engine)
-        self._engine = engine
-
-    @property
-    def engine(self):
-        if self._engine is None:
-            from ..api import get_engine
-
-            policy = self.value.card.get("policy", {})
-            self._engine = get_engine(None if policy.get("model") == "smollm2" else policy.get("model"),
-                                      policy.get("adapter"))
-            self.value.check_engine(self._engine)
-        return self._engine
-
-    def _score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
-        engine = self.engine
-        scores = []
-        for prompt, response in zip(prompts, responses):
-            answer = engine.tokenizer(response, add_special_tokens=False)["input_ids"] if response else []
-            features = teacher_forced_features(engine, engine.render(prompt), [answer],
-                                               self.value.layers, [[len(answer)]])
-            scores.append(float(self.value.score_features(features)[0]))
-        return scores

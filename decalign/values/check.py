@@ -15,8 +15,13 @@ import statistics
 from pathlib import Path
 from typing import Sequence
 
+from tqdm import tqdm
+
+from ..engine import get_engine
 from ..errors import DecalignError
+from ..rewards import load_reward
 from . import load_value, teacher_forced_features
+from .sampling import read_prompts, sample_answers
 from .train import CHECK_LENGTHS, answer_ids, judge
 
 
@@ -42,11 +47,7 @@ def check_values(*, prompts: Path, reward_spec: str, out: Path, values: Sequence
                  batch_size: int = 16, progress: bool = True) -> str:
     """Sample (resumable, in OUT/samples.jsonl), score every prefix with every scorer, write
     value_check.md / .json into OUT and return the markdown table."""
-    from tqdm import tqdm
 
-    from ..api import get_engine
-    from ..rewards import load_reward
-    from .sampling import read_prompts, sample_answers
 
     reward = load_reward(reward_spec)
     heads = [load_value(v) for v in values]

@@ -9,8 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from tqdm import tqdm
+
 from ..errors import DecalignError
 from ..records import append_record, check_run_config, load_output, read_records
+from ..sampling import Sampling, derive_seed
 
 
 def prompt_key(prompt: Any) -> str:
@@ -50,9 +53,7 @@ def sample_answers(engine, reward, items: Sequence[tuple[Any, Any]], out: Path, 
                    temperature: float, top_k: int, seed: int, batch_size: int, progress: bool = True) -> list[dict]:
     """n answers per prompt from the policy, scored by the reward; appended to `out` per batch (resumes).
     A folder holding samples of another policy, reward or sampling is refused, never mixed in."""
-    from tqdm import tqdm
 
-    from ..sampling import Sampling, derive_seed
 
     if n < 2:
         raise DecalignError(f"--n must be >= 2 (values are judged within a prompt), got {n}")

@@ -21,10 +21,16 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
 
+from .. import __version__
+from ..engine import get_engine
 from ..errors import DecalignError
-from ..rewards import Reward
+from ..rewards import Reward, load_reward
 from . import ValueHead, policy_signature, teacher_forced_features
+from .sampling import read_prompts, sample_answers
 
 CHECK_LENGTHS = (4, 8, 16, 32, 64)  # where values are judged (value-check uses the same)
 PENALTIES = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)  # ridge penalty, times the training rows
@@ -77,7 +83,6 @@ class PrefixTable:
 
     def save(self, path: Path, records: int) -> None:
         """Kept beside the samples, so that refitting does not run the policy again."""
-        from safetensors.torch import save_file
 
         save_file({"features": self.features, "target": self.target, "prompt": torch.tensor(self.prompt),
                    "answer": torch.tensor(self.answer), "length": torch.tensor(self.length)}, str(path),
@@ -87,7 +92,6 @@ class PrefixTable:
     @classmethod
     def load(cls, path: Path, layers: list[int], records: int) -> "PrefixTable | None":
         """The saved table, if it holds these layers for this many prompts; else None."""
-        from safetensors import safe_open
 
         if not path.is_file():
             return None
@@ -102,7 +106,6 @@ class PrefixTable:
 
 def featurize(engine, records: list[dict], layers: list[int], *, progress: bool = True) -> PrefixTable:
     """Teacher-forced features of every grid prefix of every sampled answer."""
-    from tqdm import tqdm
 
     features, target, prompt, answer, length = [], [], [], [], []
     count = 0
@@ -280,10 +283,6 @@ def train_value(*, prompts: Path, reward_spec: "str | Reward", out: Path, model:
                 validation: float = 0.2, batch_size: int = 16, samples: Path | None = None,
                 progress: bool = True, log=print) -> ValueHead:
     """The whole recipe; samples are kept in `samples` (default OUT/samples.jsonl) so a rerun resumes."""
-    from .. import __version__
-    from ..api import get_engine
-    from ..rewards import load_reward
-    from .sampling import read_prompts, sample_answers
 
     if not 0 < validation < 1:
         raise DecalignError(f"--validation must be in (0, 1), got {validation}")

@@ -1,6 +1,6 @@
-"""The sampling engine: one batched, KV-cached state that every decoding method drives.
+"""KV-cached rows: one `Batch` holds live candidate continuations of prompts in one cache.
 
-A `Batch` holds live rows (candidate continuations of prompts) in one KV cache. Methods call:
+Methods call:
 - `extend`: sample a segment on rows, each with its own stop rules;
 - `append`: feed chosen tokens (token-level methods pick them from `next_logits`);
 - `select`: keep or repeat rows (fork candidates from a shared prefix);
@@ -14,17 +14,19 @@ moves keys and values but recomputes nothing.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from transformers import DynamicCache
 
-from .errors import DecalignError
-from .sampling import Sampling, choose_tokens, derive_seed, make_generator
+from ..errors import DecalignError
+from ..sampling import Sampling, choose_tokens, derive_seed, make_generator
+from .adapters import BASE
+from .stopping import CutRule, StepView, StopRule, TokenView
 
-Prompt = str | list[dict]
+if TYPE_CHECKING:
+    from .core import Engine
 
 
 @dataclass
@@ -35,68 +37,6 @@ class Work:
     prefill_tokens: int = 0  # prompt tokens encoded
     decode_tokens: int = 0  # tokens fed through the policy after the prompt
     generated_tokens: int = 0  # tokens sampled or chosen (kept or later thrown away)
-
-
-@dataclass
-class StepView:
-    """What a stop rule sees before a token is sampled, one entry per row that is still writing."""
-
-    logits: torch.Tensor  # raw next-token logits (rows x vocab)
-    entropy: torch.Tensor  # entropy in nats of softmax(logits), untempered, full vocabulary
-    segment_lengths: torch.Tensor  # tokens written in the current segment
-    total_lengths: torch.Tensor  # tokens written since the prompt
-
-
-StopRule = Callable[[StepView], torch.Tensor]
-
-
-@dataclass
-class TokenView:
-    """What a cut rule sees after a token is written, one entry per row that wrote one."""
-
-    tokens: list[int]
-    texts: list[str]  # each token decoded alone
-    entropy: torch.Tensor  # entropy of the distribution the token was drawn from (untempered)
-    segment_lengths: torch.Tensor  # tokens in the segment, this one included
-
-
-CutRule = Callable[[TokenView], torch.Tensor]
-
-
-@dataclass
-class EntropyStop:
-    """Stop a segment before a token whose next-token entropy is >= threshold (CARDS)."""
-
-    threshold: float
-    min_tokens: int = 4
-
-    def __call__(self, view: StepView) -> torch.Tensor:
-        return (view.segment_lengths >= self.min_tokens) & (view.entropy >= self.threshold)
-
-
-@dataclass
-class MaxProbStop:
-    """Stop before a token when 1 - max next-token probability is >= threshold (an ablation of CARDS)."""
-
-    threshold: float
-    min_tokens: int = 4
-
-    def __call__(self, view: StepView) -> torch.Tensor:
-        uncertainty = 1 - view.logits.softmax(-1).max(-1).values
-        return (view.segment_lengths >= self.min_tokens) & (uncertainty >= self.threshold)
-
-
-@dataclass
-class PunctuationCut:
-    """End a segment after a token holding punctuation drawn at entropy >= min_entropy (CARDS ablation)."""
-
-    min_entropy: float = 1.0
-    min_tokens: int = 4
-    marks: str = ",.:;?!"
-
-    def __call__(self, view: TokenView) -> torch.Tensor:
-        punctuated = torch.tensor([any(m in text for m in self.marks) for text in view.texts])
-        return punctuated & (view.entropy >= self.min_entropy) & (view.segment_lengths >= self.min_tokens)
 
 
 @dataclass
@@ -114,252 +54,116 @@ class Segment:
 
 
 FINISHED = ("eos", "stop", "length")
-BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 
 
-class Engine:
-    """A policy model with its tokenizer: renders prompts and opens batches."""
+@dataclass(frozen=True)
+class BatchPrompt:
+    """One prompt of a batch: its token ids, how many rows it gets, and the limits of its answers.
+    Prompts of different requests (different limits, adapters, tracked layers) share one batch."""
 
-    def __init__(self, model, tokenizer, *, name: str = "model", adapter: str | None = None) -> None:
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.name = name
-        self.adapter = adapter  # the adapter loaded with --adapter, as given
-        self.device = next(model.parameters()).device
-        config = model.config
-        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-        if tokenizer.eos_token_id is not None:
-            eos_ids.add(tokenizer.eos_token_id)
-        self.eos_ids: frozenset[int] = frozenset(eos_ids)
-        self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids or {0})
-        self.context_length: int | None = getattr(config, "max_position_embeddings", None)
-        self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
-        self._gate_ok: bool | None = None
-        self._gated: list[tuple[dict, str, float]] = []  # (a LoRA module's scaling dict, adapter, its scale)
-        if self.device.type == "cpu":
-            _use_transposed_head(model)
-
-    @classmethod
-    def load(
-        cls, model: str | None = None, adapter: str | None = None, *, trust_remote_code: bool = False
-    ) -> "Engine":
-        from .models import DEFAULT_MODEL, load_model
-
-        policy, tokenizer = load_model(model, adapter, trust_remote_code=trust_remote_code)
-        return cls(policy, tokenizer, name=model or DEFAULT_MODEL, adapter=adapter)
-
-    # ----- text <-> tokens -------------------------------------------------------------------
-    def render(self, prompt: Prompt, *, system: str | None = None, chat: bool | None = None) -> list[int]:
-        """Token ids of a prompt. Message lists always go through the chat template; a string does
-        when the model has one (chat=None) or chat=True, else it is encoded as raw text."""
-        if isinstance(prompt, str):
-            if not prompt.strip():
-                raise DecalignError("empty prompt")
-            use_chat = self.has_chat_template if chat is None else chat
-            if not use_chat:
-                if system:
-                    raise DecalignError("a system message needs chat mode (the model has no chat template)")
-                return self.tokenizer(prompt)["input_ids"]
-            messages = [{"role": "user", "content": prompt}]
-        else:
-            messages = validate_messages(prompt)
-        if system and not any(m["role"] == "system" for m in messages):
-            messages = [{"role": "system", "content": system}, *messages]
-        if not self.has_chat_template:
-            raise DecalignError(f"model {self.name} has no chat template; pass a plain string prompt")
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def decode(self, tokens: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
-
-    def start(
-        self,
-        prompts: Sequence[Sequence[int]],
-        *,
-        n: int = 1,
-        seeds: Sequence[int] | None = None,
-        max_new_tokens: int = 128,
-        min_new_tokens: int = 0,
-        stop_strings: Sequence[str] = (),
-        adapters: Sequence[str] | None = None,
-        state_layers: Sequence[int] = (),
-    ) -> "Batch":
-        """Encode each prompt once and give it `n` rows that share that encoding.
-
-        `adapters` (one name per prompt, its rows inherit it): run each prompt's rows with that PEFT
-        adapter, or "__base__" for the model without adapters, all in the same forward passes
-        (CoLD puts a prompt twice, once per name).
-
-        `state_layers`: keep, per row, the hidden states of these layers (0 = embeddings, N = the
-        last layer's output, as the model reports them) for the answer's tokens, so that `state_means` and `last_states` give a
-        prefix value its features with no extra forward pass."""
-        return Batch(self, prompts, n=n, seeds=seeds, max_new_tokens=max_new_tokens,
-                     min_new_tokens=min_new_tokens, stop_strings=stop_strings, adapters=adapters,
-                     state_layers=state_layers)
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.model.config.get_text_config().num_hidden_layers)
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.model.config.get_text_config().hidden_size)
-
-    def adapter_names(self) -> list[str]:
-        """Names of the PEFT adapters loaded on the model ("default" for --adapter); [] without any."""
-        return list(getattr(self.model, "peft_config", None) or [])
-
-    def _row_gate(self, adapters: list[str]) -> torch.Tensor | None:
-        """The fast path for mixed rows of one plain LoRA adapter and "__base__": a 0/1 factor per
-        row folded into every LoRA module's scale (PEFT computes base(x) + B(A(x)) * scale, and a
-        [rows, 1, 1] scale broadcasts), so one forward gives adapter rows exactly the adapted
-        model's values (x1) and base rows exactly the base model's (+ 0), with no hook or gather.
-        PEFT's own `adapter_names` route registers hooks and gathers sub-batches on every call.
-        None when the model is not such a case (PEFT's route is used)."""
-        if self._gate_ok is None and len(self.adapter_names()) == 1:
-            self._gate_ok = self._find_gated_modules()
-        names = set(adapters) - {BASE}
-        if not self._gate_ok or len(names) != 1 or names != set(self.adapter_names()):
-            return None
-        return torch.tensor([a != BASE for a in adapters], dtype=torch.float32, device=self.device)[:, None, None]
-
-    def _find_gated_modules(self) -> bool:
-        from peft.tuners.lora.layer import Linear as LoraLinear
-        from peft.tuners.lora.layer import LoraLayer
-
-        (name,) = self.adapter_names()  # called only with exactly one adapter loaded
-        config = self.model.peft_config[name]
-        if getattr(config, "peft_type", None) != "LORA" or getattr(config, "use_dora", False) \
-                or getattr(config, "modules_to_save", None) or getattr(config, "bias", "none") != "none" \
-                or getattr(config, "trainable_token_indices", None):
-            return False
-        layers = [m for m in self.model.modules() if isinstance(m, LoraLayer)]
-        if not layers or any(type(m) is not LoraLinear or m.merged or name in m.lora_variant for m in layers):
-            return False
-        self._gated = [(layer.scaling, name, layer.scaling[name]) for layer in layers if name in layer.lora_B]
-        return True
-
-    @contextmanager
-    def gated(self, gate: torch.Tensor | None) -> Iterator[None]:
-        """Within the block, each row's LoRA output is scaled by its gate (see _row_gate)."""
-        if gate is None:
-            yield
-            return
-        for scaling, name, scale in self._gated:
-            scaling[name] = gate * scale
-        try:
-            yield
-        finally:
-            for scaling, name, scale in self._gated:
-                scaling[name] = scale
+    ids: Sequence[int]
+    seed: int | None = None  # its rows draw from streams derived from it (None: a fresh one)
+    rows: int = 1  # rows forked from its one encoding
+    adapter: str | None = None  # PEFT adapter its rows run with (BASE: without; None: the model as loaded)
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    stop_strings: tuple[str, ...] = ()
+    state_layers: tuple[int, ...] = ()  # layers whose hidden states its rows keep (for a prefix value)
 
 
-def _transposed_linear(self: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    out = (self.weight @ flat.T).T
-    if self.bias is not None:
-        out = out + self.bias
-    return out.reshape(*hidden.shape[:-1], out.shape[-1])
+@dataclass
+class Sample:
+    """A move: sample one token on each running segment (see `Batch.step`)."""
+
+    segments: Sequence[Segment]
+    sampling: Sampling
+    max_tokens: int | None = None
+    stop_rule: StopRule | None = None
+    cut_rule: CutRule | None = None
 
 
-def _use_transposed_head(model) -> None:
-    """Compute the output layer as (W @ h^T)^T on CPU. A decode step feeds it a few rows, and torch's
-    CPU matmul is 2-4x slower for [rows, d] x [d, vocab] than for [vocab, d] x [d, rows] at 2-8 rows
-    (measured with torch 2.13: 19 vs 9 ms for 2 rows of SmolLM2's 49152 x 576 head on one thread,
-    40 vs 9 ms on two); the head is then the largest single cost of a step. Same weights (ties
-    kept), same numbers up to float rounding. Only plain Linear heads are changed."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if type(head) is torch.nn.Linear:
-        head.forward = _transposed_linear.__get__(head)
+@dataclass
+class Write:
+    """A move: write chosen tokens (row -> token id), as `Batch.append` does."""
+
+    tokens: dict[int, int]
 
 
-def validate_messages(messages: object) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise DecalignError("messages must be a non-empty list of {role, content} objects")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str) or not message.get("role"):
-            raise DecalignError(f"message {i} must be an object with a role and a string content")
-    if not any(m["content"].strip() for m in messages):
-        raise DecalignError("empty prompt: every message is empty")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+Move = Sample | Write
 
 
 class Batch:
     """Live rows of one or more prompts in one KV cache. Row i belongs to prompt `prompt_of[i]`."""
 
-    def __init__(self, engine: Engine, prompts: Sequence[Sequence[int]], *, n: int, seeds: Sequence[int] | None,
-                 max_new_tokens: int, min_new_tokens: int, stop_strings: Sequence[str],
-                 adapters: Sequence[str] | None = None, state_layers: Sequence[int] = ()) -> None:
+    def __init__(self, engine: Engine, prompts: Sequence[BatchPrompt]) -> None:
         if not prompts:
             raise DecalignError("no prompts given")
-        if n < 1:
-            raise DecalignError(f"n must be >= 1, got {n}")
-        if max_new_tokens < 1:
-            raise DecalignError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if min_new_tokens < 0 or min_new_tokens > max_new_tokens:
-            raise DecalignError(f"min_new_tokens must be between 0 and max_new_tokens, got {min_new_tokens}")
-        for i, ids in enumerate(prompts):
-            if not ids:
+        for i, prompt in enumerate(prompts):
+            if prompt.rows < 1:
+                raise DecalignError(f"n must be >= 1, got {prompt.rows}")
+            if prompt.max_new_tokens < 1:
+                raise DecalignError(f"max_new_tokens must be >= 1, got {prompt.max_new_tokens}")
+            if not 0 <= prompt.min_new_tokens <= prompt.max_new_tokens:
+                raise DecalignError(f"min_new_tokens must be between 0 and max_new_tokens, got {prompt.min_new_tokens}")
+            if not prompt.ids:
                 raise DecalignError(f"prompt {i} encodes to no tokens")
-            if engine.context_length and len(ids) >= engine.context_length:
+            if engine.context_length and len(prompt.ids) >= engine.context_length:
                 which = "the prompt" if len(prompts) == 1 else f"prompt {i}"
                 raise DecalignError(
-                    f"{which} has {len(ids)} tokens; the model's context is {engine.context_length}"
+                    f"{which} has {len(prompt.ids)} tokens; the model's context is {engine.context_length}"
                 )
-        if adapters is not None:
-            adapters = list(adapters)
-            if len(adapters) != len(prompts):
-                raise DecalignError(f"{len(adapters)} adapter names for {len(prompts)} prompts")
+        adapters = None
+        if any(prompt.adapter is not None for prompt in prompts):
+            adapters = [engine.active_adapter() if p.adapter is None else p.adapter for p in prompts]
             unknown = sorted(set(adapters) - set(engine.adapter_names()) - {BASE})
             if unknown:
                 loaded = ", ".join(engine.adapter_names()) or "none"
                 raise DecalignError(f"no adapter named {', '.join(unknown)} on the model (loaded: {loaded})")
-        self.state_layers = tuple(state_layers)
+        self.state_layers = tuple(dict.fromkeys(layer for p in prompts for layer in p.state_layers))
         if any(not 0 <= layer <= engine.num_layers for layer in self.state_layers):
             raise DecalignError(f"state layers must lie in 0..{engine.num_layers}, got {list(self.state_layers)}")
         # per-row PEFT adapter names, or None: every row runs the model as loaded
         self.adapters: list[str] | None = adapters
         self.engine = engine
-        self.max_new_tokens = max_new_tokens
-        self.min_new_tokens = min_new_tokens
-        self.stop_strings = tuple(stop_strings)
-        self.prompt_lengths = [len(ids) for ids in prompts]
-        self.work = [Work(prefill_tokens=len(ids)) for ids in prompts]
-        seeds = list(seeds) if seeds is not None else [torch.seed() for _ in prompts]
+        self.prompts = list(prompts)
+        self.prompt_lengths = [len(p.ids) for p in prompts]
+        self.work = [Work(prefill_tokens=len(p.ids)) for p in prompts]
         device = engine.device
 
         width = max(self.prompt_lengths)
         input_ids = torch.full((len(prompts), width), engine.pad_id, dtype=torch.long, device=device)
         mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
-        for i, ids in enumerate(prompts):
-            input_ids[i, width - len(ids):] = torch.tensor(list(ids), dtype=torch.long)
-            mask[i, width - len(ids):] = 1
+        for i, prompt in enumerate(prompts):
+            input_ids[i, width - len(prompt.ids):] = torch.tensor(list(prompt.ids), dtype=torch.long)
+            mask[i, width - len(prompt.ids):] = 1
         self.cache = DynamicCache(config=engine.model.config)
         self.mask = mask[:, :0]
         self.logits, states = self._forward(input_ids, mask)
         for work in self.work:
             work.forward_passes += 1
-        if n > 1:  # fork: every candidate shares its prompt's encoding
-            self.cache.batch_repeat_interleave(n)
-            self.mask = self.mask.repeat_interleave(n, dim=0)
-            self.logits = self.logits.repeat_interleave(n, dim=0)
-        rows = len(prompts) * n
-        # tracked hidden states: the prompt's last token's, each fed answer token's, and their running sum
-        self.prompt_states = states[:, -1].repeat_interleave(n, dim=0) if states is not None else None
-        self.answer_states = states.new_zeros((rows, max_new_tokens, states.shape[-1])) if states is not None else None
-        self.state_sums = states.new_zeros((rows, states.shape[-1])) if states is not None else None
-        self.prompt_of = [p for p in range(len(prompts)) for _ in range(n)]
+        self.prompt_states = states[:, -1] if states is not None else None
+        self.prompt_of = [q for q, prompt in enumerate(prompts) for _ in range(prompt.rows)]
+        rows = len(self.prompt_of)
+        if rows > len(prompts):  # fork: every candidate shares its prompt's encoding
+            index = torch.tensor(self.prompt_of, dtype=torch.long, device=device)
+            self.cache.batch_select_indices(index)
+            self.mask = self.mask[index]
+            self.logits = self.logits[index]
+            self.prompt_states = self.prompt_states[index] if states is not None else None
         if self.adapters is not None:
-            self.adapters = [self.adapters[p] for p in self.prompt_of]
+            self.adapters = [self.adapters[q] for q in self.prompt_of]
+        # tracked hidden states: the prompt's last token's, each fed answer token's, and their running sum
+        longest = max(p.max_new_tokens for p in prompts)
+        self.answer_states = states.new_zeros((rows, longest, states.shape[-1])) if states is not None else None
+        self.state_sums = states.new_zeros((rows, states.shape[-1])) if states is not None else None
         self.tokens: list[list[int]] = [[] for _ in range(rows)]
         self.logprobs: list[list[float]] = [[] for _ in range(rows)]
         self.entropies: list[list[float]] = [[] for _ in range(rows)]
         self.fed = [0] * rows  # generated tokens present in the cache
         self.finish: list[str | None] = [None] * rows
         self.snapshots: list[dict[int, torch.Tensor]] = [{} for _ in range(rows)]
-        self.seeds = [derive_seed(seeds[p], c) for p in range(len(prompts)) for c in range(n)]
+        seeds = [torch.seed() if p.seed is None else p.seed for p in prompts]
+        self.seeds = [derive_seed(seeds[q], c) for q, prompt in enumerate(prompts) for c in range(prompt.rows)]
         self.generators = [make_generator(seed, device) for seed in self.seeds]
         self._forks = 0
         self.on_token: Callable[[int, int], None] | None = None  # (row, token) as each token is written
@@ -394,7 +198,7 @@ class Batch:
 
     def text(self, row: int) -> str:
         text = self.engine.decode(self.tokens[row])
-        for stop in self.stop_strings:
+        for stop in self.prompts[self.prompt_of[row]].stop_strings:
             cut = text.find(stop)
             if cut >= 0:
                 text = text[:cut]
@@ -404,20 +208,34 @@ class Batch:
         if not self.state_layers:
             raise DecalignError("this batch keeps no hidden states; open it with state_layers")
 
-    def state_means(self, rows: Sequence[int]) -> torch.Tensor:
-        """Per row, the mean of the tracked states over the answer tokens read so far (0 for none)."""
+    def _columns(self, layers: Sequence[int] | None) -> slice | torch.Tensor:
+        """The feature columns of `layers` (in that order) among the tracked ones; all by default."""
+        if layers is None or tuple(layers) == self.state_layers:
+            return slice(None)
+        missing = sorted(set(layers) - set(self.state_layers))
+        if missing:
+            raise DecalignError(f"this batch keeps no hidden states of layers {missing}")
+        width = self.state_sums.shape[-1] // len(self.state_layers)
+        return torch.cat([torch.arange(self.state_layers.index(layer) * width, (self.state_layers.index(layer) + 1)
+                                       * width) for layer in layers])
+
+    def state_means(self, rows: Sequence[int], layers: Sequence[int] | None = None) -> torch.Tensor:
+        """Per row, the mean of the tracked states (of `layers`, default all) over the answer tokens
+        read so far (0 for none)."""
         self._tracked()
         index = torch.as_tensor(list(rows), dtype=torch.long, device=self.mask.device)
         counts = torch.tensor([self.fed[r] for r in rows], dtype=self.state_sums.dtype, device=self.mask.device)
-        return self.state_sums[index] / counts.clamp(min=1)[:, None]
+        return self.state_sums[index][:, self._columns(layers)] / counts.clamp(min=1)[:, None]
 
-    def last_states(self, rows: Sequence[int]) -> torch.Tensor:
-        """Per row, the tracked states at the last token read (the prompt's last token before any)."""
+    def last_states(self, rows: Sequence[int], layers: Sequence[int] | None = None) -> torch.Tensor:
+        """Per row, the tracked states (of `layers`, default all) at the last token read (the
+        prompt's last token before any)."""
         self._tracked()
         index = torch.as_tensor(list(rows), dtype=torch.long, device=self.mask.device)
         fed = torch.tensor([self.fed[r] for r in rows], dtype=torch.long, device=self.mask.device)
         latest = self.answer_states[index, (fed - 1).clamp(min=0)]
-        return torch.where((fed > 0)[:, None], latest, self.prompt_states[index])
+        columns = self._columns(layers)
+        return torch.where((fed > 0)[:, None], latest, self.prompt_states[index])[:, columns]
 
     # ----- the model call ---------------------------------------------------------------------
     @torch.no_grad()
@@ -428,7 +246,7 @@ class Batch:
         positions = (self.mask.cumsum(-1) - 1).clamp_(min=0)[:, -input_ids.shape[1]:]
         extra, gate = {}, None
         if self.adapters is not None:
-            gate = self.engine._row_gate(self.adapters)
+            gate = self.engine.row_gate(self.adapters)
             if gate is None:
                 extra = {"adapter_names": self.adapters}
         with self.engine.gated(gate):
@@ -477,12 +295,13 @@ class Batch:
             self.work[self.prompt_of[row]].generated_tokens += 1
             if self.on_token is not None:
                 self.on_token(row, token)
-        if token in self.engine.eos_ids and len(self.tokens[row]) >= self.min_new_tokens:
+        limits = self.prompts[self.prompt_of[row]]
+        if token in self.engine.eos_ids and len(self.tokens[row]) >= limits.min_new_tokens:
             return "eos"
-        if self.stop_strings and any(s in self.engine.decode(self.tokens[row]) for s in self.stop_strings):
+        if limits.stop_strings and any(s in self.engine.decode(self.tokens[row]) for s in limits.stop_strings):
             return "stop"
         total = self.prompt_lengths[self.prompt_of[row]] + len(self.tokens[row])
-        if len(self.tokens[row]) >= self.max_new_tokens or (
+        if len(self.tokens[row]) >= limits.max_new_tokens or (
             self.engine.context_length and total >= self.engine.context_length
         ):
             return "length"
@@ -496,7 +315,8 @@ class Batch:
 
     def mask_early_eos(self, rows: list[int], scores: torch.Tensor) -> torch.Tensor:
         """Scores with EOS at -inf on rows that have not yet written min_new_tokens."""
-        early = [i for i, r in enumerate(rows) if len(self.tokens[r]) < self.min_new_tokens]
+        early = [i for i, r in enumerate(rows)
+                 if len(self.tokens[r]) < self.prompts[self.prompt_of[r]].min_new_tokens]
         if early and self.engine.eos_ids:
             scores = scores.clone()
             scores[torch.tensor(early)[:, None], torch.tensor(sorted(self.engine.eos_ids))[None, :]] = float("-inf")
@@ -520,7 +340,7 @@ class Batch:
         while running:
             self.step(running, sampling, max_tokens=max_tokens, stop_rule=stop_rule, cut_rule=cut_rule)
             running = [s for s in running if not s.reason]
-        self._compact()
+        self.compact()
         return segments
 
     def open_segments(self, rows: Sequence[int], *, forget_earlier: bool = False) -> list[Segment]:
@@ -544,21 +364,45 @@ class Batch:
     ) -> None:
         """One token on each running segment (reason ""): set a segment's reason when it ends
         (finish reason, 'rule', 'segment' at max_tokens, 'cancelled')."""
-        running = {s.row: s for s in segments if not s.reason}
+        self.advance([Sample(segments, sampling, max_tokens, stop_rule, cut_rule)])
+
+    def append(self, tokens: dict[int, int]) -> dict[int, str | None]:
+        """Write chosen tokens (row -> token id) on live rows; return each row's finish reason
+        (rows of cancelled prompts write nothing and finish as 'cancelled')."""
+        to_feed: dict[int, int] = {}
+        reasons = self._write(tokens, to_feed)
+        if to_feed:
+            self._feed(to_feed)
+        return reasons
+
+    def advance(self, moves: Sequence[Move]) -> None:
+        """Make every move (sampled or chosen tokens, each on its own rows) and feed all the new
+        tokens in one forward pass: how methods sharing a batch step together."""
+        to_feed: dict[int, int] = {}
+        for move in moves:
+            if isinstance(move, Sample):
+                self._sample(move, to_feed)
+            else:
+                self._write(move.tokens, to_feed)
+        if to_feed:
+            self._feed(to_feed)
+
+    def _sample(self, move: Sample, to_feed: dict[int, int]) -> None:
+        running = {s.row: s for s in move.segments if not s.reason}
         active = self._drop_cancelled(list(running))
         for r in set(running) - set(active):
             running[r].reason = "cancelled"
         if not active:
             return
         raw, logp, entropy = self._distribution(active)
-        if stop_rule is not None:
+        if move.stop_rule is not None:
             view = StepView(
                 logits=raw,
                 entropy=entropy,
                 segment_lengths=torch.tensor([len(running[r].tokens) for r in active]),
                 total_lengths=torch.tensor([len(self.tokens[r]) for r in active]),
             )
-            stop = stop_rule(view).tolist()
+            stop = move.stop_rule(view).tolist()
             if any(stop):
                 for r, s in zip(active, stop):
                     if s:
@@ -568,18 +412,17 @@ class Batch:
                 raw, logp, entropy = raw[keep], logp[keep], entropy[keep]
                 if not active:
                     return
-        chosen = choose_tokens(self.mask_early_eos(active, raw), sampling,
+        chosen = choose_tokens(self.mask_early_eos(active, raw), move.sampling,
                                [self.generators[r] for r in active]).tolist()
         chosen_logp = logp.gather(1, torch.tensor(chosen)[:, None]).squeeze(1).tolist()
         cut = [False] * len(active)
-        if cut_rule is not None:
-            cut = cut_rule(TokenView(
+        if move.cut_rule is not None:
+            cut = move.cut_rule(TokenView(
                 tokens=chosen,
                 texts=[self.engine.decode([t]) for t in chosen],
                 entropy=entropy,
                 segment_lengths=torch.tensor([len(running[r].tokens) + 1 for r in active]),
             )).tolist()
-        to_feed: dict[int, int] = {}
         for i, (r, token) in enumerate(zip(active, chosen)):
             segment = running[r]
             segment.tokens.append(token)
@@ -592,14 +435,10 @@ class Batch:
             to_feed[r] = token
             if cut[i]:
                 segment.reason = "rule"
-            elif max_tokens is not None and len(segment.tokens) >= max_tokens:
+            elif move.max_tokens is not None and len(segment.tokens) >= move.max_tokens:
                 segment.reason = "segment"
-        if to_feed:
-            self._feed(to_feed)
 
-    def append(self, tokens: dict[int, int]) -> dict[int, str | None]:
-        """Write chosen tokens (row -> token id) on live rows; return each row's finish reason
-        (rows of cancelled prompts write nothing and finish as 'cancelled')."""
+    def _write(self, tokens: dict[int, int], to_feed: dict[int, int]) -> dict[int, str | None]:
         rows = self._drop_cancelled(list(tokens))
         reasons: dict[int, str | None] = {r: self.finish[r] for r in tokens if r not in rows}
         if not rows:
@@ -608,7 +447,6 @@ class Batch:
             if self.finish[r] is not None:
                 raise DecalignError(f"row {r} has finished ({self.finish[r]}); crop it before appending")
         _, logp, entropy = self._distribution(rows)
-        to_feed = {}
         for i, r in enumerate(rows):
             token = int(tokens[r])
             reasons[r] = self._record(r, token, float(logp[i, token]), float(entropy[i]))
@@ -616,8 +454,6 @@ class Batch:
                 to_feed[r] = token
             else:
                 self.finish[r] = reasons[r]
-        if to_feed:
-            self._feed(to_feed)
         return reasons
 
     # ----- reshaping rows ---------------------------------------------------------------------
@@ -650,7 +486,7 @@ class Batch:
             self.adapters = [self.adapters[r] for r in indices]
         self.fed = [self.fed[r] for r in indices]
         self.finish = [self.finish[r] for r in indices]
-        self._compact()
+        self.compact()
 
     def copy_row(self, source: int, targets: Sequence[int]) -> None:
         """Make each target row a copy of `source` (text, cache, logits, saved logits), in place:
@@ -696,7 +532,7 @@ class Batch:
                 refeed[row] = self.tokens[row][length - 1]
         if refeed:
             self._feed(refeed)
-        self._compact()
+        self.compact()
 
     def force(self, segments: dict[int, "Segment"]) -> None:
         """Write segments drawn earlier (a rejection sampler's fallback to its best attempt) onto
@@ -733,14 +569,14 @@ class Batch:
             self.work[prompt].forward_passes += 1
         for row in segments:
             self.work[self.prompt_of[row]].decode_tokens += int(new_mask[row].sum())
-        self._compact()
+        self.compact()
 
     def _unmask_tail(self, row: int, count: int) -> None:
         if count > 0:
             columns = self.mask[row].nonzero().flatten()[-count:]
             self.mask[row, columns] = 0
 
-    def _compact(self) -> None:
+    def compact(self) -> None:
         """Squeeze out masked holes once they cost more than moving the cache does."""
         width = int(self.mask.sum(1).max())
         holes = self.mask.shape[1] - width

@@ -1,0 +1,103 @@
+"""Resumable JSONL jobs: answer every record of a file (`decalign generate --input/--output`) or score
+every answer of a file (`decalign score`). Results are appended as each batch finishes, and a rerun
+skips the ids already in the output, so an interrupted job resumes where it stopped."""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from .api import run
+from .engine import get_engine
+from .errors import DecalignError
+from .records import append_record, count_lines, load_output, read_records
+from .request import Request
+from .rewards import load_reward
+from .sampling import derive_seed
+
+
+def run_batch(input_path: str | Path, output_path: str | Path, request: Request) -> None:
+    """Answer every {id?, prompt} or {id?, messages} record of `input_path` with the decoding of
+    `request` (a validated Request without prompts), appending {id, prompt | messages, **result} to
+    `output_path` batch by batch; ids already there are skipped. Each record's seed derives from the
+    request's seed and the record's id, so an answer does not depend on the batch it landed in."""
+    input_path, output_path = Path(input_path), Path(output_path)
+    done, _ = load_output(output_path)
+    total = count_lines(input_path)
+    base_seed = random.randrange(2**62) if request.seed is None else request.seed
+    engine = get_engine(request.model, request.adapter, trust_remote_code=request.trust_remote_code)
+    pending: list[tuple[Any, Any]] = []
+    bar = tqdm(total=total, unit="prompt", desc="generate", file=sys.stderr, dynamic_ncols=True,
+               disable=None)  # shown on a terminal, silent in logs
+
+    def flush(out) -> None:
+        if not pending:
+            return
+        prompts = [prompt for _, prompt in pending]
+        seeds = [derive_seed(base_seed, record_id) for record_id, _ in pending]
+        for (record_id, prompt), result in zip(pending, run(request.with_prompts(prompts, seeds, model=engine,
+                                                                                 adapter=None))):
+            key = "prompt" if isinstance(prompt, str) else "messages"
+            append_record(out, {"id": record_id, key: prompt, **result.to_dict()})
+            bar.update(1)
+        pending.clear()
+
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    with output_path.open("a", encoding="utf-8") as out:
+        try:
+            for number, record_id, prompt, _ in read_records(input_path):
+                if record_id in done:
+                    bar.update(1)
+                    continue
+                try:
+                    length = len(engine.render(prompt, system=request.system, chat=request.chat))
+                except DecalignError as exc:
+                    raise DecalignError(f"{input_path} line {number}: {exc}") from None
+                if engine.context_length and length >= engine.context_length:
+                    raise DecalignError(f"{input_path} line {number}: the prompt has {length} tokens; "
+                                        f"the model's context is {engine.context_length}")
+                pending.append((record_id, prompt))
+                if len(pending) >= request.batch_size:
+                    flush(out)
+        finally:
+            flush(out)  # records before a bad line are finished and written
+            bar.close()
+
+
+def run_score(input_path: str | Path, output_path: str | Path, reward: str, batch_size: int = 32) -> None:
+    """Score the {id?, prompt | messages, response} records of `input_path` with the reward spec
+    `reward`, appending {id, score, reward} to `output_path` batch by batch; ids already there are skipped."""
+    if batch_size < 1:
+        raise DecalignError(f"--batch-size must be >= 1, got {batch_size}")
+    scorer = load_reward(reward)
+    source, output = Path(input_path), Path(output_path)
+    done, _ = load_output(output)
+    total = count_lines(source)
+    pending: list[tuple[Any, Any, str]] = []
+    bar = tqdm(total=total, unit="item", desc="score", file=sys.stderr, disable=None)
+
+    def flush(out) -> None:
+        if pending:
+            values = scorer.score([p for _, p, _ in pending], [r for _, _, r in pending])
+            for (record_id, _, _), value in zip(pending, values):
+                append_record(out, {"id": record_id, "score": value, "reward": scorer.name})
+            bar.update(len(pending))
+            pending.clear()
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output.open("a", encoding="utf-8") as out:
+        try:
+            for _, record_id, prompt, record in read_records(source, with_response=True):
+                if record_id in done:
+                    bar.update(1)
+                    continue
+                pending.append((record_id, prompt, record["response"]))
+                if len(pending) >= batch_size:
+                    flush(out)
+        finally:
+            flush(out)
+            bar.close()

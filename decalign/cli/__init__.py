@@ -1,0 +1,63 @@
+"""The `decalign` command: a thin shell over the library. Errors are one line, never a traceback.
+
+Each module here holds the click commands of one room and no logic: a command parses its options,
+calls the library and prints. This module holds the group, registers the commands and runs them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from ..errors import DecalignError
+from . import bench, generate, serve, tasks, train, values
+
+EXIT_USER_ERROR = 2
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="decalign")
+def cli() -> None:
+    """decalign: steer what a language model writes at decoding time."""
+
+
+cli.add_command(generate.generate)
+cli.add_command(generate.score)
+cli.add_command(generate.methods)
+cli.add_command(values.train_value)
+cli.add_command(values.value_check)
+cli.add_command(bench.bench)
+cli.add_command(bench.bench_engine)
+cli.add_command(bench.bench_cold)
+cli.add_command(serve.serve)
+cli.add_command(train.train_reward)
+cli.add_command(train.train_lora)
+cli.add_command(tasks.make_task)
+cli.add_command(tasks.eval_task)
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except DecalignError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # never a traceback to a user; DECALIGN_DEBUG=1 shows it
+        if os.environ.get("DECALIGN_DEBUG"):
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        click.echo(f"error: unexpected {type(exc).__name__}: {message} (DECALIGN_DEBUG=1 shows the traceback)",
+                   err=True)
+        sys.exit(1)

@@ -1,0 +1,73 @@
+"""`decalign train-value` and `decalign value-check`: prefix values distilled from a reward."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..logs import quiet_transformers
+from ..values.check import check_values
+from ..values.train import train_value as train_value_head
+
+
+def _sample_options(function):
+    """The options train-value and value-check share: which policy answers, how, and on which prompts."""
+    options = [
+        click.option("--reward", "-r", required=True, help="Reward spec that scores finished answers, e.g. harmless."),
+        click.option("--model", default=None, help="Policy model [default: embedded SmolLM2-135M-Instruct]."),
+        click.option("--adapter", default=None, help="PEFT LoRA adapter folder of the policy."),
+        click.option("--exclude", type=click.Path(dir_okay=False), default=None,
+                     help="Drop prompts whose first user turn appears in this JSONL (keep a benchmark unseen)."),
+        click.option("--limit", type=int, default=None, help="Use K prompts (after --exclude and --offset)."),
+        click.option("--offset", type=int, default=0, show_default=True, help="Skip the first K prompts."),
+        click.option("--n", type=int, default=8, show_default=True, help="Answers sampled per prompt."),
+        click.option("--max-new-tokens", type=int, default=96, show_default=True),
+        click.option("--temperature", type=float, default=0.7, show_default=True,
+                     help="Sampling temperature of the answers (CARDS proposes at 0.7)."),
+        click.option("--top-k", type=int, default=40, show_default=True),
+        click.option("--batch-size", type=int, default=16, show_default=True, help="Prompts sampled together."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+@click.command("train-value")
+@click.argument("prompts", metavar="PROMPTS.jsonl", type=click.Path(dir_okay=False))
+@click.option("--output", "-o", "out", required=True, type=click.Path(file_okay=False),
+              help="Folder for value.safetensors and value.json (samples.jsonl is kept there: a rerun resumes).")
+@_sample_options
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--validation", type=float, default=0.2, show_default=True, help="Fraction of prompts held out.")
+def train_value(prompts, out, reward, model, adapter, exclude, limit, offset, n, max_new_tokens, temperature, top_k,
+                batch_size, seed, validation):
+    """Distil a reward into a prefix value on the policy's own hidden states (use as value=PATH)."""
+    quiet_transformers()
+    head = train_value_head(prompts=Path(prompts), reward_spec=reward, out=Path(out), model=model, adapter=adapter,
+                            exclude=Path(exclude) if exclude else None, limit=limit, offset=offset, n=n,
+                            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
+                            validation=validation, batch_size=batch_size, log=lambda line: click.echo(line, err=True))
+    figures = head.card["validation"]
+    rows = ", ".join(f"{k} tok {v['correlation']:.2f} (drift {v['drift_sd']:+.2f} sd)"
+                     for k, v in figures["by_length"].items())
+    click.echo(f"value written to {out}: layers {head.layers}, penalty {figures['penalty']:g}; validation "
+               f"within-prompt correlation {rows}")
+
+
+@click.command("value-check")
+@click.argument("prompts", metavar="PROMPTS.jsonl", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder for samples.jsonl (resumable) and value_check.md / .json.")
+@click.option("--value", "values", multiple=True, help="A value to check (shipped name or folder); repeatable.")
+@click.option("--scorer", "scorers", multiple=True, help="Any reward spec scored on prefixes; repeatable.")
+@_sample_options
+@click.option("--seed", type=int, default=1, show_default=True)
+def value_check(prompts, out, values, scorers, reward, model, adapter, exclude, limit, offset, n, max_new_tokens,
+                temperature, top_k, batch_size, seed):
+    """Within-prompt correlation with the final reward, and drift, of prefix scorers at 4..64 tokens."""
+    quiet_transformers()
+    click.echo(check_values(prompts=Path(prompts), reward_spec=reward, out=Path(out), values=values,
+                            scorers=scorers, model=model, adapter=adapter, exclude=Path(exclude) if exclude else None,
+                            limit=limit, offset=offset, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_k=top_k, seed=seed, batch_size=batch_size))

@@ -1,0 +1,25 @@
+"""The sampling engine: one batched, KV-cached state that every decoding method drives.
+
+- `core`: `Engine` (a model with its tokenizer: load, render, decode, open a batch), `get_engine`
+  (one loaded policy per process), `Prompt`, `validate_messages`.
+- `batch`: `Batch` (live rows in one KV cache: extend, step, append, advance, select, copy_row, crop,
+  force, tracked hidden states), `BatchPrompt` (a prompt with its rows and limits), the moves
+  `Sample` / `Write`, `Segment`, `Work`, `FINISHED`.
+- `stopping`: segment rules and what they see: `StepView`/`StopRule` (before a token), `TokenView`/
+  `CutRule` (after one), `EntropyStop`, `MaxProbStop`, `PunctuationCut`.
+- `adapters`: PEFT specifics and model patches: `BASE`, `loaded_adapters`, `LoraRowGate` (per-row
+  LoRA gating of mixed-adapter batches), `use_transposed_head` (the CPU output-layer trick).
+
+Imports run one way: core -> batch -> stopping, adapters. Everything is re-exported here.
+"""
+
+from .adapters import BASE, LoraRowGate, loaded_adapters, use_transposed_head
+from .batch import FINISHED, Batch, BatchPrompt, Move, Sample, Segment, Work, Write
+from .core import Engine, Prompt, get_engine, validate_messages
+from .stopping import CutRule, EntropyStop, MaxProbStop, PunctuationCut, StepView, StopRule, TokenView
+
+__all__ = [
+    "BASE", "Batch", "BatchPrompt", "Move", "Sample", "Write", "get_engine", "CutRule", "Engine", "EntropyStop", "FINISHED", "LoraRowGate", "MaxProbStop", "Prompt",
+    "PunctuationCut", "Segment", "StepView", "StopRule", "TokenView", "Work", "loaded_adapters",
+    "use_transposed_head", "validate_messages",
+]

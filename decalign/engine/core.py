@@ -1,0 +1,161 @@
+"""The policy engine: a model with its tokenizer, which renders prompts and opens batches."""
+
+from __future__ import annotations
+
+import functools
+from contextlib import AbstractContextManager
+from typing import Sequence
+
+import torch
+
+from ..errors import DecalignError
+from ..models import DEFAULT_MODEL, load_model
+from .adapters import BASE, LoraRowGate, loaded_adapters, use_transposed_head
+from .batch import Batch, BatchPrompt
+
+Prompt = str | list[dict]
+
+
+class Engine:
+    """A policy model with its tokenizer: renders prompts and opens batches."""
+
+    def __init__(self, model, tokenizer, *, name: str = "model", adapter: str | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.adapter = adapter  # the adapter loaded with --adapter, as given
+        self.device = next(model.parameters()).device
+        config = model.config
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+        if tokenizer.eos_token_id is not None:
+            eos_ids.add(tokenizer.eos_token_id)
+        self.eos_ids: frozenset[int] = frozenset(eos_ids)
+        self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids or {0})
+        self.context_length: int | None = getattr(config, "max_position_embeddings", None)
+        self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        self.lora_gate = LoraRowGate(model, self.device)  # per-row adapter gating for mixed batches
+        if self.device.type == "cpu":
+            use_transposed_head(model)
+
+    @classmethod
+    def load(
+        cls, model: str | None = None, adapter: str | None = None, *, trust_remote_code: bool = False
+    ) -> "Engine":
+        policy, tokenizer = load_model(model, adapter, trust_remote_code=trust_remote_code)
+        return cls(policy, tokenizer, name=model or DEFAULT_MODEL, adapter=adapter)
+
+    # ----- text <-> tokens -------------------------------------------------------------------
+    def render(self, prompt: Prompt, *, system: str | None = None, chat: bool | None = None) -> list[int]:
+        """Token ids of a prompt. Message lists always go through the chat template; a string does
+        when the model has one (chat=None) or chat=True, else it is encoded as raw text."""
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise DecalignError("empty prompt")
+            use_chat = self.has_chat_template if chat is None else chat
+            if not use_chat:
+                if system:
+                    raise DecalignError("a system message needs chat mode (the model has no chat template)")
+                return self.tokenizer(prompt)["input_ids"]
+            messages = [{"role": "user", "content": prompt}]
+        else:
+            messages = validate_messages(prompt)
+        if system and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": system}, *messages]
+        if not self.has_chat_template:
+            raise DecalignError(f"model {self.name} has no chat template; pass a plain string prompt")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+
+    def start(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        n: int = 1,
+        seeds: Sequence[int] | None = None,
+        max_new_tokens: int = 128,
+        min_new_tokens: int = 0,
+        stop_strings: Sequence[str] = (),
+        adapters: Sequence[str] | None = None,
+        state_layers: Sequence[int] = (),
+    ) -> "Batch":
+        """Encode each prompt once and give it `n` rows that share that encoding.
+
+        `adapters` (one name per prompt, its rows inherit it): run each prompt's rows with that PEFT
+        adapter, or "__base__" for the model without adapters, all in the same forward passes
+        (CoLD puts a prompt twice, once per name).
+
+        `state_layers`: keep, per row, the hidden states of these layers (0 = embeddings, N = the
+        last layer's output, as the model reports them) for the answer's tokens, so that `state_means` and `last_states` give a
+        prefix value its features with no extra forward pass."""
+        if adapters is not None and len(adapters) != len(prompts):
+            raise DecalignError(f"{len(adapters)} adapter names for {len(prompts)} prompts")
+        seeds = list(seeds) if seeds is not None else [None] * len(prompts)
+        return self.open([BatchPrompt(ids=ids, seed=seed, rows=n, adapter=adapters[i] if adapters else None,
+                                      max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                      stop_strings=tuple(stop_strings), state_layers=tuple(state_layers))
+                          for i, (ids, seed) in enumerate(zip(prompts, seeds))])
+
+    def open(self, prompts: Sequence[BatchPrompt]) -> "Batch":
+        """A batch of prompts that may each have their own rows, limits, adapter and tracked layers
+        (prompts of different requests and methods, decoded together)."""
+        return Batch(self, prompts)
+
+    def active_adapter(self) -> str:
+        """The adapter the model runs with as loaded (BASE when it has none)."""
+        names = self.adapter_names()
+        if not names:
+            return BASE
+        active = getattr(self.model, "active_adapter", names[0])
+        return active if isinstance(active, str) else names[0]
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.get_text_config().num_hidden_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.get_text_config().hidden_size)
+
+    def adapter_names(self) -> list[str]:
+        """Names of the PEFT adapters loaded on the model ("default" for --adapter); [] without any."""
+        return loaded_adapters(self.model)
+
+    def row_gate(self, adapters: list[str]) -> torch.Tensor | None:
+        """Each row's 0/1 LoRA gate for a mixed batch of one plain LoRA adapter and "__base__", or
+        None when PEFT's `adapter_names` route must be used (see `LoraRowGate.row_gate`)."""
+        return self.lora_gate.row_gate(adapters)
+
+    def gated(self, gate: torch.Tensor | None) -> AbstractContextManager[None]:
+        """Within the block, each row's LoRA output is scaled by its gate (see row_gate)."""
+        return self.lora_gate.gated(gate)
+
+
+
+def get_engine(model: "str | Engine | None" = None, adapter: str | None = None, *,
+               trust_remote_code: bool = False) -> Engine:
+    """The engine for a model spec, loaded once per process (the last one is kept)."""
+    if isinstance(model, Engine):
+        if adapter is not None:
+            raise DecalignError("pass the adapter when loading the Engine, not with an Engine instance")
+        return model
+    return _shared_engine(model, adapter, trust_remote_code)
+
+
+@functools.lru_cache(maxsize=1)  # one policy in memory at a time
+def _shared_engine(model: str | None, adapter: str | None, trust_remote_code: bool) -> Engine:
+    return Engine.load(model, adapter, trust_remote_code=trust_remote_code)
+
+
+def validate_messages(messages: object) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise DecalignError("messages must be a non-empty list of {role, content} objects")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str) or not message.get("role"):
+            raise DecalignError(f"message {i} must be an object with a role and a string content")
+    if not any(m["content"].strip() for m in messages):
+        raise DecalignError("empty prompt: every message is empty")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]

@@ -1,0 +1,17 @@
+"""`decalign serve`: an OpenAI-compatible HTTP server that aligns at decoding time.
+
+- config: ServerConfig, the server's settings
+- schemas: the request, answer, stream-chunk and error bodies (pydantic), ApiError
+- alignment: a request's `alignment` field, OpenAI's sampling fields and the defaults as one
+  decalign Request (validated as the CLI's and the Python API's are)
+- scheduler: the engine's worker thread, its bounded queue, and the requests that arrived together
+  decoded in one batch whatever each asked for
+- metrics: the Prometheus series behind /metrics
+- app: create_app, the FastAPI routes, auth and error handling
+"""
+
+from .alignment import shared_reward
+from .app import create_app
+from .config import ServerConfig
+
+__all__ = ["ServerConfig", "create_app", "shared_reward"]

@@ -1,0 +1,53 @@
+"""How a request asks for its decoding: the `alignment` field, OpenAI's sampling fields and the
+server's defaults become one decalign `Request`, validated by the same code as the CLI's and the
+Python API's (only the field names are spelled the server's way)."""
+
+from __future__ import annotations
+
+import functools
+import uuid
+
+from ..engine import Engine, Prompt
+from ..methods import get_method
+from ..request import Request, RequestError
+from ..rewards import Reward, load_reward
+from .config import ServerConfig
+from .schemas import ApiError, GenerationOptions
+
+OPENAI_SAMPLING = ("temperature", "top_p")
+FIELD_NAMES = {"max_new_tokens": "max_tokens", "reward": "alignment.reward", "value": "alignment.value",
+               "seed": "seed", "stop": "stop"}
+
+
+@functools.lru_cache(maxsize=8)
+def shared_reward(spec: str) -> Reward | None:
+    """Each reward spec is loaded once per process: requests share the loaded scorer."""
+    return load_reward(spec)
+
+
+def decoding_request(body: GenerationOptions, config: ServerConfig, engine: Engine, prompt: Prompt,
+                     chat: bool) -> Request:
+    """The decoding `body` asks for on `prompt`, checked before it is queued: ApiError (400) for a
+    malformed `alignment` field or any invalid request, with decalign's own message."""
+    extra = dict(body.alignment)
+    method = extra.pop("method", config.method)
+    reward = extra.pop("reward", config.reward)
+    value = extra.pop("value", None)
+    if not isinstance(method, str):
+        raise ApiError(400, "alignment.method must be a string", param="alignment")
+    if reward is not None and not isinstance(reward, str):
+        raise ApiError(400, "alignment.reward must be a reward spec string", param="alignment")
+    params = dict(config.method_params) if method == config.method else {}
+    params.update(extra)
+    accepted = get_method(method).parameters()
+    for name in OPENAI_SAMPLING:  # OpenAI's sampling fields apply where the method has them
+        if getattr(body, name) is not None and name in accepted and name not in extra:
+            params[name] = getattr(body, name)
+    seed = body.seed if body.seed is not None else uuid.uuid4().int % 2**62
+    try:
+        return Request.build(prompts=[prompt], method=method, params=params,
+                             reward=shared_reward(reward) if reward is not None else None, value=value,
+                             max_new_tokens=body.max_tokens, seed=[seed], chat=chat, stop=list(body.stop),
+                             model=engine)
+    except RequestError as exc:
+        raise ApiError(400, str(exc.spelled(FIELD_NAMES)), param=FIELD_NAMES.get(exc.field or "")) from None

@@ -1,0 +1,245 @@
+"""The FastAPI application: the OpenAI-compatible routes, the key and size guard, and error bodies.
+
+Requests choose their method, parameters and reward in one extra body field, `alignment`.
+A single worker thread (the Scheduler) owns the engine and batches companions; the queue is bounded
+(429 when full), each request has a deadline, and a client that disconnects stops its own rows.
+"""
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..engine import Engine, Prompt
+from ..errors import DecalignError
+from ..result import Result
+from .alignment import decoding_request
+from .config import ServerConfig
+from .metrics import Metrics
+from .scheduler import PendingRequest, Scheduler
+from .schemas import (AlignmentInfo, ApiError, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
+                      ChatCompletionChunk, ChatCompletionRequest, ChatDelta, Completion, CompletionChunk,
+                      CompletionRequest, GenerationOptions, ModelCard, ModelList, TextChoice, Usage, parse_request)
+
+
+@dataclass
+class ServerState:
+    """What the routes share, kept on app.state.server."""
+
+    engine: Engine
+    config: ServerConfig
+    scheduler: Scheduler
+    metrics: Metrics
+
+
+def server_state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+State = Annotated[ServerState, Depends(server_state)]
+router = APIRouter()
+
+
+def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
+    """The FastAPI application serving `engine`; its engine thread starts now."""
+    app = FastAPI(title="decalign", version="0.1.0", docs_url=None, redoc_url=None)
+    metrics = Metrics()
+    app.state.server = ServerState(engine, config, Scheduler(engine, config, metrics), metrics)
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)
+    app.middleware("http")(guard)
+    app.include_router(router)
+    return app
+
+
+async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return JSONResponse(ApiError(exc.status_code, str(exc.detail), kind).body(), status_code=exc.status_code)
+
+
+async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse(ApiError(500, f"internal error: {type(exc).__name__}", "server_error").body(), status_code=500)
+
+
+async def guard(request: Request, call_next) -> Response:
+    """The API key and the declared body size are checked before a /v1/ route runs; /v1/ requests are counted."""
+    state: ServerState = request.app.state.server
+    config = state.config
+    started = time.perf_counter()
+    try:
+        if request.url.path.startswith("/v1/"):
+            if config.api_key and request.headers.get("authorization") != f"Bearer {config.api_key}":
+                raise ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error")
+            size = request.headers.get("content-length")
+            if size and size.isdigit() and int(size) > config.max_request_bytes:
+                raise ApiError(413, f"request body over {config.max_request_bytes} bytes")
+        response = await call_next(request)
+    except ApiError as exc:
+        response = JSONResponse(exc.body(), status_code=exc.status)
+    if request.url.path.startswith("/v1/"):
+        state.metrics.observe(request.url.path, response.status_code, time.perf_counter() - started)
+    return response
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request, state: State):
+    body = parse_request(ChatCompletionRequest, await read_body(request, state.config), state.config)
+    return await respond(request, state, body, body.messages, chat=True)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request, state: State):
+    body = parse_request(CompletionRequest, await read_body(request, state.config), state.config)
+    return await respond(request, state, body, body.prompt, chat=False)
+
+
+@router.get("/v1/models")
+async def models(state: State) -> ModelList:
+    return ModelList(data=[ModelCard(id=state.config.model_name)])
+
+
+@router.get("/health")
+async def health(state: State) -> dict:
+    return {"status": "ok", "model": state.config.model_name, "queue_depth": state.scheduler.depth()}
+
+
+@router.get("/metrics")
+async def prometheus(state: State) -> Response:
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def read_body(request: Request, config: ServerConfig) -> dict:
+    """The JSON object sent (the guard only saw the declared length; chunked bodies are measured here)."""
+    raw = await request.body()
+    if len(raw) > config.max_request_bytes:
+        raise ApiError(413, f"request body over {config.max_request_bytes} bytes")
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return body
+
+
+def pending_request(state: ServerState, body: GenerationOptions, prompt: Prompt, chat: bool) -> PendingRequest:
+    """The request to queue; its decoding and prompt are checked first, so bad ones never wait in line."""
+    try:
+        decoding = decoding_request(body, state.config, state.engine, prompt, chat)
+        state.engine.render(prompt, chat=chat)  # empty or malformed prompts fail here
+    except DecalignError as exc:
+        raise ApiError(400, str(exc)) from None
+    loop = asyncio.get_running_loop()
+    return PendingRequest(decoding=decoding, chat=chat, loop=loop, future=loop.create_future(),
+                          updates=asyncio.Queue() if body.stream else None)
+
+
+async def respond(request: Request, state: ServerState, body: GenerationOptions, prompt: Prompt, chat: bool):
+    pending = pending_request(state, body, prompt, chat)
+    state.scheduler.submit(pending)
+    ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    created = int(time.time())
+    if body.stream:
+        return StreamingResponse(stream_events(request, state, pending, ident, created),
+                                 media_type="text/event-stream")
+    result = await wait(request, pending, state.config.timeout)
+    head = dict(id=ident, created=created, model=state.config.model_name)
+    usage, alignment = answer_usage(state.engine, pending, result), alignment_info(result)
+    if chat:
+        choice = ChatChoice(message=AssistantMessage(content=result.text), finish_reason=finish_reason(result))
+        return ChatCompletion(**head, choices=[choice], usage=usage, alignment=alignment)
+    choice = TextChoice(text=result.text, finish_reason=finish_reason(result))
+    return Completion(**head, choices=[choice], usage=usage, alignment=alignment)
+
+
+async def wait(request: Request, pending: PendingRequest, timeout: float) -> Result:
+    """The result, or 499 once the client hangs up, or 504 past the deadline; either stops the rows."""
+    deadline = time.monotonic() + timeout
+    while not pending.future.done():
+        if await request.is_disconnected():
+            pending.cancelled.set()
+            raise ApiError(499, "client closed the request")
+        if time.monotonic() > deadline:
+            pending.cancelled.set()
+            raise ApiError(504, f"no answer within {timeout:g} s", "timeout")
+        await asyncio.wait([pending.future], timeout=0.1)
+    return pending.future.result()
+
+
+async def stream_events(request: Request, state: ServerState, pending: PendingRequest, ident: str,
+                        created: int) -> AsyncIterator[str]:
+    """Server-sent events: the committed text as it grows, then the finish reason, usage and alignment."""
+    head = dict(id=ident, created=created, model=state.config.model_name)
+
+    def chunk(delta: str | None, reason: str | None = None, **last: Any) -> str:
+        if pending.chat:
+            choice = ChatChunkChoice(delta=ChatDelta(content=delta), finish_reason=reason)
+            return event(ChatCompletionChunk(**head, choices=[choice], **last).model_dump(mode="json"))
+        choice = TextChoice(text=delta or "", finish_reason=reason)
+        return event(CompletionChunk(**head, choices=[choice], **last).model_dump(mode="json"))
+
+    if pending.chat:
+        opening = ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))
+        yield event(ChatCompletionChunk(**head, choices=[opening]).model_dump(mode="json"))
+    sent = ""
+    deadline = time.monotonic() + state.config.timeout
+    try:
+        while not pending.future.done():
+            if await request.is_disconnected():
+                pending.cancelled.set()
+                return
+            if time.monotonic() > deadline:
+                pending.cancelled.set()
+                yield event(ApiError(504, "timed out", "timeout").body())
+                return
+            try:
+                text = await asyncio.wait_for(pending.updates.get(), timeout=0.1)
+            except asyncio.TimeoutError:
+                continue
+            if text.startswith(sent) and len(text) > len(sent):
+                yield chunk(text[len(sent):])
+                sent = text
+        try:
+            result = pending.future.result()
+        except ApiError as exc:
+            yield event(exc.body())
+            return
+        if result.text.startswith(sent) and len(result.text) > len(sent):
+            yield chunk(result.text[len(sent):])
+        yield chunk(None, finish_reason(result), usage=answer_usage(state.engine, pending, result),
+                    alignment=alignment_info(result))
+        yield "data: [DONE]\n\n"
+    finally:
+        if not pending.future.done():
+            pending.cancelled.set()
+
+
+def event(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def answer_usage(engine: Engine, pending: PendingRequest, result: Result) -> Usage:
+    prompt_tokens = len(engine.render(pending.prompt, chat=pending.chat))
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=len(result.tokens),
+                 total_tokens=prompt_tokens + len(result.tokens))
+
+
+def alignment_info(result: Result) -> AlignmentInfo:
+    return AlignmentInfo(method=result.method, params=result.params, reward=result.reward, stats=result.stats)
+
+
+def finish_reason(result: Result) -> str:
+    return "length" if result.finish_reason == "length" else "stop"

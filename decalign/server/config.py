@@ -1,0 +1,21 @@
+"""The server's settings (`decalign serve` fills them from its options)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ServerConfig:
+    model_name: str = "smollm2"
+    method: str = "greedy"
+    reward: str | None = None
+    method_params: dict = field(default_factory=dict)
+    api_key: str | None = None
+    max_tokens_limit: int = 512
+    default_max_tokens: int = 128
+    max_request_bytes: int = 1_000_000
+    queue_size: int = 64
+    timeout: float = 300.0  # seconds from arrival to answer
+    batch_window: float = 0.02  # seconds to wait for companions before decoding
+    max_batch: int = 16

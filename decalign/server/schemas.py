@@ -1,0 +1,272 @@
+"""The OpenAI-compatible bodies: requests, answers, stream chunks, model list and errors.
+
+Requests carry one extension field, `alignment` (the OpenAI client sends it with
+extra_body={"alignment": {"method": "bon", "n": 4}}); answers carry its outcome under the same name.
+Request fields are checked in the order the server has always reported them, the first wrong one
+answering 400 with its own message and `param`.
+"""
+
+from typing import Any, ClassVar, Literal, TypeVar
+
+from pydantic import (BaseModel, Field, SerializerFunctionWrapHandler, ValidationError, ValidationInfo, field_validator,
+                      model_serializer, model_validator)
+
+from .config import ServerConfig
+
+FinishReason = Literal["stop", "length"]
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI's error body, with its HTTP status."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+    def body(self) -> dict:
+        return ErrorResponse(error=ErrorDetail(message=self.message, type=self.kind, param=self.param)).model_dump()
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# Requests. Each endpoint's model lists its prompt mixin last among its bases: pydantic orders fields
+# from the last base to the first, so the prompt is checked (and its error reported) before the options.
+
+class ChatPrompt(BaseModel):
+    # a default, so that a missing field gets this message too; each message is checked by the chat template
+    messages: list[Any] = Field(None, validate_default=True)
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def non_empty_list(cls, messages: Any) -> Any:
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a non-empty list")
+        return messages
+
+
+class TextPrompt(BaseModel):
+    prompt: str = Field(None, validate_default=True)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def one_string(cls, prompt: Any) -> Any:
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]  # a batch of one prompt is that prompt
+        if not isinstance(prompt, str):
+            raise ValueError("prompt must be a string")
+        return prompt
+
+
+class GenerationOptions(BaseModel):
+    """The fields both generation endpoints share; other OpenAI fields (model, user, ...) are ignored.
+
+    Validate with `parse_request`: max_tokens needs the ServerConfig as validation context.
+    """
+
+    max_tokens: int
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    alignment: dict[str, Any] = {}
+    stream: bool = False
+    # handed to methods that take them, whose configs check them with their own messages
+    temperature: Any = None
+    top_p: Any = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def pick_max_tokens(cls, body: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """OpenAI's newer max_completion_tokens, when given, wins over max_tokens; null, 0 or neither
+        means the server's default."""
+        config: ServerConfig = info.context
+        chosen = body.get("max_completion_tokens", body.get("max_tokens")) or config.default_max_tokens
+        return {**body, "max_tokens": chosen}
+
+    @field_validator("max_tokens", mode="before")
+    @classmethod
+    def within_limit(cls, max_tokens: Any, info: ValidationInfo) -> Any:
+        limit = info.context.max_tokens_limit
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError("max_tokens must be a positive integer")
+        if max_tokens > limit:
+            raise ValueError(f"max_tokens {max_tokens} is over this server's limit of {limit}")
+        return max_tokens
+
+    @field_validator("n", mode="before")
+    @classmethod
+    def only_one(cls, n: Any) -> Any:
+        if n != 1:
+            raise ValueError("n > 1 is not supported; use alignment {\"method\": \"bon\", \"n\": N}")
+        return n
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def stop_strings(cls, stop: Any) -> tuple[str, ...]:
+        stop = stop or ()
+        stop = (stop,) if isinstance(stop, str) else stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+            raise ValueError("stop must be a string or a list of strings")
+        return tuple(stop)
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def integer_seed(cls, seed: Any) -> Any:
+        if seed is not None and not isinstance(seed, int):
+            raise ValueError("seed must be an integer")
+        return seed
+
+    @field_validator("alignment", mode="before")
+    @classmethod
+    def an_object(cls, alignment: Any) -> Any:
+        alignment = alignment or {}
+        if not isinstance(alignment, dict):
+            raise ValueError("alignment must be an object, e.g. {\"method\": \"bon\", \"n\": 4}")
+        return alignment
+
+    @field_validator("stream", mode="before")
+    @classmethod
+    def truthy(cls, stream: Any) -> bool:
+        return bool(stream)
+
+
+class ChatCompletionRequest(GenerationOptions, ChatPrompt):
+    """POST /v1/chat/completions."""
+
+
+class CompletionRequest(GenerationOptions, TextPrompt):
+    """POST /v1/completions."""
+
+
+RequestModel = TypeVar("RequestModel", bound=GenerationOptions)
+
+
+def parse_request(model: type[RequestModel], body: dict[str, Any], config: ServerConfig) -> RequestModel:
+    """`body` as `model`, or an ApiError(400) with the first wrong field's message and name."""
+    try:
+        return model.model_validate(body, context=config)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        cause = (error.get("ctx") or {}).get("error")
+        raise ApiError(400, str(cause) if cause is not None else error["msg"],
+                       param=str(error["loc"][0]) if error["loc"] else None) from None
+
+
+# Answers
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AlignmentInfo(BaseModel):
+    """The `alignment` extension of an answer: how it was decoded, its reward and what it cost."""
+
+    method: str
+    params: dict[str, Any]
+    reward: float | None
+    stats: dict[str, Any]
+
+
+class OmitsNone(BaseModel):
+    """A body that leaves out the fields named in `omitted_when_none` while they are None, as OpenAI's
+    do, rather than sending null (Field(exclude_if=...) would do it too, but needs pydantic 2.12)."""
+
+    omitted_when_none: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def leave_out_none(self, serialize: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {name: value for name, value in serialize(self).items()
+                if value is not None or name not in self.omitted_when_none}
+
+
+class Envelope(BaseModel):
+    """What every answer and stream chunk starts with; subclasses fix `object`."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: FinishReason
+
+
+class ChatCompletion(Envelope):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+    usage: Usage
+    alignment: AlignmentInfo
+
+
+class ChatDelta(OmitsNone):
+    """What a chat stream chunk adds: the role once, at the start, then pieces of content."""
+
+    omitted_when_none = ("role", "content")
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(Envelope, OmitsNone):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
+    omitted_when_none = ("usage", "alignment")  # until the last chunk
+    usage: Usage | None = None
+    alignment: AlignmentInfo | None = None
+
+
+class TextChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason | None  # None in stream chunks before the last
+
+
+class Completion(Envelope):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[TextChoice]
+    usage: Usage
+    alignment: AlignmentInfo
+
+
+class CompletionChunk(Envelope, OmitsNone):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[TextChoice]
+    omitted_when_none = ("usage", "alignment")  # until the last chunk
+    usage: Usage | None = None
+    alignment: AlignmentInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "decalign"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

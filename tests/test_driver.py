@@ -1,0 +1,66 @@
+"""Methods as step machines: several requests of different methods share one batch and one forward
+pass per step, and each gets exactly the answer it gets alone."""
+
+import pytest
+
+from decalign import DecalignError
+from decalign.api import run, run_together
+from decalign.request import Request
+
+
+def length_reward(prompts, responses):
+    return [float(len(r)) for r in responses]
+
+
+@pytest.fixture
+def requests(engine):
+    common = dict(model=engine, seed=4)
+    return [
+        Request.build(prompts=["hi", "The answer is"], method="greedy", max_new_tokens=9, **common),
+        Request.build(prompts=["bread"], method="bon", params={"n": 3}, reward=length_reward, max_new_tokens=12,
+                      **common),
+        Request.build(prompts=["Paris is", "hi"], method="cards", reward=length_reward, max_new_tokens=14,
+                      params={"min_segment": 2, "max_segment": 5, "proposals": 2, "max_retries": 2}, **common),
+        Request.build(prompts=["The quick brown fox"], method="sample", params={"temperature": 0.8},
+                      max_new_tokens=7, stop=["."], **common),
+        Request.build(prompts=["hello"], method="args", params={"k": 3}, reward=length_reward, max_new_tokens=5,
+                      **common),
+    ]
+
+
+def count_forward_passes(engine, monkeypatch) -> list[int]:
+    calls = [0]
+    forward = engine.model.forward
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", counted)
+    return calls
+
+
+def test_methods_sharing_a_batch_answer_as_they_do_alone(engine, requests, monkeypatch):
+    calls = count_forward_passes(engine, monkeypatch)
+    alone = []
+    for request in requests:
+        alone.append(run(request))
+    passes_alone, calls[0] = calls[0], 0
+    together = run_together(requests)
+    passes_together = calls[0]
+    for mine, theirs in zip(together, alone):
+        assert [r.tokens for r in mine] == [r.tokens for r in theirs]
+        assert [r.reward for r in mine] == pytest.approx([r.reward for r in theirs])
+        assert [r.finish_reason for r in mine] == [r.finish_reason for r in theirs]
+    # one forward pass per step serves every method: far fewer than one per method per step
+    assert passes_together < 0.6 * passes_alone
+
+
+def test_requests_for_different_models_are_not_mixed(engine, tiny_path):
+    from decalign import Engine
+
+    other = Engine.load(str(tiny_path))
+    with pytest.raises(DecalignError, match="same model"):
+        run_together([Request.build(prompts=["hi"], model=engine), Request.build(prompts=["hi"], model=other)])
+    with pytest.raises(DecalignError, match="no prompts"):
+        run_together([Request.build(model=engine)])
