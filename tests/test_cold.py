@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from decalign import DecalignError, Engine, generate
 from decalign.testing import make_tiny_adapter
-from decalign.methods.cold import contrast_scores
+from decalign.methods.contrast import contrast_scores
 
 
 def save_adapter(model_path, out, seed=0, targets=("q_proj", "v_proj", "down_proj")):

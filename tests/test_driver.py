@@ -25,6 +25,10 @@ def requests(engine):
                       max_new_tokens=7, stop=["."], **common),
         Request.build(prompts=["hello"], method="args", params={"k": 3}, reward=length_reward, max_new_tokens=5,
                       **common),
+        Request.build(prompts=["bread", "hi"], method="spec_rejection", params={"budget": 4, "interval": 3},
+                      reward=length_reward, max_new_tokens=10, **common),
+        Request.build(prompts=["Paris is"], method="blockwise", params={"budget": 3, "block": 4}, reward=length_reward,
+                      max_new_tokens=11, **common),
     ]
 
 

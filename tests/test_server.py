@@ -127,6 +127,16 @@ def test_models_health_metrics(client, served):
     assert "decalign_queue_depth 0" in text
 
 
+def test_methods_endpoint_serves_the_parameters_help(served):
+    from decalign.methods import METHODS
+
+    listing = httpx.get(served + "/v1/methods", timeout=10).json()
+    assert sorted(listing["methods"]) == sorted(METHODS)
+    value = listing["methods"]["cards"]["parameters"]["value"]
+    assert value["default"] is None and "prefix value" in value["help"]
+    assert listing["methods"]["bon"]["needs_reward"] and listing["default"]["method"] == "greedy"
+
+
 def test_api_key_is_required_when_set(engine):
     server, url = start(engine, api_key="sesame")
     try:

@@ -5,14 +5,14 @@ shape and the `drive` loop that runs several methods in one batch); each other m
 method family and reads like its paper's loop. Importing this package registers them all.
 """
 
-from . import args, bon, cards, cold, greedy, rs, sample
+from . import args, blockwise, bon, cards, cold, contrastive, dexperts, greedy, rs, sample, spec_rejection
 from .base import (
     METHODS, Job, Method, MethodSpec, SamplingParams, drive, get_method, make_config, method_names, missing_adapter,
     param, parse_method_spec, register,
 )
 
 __all__ = [
-    "METHODS", "Job", "Method", "MethodSpec", "SamplingParams", "args", "bon", "cards", "cold", "drive", "get_method",
-    "greedy", "make_config", "method_names", "missing_adapter", "param", "parse_method_spec", "register", "rs",
-    "sample",
+    "METHODS", "Job", "Method", "MethodSpec", "SamplingParams", "args", "blockwise", "bon", "cards", "cold", "contrastive",
+    "dexperts", "drive", "get_method", "greedy", "make_config", "method_names", "missing_adapter", "param",
+    "parse_method_spec", "register", "rs", "sample", "spec_rejection",
 ]

@@ -1,195 +1,20 @@
-"""The contrastive family as configurations of one logit-arithmetic step; CoLD is one of them.
+"""CoLD, contrastive LoRA decoding (Heisler et al., arXiv:2505.14620):
 
-At every step each prompt has a few *branches*: rows that hold the same tokens but see them through
-different weights (the model with its LoRA adapter, the same weights without it, another model).
-The step combines their raw next-token logits s_k with fixed weights w_k,
+    expert = model + LoRA, amateur = the same weights without it, both rows in one batched forward
+    score = (1 + beta) * s_expert - (beta / tau) * s_amateur     on the expert's plausible set
+    token = argmax(score)     (temperature 0; the contrast step is in contrast.py)
 
-    score[i] = sum_k w_k * s_k[i]     on the plausible set {i : s_h[i] >= log(alpha) + max s_h}
-
-of a head branch h (-inf elsewhere), picks argmax(score) (or draws from softmax(score / T) when
-temperature > 0), and appends the chosen token to every branch's row. Per-row constants (log Z)
-cancel in the argmax and the softmax, so raw logits and log-probabilities give the same tokens.
-
-Configurations (all registered methods):
-- cold:        expert = model + LoRA, amateur = the same weights without it, in one batched forward;
-               score = (1 + beta) * s_e - (beta / tau) * s_a, mask on the expert.
-- contrastive: expert = the model (with its adapter if one is loaded), amateur = a separate, smaller
-               model with the same tokenizer (O'Brien & Lewis 2023); same score and mask.
-- dexperts:    s_base + beta * (s_expert - s_anti) (DExperts, proxy-tuning's form): expert = the loaded
-               adapter, anti-expert = a second adapter (anti_adapter) or the base itself; mask on the base.
-
-beta = 0 or alpha = 1 reduces cold and contrastive exactly to greedy decoding of the expert.
+beta = 0 or alpha = 1 reduces it exactly to greedy decoding of the expert.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Sequence
+from dataclasses import dataclass
 
-import torch
-
-from ..engine import BASE, Batch, BatchPrompt, Engine, Move, Write
+from ..engine import BASE
 from ..errors import DecalignError
-from ..result import Result
-from ..sampling import Sampling, choose_tokens
-from .base import Job, Method, missing_adapter, param, register
-
-
-# ----- the shared step --------------------------------------------------------------------------
-def contrast_scores(logits: Sequence[torch.Tensor], weights: Sequence[float], *, head: int = 0,
-                    alpha: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(score, plausible) for rows x vocab logits of each branch: the weighted sum of the branches'
-    logits on the head branch's plausible set, -inf outside it. Branches with weight 0 are skipped,
-    so a zero weight never turns an infinite logit into NaN."""
-    target = logits[head].float()
-    plausible = target >= math.log(alpha) + target.max(-1, keepdim=True).values
-    score = None
-    for weight, branch in zip(weights, logits):
-        if weight == 0:
-            continue
-        term = branch.float() if weight == 1 else weight * branch.float()
-        score = term if score is None else score + term
-    if score is None:
-        score = torch.zeros_like(target)
-    return score.masked_fill(~plausible, float("-inf")), plausible
-
-
-def _fit(logits: torch.Tensor, width: int) -> torch.Tensor:
-    """Match a branch's vocabulary width to the head's: extra ids are dropped, missing ids get the
-    row's minimum (a finite floor, never -inf, so -weight * logit cannot become +inf)."""
-    if logits.shape[-1] == width:
-        return logits
-    if logits.shape[-1] > width:
-        return logits[:, :width]
-    floor = logits.min(-1, keepdim=True).values.expand(-1, width - logits.shape[-1])
-    return torch.cat([logits, floor], dim=-1)
-
-
-@dataclass
-class Branch:
-    """One branch: prompt p's row is `rows[p]` of `batch` (the shared batch, or a private one for a
-    separate model); its logits enter the score with `weight`."""
-
-    weight: float
-    adapter: str | None = None  # the adapter its rows run with in the shared batch
-    engine: Engine | None = None  # a separate model (its own batch), None for the shared batch
-    batch: Batch | None = None
-    rows: list[int] = field(default_factory=list)
-
-
-class Contrast(Method):
-    """The contrastive step as a machine: every step combines the branches' logits and writes the
-    chosen token on every branch's row; branch 0 holds the answers. Subclasses set `branches()`."""
-
-    head = 0
-
-    def branches(self) -> list[Branch]:
-        raise NotImplementedError
-
-    def batch_prompts(self) -> list[BatchPrompt]:
-        self.parts = self.branches()
-        job = self.job
-        return [job.batch_prompt(ids, seed, 1, branch.adapter)
-                for branch in self.parts if branch.engine is None
-                for ids, seed in zip(job.prompt_ids, job.seeds)]
-
-    def begin(self, batch: Batch, rows: list[list[int]]) -> None:
-        job, count = self.job, len(self.job.prompts)
-        shared = iter(rows)
-        for branch in self.parts:
-            if branch.engine is None:
-                branch.batch, branch.rows = batch, [next(shared)[0] for _ in range(count)]
-            else:  # a separate model: its own batch, written in step with the shared one
-                branch.batch = branch.engine.open([job.batch_prompt(ids, seed, 1)
-                                                   for ids, seed in zip(job.prompt_ids, job.seeds)])
-                branch.rows = list(range(count))
-                if job.cancelled is not None:
-                    branch.batch.cancelled = job.is_cancelled
-        self.steps, self.flips, self.plausible_sizes = [0] * count, [0] * count, [0] * count
-        self.live = list(range(count))
-
-    def moves(self) -> list[Move]:
-        primary = self.parts[0]
-        logits = [b.batch.next_logits([b.rows[p] for p in self.live]) for b in self.parts]
-        width = logits[self.head].shape[-1]
-        logits = [_fit(x, width) for x in logits]
-        score, plausible = contrast_scores(logits, [b.weight for b in self.parts], head=self.head,
-                                           alpha=self.config.alpha)
-        primary_rows = [primary.rows[p] for p in self.live]
-        score = primary.batch.mask_early_eos(primary_rows, score)
-        chosen = choose_tokens(score, self.config.sampling,
-                               [primary.batch.generators[r] for r in primary_rows]).tolist()
-        own = logits[self.head].argmax(-1).tolist()
-        sizes = plausible.sum(-1).tolist()
-        for i, p in enumerate(self.live):
-            self.steps[p] += 1
-            self.flips[p] += chosen[i] != own[i]
-            self.plausible_sizes[p] += sizes[i]
-        self.chosen = {p: chosen[i] for i, p in enumerate(self.live)}
-        for b in self.parts[1:]:  # a separate model's rows: written by their own forward pass
-            if b.batch is not primary.batch:
-                b.batch.append({b.rows[p]: token for p, token in self.chosen.items()})
-        return [Write({b.rows[p]: token for b in self.parts if b.batch is primary.batch
-                       for p, token in self.chosen.items()})]
-
-    def react(self) -> None:
-        primary = self.parts[0]
-        for p in self.live:  # every chosen token is final: stream it
-            self.job.publish(p, primary.batch.text(primary.rows[p]))
-        self.live = [p for p in self.live if primary.batch.finish[primary.rows[p]] is None]
-        if not self.live:
-            self.results[:] = self._results()
-            self.close()
-
-    def _results(self) -> list[Result]:
-        job, primary = self.job, self.parts[0]
-        results = job.results(primary.batch, primary.rows)
-        for p, result in enumerate(results):
-            works = [b.batch.work[b.batch.prompt_of[b.rows[p]]] for b in self.parts]
-            passes: dict[int, int] = {}
-            for b, work in zip(self.parts, works):  # rows of one batch share its forward passes
-                passes[id(b.batch)] = max(passes.get(id(b.batch), 0), work.forward_passes)
-            result.stats.update(
-                forward_passes=sum(passes.values()),
-                prefill_tokens=sum(w.prefill_tokens for w in works),
-                decode_tokens=sum(w.decode_tokens for w in works),
-                branches=len(self.parts),
-                contrast_flips=self.flips[p],  # steps whose token differs from the head branch's own argmax
-                plausible_mean=self.plausible_sizes[p] / max(self.steps[p], 1),
-            )
-        return results
-
-    def live_rows(self) -> list[int]:
-        return [b.rows[p] for b in self.parts if b.batch is self.batch for p in range(len(self.job.prompts))]
-
-    def remap(self, new_row: dict[int, int]) -> None:
-        for b in self.parts:
-            if b.batch is self.batch:
-                b.rows = [new_row[r] for r in b.rows]
-
-
-# ----- configurations ---------------------------------------------------------------------------
-@dataclass
-class ContrastParams:
-    """alpha: plausibility mask (0, 1]; beta >= 0: contrast strength; temperature 0 = greedy."""
-
-    alpha: float = param(0.1, "plausibility mask: tokens within log(alpha) of the head branch's best")
-    beta: float = param(0.5, "contrast strength (>= 0; 0 = greedy decoding of the expert)")
-    temperature: float = param(0.0, "0 = argmax of the contrast score; > 0 samples from it")
-    top_p: float = param(1.0, "nucleus filter of the contrast distribution (1 = off)")
-
-    def __post_init__(self) -> None:
-        if not 0 < self.alpha <= 1:
-            raise DecalignError(f"alpha must be in (0, 1], got {self.alpha}")
-        if not self.beta >= 0:
-            raise DecalignError(f"beta must be >= 0, got {self.beta}")
-        self.sampling  # validates temperature and top_p
-
-    @property
-    def sampling(self) -> Sampling:
-        return Sampling(self.temperature, 0, self.top_p)
+from .base import param, register
+from .contrast import Branch, Contrast, ContrastParams, active_adapter
 
 
 @dataclass
@@ -204,12 +29,6 @@ class ColdConfig(ContrastParams):
             raise DecalignError(f"amateur_temperature must be > 0, got {self.amateur_temperature}")
 
 
-def _active_adapter(job: Job, method: str) -> str:
-    if not job.engine.adapter_names():
-        raise missing_adapter(method)
-    return job.engine.active_adapter()
-
-
 @register("cold", ColdConfig, needs_adapter=True,
           summary="CoLD: LoRA expert contrasted with its own base, in one batch (needs --adapter)")
 class Cold(Contrast):
@@ -217,81 +36,5 @@ class Cold(Contrast):
 
     def branches(self) -> list[Branch]:
         config = self.config
-        return [Branch(1 + config.beta, _active_adapter(self.job, "cold")),
+        return [Branch(1 + config.beta, active_adapter(self.job, "cold")),
                 Branch(-config.beta / config.amateur_temperature, BASE)]
-
-
-@dataclass
-class ContrastiveConfig(ColdConfig):
-    """Contrastive decoding with a separate amateur model (same tokenizer): amateur=PATH, alpha, beta, tau."""
-
-    amateur: str = param("", "amateur model (HF id or folder) with the same tokenizer")
-
-
-_AMATEURS: dict[str, Engine] = {}
-
-
-def load_amateur(spec: str, expert: Engine) -> Engine:
-    """The amateur engine (kept loaded for the next batch), refused unless its tokenizer is the expert's."""
-    if not spec:
-        raise DecalignError("method contrastive needs an amateur model: --param amateur=PATH")
-    if spec not in _AMATEURS:
-        _AMATEURS.clear()
-        _AMATEURS[spec] = Engine.load(spec)
-    amateur = _AMATEURS[spec]
-    if amateur.tokenizer.get_vocab() != expert.tokenizer.get_vocab():
-        raise DecalignError(f"amateur {spec} has a different tokenizer from the model {expert.name}; "
-                            "contrastive decoding needs the same token ids")
-    return amateur
-
-
-@register("contrastive", ContrastiveConfig,
-          summary="contrastive decoding against a smaller amateur model with the same tokenizer (amateur=PATH)")
-class Contrastive(Contrast):
-    """score = (1 + beta) * s_expert - (beta / tau) * s_amateur, the amateur a separate model."""
-
-    def branches(self) -> list[Branch]:
-        config = self.config
-        amateur = load_amateur(config.amateur, self.job.engine)
-        return [Branch(1 + config.beta), Branch(-config.beta / config.amateur_temperature, engine=amateur)]
-
-
-@dataclass
-class DExpertsConfig(ContrastParams):
-    """base + beta * (expert - anti-expert); expert = --adapter, anti_adapter = PATH (default: the base)."""
-
-    beta: float = param(1.0, "weight of expert - anti-expert")
-    anti_adapter: str = param("", "anti-expert LoRA folder (empty = the base model itself)")
-
-
-ANTI = "anti_expert"
-
-
-@register("dexperts", DExpertsConfig, needs_adapter=True,
-          summary="DExperts / proxy-tuning: base + beta * (adapter expert - anti-expert), one batch (needs --adapter)")
-class DExperts(Contrast):
-    """score = s_base + beta * (s_expert - s_anti); the anti-expert is anti_adapter or the base itself."""
-
-    loaded = False
-
-    def branches(self) -> list[Branch]:
-        config, model = self.config, self.job.engine.model
-        expert = _active_adapter(self.job, "dexperts")
-        if not config.anti_adapter:  # the anti-expert is the base itself: s_base + beta * (s_expert - s_base)
-            return [Branch(1.0 - config.beta, BASE), Branch(config.beta, expert)]
-        folder = Path(config.anti_adapter).expanduser()
-        if not (folder / "adapter_model.safetensors").is_file():
-            raise DecalignError(f"anti_adapter {config.anti_adapter} has no adapter_model.safetensors")
-        try:
-            model.load_adapter(str(folder), adapter_name=ANTI, is_trainable=False)
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise DecalignError(f"anti_adapter {config.anti_adapter} does not fit the model: "
-                                f"{str(exc).splitlines()[0]}") from exc
-        model.set_adapter(expert)
-        self.loaded = True
-        return [Branch(1.0, BASE), Branch(config.beta, expert), Branch(-config.beta, ANTI)]
-
-    def close(self) -> None:
-        if self.loaded:
-            self.job.engine.model.delete_adapter(ANTI)
-            self.loaded = False

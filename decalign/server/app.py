@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import Engine, Prompt
 from ..errors import DecalignError
+from ..methods import METHODS
 from ..result import Result
 from .alignment import decoding_request
 from .config import ServerConfig
@@ -109,6 +110,17 @@ async def completions(request: Request, state: State):
 @router.get("/v1/models")
 async def models(state: State) -> ModelList:
     return ModelList(data=[ModelCard(id=state.config.model_name)])
+
+
+@router.get("/v1/methods")
+async def methods(state: State) -> dict:
+    """The decoding methods a request's `alignment.method` may name, each with its parameters'
+    defaults, types and help text (the same text `decalign methods -v` prints), and the defaults."""
+    return {"default": {"method": state.config.method, "reward": state.config.reward,
+                        **state.config.method_params},
+            "methods": {name: {"summary": spec.summary, "needs_reward": spec.needs_reward,
+                               "needs_adapter": spec.needs_adapter, "parameters": spec.describe()}
+                        for name, spec in sorted(METHODS.items())}}
 
 
 @router.get("/health")

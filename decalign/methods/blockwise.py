@@ -1,0 +1,81 @@
+"""Blockwise value search: Controlled Decoding's blockwise best-of-K (Mudgal et al., arXiv:2310.17022).
+
+    from the kept prefix, until the answer ends:
+        sample `budget` continuations of `block` tokens (one row each, forked from the prefix)
+        score each: the prefix value for a partial answer, the reward for a finished one
+        keep the best (the first of equals) as the new prefix, on every row
+
+With budget = 1 it is plain sampling, token for token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..engine import Batch, Move, Sample, Segment
+from ..errors import DecalignError
+from .base import Method, SamplingParams, param, register
+
+
+@dataclass
+class BlockwiseConfig(SamplingParams):
+    budget: int = param(4, "continuations sampled per block (K)")
+    block: int = param(16, "tokens per block")
+    value: str | None = param(None, "prefix value (shipped name or folder) scoring partial answers; the reward "
+                                    "scores finished ones")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.budget < 1:
+            raise DecalignError(f"budget must be >= 1, got {self.budget}")
+        if self.block < 1:
+            raise DecalignError(f"block must be >= 1, got {self.block}")
+
+
+@register("blockwise", BlockwiseConfig, needs_reward=True,
+          summary="blockwise value search: best of K sampled blocks by value, block after block")
+class BlockwiseSearch(Method):
+    def rows_per_prompt(self) -> int:
+        return self.config.budget
+
+    def begin(self, batch: Batch, rows: list[list[int]]) -> None:
+        self.groups = [list(group) for group in rows]
+        self.blocks = [0] * len(self.groups)
+        self.segments: dict[int, Segment] = {}
+        for group in self.groups:
+            self._open(group)
+
+    def _open(self, rows: list[int]) -> None:
+        for row in rows:
+            self.segments[row] = Segment(row=row, start=len(self.batch.tokens[row]))
+
+    def moves(self) -> list[Move]:
+        running = [self.segments[r] for p, group in enumerate(self.groups) if self.results[p] is None
+                   for r in group if not self.segments[r].reason]
+        return [Sample(running, self.config.sampling, max_tokens=self.config.block)] if running else []
+
+    def react(self) -> None:
+        job, batch = self.job, self.batch
+        for p, group in enumerate(self.groups):
+            if self.results[p] is not None or any(not self.segments[r].reason for r in group):
+                continue
+            scores = job.evaluate(batch, group)
+            best = group[max(range(len(group)), key=lambda i: (scores[i], -i))]
+            self.blocks[p] += 1
+            job.publish(p, batch.text(best))  # a kept block is final
+            if batch.finish[best] is not None:
+                self.results[p] = job.result(p, batch, job.candidate(batch, best, scores[group.index(best)]),
+                                             batch.logprobs[best], extra_stats={"blocks": self.blocks[p]})
+                continue
+            batch.copy_row(best, group)
+            self._open(group)
+
+    def live_rows(self) -> list[int]:
+        return [r for p, group in enumerate(self.groups) if self.results[p] is None for r in group]
+
+    def remap(self, new_row: dict[int, int]) -> None:
+        self.groups = [[new_row[r] for r in group] if self.results[p] is None else []
+                       for p, group in enumerate(self.groups)]
+        self.segments = {new_row[r]: s for r, s in self.segments.items() if r in new_row}
+        for row, segment in self.segments.items():
+            segment.row = row
