@@ -14,6 +14,49 @@ import torch
 from .errors import DecalignError
 
 
+class LogitTransform:
+    """One job on a rows x vocab tensor of scores (the shape of HF's logits processors): a sampling
+    rule is a list of them, applied in order."""
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Temperature(LogitTransform):
+    value: float
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores / self.value
+
+
+@dataclass(frozen=True)
+class TopK(LogitTransform):
+    """Keep each row's k best tokens (ties at the k-th all stay)."""
+
+    k: int
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.k >= scores.shape[-1]:
+            return scores
+        kth = torch.topk(scores, self.k, dim=-1).values[..., -1:]
+        return scores.masked_fill(scores < kth, float("-inf"))
+
+
+@dataclass(frozen=True)
+class TopP(LogitTransform):
+    """Nucleus: drop a token when the tokens ranked above it already reach probability p."""
+
+    p: float
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+        probs = sorted_scores.softmax(-1)
+        drop_sorted = (probs.cumsum(-1) - probs) >= self.p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        return scores.masked_fill(drop, float("-inf"))
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How to pick a token. temperature 0 means greedy (argmax of the raw logits)."""
@@ -34,23 +77,23 @@ class Sampling:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def transforms(self) -> list[LogitTransform]:
+        """The rule as transforms: temperature, then top-k, then top-p (those that are on)."""
+        rule: list[LogitTransform] = [Temperature(self.temperature)]
+        if self.top_k:
+            rule.append(TopK(self.top_k))
+        if self.top_p < 1.0:
+            rule.append(TopP(self.top_p))
+        return rule
+
 
 GREEDY = Sampling(temperature=0.0)
 
 
-def filtered_logits(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
-    """Temperature-scaled logits with tokens outside top-k / top-p set to -inf."""
-    scores = logits / sampling.temperature
-    if sampling.top_k and sampling.top_k < scores.shape[-1]:
-        kth = torch.topk(scores, sampling.top_k, dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if sampling.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
-        cumulative = sorted_scores.softmax(-1).cumsum(-1)
-        # drop a token when the tokens ranked above it already reach top_p
-        drop_sorted = (cumulative - sorted_scores.softmax(-1)) >= sampling.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        scores = scores.masked_fill(drop, float("-inf"))
+def transformed(scores: torch.Tensor, transforms: list[LogitTransform]) -> torch.Tensor:
+    for transform in transforms:
+        scores = transform(scores)
     return scores
 
 
@@ -60,7 +103,7 @@ def choose_tokens(
     """One token per row of `logits` (rows x vocab): argmax, or a Gumbel-max draw per row."""
     if sampling.greedy:
         return logits.argmax(-1)
-    scores = filtered_logits(logits, sampling)
+    scores = transformed(logits, sampling.transforms)
     uniform = torch.stack(
         [torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in generators]
     )

@@ -31,7 +31,8 @@ from ..request import Request
 @click.option("--n", type=int, default=None, help="Candidates per prompt (bon).")
 @click.option("--cold-alpha", type=float, default=None, help="CoLD plausibility mask alpha in (0, 1] (param alpha).")
 @click.option("--cold-beta", type=float, default=None, help="CoLD contrast strength beta >= 0 (param beta).")
-@click.option("--param", "-p", "params", multiple=True, metavar="NAME=VALUE", help="Any method parameter; repeatable.")
+@click.option("--param", "-p", "params", multiple=True, metavar="NAME=VALUE",
+              help="Any method parameter; repeatable (`decalign methods -v` lists each with its help).")
 @click.option("--seed", type=int, default=None, help="Same seed, same output.")
 @click.option("--system", default=None, help="System message (chat models).")
 @click.option("--stop", multiple=True, help="Stop string; repeatable.")

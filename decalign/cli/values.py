@@ -23,9 +23,10 @@ def _sample_options(function):
         click.option("--offset", type=int, default=0, show_default=True, help="Skip the first K prompts."),
         click.option("--n", type=int, default=8, show_default=True, help="Answers sampled per prompt."),
         click.option("--max-new-tokens", type=int, default=96, show_default=True),
-        click.option("--temperature", type=float, default=0.7, show_default=True,
-                     help="Sampling temperature of the answers (CARDS proposes at 0.7)."),
-        click.option("--top-k", type=int, default=40, show_default=True),
+        click.option("--temperature", type=float, default=1.0, show_default=True,
+                     help="Sampling temperature of the answers: that of the search that will use the value "
+                          "(the policy's own distribution by default; CARDS' paper setting is 0.7)."),
+        click.option("--top-k", type=int, default=0, show_default=True, help="Top-k of the answers (0 = off)."),
         click.option("--batch-size", type=int, default=16, show_default=True, help="Prompts sampled together."),
     ]
     for option in reversed(options):

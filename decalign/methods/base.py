@@ -340,7 +340,8 @@ def drive(engine: Engine, methods: Sequence[Method]) -> list[list[Result]]:
             m.begin(batch, rows)
         if any(m.job.cancelled is not None for m in methods):
             batch.cancelled = lambda q: owners[q].cancelled(q - owners[q].job.prompt_base)
-        batch.on_token = lambda row, _: _stream(owners[batch.prompt_of[row]], batch, row)
+        if any(m.streams_tokens and m.job.listener is not None for m in methods):  # else no text is decoded per token
+            batch.on_token = lambda row, _: _stream(owners[batch.prompt_of[row]], batch, row)
         live = [m for m in methods if not m.done]
         while live:
             batch.advance([move for m in live for move in m.moves()])
@@ -361,5 +362,5 @@ def drive(engine: Engine, methods: Sequence[Method]) -> list[list[Result]]:
 
 
 def _stream(method: Method, batch: Batch, row: int) -> None:
-    if method.streams_tokens:
+    if method.streams_tokens and method.job.listener is not None:
         method.job.publish(method.job.prompt_of(batch, row) % len(method.job.prompts), batch.text(row))

@@ -19,8 +19,8 @@ from .base import Method, SamplingParams, param, register
 
 @dataclass
 class BlockwiseConfig(SamplingParams):
-    budget: int = param(4, "continuations sampled per block (K)")
-    block: int = param(16, "tokens per block")
+    budget: int = param(8, "continuations sampled per block (K)")
+    block: int = param(8, "tokens per block")
     value: str | None = param(None, "prefix value (shipped name or folder) scoring partial answers; the reward "
                                     "scores finished ones")
 

@@ -43,7 +43,7 @@ def _prefixes(engine, records: list[dict]) -> list[tuple[int, int, list[int], fl
 def check_values(*, prompts: Path, reward_spec: str, out: Path, values: Sequence[str] = (),
                  scorers: Sequence[str] = (), model: str | None = None, adapter: str | None = None,
                  exclude: Path | None = None, limit: int | None = None, offset: int = 0, n: int = 8,
-                 max_new_tokens: int = 96, temperature: float = 0.7, top_k: int = 40, seed: int = 1,
+                 max_new_tokens: int = 96, temperature: float = 1.0, top_k: int = 0, seed: int = 1,
                  batch_size: int = 16, progress: bool = True) -> str:
     """Sample (resumable, in OUT/samples.jsonl), score every prefix with every scorer, write
     value_check.md / .json into OUT and return the markdown table."""

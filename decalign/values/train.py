@@ -279,7 +279,7 @@ def select_and_fit(table: PrefixTable, train: list[int], val: list[int], subsets
 
 def train_value(*, prompts: Path, reward_spec: "str | Reward", out: Path, model: str | None = None, adapter: str | None = None,
                 exclude: Path | None = None, limit: int | None = None, offset: int = 0, n: int = 8,
-                max_new_tokens: int = 96, temperature: float = 0.7, top_k: int = 40, seed: int = 0,
+                max_new_tokens: int = 96, temperature: float = 1.0, top_k: int = 0, seed: int = 0,
                 validation: float = 0.2, batch_size: int = 16, samples: Path | None = None,
                 progress: bool = True, log=print) -> ValueHead:
     """The whole recipe; samples are kept in `samples` (default OUT/samples.jsonl) so a rerun resumes."""
