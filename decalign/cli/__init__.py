@@ -23,19 +23,11 @@ def cli() -> None:
     """decalign: steer what a language model writes at decoding time."""
 
 
-cli.add_command(generate.generate)
-cli.add_command(generate.score)
-cli.add_command(generate.methods)
-cli.add_command(values.train_value)
-cli.add_command(values.value_check)
-cli.add_command(bench.bench)
-cli.add_command(bench.bench_engine)
-cli.add_command(bench.bench_cold)
-cli.add_command(serve.serve)
-cli.add_command(train.train_reward)
-cli.add_command(train.train_lora)
-cli.add_command(tasks.make_task)
-cli.add_command(tasks.eval_task)
+COMMANDS = (generate.generate, generate.score, generate.methods, values.train_value, values.value_check, bench.bench,
+            bench.bench_engine, bench.bench_cold, serve.serve, train.train_reward, train.train_lora, tasks.make_task,
+            tasks.eval_task)
+for command in COMMANDS:
+    cli.add_command(command)
 
 
 def main() -> None:

@@ -159,6 +159,21 @@ class SamplingParams:
 
 
 @dataclass
+class SearchParams(SamplingParams):
+    """What every search method takes: the sampling knobs, a budget (the candidates it may keep alive
+    per prompt: one axis for the compute frontier) and a prefix value for partial answers."""
+
+    budget: int = param(8, "candidates kept alive per prompt")
+    value: str | None = param(None, "prefix value (shipped name or folder) scoring partial answers; the reward "
+                                    "scores finished ones")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.budget < 1:
+            raise DecalignError(f"budget must be >= 1, got {self.budget}")
+
+
+@dataclass
 class Job:
     """One method's prompts with their budgets, reward and per-prompt counters.
 

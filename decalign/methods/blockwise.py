@@ -14,20 +14,16 @@ from dataclasses import dataclass
 
 from ..engine import Batch, Move, Sample, Segment
 from ..errors import DecalignError
-from .base import Method, SamplingParams, param, register
+from .base import Method, SearchParams, param, register
 
 
 @dataclass
-class BlockwiseConfig(SamplingParams):
+class BlockwiseConfig(SearchParams):
     budget: int = param(8, "continuations sampled per block (K)")
     block: int = param(8, "tokens per block")
-    value: str | None = param(None, "prefix value (shipped name or folder) scoring partial answers; the reward "
-                                    "scores finished ones")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.budget < 1:
-            raise DecalignError(f"budget must be >= 1, got {self.budget}")
         if self.block < 1:
             raise DecalignError(f"block must be >= 1, got {self.block}")
 

@@ -20,21 +20,17 @@ from dataclasses import dataclass, field
 from ..engine import Batch, Move, Sample, Segment
 from ..errors import DecalignError
 from ..result import Candidate
-from .base import Method, SamplingParams, param, register
+from .base import Method, SearchParams, param, register
 
 
 @dataclass
-class SpecRejectionConfig(SamplingParams):
+class SpecRejectionConfig(SearchParams):
     budget: int = param(16, "candidates started per prompt (the N of Best-of-N)")
     alpha: float = param(0.5, "fraction of the unfinished candidates stopped at each decision point, in [0, 1)")
     interval: int = param(16, "tokens between decision points")
-    value: str | None = param(None, "prefix value (shipped name or folder) scoring partial answers; the reward "
-                                    "scores finished ones")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.budget < 1:
-            raise DecalignError(f"budget must be >= 1, got {self.budget}")
         if not 0 <= self.alpha < 1:
             raise DecalignError(f"alpha must be in [0, 1), got {self.alpha}")
         if self.interval < 1:

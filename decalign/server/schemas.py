@@ -230,12 +230,17 @@ class ChatChunkChoice(BaseModel):
     finish_reason: FinishReason | None = None
 
 
-class ChatCompletionChunk(Envelope, OmitsNone):
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    choices: list[ChatChunkChoice]
-    omitted_when_none = ("usage", "alignment")  # until the last chunk
+class Chunk(Envelope, OmitsNone):
+    """A stream chunk: usage and alignment come with the last one only."""
+
+    omitted_when_none = ("usage", "alignment")
     usage: Usage | None = None
     alignment: AlignmentInfo | None = None
+
+
+class ChatCompletionChunk(Chunk):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
 
 
 class TextChoice(BaseModel):
@@ -252,12 +257,9 @@ class Completion(Envelope):
     alignment: AlignmentInfo
 
 
-class CompletionChunk(Envelope, OmitsNone):
+class CompletionChunk(Chunk):
     object: Literal["text_completion"] = "text_completion"
     choices: list[TextChoice]
-    omitted_when_none = ("usage", "alignment")  # until the last chunk
-    usage: Usage | None = None
-    alignment: AlignmentInfo | None = None
 
 
 class ModelCard(BaseModel):
