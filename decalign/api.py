@@ -14,6 +14,7 @@ from .rewards import Reward
 from .sampling import derive_seed
 from .values import load_value
 
+
 def _shifted(callback: Callable | None, offset: int) -> Callable | None:
     """A per-batch callback taking the batch's prompt index, calling `callback` with the global one."""
     if callback is None:

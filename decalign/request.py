@@ -12,13 +12,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from .engine import Prompt
 from .errors import DecalignError
 from .methods import MethodSpec, get_method, make_config, missing_adapter
 from .models import resolve_model_path
 from .rewards import Reward, load_reward
-
-Prompt = str | list[dict]
-
 
 class RequestError(DecalignError):
     """A wrong request field. The message is a template naming the field as `{field}`, so each front
@@ -35,9 +33,9 @@ class RequestError(DecalignError):
         return DecalignError(self.template.format(field=names[self.field]))
 
 
-def option_names(*fields: str) -> dict[str, str]:
+def option_names() -> dict[str, str]:
     """Request fields as command-line options spell them (max_new_tokens -> --max-new-tokens)."""
-    return {name: "--" + name.replace("_", "-") for name in fields or Request.model_fields}
+    return {name: "--" + name.replace("_", "-") for name in Request.model_fields}
 
 
 def as_prompt_list(prompts: Any) -> list[Prompt]:

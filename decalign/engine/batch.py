@@ -343,14 +343,17 @@ class Batch:
         self.compact()
         return segments
 
-    def open_segments(self, rows: Sequence[int], *, forget_earlier: bool = False) -> list[Segment]:
+    def open_segments(self, rows: Sequence[int], *, forget_earlier: bool = False,
+                      croppable: bool = True) -> list[Segment]:
         """Start a segment on each row, saving the logits at its start: a rejected segment is then
         cropped back here without recomputing anything. forget_earlier: drop the logits saved at
-        earlier starts (the caller will never crop back past this one)."""
+        earlier starts (the caller will never crop back past this one). croppable=False saves
+        nothing, for callers that never crop a segment away."""
         for r in rows:
             if forget_earlier:
                 self.snapshots[r] = {}
-            self.snapshots[r][len(self.tokens[r])] = self.logits[r].clone()
+            if croppable:
+                self.snapshots[r][len(self.tokens[r])] = self.logits[r].clone()
         return [Segment(row=r, start=len(self.tokens[r])) for r in rows]
 
     def step(

@@ -7,12 +7,12 @@ method family and reads like its paper's loop. Importing this package registers 
 
 from . import args, blockwise, bon, cards, cold, contrastive, dexperts, greedy, rs, sample, spec_rejection
 from .base import (
-    METHODS, Job, Method, MethodSpec, SamplingParams, SearchParams, drive, get_method, make_config, method_names, missing_adapter,
+    METHODS, Job, Method, MethodSpec, SamplingParams, Search, SearchParams, drive, get_method, make_config, method_names, missing_adapter,
     param, parse_method_spec, register,
 )
 
 __all__ = [
-    "METHODS", "Job", "Method", "MethodSpec", "SamplingParams", "SearchParams", "args", "blockwise", "bon", "cards", "cold", "contrastive",
+    "METHODS", "Job", "Method", "MethodSpec", "SamplingParams", "Search", "SearchParams", "args", "blockwise", "bon", "cards", "cold", "contrastive",
     "dexperts", "drive", "get_method", "greedy", "make_config", "method_names", "missing_adapter", "param",
     "parse_method_spec", "register", "rs", "sample", "spec_rejection",
 ]

@@ -338,6 +338,24 @@ class Method:
         return all(result is not None for result in self.results)
 
 
+class Search(Method):
+    """A search method (config: SearchParams): `budget` rows per prompt, each writing stretches
+    (`open`) that are scored and kept or dropped, never cropped."""
+
+    def rows_per_prompt(self) -> int:
+        return self.config.budget
+
+    def open(self, rows: list[int]) -> None:
+        """A new stretch on each row, in `self.segments` (row -> Segment)."""
+        self.segments.update(zip(rows, self.batch.open_segments(rows, croppable=False)))
+
+    def move_segments(self, new_row: dict[int, int]) -> None:
+        """Renumber the kept rows' segments after finished rows left the batch (see `remap`)."""
+        self.segments = {new_row[r]: s for r, s in self.segments.items() if r in new_row}
+        for row, segment in self.segments.items():
+            segment.row = row
+
+
 def drive(engine: Engine, methods: Sequence[Method]) -> list[list[Result]]:
     """Run methods side by side on one batch, one forward pass per step; their Results, in order."""
     try:

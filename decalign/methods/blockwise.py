@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from ..engine import Batch, Move, Sample, Segment
 from ..errors import DecalignError
-from .base import Method, SearchParams, param, register
+from .base import Search, SearchParams, param, register
 
 
 @dataclass
@@ -30,20 +30,13 @@ class BlockwiseConfig(SearchParams):
 
 @register("blockwise", BlockwiseConfig, needs_reward=True,
           summary="blockwise value search: best of K sampled blocks by value, block after block")
-class BlockwiseSearch(Method):
-    def rows_per_prompt(self) -> int:
-        return self.config.budget
-
+class BlockwiseSearch(Search):
     def begin(self, batch: Batch, rows: list[list[int]]) -> None:
         self.groups = [list(group) for group in rows]
         self.blocks = [0] * len(self.groups)
         self.segments: dict[int, Segment] = {}
         for group in self.groups:
-            self._open(group)
-
-    def _open(self, rows: list[int]) -> None:
-        for row in rows:
-            self.segments[row] = Segment(row=row, start=len(self.batch.tokens[row]))
+            self.open(group)
 
     def moves(self) -> list[Move]:
         running = [self.segments[r] for p, group in enumerate(self.groups) if self.results[p] is None
@@ -64,7 +57,7 @@ class BlockwiseSearch(Method):
                                              batch.logprobs[best], extra_stats={"blocks": self.blocks[p]})
                 continue
             batch.copy_row(best, group)
-            self._open(group)
+            self.open(group)
 
     def live_rows(self) -> list[int]:
         return [r for p, group in enumerate(self.groups) if self.results[p] is None for r in group]
@@ -72,6 +65,4 @@ class BlockwiseSearch(Method):
     def remap(self, new_row: dict[int, int]) -> None:
         self.groups = [[new_row[r] for r in group] if self.results[p] is None else []
                        for p, group in enumerate(self.groups)]
-        self.segments = {new_row[r]: s for r, s in self.segments.items() if r in new_row}
-        for row, segment in self.segments.items():
-            segment.row = row
+        self.move_segments(new_row)

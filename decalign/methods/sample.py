@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..engine import Batch, Move, Sample, Segment
+from ..engine import Batch, Move, Sample
 from ..sampling import Sampling
 from .base import Method, SamplingParams, register
 
@@ -21,7 +21,7 @@ class WholeAnswers(Method):
         return self.config.sampling
 
     def begin(self, batch: Batch, rows: list[list[int]]) -> None:
-        self.segments = [Segment(row=row, start=0) for group in rows for row in group]
+        self.segments = batch.open_segments([row for group in rows for row in group], croppable=False)
 
     def moves(self) -> list[Move]:
         running = [s for s in self.segments if not s.reason]

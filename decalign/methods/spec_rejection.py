@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from ..engine import Batch, Move, Sample, Segment
 from ..errors import DecalignError
 from ..result import Candidate
-from .base import Method, SearchParams, param, register
+from .base import Search, SearchParams, param, register
 
 
 @dataclass
@@ -50,20 +50,12 @@ class Pool:
 
 @register("spec_rejection", SpecRejectionConfig, needs_reward=True,
           summary="speculative rejection: Best-of-N that stops the lowest-valued partial answers at decision points")
-class SpeculativeRejection(Method):
-    def rows_per_prompt(self) -> int:
-        return self.config.budget
-
+class SpeculativeRejection(Search):
     def begin(self, batch: Batch, rows: list[list[int]]) -> None:
         self.pools = [Pool(running=list(group), order={row: i for i, row in enumerate(group)}) for group in rows]
         self.segments: dict[int, Segment] = {}
         for pool in self.pools:
-            self._open(pool.running)
-
-    def _open(self, rows: list[int]) -> None:
-        """A new stretch of `interval` tokens on each row (no saved logits: nothing is cropped)."""
-        for row in rows:
-            self.segments[row] = Segment(row=row, start=len(self.batch.tokens[row]))
+            self.open(pool.running)
 
     def moves(self) -> list[Move]:
         running = [self.segments[r] for pool in self.pools for r in pool.running if not self.segments[r].reason]
@@ -86,7 +78,7 @@ class SpeculativeRejection(Method):
                 kept = sorted(ranked[:keep])
                 pool.stopped += len(pool.running) - keep
                 pool.running = [pool.running[i] for i in kept]
-            self._open(pool.running)
+            self.open(pool.running)
             if not pool.running:
                 self.results[p] = self._answer(p, pool)
 
@@ -103,6 +95,4 @@ class SpeculativeRejection(Method):
         for pool in self.pools:
             pool.order = {new_row[r]: i for r, i in pool.order.items() if r in new_row}
             pool.running = [new_row[r] for r in pool.running]
-        self.segments = {new_row[r]: s for r, s in self.segments.items() if r in new_row}
-        for row, segment in self.segments.items():
-            segment.row = row
+        self.move_segments(new_row)
