@@ -29,6 +29,10 @@ def requests(engine):
                       reward=length_reward, max_new_tokens=10, **common),
         Request.build(prompts=["Paris is"], method="blockwise", params={"budget": 3, "block": 4}, reward=length_reward,
                       max_new_tokens=11, **common),
+        Request.build(prompts=["hi", "bread"], method="smc", params={"budget": 4, "block": 3, "beta": 1.0},
+                      reward=length_reward, max_new_tokens=10, **common),
+        Request.build(prompts=["The answer is"], method="treebon", params={"budget": 4, "children": 2, "segment": 3},
+                      reward=length_reward, max_new_tokens=9, **common),
     ]
 
 

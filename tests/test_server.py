@@ -88,6 +88,17 @@ def test_cards_streams_segments(client):
     assert len(pieces) >= 1
 
 
+def test_smc_streams_the_prefix_its_particles_agree_on(client):
+    body = {"alignment": {"method": "smc", "reward": "length:target=200:unit=chars", "budget": 6, "block": 2,
+                          "beta": 0.001, "ess_threshold": 1.0}}
+    request = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=24, seed=3, extra_body=body)
+    whole = client.chat.completions.create(**request).choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, **request))
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(pieces) == whole
+    assert len(pieces) >= 3 and chunks[-1].model_extra["alignment"]["stats"]["resamples"] >= 5
+
+
 def test_extra_body_chooses_the_method(client):
     reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6,
                                            seed=1, extra_body={"alignment": {"method": "bon", "n": 3}})

@@ -5,7 +5,7 @@ shape and the `drive` loop that runs several methods in one batch); each other m
 method family and reads like its paper's loop. Importing this package registers them all.
 """
 
-from . import args, blockwise, bon, cards, cold, contrastive, dexperts, greedy, rs, sample, spec_rejection
+from . import args, blockwise, bon, cards, cold, contrastive, dexperts, greedy, rs, sample, smc, spec_rejection, treebon
 from .base import (
     METHODS, Job, Method, MethodSpec, SamplingParams, Search, SearchParams, drive, get_method, make_config, method_names, missing_adapter,
     param, parse_method_spec, register,
@@ -14,5 +14,5 @@ from .base import (
 __all__ = [
     "METHODS", "Job", "Method", "MethodSpec", "SamplingParams", "Search", "SearchParams", "args", "blockwise", "bon", "cards", "cold", "contrastive",
     "dexperts", "drive", "get_method", "greedy", "make_config", "method_names", "missing_adapter", "param",
-    "parse_method_spec", "register", "rs", "sample", "spec_rejection",
+    "parse_method_spec", "register", "rs", "sample", "smc", "spec_rejection", "treebon",
 ]

@@ -349,6 +349,21 @@ class Search(Method):
         """A new stretch on each row, in `self.segments` (row -> Segment)."""
         self.segments.update(zip(rows, self.batch.open_segments(rows, croppable=False)))
 
+    def branch(self, copies: dict[int, int]) -> dict[int, int]:
+        """Repeat each row r of a group copies[r] times (0: drop it), in place: a kept row stays where it
+        is and its extra copies take dropped rows' places, so the group never grows. Returns the rows
+        in use, each mapped to the row it copies (itself for the originals)."""
+        if sum(copies.values()) > len(copies):
+            raise DecalignError(f"{sum(copies.values())} copies do not fit in {len(copies)} rows")
+        free = [r for r, count in copies.items() if count == 0]
+        source: dict[int, int] = {}
+        for row, count in copies.items():
+            if count:
+                extra = [free.pop() for _ in range(count - 1)]
+                self.batch.copy_row(row, extra)
+                source.update({row: row, **{r: row for r in extra}})
+        return dict(sorted(source.items()))
+
     def move_segments(self, new_row: dict[int, int]) -> None:
         """Renumber the kept rows' segments after finished rows left the batch (see `remap`)."""
         self.segments = {new_row[r]: s for r, s in self.segments.items() if r in new_row}
