@@ -38,7 +38,7 @@ PICKS = ("best", "sample")
 class SMCConfig(SearchParams):
     budget: int = param(8, "particles per prompt")
     block: int = param(8, "tokens a particle writes between weightings")
-    beta: float = param(0.1, "target p(y) exp(reward / beta): smaller leans harder on the reward (> 0)")
+    beta: float = param(0.02, "target p(y) exp(reward / beta): smaller leans harder on the reward (> 0)")
     ess_threshold: float = param(0.5, "resample when the effective sample size falls below this share of the "
                                       "particles, in [0, 1] (0: never, 1: whenever the weights differ)")
     pick: str = param("best", "the answer: best (highest reward among the final particles) or sample (drawn "

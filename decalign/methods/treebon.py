@@ -28,7 +28,7 @@ from .base import Search, SearchParams, param, register
 class TreeBoNConfig(SearchParams):
     budget: int = param(8, "candidates alive in each layer (the N of Best-of-N)")
     children: int = param(4, "children per kept parent: budget // children parents are kept at each layer")
-    segment: int = param(16, "tokens each candidate writes per layer")
+    segment: int = param(8, "tokens each candidate writes per layer")
     trace: bool = param(False, "keep each layer's scores and kept parents in the result's trace")
 
     def __post_init__(self) -> None:
