@@ -7,7 +7,7 @@ from typing import Any, Callable, Sequence
 
 from .engine import Engine, Prompt, get_engine
 from .errors import DecalignError
-from .methods import Job, drive
+from .methods import Job, Method, drive
 from .request import Request
 from .result import Result
 from .rewards import Reward
@@ -93,14 +93,23 @@ def run_together(
     """Decode several requests side by side in one batch, whatever their methods, rewards, values
     and limits: every step is one forward pass for all of them. They must share a model.
     listeners / cancelled: one callback (or None) per request, as `generate` takes them."""
-    plans = [_Plan(request) for request in requests]
-    if len({id(plan.engine) for plan in plans}) > 1:
+    listeners = listeners or [None] * len(requests)
+    cancelled = cancelled or [None] * len(requests)
+    methods = [start(request, listener, cancel) for request, listener, cancel in zip(requests, listeners, cancelled)]
+    if len({id(m.job.engine) for m in methods}) > 1:
         raise DecalignError("requests decoded together must use the same model and adapter")
-    listeners = listeners or [None] * len(plans)
-    cancelled = cancelled or [None] * len(plans)
-    methods = [plan.request.spec.machine(plan.job(slice(None), listener, cancel), plan.request.config)
-               for plan, listener, cancel in zip(plans, listeners, cancelled)]
-    return drive(plans[0].engine, methods)
+    return drive(methods[0].job.engine, methods)
+
+
+def start(
+    request: Request,
+    listener: Callable[[int, str], None] | None = None,
+    cancelled: Callable[[int], bool] | None = None,
+) -> Method:
+    """A request's step machine, all its prompts in one job, ready to join a `Driver` (a server's
+    running batch) or `drive`."""
+    plan = _Plan(request)
+    return request.spec.machine(plan.job(slice(None), listener, cancelled), request.config)
 
 
 class _Plan:

@@ -1,11 +1,14 @@
-"""Load test for `decalign serve`, loopback only, bounded in requests and time.
+"""Load test for `decalign serve` on servers it starts on loopback, bounded in requests and time.
 
-Starts a server on a free 127.0.0.1 port (or uses --url, which must be loopback), then runs
---clients concurrent clients that send --requests requests in all, a mix of greedy, Best-of-N and
-CARDS, and reports throughput, p50/p95 latency, status codes and the server's memory before,
-at peak and after.
+For each batching mode (continuous and static by default, side by side in one run) it starts a
+server on a free 127.0.0.1 port, measures an idle server's time to first token, then runs
+--clients concurrent clients that send --requests requests in all: a mix of methods (greedy,
+sampling, Best-of-N, CARDS, blockwise search, SMC), some streamed, some whose client hangs up
+mid-answer, some with bad bodies. It reports throughput, p50/p95 latency per method, time to first
+token, status codes, the server's memory before, at peak and after, and whether any response or
+log line held a traceback.
 
-    python scripts/load_test.py --requests 96 --clients 32 --max-tokens 32
+    python scripts/load_test.py --requests 128 --clients 64 --max-tokens 32
 """
 
 from __future__ import annotations
@@ -18,17 +21,22 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from urllib.parse import urlparse
 
 import httpx
 
 MIX = [
     {"method": "greedy"},
+    {"method": "sample", "temperature": 0.8},
     {"method": "bon", "n": 4},
     {"method": "cards", "tau_u": 2.0, "proposals": 2},
+    {"method": "blockwise", "budget": 4, "block": 8},
+    {"method": "smc", "budget": 4, "block": 8},
 ]
+BAD_BODIES = [{"max_tokens": -1}, {"alignment": {"method": "nope"}}, {"messages": []}, {"n": 0},
+              {"alignment": {"method": "smc", "ess_threshold": 2}}]
 PROMPTS = ["How do I make friends in a new city?", "Write a haiku about rain.", "Explain what a budget is.",
            "How can I be more patient?", "What is a good way to learn to cook?", "Say something kind."]
 
@@ -47,49 +55,85 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", help="a running server (loopback only); default: start one")
-    parser.add_argument("--model", default=None, help="model for the started server")
-    parser.add_argument("--requests", type=int, default=96)
-    parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--time-limit", type=float, default=900.0, help="seconds; clients stop after it")
-    parser.add_argument("--queue-size", type=int, default=64)
-    args = parser.parse_args()
+def quantile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    if not values:
+        return float("nan")
+    return values[min(len(values) - 1, int(q * len(values)))]
 
-    server = None
-    if args.url:
-        if urlparse(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
-            sys.exit("load_test: --url must be a loopback address")
-        url = args.url.rstrip("/")
-    else:
+
+class Server:
+    """A `decalign serve` subprocess on a free loopback port, its log in a temporary file."""
+
+    def __init__(self, args: argparse.Namespace, batching: str) -> None:
         port = free_port()
         command = [os.path.join(os.path.dirname(sys.executable), "decalign"), "serve", "--port", str(port),
-                   "--reward", "sentiment", "--queue-size", str(args.queue_size), "--max-batch", "16"]
+                   "--reward", "sentiment", "--queue-size", str(args.queue_size), "--max-batch",
+                   str(args.max_batch), "--batching", batching]
         if args.model:
             command += ["--model", args.model]
-        server = subprocess.Popen(command, stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.process = subprocess.Popen(command, stderr=self.log, stdout=self.log)
+        self.url = f"http://127.0.0.1:{port}"
         for _ in range(600):
             try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
             except httpx.HTTPError:
                 time.sleep(0.5)
-        else:
-            server.kill()
-            sys.exit("load_test: the server did not start")
+        self.process.kill()
+        sys.exit("load_test: the server did not start")
 
-    def ask(body: dict) -> httpx.Response:
-        return httpx.post(url + "/v1/chat/completions", json=body, timeout=args.time_limit)
+    def memory(self) -> float:
+        return rss_mib(self.process.pid)
 
-    ask({"messages": [{"role": "user", "content": "warm up"}], "max_tokens": 4})  # first-call costs out of the way
-    memory_before = rss_mib(server.pid) if server else float("nan")
+    def stop(self) -> str:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        self.log.seek(0)
+        return self.log.read()
+
+
+def first_token_seconds(url: str, body: dict, timeout: float, hang_up: bool = False) -> tuple[int, float, bool]:
+    """Stream `body`; return (status, seconds to the first content, whether an error body came)."""
+    started, first, error = time.perf_counter(), float("nan"), False
+    with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=timeout) as reply:
+        if reply.status_code != 200:
+            reply.read()
+            return reply.status_code, first, "Traceback" in reply.text
+        for line in reply.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            error = error or "error" in chunk
+            choices = chunk.get("choices") or [{}]
+            if first != first and (choices[0].get("delta") or {}).get("content"):
+                first = time.perf_counter() - started
+                if hang_up:
+                    break
+    return reply.status_code, first, error
+
+
+def run(args: argparse.Namespace, batching: str) -> dict:
+    server = Server(args, batching)
+    url = server.url
+
+    def body(i: int, alignment: dict) -> dict:
+        fields = {"messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], "max_tokens": args.max_tokens,
+                  "seed": i, "alignment": alignment}
+        if alignment["method"] == "greedy":
+            fields["temperature"] = 0
+        return fields
+
+    httpx.post(url + "/v1/chat/completions", json=body(0, MIX[0]), timeout=120)  # first-call costs out of the way
+    idle_first = [first_token_seconds(url, body(i, MIX[0]), 120)[1] for i in range(3)]
+    memory_before = server.memory()
     counter = itertools.count()
     lock = threading.Lock()
     latencies: dict[str, list[float]] = {m["method"]: [] for m in MIX}
+    greedy_first: list[float] = []
     statuses: dict[str, int] = {}
+    tracebacks = [0]
     peak = [memory_before]
     deadline = time.monotonic() + args.time_limit
 
@@ -99,19 +143,36 @@ def main() -> None:
             if i >= args.requests:
                 return
             alignment = MIX[i % len(MIX)]
-            body = {"messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-                    "max_tokens": args.max_tokens, "seed": i, "alignment": alignment}
             started = time.perf_counter()
+            kind = alignment["method"]
             try:
-                status = str(ask(body).status_code)
+                if i % 16 == 7:  # a bad body: a 4xx with OpenAI's error JSON
+                    kind = "bad body"
+                    reply = httpx.post(url + "/v1/chat/completions", timeout=args.time_limit,
+                                       json={**body(i, MIX[0]), **BAD_BODIES[i % len(BAD_BODIES)]})
+                    status = str(reply.status_code)
+                    tracebacks[0] += "Traceback" in reply.text or "error" not in reply.json()
+                elif i % 10 == 3:  # a client that hangs up after its first text
+                    kind = "hung up"
+                    code, _, error = first_token_seconds(url, body(i, alignment), args.time_limit, hang_up=True)
+                    status = f"{code} (hung up)"
+                elif i % 3 == 0:  # streamed
+                    code, first, error = first_token_seconds(url, body(i, alignment), args.time_limit)
+                    status, tracebacks[0] = str(code), tracebacks[0] + error
+                    if alignment["method"] == "greedy" and code == 200:
+                        with lock:
+                            greedy_first.append(first)
+                else:
+                    reply = httpx.post(url + "/v1/chat/completions", json=body(i, alignment), timeout=args.time_limit)
+                    status = str(reply.status_code)
+                    tracebacks[0] += "Traceback" in reply.text
             except httpx.HTTPError as exc:
                 status = type(exc).__name__
             with lock:
                 statuses[status] = statuses.get(status, 0) + 1
-                if status == "200":
-                    latencies[alignment["method"]].append(time.perf_counter() - started)
-                if server:
-                    peak[0] = max(peak[0], rss_mib(server.pid))
+                if status == "200" and kind in latencies:
+                    latencies[kind].append(time.perf_counter() - started)
+                peak[0] = max(peak[0], server.memory())
 
     started = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(args.clients)]
@@ -120,27 +181,39 @@ def main() -> None:
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - started
-    time.sleep(2)
-    memory_after = rss_mib(server.pid) if server else float("nan")
+    time.sleep(3)
+    memory_after = server.memory()
     alive = httpx.get(url + "/health", timeout=10).status_code == 200
-    everything = sorted(x for values in latencies.values() for x in values)
-
-    def quantile(values: list[float], q: float) -> float:
-        return statistics.quantiles(values, n=100)[int(q * 100) - 1] if len(values) > 1 else float("nan")
-
-    report = {
-        "requests": args.requests, "clients": args.clients, "max_tokens": args.max_tokens,
-        "answered": sum(statuses.values()), "statuses": statuses, "wall_s": round(wall, 1),
-        "throughput_rps": round(statuses.get("200", 0) / wall, 3),
+    log = server.stop()
+    everything = [x for values in latencies.values() for x in values]
+    answered = sum(len(v) for v in latencies.values())
+    return {
+        "batching": batching, "requests": args.requests, "clients": args.clients, "max_tokens": args.max_tokens,
+        "statuses": statuses, "lost": args.requests - sum(statuses.values()), "wall_s": round(wall, 1),
+        "throughput_rps": round(answered / wall, 3),
         "p50_s": round(quantile(everything, 0.5), 2), "p95_s": round(quantile(everything, 0.95), 2),
-        "per_method_p50_s": {m: round(statistics.median(v), 2) for m, v in latencies.items() if v},
+        "per_method_p50_p95_s": {m: [round(quantile(v, 0.5), 2), round(quantile(v, 0.95), 2)]
+                                 for m, v in latencies.items() if v},
+        "greedy_first_token_s": {"idle": round(statistics.median(idle_first), 3),
+                                 "under_load_p50": round(quantile(greedy_first, 0.5), 3)},
         "memory_mib": {"before": round(memory_before), "peak": round(peak[0]), "after": round(memory_after)},
-        "server_alive": alive,
+        "tracebacks": tracebacks[0] + log.count("Traceback"), "server_alive": alive,
     }
-    print(json.dumps(report, indent=2))
-    if server:
-        server.terminate()
-        server.wait(timeout=30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model for the started servers")
+    parser.add_argument("--batching", default="continuous,static", help="modes to run, side by side")
+    parser.add_argument("--requests", type=int, default=128)
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--time-limit", type=float, default=900.0, help="seconds; clients stop after it")
+    parser.add_argument("--queue-size", type=int, default=128)
+    parser.add_argument("--max-batch", type=int, default=64)
+    args = parser.parse_args()
+    reports = [run(args, mode.strip()) for mode in args.batching.split(",")]
+    print(json.dumps(reports, indent=2))
 
 
 if __name__ == "__main__":

@@ -72,3 +72,49 @@ def test_requests_for_different_models_are_not_mixed(engine, tiny_path):
         run_together([Request.build(prompts=["hi"], model=engine), Request.build(prompts=["hi"], model=other)])
     with pytest.raises(DecalignError, match="no prompts"):
         run_together([Request.build(model=engine)])
+
+
+def test_requests_joining_a_running_batch_answer_as_they_do_alone(engine, requests):
+    """Continuous batching: each request joins the driver's batch a few steps after the previous one,
+    while earlier ones are mid-answer, and still gets exactly the answer it gets alone; finished
+    requests leave at once and the batch is let go when the last one is done."""
+    from decalign.api import start
+    from decalign.methods import Driver
+
+    alone = [run(request) for request in requests]
+    driver = Driver(engine)
+    methods, finished = [start(request) for request in requests], []
+    for i, method in enumerate(methods):
+        driver.add([method])
+        for _ in range(3 if i < len(methods) - 1 else 0):
+            if driver.live:
+                finished += driver.step()
+    while driver.live:
+        finished += driver.step()
+    assert driver.batch is None and not driver.failed and sorted(map(id, finished)) == sorted(map(id, methods))
+    for method, theirs in zip(methods, alone):
+        assert [r.tokens for r in method.results] == [r.tokens for r in theirs]
+        assert [r.reward for r in method.results] == pytest.approx([r.reward for r in theirs])
+
+
+def test_a_failing_method_leaves_alone(engine):
+    """One request's reward raising stops that request only; the others in the batch are answered."""
+    from decalign.api import start
+    from decalign.methods import Driver
+
+    def broken(prompts, responses):
+        raise RuntimeError("scorer down")
+
+    good = Request.build(prompts=["hi"], method="bon", params={"n": 2}, reward=length_reward, max_new_tokens=6,
+                         model=engine, seed=1)
+    bad = Request.build(prompts=["hi"], method="bon", params={"n": 2}, reward=broken, max_new_tokens=6,
+                        model=engine, seed=1)
+    driver = Driver(engine)
+    methods = [start(good), start(bad)]
+    driver.add(methods)
+    while driver.live:
+        driver.step()
+    assert set(driver.failed) == {methods[1]} and "scorer down" in str(driver.failed[methods[1]])
+    assert methods[0].results[0].tokens == run(good)[0].tokens
+    with pytest.raises(DecalignError, match="scorer down"):
+        run_together([good, bad])

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from decalign import DecalignError, EntropyStop
+from decalign.engine import BatchPrompt
 from decalign.sampling import GREEDY, Sampling
 
 SAMPLE = Sampling(temperature=1.0)
@@ -254,3 +255,25 @@ def test_force_rewrites_an_earlier_segment_exactly(engine, prompts):
     batch.extend(GREEDY, max_tokens=3)
     for row in range(batch.size):
         assert_row_matches_recompute(engine, batch, row, prompts[row])
+
+
+def test_admitted_prompts_join_a_running_batch_exactly(engine, prompts):
+    """Continuous batching: prompts admitted into a batch that has already written tokens decode as
+    they do alone (cache, logits, random streams), the rows already there are not disturbed, and
+    hidden states are kept for the union of both sides' layers."""
+    running = engine.start([prompts[0]], n=2, seeds=[5], max_new_tokens=20, state_layers=[1])
+    running.extend(SAMPLE, max_tokens=7)
+    first = running.admit([BatchPrompt(ids=prompts[1], seed=6, rows=2, max_new_tokens=12, state_layers=(2,)),
+                           BatchPrompt(ids=prompts[2], seed=7, max_new_tokens=12)])
+    assert first == 2 and running.prompt_of == [0, 0, 1, 1, 2] and running.state_layers == (1, 2)
+    running.extend(SAMPLE)
+    for seed, prompt, rows, n, limit, layers in ((5, prompts[0], [0, 1], 2, 20, [1]), (6, prompts[1], [2, 3], 2, 12, [2]),
+                                                 (7, prompts[2], [4], 1, 12, [])):
+        alone = engine.start([prompt], n=n, seeds=[seed], max_new_tokens=limit, state_layers=layers)
+        alone.extend(SAMPLE)
+        assert [running.tokens[r] for r in rows] == alone.tokens
+        for row in rows:
+            assert_row_matches_recompute(engine, running, row, prompt)
+        if layers:
+            assert torch.allclose(running.state_means(rows, layers), alone.state_means([0, 1][:n], layers), atol=1e-5)
+            assert torch.allclose(running.last_states(rows, layers), alone.last_states([0, 1][:n], layers), atol=1e-5)

@@ -49,10 +49,11 @@ def test_speculative_rejection_keeps_the_best_partial_answers(engine):
     assert len(engine.decode(result.tokens[:8])) == max(firsts)
 
 
-def test_blockwise_with_one_candidate_is_sampling(engine):
+@pytest.mark.parametrize("method", ["blockwise", "smc"])
+def test_search_with_one_candidate_is_sampling(engine, method):
     prompts = ["hi", "Paris is"]
     sampled = generate(prompts, method="sample", model=engine, max_new_tokens=20, seed=6, temperature=0.9)
-    searched = generate(prompts, method="blockwise", model=engine, reward=length_reward, budget=1, block=6,
+    searched = generate(prompts, method=method, model=engine, reward=length_reward, budget=1, block=6,
                         max_new_tokens=20, seed=6, temperature=0.9)
     assert [r.tokens for r in searched] == [r.tokens for r in sampled]
 
@@ -94,15 +95,6 @@ def test_treebon_prunes_exactly_the_lowest_scored_children(engine):
         assert children == Counter({parent: 2 * count for parent, count in parents.items()})
     assert result.stats["pruned"] == 3 * 4
     assert len(engine.decode(result.tokens[:12])) == max(result.trace[-1]["scores"])
-
-
-def test_smc_with_one_particle_is_sampling(engine):
-    prompts = ["hi", "Paris is"]
-    sampled = generate(prompts, method="sample", model=engine, max_new_tokens=20, seed=6, temperature=0.9)
-    particles = generate(prompts, method="smc", model=engine, reward=length_reward, budget=1, block=6,
-                         max_new_tokens=20, seed=6, temperature=0.9)
-    assert [r.tokens for r in particles] == [r.tokens for r in sampled]
-    assert all(r.stats["resamples"] == 0 for r in particles)
 
 
 def test_smc_streams_the_prefix_its_particles_agree_on(engine):

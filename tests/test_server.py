@@ -49,7 +49,8 @@ def client(served):
 def test_chat_completion_matches_the_library(client, engine):
     from decalign import generate
 
-    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8)
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                                           temperature=0)
     (expected,) = generate([[{"role": "user", "content": "hi"}]], model=engine, max_new_tokens=8)
     assert reply.choices[0].message.content == expected.text
     assert reply.usage.completion_tokens == len(expected.tokens)
@@ -58,10 +59,35 @@ def test_chat_completion_matches_the_library(client, engine):
     assert reply.model_extra["alignment"]["method"] == "greedy"
 
 
+def test_openai_sampling_fields_mean_what_they_mean_there(client, engine):
+    """With no method named, temperature > 0 (1 unless given) samples and 0 is greedy; a seed makes a
+    sample repeatable; n asks for independent answers, the first of them the n = 1 answer."""
+    from decalign import generate
+
+    messages = [{"role": "user", "content": "hi"}]
+    one = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, seed=7, temperature=0.9)
+    (expected,) = generate([messages], method="sample", model=engine, max_new_tokens=8, seed=[7], temperature=0.9)
+    assert one.choices[0].message.content == expected.text and one.model_extra["alignment"]["method"] == "sample"
+    several = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, seed=7, temperature=0.9,
+                                             n=4)
+    texts = [choice.message.content for choice in several.choices]
+    assert [choice.index for choice in several.choices] == [0, 1, 2, 3]
+    assert texts[0] == expected.text and len(set(texts)) > 1
+    assert several.usage.completion_tokens > one.usage.completion_tokens
+    unseeded = {client.chat.completions.create(model="tiny", messages=messages, max_tokens=8).choices[0].message.content
+                for _ in range(3)}
+    assert len(unseeded) > 1  # OpenAI's default temperature is 1: it samples
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, seed=7,
+                                                 temperature=0.9, n=4, stream=True))
+    streamed = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+                for i in range(4)]
+    assert streamed == texts
+
+
 def test_completion_uses_raw_text(client, engine):
     from decalign import generate
 
-    reply = client.completions.create(model="tiny", prompt="The answer is", max_tokens=6)
+    reply = client.completions.create(model="tiny", prompt="The answer is", max_tokens=6, temperature=0)
     (expected,) = generate("The answer is", model=engine, max_new_tokens=6, chat=False)
     assert reply.choices[0].text == expected.text
     assert reply.object == "text_completion"
@@ -69,9 +95,9 @@ def test_completion_uses_raw_text(client, engine):
 
 def test_streaming_chunks_add_up_to_the_answer(client):
     plain = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "bread"}],
-                                           max_tokens=10)
+                                           max_tokens=10, seed=5)
     chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "bread"}],
-                                                 max_tokens=10, stream=True))
+                                                 max_tokens=10, stream=True, seed=5))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == plain.choices[0].message.content
     assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1  # token by token
@@ -114,6 +140,8 @@ def test_extra_body_chooses_the_method(client):
     (dict(max_tokens=1000), 400, "over this server's limit of 64"),
     (dict(messages=[]), 400, "messages must be a non-empty list"),
     (dict(messages=[{"role": "user", "content": ""}]), 400, "empty prompt"),
+    (dict(n=0), 400, "n must be an integer from 1 to 16"),
+    (dict(temperature=-1), 400, "temperature"),
 ])
 def test_bad_requests_get_clear_4xx(client, kwargs, status, fragment):
     request = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
@@ -145,7 +173,7 @@ def test_methods_endpoint_serves_the_parameters_help(served):
     assert sorted(listing["methods"]) == sorted(METHODS)
     value = listing["methods"]["cards"]["parameters"]["value"]
     assert value["default"] is None and "prefix value" in value["help"]
-    assert listing["methods"]["bon"]["needs_reward"] and listing["default"]["method"] == "greedy"
+    assert listing["methods"]["bon"]["needs_reward"] and listing["default"]["method"] is None
 
 
 def test_api_key_is_required_when_set(engine):
@@ -159,28 +187,25 @@ def test_api_key_is_required_when_set(engine):
         server.should_exit = True
 
 
-def test_concurrent_requests_are_batched_and_a_full_queue_says_429(engine):
-    server, url = start(engine, queue_size=2, batch_window=0.3, max_batch=8)
+def test_concurrent_requests_share_steps_and_a_full_queue_says_429(engine):
+    server, url = start(engine, queue_size=2, max_batch=8)
     try:
-        results = []
+        replies = []
 
         def ask(i):
-            reply = httpx.post(url + "/v1/chat/completions", timeout=60,
-                               json={"messages": [{"role": "user", "content": f"hi {i}"}], "max_tokens": 4})
-            results.append(reply.status_code)
+            replies.append(httpx.post(url + "/v1/chat/completions", timeout=60,
+                                      json={"messages": [{"role": "user", "content": f"hi {i}"}], "max_tokens": 4}))
 
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-        assert set(results) <= {200, 429} and 200 in results
-        metrics = httpx.get(url + "/metrics", timeout=10).text
-        answered = results.count(200)
-        batches = int(float(next(line.split()[-1] for line in metrics.splitlines()
-                                  if line.startswith("decalign_batches_total"))))
-        assert batches < answered or answered == 1  # companions shared a batch
-        if 429 in results:
+        statuses = [reply.status_code for reply in replies]
+        assert set(statuses) <= {200, 429} and 200 in statuses
+        tokens = sum(reply.json()["usage"]["completion_tokens"] for reply in replies if reply.status_code == 200)
+        assert steps_total(url) < tokens or statuses.count(200) == 1  # requests in flight together shared steps
+        if 429 in statuses:
             reply = httpx.post(url + "/v1/chat/completions", timeout=60,
                                json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 4})
             assert reply.status_code in (200, 429)
@@ -191,12 +216,11 @@ def test_concurrent_requests_are_batched_and_a_full_queue_says_429(engine):
 def test_a_disconnected_stream_stops_its_work(engine):
     server, url = start(engine, max_tokens_limit=200)
     try:
-        request = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 200}
+        request = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "temperature": 0}
         full = httpx.post(url + "/v1/chat/completions", json=request, timeout=60).json()
         assert full["usage"]["completion_tokens"] > 100  # left alone, this answer is long
         with httpx.stream("POST", url + "/v1/chat/completions", timeout=30,
-                          json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 200,
-                                "stream": True}) as reply:
+                          json={**request, "stream": True}) as reply:
             for line in reply.iter_lines():
                 if line.startswith("data: ") and "content" in line:
                     break  # hang up after the first token
@@ -210,11 +234,11 @@ def test_a_disconnected_stream_stops_its_work(engine):
 
 
 def test_requests_of_different_methods_share_a_batch(engine):
-    """A greedy, a Best-of-N and a CARDS request that arrive together are decoded in one batch, and
-    each answers as it does alone."""
-    server, url = start(engine, batch_window=0.5, max_batch=8)
+    """A greedy, a Best-of-N and a CARDS request that arrive together are decoded in one batch (fewer
+    steps than one after another), and each answers as it does alone."""
+    server, url = start(engine, max_batch=8)
     bodies = [
-        {"max_tokens": 6, "seed": 1},
+        {"max_tokens": 6, "temperature": 0},
         {"max_tokens": 8, "seed": 2, "alignment": {"method": "bon", "n": 3, "reward": "sentiment"}},
         {"max_tokens": 10, "seed": 3, "alignment": {"method": "cards", "reward": "sentiment", "max_retries": 2}},
     ]
@@ -222,22 +246,66 @@ def test_requests_of_different_methods_share_a_batch(engine):
         def ask(body):
             return httpx.post(url + "/v1/completions", timeout=60, json={"prompt": "The answer is", **body}).json()
 
+        before = steps_total(url)
         alone = [ask(body) for body in bodies]
-        before = batches_total(url)
-        together: list = [None] * len(bodies)
-        threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, ask(bodies[i])))
-                   for i in range(len(bodies))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert batches_total(url) - before == 1
+        steps_alone, before = steps_total(url) - before, steps_total(url)
+        together = concurrently(ask, bodies)
+        assert steps_total(url) - before < steps_alone
         assert [a["choices"][0]["text"] for a in together] == [a["choices"][0]["text"] for a in alone]
         assert [a["alignment"]["method"] for a in together] == ["greedy", "bon", "cards"]
     finally:
         server.should_exit = True
 
 
-def batches_total(url: str) -> int:
+def test_a_short_request_is_not_held_back_by_a_long_one(engine):
+    """Continuous batching: a request that arrives while a long answer is being written joins the
+    running batch, answers exactly as it does alone, and is back before the long one ends."""
+    server, url = start(engine, max_tokens_limit=200)
+    long_body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "temperature": 0}  # long
+    short_body = {"prompt": "The answer is", "max_tokens": 6, "seed": 4,
+                  "alignment": {"method": "bon", "n": 2, "reward": "sentiment"}}
+    try:
+        def post(body):
+            endpoint = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+            return httpx.post(url + endpoint, timeout=60, json=body).json()
+
+        short_alone = post(short_body)
+        finished = {}
+
+        def ask(name, body):
+            finished[name] = (post(body), time.monotonic())
+
+        long_thread = threading.Thread(target=ask, args=("long", long_body))
+        long_thread.start()
+        while running_requests(url) < 1:
+            time.sleep(0.01)
+        ask("short", short_body)
+        long_thread.join()
+        assert finished["short"][0]["choices"][0]["text"] == short_alone["choices"][0]["text"]
+        assert finished["long"][0]["usage"]["completion_tokens"] > 100
+        assert finished["short"][1] < finished["long"][1]
+    finally:
+        server.should_exit = True
+
+
+def concurrently(call, items):
+    results: list = [None] * len(items)
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, call(items[i]))) for i in range(len(items))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def metric(url: str, name: str) -> float:
     metrics = httpx.get(url + "/metrics", timeout=10).text
-    return int(float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("decalign_batches_total"))))
+    return float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith(name + " ")))
+
+
+def steps_total(url: str) -> int:
+    return int(metric(url, "decalign_step_seconds_count"))
+
+
+def running_requests(url: str) -> int:
+    return int(metric(url, "decalign_running_requests"))

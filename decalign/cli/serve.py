@@ -15,7 +15,9 @@ from ..options import parse_options
 @click.command()
 @click.option("--model", default=None, help="Policy model [default: embedded SmolLM2-135M-Instruct].")
 @click.option("--adapter", default=None, help="PEFT LoRA adapter folder.")
-@click.option("--method", "-m", default="greedy", show_default=True, help="Default method; requests may override.")
+@click.option("--method", "-m", default=None,
+              help="Default method; requests may override [default: OpenAI's meaning: sample at the request's "
+                   "temperature, greedy at temperature 0].")
 @click.option("--reward", "-r", default=None, help="Default reward; requests may override.")
 @click.option("--param", "-p", "params", multiple=True, metavar="NAME=VALUE", help="Default method parameter.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback unless told).")
@@ -24,10 +26,16 @@ from ..options import parse_options
 @click.option("--max-tokens-limit", default=512, show_default=True, type=int)
 @click.option("--queue-size", default=64, show_default=True, type=int)
 @click.option("--timeout", default=300.0, show_default=True, type=float, help="Seconds per request.")
-@click.option("--max-batch", default=16, show_default=True, type=int, help="Requests decoded together.")
+@click.option("--max-batch", default=16, show_default=True, type=int,
+              help="Requests in the running batch (continuous batching: others wait in the queue).")
+@click.option("--max-rows", default=256, show_default=True, type=int,
+              help="No request joins the running batch while it has this many rows (candidates, particles).")
+@click.option("--batching", type=click.Choice(["continuous", "static"]), default="continuous", show_default=True,
+              help="continuous: requests join the running batch at the next step; static: only an idle engine "
+                   "(the old way, kept to compare against).")
 @click.option("--trust-remote-code", is_flag=True)
 def serve(model, adapter, method, reward, params, host, port, api_key, max_tokens_limit, queue_size, timeout,
-          max_batch, trust_remote_code):
+          max_batch, max_rows, batching, trust_remote_code):
     """An OpenAI-compatible server (/v1/chat/completions, /v1/completions) that aligns as it decodes."""
     # Local: fastapi (through decalign.server) and uvicorn add ~0.2 s that only this command needs.
     import uvicorn
@@ -35,9 +43,12 @@ def serve(model, adapter, method, reward, params, host, port, api_key, max_token
     from ..server import ServerConfig, create_app, shared_reward
 
     method_params = parse_options(params, what="--param", example="--param NAME=VALUE", strip=True)
-    make_config(method, method_params)  # the server's defaults fail now, not on every request
+    if method is not None:
+        make_config(method, method_params)  # the server's defaults fail now, not on every request
+    elif method_params:
+        raise DecalignError("--param sets the default method's parameters: name the method with --method")
     for name, value in (("--max-tokens-limit", max_tokens_limit), ("--queue-size", queue_size),
-                        ("--max-batch", max_batch)):
+                        ("--max-batch", max_batch), ("--max-rows", max_rows)):
         if value < 1:
             raise DecalignError(f"{name} must be >= 1, got {value}")
     if reward is not None:
@@ -46,6 +57,8 @@ def serve(model, adapter, method, reward, params, host, port, api_key, max_token
     engine = get_engine(model, adapter, trust_remote_code=trust_remote_code)
     config = ServerConfig(model_name=model or DEFAULT_MODEL, method=method, reward=reward,
                           method_params=method_params, api_key=api_key, max_tokens_limit=max_tokens_limit,
-                          queue_size=queue_size, timeout=timeout, max_batch=max_batch)
-    click.echo(f"decalign serving {config.model_name} on http://{host}:{port}/v1 (method {method})", err=True)
+                          queue_size=queue_size, timeout=timeout, max_batch=max_batch,
+                          max_rows=max_rows, batching=batching)
+    default = method or "sample, greedy at temperature 0"
+    click.echo(f"decalign serving {config.model_name} on http://{host}:{port}/v1 (method {default})", err=True)
     uvicorn.run(create_app(engine, config), host=host, port=port, log_level="warning")

@@ -491,6 +491,57 @@ class Batch:
         self.finish = [self.finish[r] for r in indices]
         self.compact()
 
+    def admit(self, prompts: Sequence[BatchPrompt]) -> int:
+        """Add prompts to this running batch (continuous batching) and return the first of their rows.
+
+        They are encoded in a forward pass of their own, then their rows join the cache after the
+        existing ones, both left-padded to one width (padding is masked, and positions count only
+        unmasked tokens, so no row's logits change). The new prompts are numbered after the existing
+        ones; hidden states are kept for the union of both sides' layers."""
+        joining = Batch(self.engine, prompts)
+        first, base = self.size, len(self.prompts)
+        width = max(self.mask.shape[1], joining.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, joining.cache.layers):
+            mine.keys = torch.cat([_left_pad(mine.keys, width, 2), _left_pad(theirs.keys, width, 2)])
+            mine.values = torch.cat([_left_pad(mine.values, width, 2), _left_pad(theirs.values, width, 2)])
+        self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(joining.mask, width, 1)])
+        self.logits = torch.cat([self.logits, joining.logits])
+        self._join_states(joining)
+        if self.adapters is not None or joining.adapters is not None:
+            loaded = self.engine.active_adapter()
+            self.adapters = (self.adapters or [loaded] * first) + (joining.adapters or [loaded] * joining.size)
+        for name in ("tokens", "logprobs", "entropies", "fed", "finish", "snapshots", "seeds", "generators",
+                     "prompts", "prompt_lengths", "work"):
+            getattr(self, name).extend(getattr(joining, name))
+        self.prompt_of.extend(base + q for q in joining.prompt_of)
+        self.compact()
+        return first
+
+    def _join_states(self, joining: "Batch") -> None:
+        """Tracked states of both batches in the column layout of the union of their layers (zeros
+        where a side did not track a layer: its rows' methods never read it)."""
+        layers = tuple(dict.fromkeys(self.state_layers + joining.state_layers))
+        if not layers:
+            return
+        hidden, longest = self.engine.hidden_size, max(p.max_new_tokens for p in self.prompts + joining.prompts)
+        like = self.state_sums if self.state_sums is not None else joining.state_sums
+        parts: dict[str, list[torch.Tensor]] = {"prompt_states": [], "answer_states": [], "state_sums": []}
+        for batch in (self, joining):
+            for name, shape in (("prompt_states", ()), ("answer_states", (longest,)), ("state_sums", ())):
+                spread = like.new_zeros((batch.size, *shape, len(layers) * hidden))
+                old = getattr(batch, name)
+                for i, layer in enumerate(batch.state_layers):
+                    column = layers.index(layer) * hidden
+                    source = old[..., i * hidden:(i + 1) * hidden]
+                    if name == "answer_states":
+                        spread[:, :source.shape[1], column:column + hidden] = source
+                    else:
+                        spread[..., column:column + hidden] = source
+                parts[name].append(spread)
+        for name, tensors in parts.items():
+            setattr(self, name, torch.cat(tensors))
+        self.state_layers = layers
+
     def copy_row(self, source: int, targets: Sequence[int]) -> None:
         """Make each target row a copy of `source` (text, cache, logits, saved logits), in place:
         row numbers do not change and each row keeps its own random stream."""
@@ -591,6 +642,16 @@ class Batch:
             index = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
             layer.keys = layer.keys.gather(2, index)
             layer.values = layer.values.gather(2, index)
+
+
+def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """`tensor` with zeros prepended along `dim` up to `width`."""
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
 def _occurrences(indices: Sequence[int]) -> list[tuple[int, int]]:

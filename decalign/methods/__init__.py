@@ -7,12 +7,12 @@ method family and reads like its paper's loop. Importing this package registers 
 
 from . import args, blockwise, bon, cards, cold, contrastive, dexperts, greedy, rs, sample, smc, spec_rejection, treebon
 from .base import (
-    METHODS, Job, Method, MethodSpec, SamplingParams, Search, SearchParams, drive, get_method, make_config, method_names, missing_adapter,
+    METHODS, Driver, Job, Method, MethodSpec, SamplingParams, Search, SearchParams, drive, get_method, make_config, method_names, missing_adapter,
     param, parse_method_spec, register,
 )
 
 __all__ = [
-    "METHODS", "Job", "Method", "MethodSpec", "SamplingParams", "Search", "SearchParams", "args", "blockwise", "bon", "cards", "cold", "contrastive",
+    "METHODS", "Driver", "Job", "Method", "MethodSpec", "SamplingParams", "Search", "SearchParams", "args", "blockwise", "bon", "cards", "cold", "contrastive",
     "dexperts", "drive", "get_method", "greedy", "make_config", "method_names", "missing_adapter", "param",
     "parse_method_spec", "register", "rs", "sample", "smc", "spec_rejection", "treebon",
 ]

@@ -19,9 +19,9 @@ import time
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
-from ..engine import Batch, BatchPrompt, Engine, Move, Prompt
+from ..engine import Batch, BatchPrompt, Engine, Move, Prompt, Sample
 from ..errors import DecalignError
 from ..options import parse_options
 from ..result import Candidate, Result
@@ -169,8 +169,13 @@ class SearchParams(SamplingParams):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.budget < 1:
-            raise DecalignError(f"budget must be >= 1, got {self.budget}")
+        self.require_counts("budget")
+
+    def require_counts(self, *names: str) -> None:
+        """Each named parameter is a count: at least 1."""
+        for name in names:
+            if getattr(self, name) < 1:
+                raise DecalignError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -349,6 +354,15 @@ class Search(Method):
         """A new stretch on each row, in `self.segments` (row -> Segment)."""
         self.segments.update(zip(rows, self.batch.open_segments(rows, croppable=False)))
 
+    def stretch(self, rows: Iterable[int], tokens: int) -> list[Move]:
+        """The move that writes up to `tokens` more on each row whose stretch is still open."""
+        running = [self.segments[r] for r in rows if not self.segments[r].reason]
+        return [Sample(running, self.config.sampling, max_tokens=tokens)] if running else []
+
+    def stretched(self, rows: Iterable[int]) -> bool:
+        """Whether every row's stretch has ended (it reached its length, or the answer ended)."""
+        return all(self.segments[r].reason for r in rows)
+
     def branch(self, copies: dict[int, int]) -> dict[int, int]:
         """Repeat each row r of a group copies[r] times (0: drop it), in place: a kept row stays where it
         is and its extra copies take dropped rows' places, so the group never grows. Returns the rows
@@ -371,42 +385,104 @@ class Search(Method):
             segment.row = row
 
 
-def drive(engine: Engine, methods: Sequence[Method]) -> list[list[Result]]:
-    """Run methods side by side on one batch, one forward pass per step; their Results, in order."""
-    try:
+class Driver:
+    """Runs methods side by side on one batch, one forward pass per step. Methods may join between
+    steps (continuous batching): their prompts are encoded and their rows join the running batch.
+
+    A method whose own code fails (its reward raises, say) leaves with the error in `failed`; the
+    others go on. Rows of finished methods leave the batch once a quarter of the rows are idle, and
+    the batch itself is let go when no method is left."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.batch: Batch | None = None
+        self.owners: list[Method] = []  # batch prompt -> its method
+        self.live: list[Method] = []
+        self.failed: dict[Method, Exception] = {}
+        self._closed: set[Method] = set()
+
+    def add(self, methods: Sequence[Method]) -> None:
+        """Start methods: their rows take part from the next step on."""
         wanted = [m.batch_prompts() for m in methods]
-        batch = engine.open([prompt for prompts in wanted for prompt in prompts])
-        owners: list[Method] = []  # batch prompt -> its method
-        first_row = 0
-        for m, prompts in zip(methods, wanted):
-            m.job.prompt_base, m.batch = len(owners), batch
-            owners += [m] * len(prompts)
+        prompts = [prompt for batch_prompts in wanted for prompt in batch_prompts]
+        if self.batch is None:
+            batch, first_row, self.owners = self.engine.open(prompts), 0, []
+            batch.cancelled = lambda q: self.owners[q].cancelled(q - self.owners[q].job.prompt_base)
+            batch.on_token = lambda row, _: _stream(self.owners[batch.prompt_of[row]], batch, row)
+            self.batch = batch
+        else:
+            first_row = self.batch.admit(prompts)
+        for m, batch_prompts in zip(methods, wanted):
+            m.job.prompt_base, m.batch = len(self.owners), self.batch
+            self.owners += [m] * len(batch_prompts)
             rows = []
-            for prompt in prompts:
+            for prompt in batch_prompts:
                 rows.append(list(range(first_row, first_row + prompt.rows)))
                 first_row += prompt.rows
-            m.begin(batch, rows)
-        if any(m.job.cancelled is not None for m in methods):
-            batch.cancelled = lambda q: owners[q].cancelled(q - owners[q].job.prompt_base)
-        if any(m.streams_tokens and m.job.listener is not None for m in methods):  # else no text is decoded per token
-            batch.on_token = lambda row, _: _stream(owners[batch.prompt_of[row]], batch, row)
-        live = [m for m in methods if not m.done]
-        while live:
-            batch.advance([move for m in live for move in m.moves()])
-            for m in live:
-                m.react()
-            live = [m for m in live if not m.done]
-            needed = [r for m in live for r in m.live_rows()]
-            if needed and 4 * (batch.size - len(needed)) >= batch.size:  # a quarter of the rows idle: drop them
-                new_row = {old: new for new, old in enumerate(needed)}
-                batch.select(needed)
-                for m in live:
-                    m.remap(new_row)
-        batch.compact()
-        return [list(m.results) for m in methods]
+            self._guarded(m, m.begin, self.batch, rows)
+        for m in methods:
+            if m.done or m in self.failed:
+                self.release(m)
+            else:
+                self.live.append(m)
+
+    def step(self) -> list[Method]:
+        """One forward pass for every live method, then each reacts; returns those that left (done or
+        failed), closed."""
+        moves = []
+        for m in self.live:
+            moves += self._guarded(m, m.moves) or []
+        self.batch.advance(moves)
+        for m in self.live:
+            if m not in self.failed:
+                self._guarded(m, m.react)
+        left = [m for m in self.live if m.done or m in self.failed]
+        self.live = [m for m in self.live if m not in left]
+        for m in left:
+            self.release(m)
+        if not self.live:
+            self.batch = None  # nothing left to decode: its cache goes
+        else:
+            self._drop_idle_rows()
+        return left
+
+    def _guarded(self, method: Method, call: Callable, *args: Any) -> Any:
+        try:
+            return call(*args)
+        except Exception as exc:  # noqa: BLE001 - one method's failure is its own, not the batch's
+            self.failed[method] = exc
+            return None
+
+    def _drop_idle_rows(self) -> None:
+        needed = [r for m in self.live for r in m.live_rows()]
+        if needed and 4 * (self.batch.size - len(needed)) >= self.batch.size:  # a quarter idle
+            new_row = {old: new for new, old in enumerate(needed)}
+            self.batch.select(needed)
+            for m in self.live:
+                m.remap(new_row)
+
+    def release(self, method: Method) -> None:
+        """Close a method once (it frees what it took, e.g. a loaded adapter)."""
+        if method not in self._closed:
+            self._closed.add(method)
+            method.close()
+
+
+def drive(engine: Engine, methods: Sequence[Method]) -> list[list[Result]]:
+    """Run methods side by side on one batch until all are answered; their Results, in order. The
+    first method's error, if one fails, is raised."""
+    driver = Driver(engine)
+    try:
+        driver.add(methods)
+        while driver.live:
+            driver.step()
     finally:
         for m in methods:
-            m.close()
+            driver.release(m)
+    for m in methods:
+        if m in driver.failed:
+            raise driver.failed[m]
+    return [list(m.results) for m in methods]
 
 
 def _stream(method: Method, batch: Batch, row: int) -> None:

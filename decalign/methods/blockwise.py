@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..engine import Batch, Move, Sample, Segment
-from ..errors import DecalignError
+from ..engine import Batch, Move, Segment
 from .base import Search, SearchParams, param, register
 
 
@@ -24,8 +23,7 @@ class BlockwiseConfig(SearchParams):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.block < 1:
-            raise DecalignError(f"block must be >= 1, got {self.block}")
+        self.require_counts("block")
 
 
 @register("blockwise", BlockwiseConfig, needs_reward=True,
@@ -39,14 +37,13 @@ class BlockwiseSearch(Search):
             self.open(group)
 
     def moves(self) -> list[Move]:
-        running = [self.segments[r] for p, group in enumerate(self.groups) if self.results[p] is None
-                   for r in group if not self.segments[r].reason]
-        return [Sample(running, self.config.sampling, max_tokens=self.config.block)] if running else []
+        return self.stretch((r for p, group in enumerate(self.groups) if self.results[p] is None for r in group),
+                            self.config.block)
 
     def react(self) -> None:
         job, batch = self.job, self.batch
         for p, group in enumerate(self.groups):
-            if self.results[p] is not None or any(not self.segments[r].reason for r in group):
+            if self.results[p] is not None or not self.stretched(group):
                 continue
             scores = job.evaluate(batch, group)
             best = group[max(range(len(group)), key=lambda i: (scores[i], -i))]

@@ -26,7 +26,7 @@ import os
 import random
 from dataclasses import dataclass, field
 
-from ..engine import Batch, Move, Sample, Segment
+from ..engine import Batch, Move, Segment
 from ..errors import DecalignError
 from ..sampling import derive_seed
 from .base import Search, SearchParams, param, register
@@ -47,8 +47,7 @@ class SMCConfig(SearchParams):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.block < 1:
-            raise DecalignError(f"block must be >= 1, got {self.block}")
+        self.require_counts("block")
         if not self.beta > 0:
             raise DecalignError(f"beta must be > 0, got {self.beta}")
         if not 0 <= self.ess_threshold <= 1:
@@ -113,13 +112,12 @@ class SMC(Search):
         self.open(state.moving)
 
     def moves(self) -> list[Move]:
-        running = [self.segments[r] for p, state in enumerate(self.particles) if self.results[p] is None
-                   for r in state.moving if not self.segments[r].reason]
-        return [Sample(running, self.config.sampling, max_tokens=self.config.block)] if running else []
+        return self.stretch((r for p, state in enumerate(self.particles) if self.results[p] is None
+                             for r in state.moving), self.config.block)
 
     def react(self) -> None:
         for p, state in enumerate(self.particles):
-            if self.results[p] is None and all(self.segments[r].reason for r in state.moving):
+            if self.results[p] is None and self.stretched(state.moving):
                 self._weigh(p, state)
 
     def _weigh(self, p: int, state: Particles) -> None:
@@ -141,8 +139,8 @@ class SMC(Search):
             state.resamples += 1
             counts = systematic_resample(weights, state.random.random())
             source = self.branch(dict(zip(state.rows, counts)))
-            for table in (state.potential, state.reward):
-                table.update({r: table[s] for r, s in source.items() if s in table})
+            state.potential = {r: state.potential[s] for r, s in source.items()}
+            state.reward = {r: state.reward[s] for r, s in source.items() if s in state.reward}
             state.log_weight = {r: 0.0 for r in source}
             state.rows = list(source)
         self._publish_shared(p, state)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ..engine import Batch, Move, Sample, Segment
+from ..engine import Batch, Move, Segment
 from ..errors import DecalignError
 from ..result import Candidate
 from .base import Search, SearchParams, param, register
@@ -31,10 +31,9 @@ class SpecRejectionConfig(SearchParams):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.require_counts("interval")
         if not 0 <= self.alpha < 1:
             raise DecalignError(f"alpha must be in [0, 1), got {self.alpha}")
-        if self.interval < 1:
-            raise DecalignError(f"interval must be >= 1, got {self.interval}")
 
 
 @dataclass
@@ -58,13 +57,12 @@ class SpeculativeRejection(Search):
             self.open(pool.running)
 
     def moves(self) -> list[Move]:
-        running = [self.segments[r] for pool in self.pools for r in pool.running if not self.segments[r].reason]
-        return [Sample(running, self.config.sampling, max_tokens=self.config.interval)] if running else []
+        return self.stretch((r for pool in self.pools for r in pool.running), self.config.interval)
 
     def react(self) -> None:
         job, batch = self.job, self.batch
         for p, pool in enumerate(self.pools):
-            if not pool.running or any(not self.segments[r].reason for r in pool.running):
+            if not pool.running or not self.stretched(pool.running):
                 continue  # a decision waits for every candidate of the prompt to reach it
             ended = [r for r in pool.running if batch.finish[r] is not None]
             for row, reward in zip(ended, job.evaluate(batch, ended) if ended else []):

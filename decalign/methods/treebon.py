@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..engine import Batch, Move, Sample, Segment
+from ..engine import Batch, Move, Segment
 from ..errors import DecalignError
 from ..result import Candidate
 from .base import Search, SearchParams, param, register
@@ -33,10 +33,9 @@ class TreeBoNConfig(SearchParams):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.require_counts("segment")
         if not 1 <= self.children <= self.budget:
             raise DecalignError(f"children must be in [1, budget = {self.budget}], got {self.children}")
-        if self.segment < 1:
-            raise DecalignError(f"segment must be >= 1, got {self.segment}")
 
 
 @dataclass
@@ -60,12 +59,11 @@ class TreeBoN(Search):
             self.open(tree.rows)
 
     def moves(self) -> list[Move]:
-        running = [self.segments[r] for tree in self.trees for r in tree.rows if not self.segments[r].reason]
-        return [Sample(running, self.config.sampling, max_tokens=self.config.segment)] if running else []
+        return self.stretch((r for tree in self.trees for r in tree.rows), self.config.segment)
 
     def react(self) -> None:
         for p, tree in enumerate(self.trees):
-            if tree.rows and all(self.segments[r].reason for r in tree.rows):
+            if tree.rows and self.stretched(tree.rows):
                 self._grow(p, tree)
 
     def _grow(self, p: int, tree: Tree) -> None:

@@ -11,6 +11,7 @@ from ..engine import Engine, Prompt
 from ..methods import get_method
 from ..request import Request, RequestError
 from ..rewards import Reward, load_reward
+from ..sampling import derive_seed
 from .config import ServerConfig
 from .schemas import ApiError, GenerationOptions
 
@@ -31,6 +32,8 @@ def decoding_request(body: GenerationOptions, config: ServerConfig, engine: Engi
     malformed `alignment` field or any invalid request, with decalign's own message."""
     extra = dict(body.alignment)
     method = extra.pop("method", config.method)
+    if method is None:  # OpenAI's meaning: temperature 0 is greedy; any other samples (at 1 unless given)
+        method = "greedy" if body.temperature == 0 else "sample"
     reward = extra.pop("reward", config.reward)
     value = extra.pop("value", None)
     if not isinstance(method, str):
@@ -44,10 +47,11 @@ def decoding_request(body: GenerationOptions, config: ServerConfig, engine: Engi
         if getattr(body, name) is not None and name in accepted and name not in extra:
             params[name] = getattr(body, name)
     seed = body.seed if body.seed is not None else uuid.uuid4().int % 2**62
+    seeds = [seed] + [derive_seed(seed, "choice", i) for i in range(1, body.n)]  # choice 0 is the n = 1 answer
     try:
-        return Request.build(prompts=[prompt], method=method, params=params,
+        return Request.build(prompts=[prompt] * body.n, method=method, params=params,
                              reward=shared_reward(reward) if reward is not None else None, value=value,
-                             max_new_tokens=body.max_tokens, seed=[seed], chat=chat, stop=list(body.stop),
+                             max_new_tokens=body.max_tokens, seed=seeds, chat=chat, stop=list(body.stop),
                              model=engine)
     except RequestError as exc:
         raise ApiError(400, str(exc.spelled(FIELD_NAMES)), param=FIELD_NAMES.get(exc.field or "")) from None

@@ -167,18 +167,20 @@ async def respond(request: Request, state: ServerState, body: GenerationOptions,
     if body.stream:
         return StreamingResponse(stream_events(request, state, pending, ident, created),
                                  media_type="text/event-stream")
-    result = await wait(request, pending, state.config.timeout)
+    results = await wait(request, pending, state.config.timeout)
     head = dict(id=ident, created=created, model=state.config.model_name)
-    usage, alignment = answer_usage(state.engine, pending, result), alignment_info(result)
+    usage, alignment = answer_usage(state.engine, pending, results), alignment_info(results[0])
     if chat:
-        choice = ChatChoice(message=AssistantMessage(content=result.text), finish_reason=finish_reason(result))
-        return ChatCompletion(**head, choices=[choice], usage=usage, alignment=alignment)
-    choice = TextChoice(text=result.text, finish_reason=finish_reason(result))
-    return Completion(**head, choices=[choice], usage=usage, alignment=alignment)
+        choices = [ChatChoice(index=i, message=AssistantMessage(content=result.text),
+                              finish_reason=finish_reason(result)) for i, result in enumerate(results)]
+        return ChatCompletion(**head, choices=choices, usage=usage, alignment=alignment)
+    choices = [TextChoice(index=i, text=result.text, finish_reason=finish_reason(result))
+               for i, result in enumerate(results)]
+    return Completion(**head, choices=choices, usage=usage, alignment=alignment)
 
 
-async def wait(request: Request, pending: PendingRequest, timeout: float) -> Result:
-    """The result, or 499 once the client hangs up, or 504 past the deadline; either stops the rows."""
+async def wait(request: Request, pending: PendingRequest, timeout: float) -> list[Result]:
+    """The results (one per choice), or 499 once the client hangs up, or 504 past the deadline; either stops the rows."""
     deadline = time.monotonic() + timeout
     while not pending.future.done():
         if await request.is_disconnected():
@@ -196,18 +198,26 @@ async def stream_events(request: Request, state: ServerState, pending: PendingRe
     """Server-sent events: the committed text as it grows, then the finish reason, usage and alignment."""
     head = dict(id=ident, created=created, model=state.config.model_name)
 
-    def chunk(delta: str | None, reason: str | None = None, **last: Any) -> str:
+    def chunk(index: int, delta: str | None, reason: str | None = None, **last: Any) -> str:
         if pending.chat:
-            choice = ChatChunkChoice(delta=ChatDelta(content=delta), finish_reason=reason)
+            choice = ChatChunkChoice(index=index, delta=ChatDelta(content=delta), finish_reason=reason)
             return event(ChatCompletionChunk(**head, choices=[choice], **last).model_dump(mode="json"))
-        choice = TextChoice(text=delta or "", finish_reason=reason)
+        choice = TextChoice(index=index, text=delta or "", finish_reason=reason)
         return event(CompletionChunk(**head, choices=[choice], **last).model_dump(mode="json"))
 
+    choices = len(pending.decoding.prompts)
     if pending.chat:
-        opening = ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))
-        yield event(ChatCompletionChunk(**head, choices=[opening]).model_dump(mode="json"))
-    sent = ""
-    deadline = time.monotonic() + state.config.timeout
+        for index in range(choices):
+            opening = ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))
+            yield event(ChatCompletionChunk(**head, choices=[opening]).model_dump(mode="json"))
+    sent = [""] * choices
+    arrived = time.monotonic()
+    deadline = arrived + state.config.timeout
+
+    def first_text() -> None:
+        if not any(sent):
+            state.metrics.first_token.observe(time.monotonic() - arrived)
+
     try:
         while not pending.future.done():
             if await request.is_disconnected():
@@ -218,21 +228,27 @@ async def stream_events(request: Request, state: ServerState, pending: PendingRe
                 yield event(ApiError(504, "timed out", "timeout").body())
                 return
             try:
-                text = await asyncio.wait_for(pending.updates.get(), timeout=0.1)
+                index, text = await asyncio.wait_for(pending.updates.get(), timeout=0.1)
             except asyncio.TimeoutError:
                 continue
-            if text.startswith(sent) and len(text) > len(sent):
-                yield chunk(text[len(sent):])
-                sent = text
+            if text.startswith(sent[index]) and len(text) > len(sent[index]):
+                first_text()
+                yield chunk(index, text[len(sent[index]):])
+                sent[index] = text
         try:
-            result = pending.future.result()
+            results = pending.future.result()
         except ApiError as exc:
             yield event(exc.body())
             return
-        if result.text.startswith(sent) and len(result.text) > len(sent):
-            yield chunk(result.text[len(sent):])
-        yield chunk(None, finish_reason(result), usage=answer_usage(state.engine, pending, result),
-                    alignment=alignment_info(result))
+        for index, result in enumerate(results):
+            if result.text.startswith(sent[index]) and len(result.text) > len(sent[index]):
+                first_text()
+                yield chunk(index, result.text[len(sent[index]):])
+                sent[index] = result.text
+        for index, result in enumerate(results):
+            last = dict(usage=answer_usage(state.engine, pending, results), alignment=alignment_info(results[0])) \
+                if index == len(results) - 1 else {}
+            yield chunk(index, None, finish_reason(result), **last)
         yield "data: [DONE]\n\n"
     finally:
         if not pending.future.done():
@@ -243,10 +259,12 @@ def event(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-def answer_usage(engine: Engine, pending: PendingRequest, result: Result) -> Usage:
+def answer_usage(engine: Engine, pending: PendingRequest, results: list[Result]) -> Usage:
+    """OpenAI's count: the prompt once, the tokens of every choice."""
     prompt_tokens = len(engine.render(pending.prompt, chat=pending.chat))
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=len(result.tokens),
-                 total_tokens=prompt_tokens + len(result.tokens))
+    completion_tokens = sum(len(result.tokens) for result in results)
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens)
 
 
 def alignment_info(result: Result) -> AlignmentInfo:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 @dataclass
 class ServerConfig:
     model_name: str = "smollm2"
-    method: str = "greedy"
+    method: str | None = None  # None: OpenAI's meaning (sample at the request's temperature, greedy at 0)
     reward: str | None = None
     method_params: dict = field(default_factory=dict)
     api_key: str | None = None
@@ -17,5 +17,6 @@ class ServerConfig:
     max_request_bytes: int = 1_000_000
     queue_size: int = 64
     timeout: float = 300.0  # seconds from arrival to answer
-    batch_window: float = 0.02  # seconds to wait for companions before decoding
-    max_batch: int = 16
+    max_batch: int = 16  # requests in the running batch
+    max_rows: int = 256  # no request joins while the running batch has this many rows
+    batching: str = "continuous"  # or "static": requests join only an idle engine (waves; for comparison)

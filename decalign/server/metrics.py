@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ..result import Result
 
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, float("inf"))
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, float("inf"))
 
 
 class Metrics:
@@ -25,22 +26,34 @@ class Metrics:
                                         "Tokens the engine generated, candidates discarded by a method included.",
                                         registry=self.registry)
         self.reward_calls = Counter("decalign_reward_calls_total", "Items the rewards scored.", registry=self.registry)
-        self.batches = Counter("decalign_batches_total", "Batches of companion requests decoded together.",
+        self.steps = Histogram("decalign_step_seconds", "Seconds per engine step (one forward pass for every running "
+                               "request, and what their methods do with it).", buckets=STEP_BUCKETS,
                                registry=self.registry)
-        self.queue_depth = Gauge("decalign_queue_depth", "Requests waiting for the engine.", registry=self.registry)
+        self.first_token = Histogram("decalign_time_to_first_token_seconds",
+                                     "Seconds from a streamed request's arrival to its first text.",
+                                     buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.queue_depth = Gauge("decalign_queue_depth", "Requests waiting to join the running batch.",
+                                 registry=self.registry)
+        self.running = Gauge("decalign_running_requests", "Requests in the running batch.", registry=self.registry)
+        self.rows = Gauge("decalign_live_rows", "Rows (candidates, particles, ...) in the running batch.",
+                          registry=self.registry)
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint=endpoint, status=str(status)).inc()
         self.latency.observe(seconds)
 
-    def count_batch(self, results: Sequence[Result]) -> None:
-        self.batches.inc()
-        self.generated_tokens.inc(sum(result.stats["generated_tokens"] for result in results))
-        self.reward_calls.inc(sum(result.stats["reward_calls"] for result in results))
+    def count_answer(self, result: Result) -> None:
+        self.generated_tokens.inc(result.stats["generated_tokens"])
+        self.reward_calls.inc(result.stats["reward_calls"])
 
-    def watch_queue(self, depth: Callable[[], int]) -> None:
-        """Read the queue depth from `depth()` at each scrape."""
-        self.queue_depth.set_function(depth)
+    def step(self, seconds: float) -> None:
+        self.steps.observe(seconds)
+
+    def watch(self, *, waiting: Callable[[], int], running: Callable[[], int], rows: Callable[[], int]) -> None:
+        """Read the scheduler's queue, running requests and live rows at each scrape."""
+        self.queue_depth.set_function(waiting)
+        self.running.set_function(running)
+        self.rows.set_function(rows)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,6 +1,6 @@
-"""The engine's only user: one worker thread that takes requests from a bounded queue and decodes
-the requests that arrived together in one batch, whatever method, reward or limits each asked for
-(`run_together`: one forward pass per step for all of them)."""
+"""The engine's only user: one worker thread that runs continuous batching. Requests join the
+running batch at the next step whatever method, reward or limits each asked for, and leave it when
+they are done (`Driver`: one forward pass per step for all of them)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ import gc
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..api import run_together
+from ..api import start
 from ..engine import Engine, Prompt
 from ..errors import DecalignError
+from ..methods import Driver, Method
 from ..request import Request
 from .config import ServerConfig
 from .metrics import Metrics
@@ -30,29 +32,36 @@ class PendingRequest:
     chat: bool
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
-    updates: asyncio.Queue | None = None  # streaming: committed text as it grows
+    updates: asyncio.Queue | None = None  # streaming: (choice, committed text) as it grows
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     @property
     def prompt(self) -> Prompt:
         return self.decoding.prompts[0]
 
-    def publish(self, _: int, text: str) -> None:
+    def publish(self, choice: int, text: str) -> None:
         if self.updates is not None:
-            self.loop.call_soon_threadsafe(self.updates.put_nowait, text)
+            self.loop.call_soon_threadsafe(self.updates.put_nowait, (choice, text))
 
     def settle(self, value: Any) -> None:
         self.loop.call_soon_threadsafe(_settle, self.future, value)
 
 
 class Scheduler:
-    """Takes requests from a bounded queue and decodes those that arrived together in one batch, on its
-    own thread."""
+    """Continuous batching on the engine's own thread. Before every step the requests waiting in the
+    queue join the running batch, in arrival order, while it holds fewer than `max_rows` rows and
+    `max_batch` requests (so a big request waits its turn but is never overtaken); one forward pass
+    then serves every running request, whatever it asked for, and each one leaves with its answer at
+    the step it is done. A cancelled or timed-out request's rows stop at the next step."""
 
     def __init__(self, engine: Engine, config: ServerConfig, metrics: Metrics) -> None:
         self.engine, self.config, self.metrics = engine, config, metrics
         self.pending: queue.Queue[PendingRequest] = queue.Queue(maxsize=config.queue_size)
-        metrics.watch_queue(self.depth)
+        self.waiting: deque[PendingRequest] = deque()  # taken from the queue, not yet admitted
+        self.driver = Driver(engine)
+        self.running: dict[Method, PendingRequest] = {}
+        metrics.watch(waiting=self.depth, running=lambda: len(self.running),
+                      rows=lambda: self.driver.batch.size if self.driver.batch is not None else 0)
         self.thread = threading.Thread(target=self._run, name="decalign-engine", daemon=True)
         self.thread.start()
 
@@ -64,40 +73,78 @@ class Scheduler:
                            "rate_limit_exceeded") from None
 
     def depth(self) -> int:
-        return self.pending.qsize()
+        return self.pending.qsize() + len(self.waiting)
 
     def _run(self) -> None:
         while True:
-            batch = [self.pending.get()]
-            deadline = time.monotonic() + self.config.batch_window
-            while len(batch) < self.config.max_batch:
-                try:
-                    batch.append(self.pending.get(timeout=max(0.0, deadline - time.monotonic())))
-                except queue.Empty:
-                    break
-            live = [request for request in batch if not request.cancelled.is_set()]
-            if live:
-                self._decode(live)
-            if self.pending.empty():
-                _release_memory()
+            if not self.running and not self.waiting:
+                if self.pending.empty():
+                    _release_memory()  # idle: hand the last batch's memory back
+                self.waiting.append(self.pending.get())
+            self._admit()
+            if self.running:
+                self._step()
 
-    def _decode(self, requests: list[PendingRequest]) -> None:
-        """Decode requests side by side in one batch, whatever each asked for; if that fails, each
-        alone, so that one failing request (a reward that raises) answers for itself only."""
-        try:
-            results = [answers[0] for answers in run_together(
-                [r.decoding for r in requests], listeners=[r.publish for r in requests],
-                cancelled=[lambda _, r=r: r.cancelled.is_set() for r in requests])]
-        except Exception as exc:
-            if len(requests) > 1:
-                for request in requests:
-                    self._decode([request])
-            else:
-                requests[0].settle(_api_error(exc))
+    def _admit(self) -> None:
+        while True:
+            try:
+                self.waiting.append(self.pending.get_nowait())
+            except queue.Empty:
+                break
+        if self.config.batching == "static" and self.running:
+            return  # static batching: the next wave starts when this one is done
+        joining: dict[Method, PendingRequest] = {}
+        rows = self.driver.batch.size if self.driver.batch is not None else 0
+        while self.waiting and len(self.running) + len(joining) < self.config.max_batch and (
+                rows < self.config.max_rows or not (self.running or joining)):
+            request = self.waiting.popleft()
+            if request.cancelled.is_set():
+                continue
+            try:
+                method = start(request.decoding, request.publish, lambda _, r=request: r.cancelled.is_set())
+            except Exception as exc:
+                request.settle(_api_error(exc))
+                continue
+            joining[method] = request
+            rows += method.rows_per_prompt() * len(method.job.prompts)
+        if not joining:
             return
-        self.metrics.count_batch(results)
-        for request, result in zip(requests, results):
-            request.settle(result)
+        try:
+            self.driver.add(list(joining))
+        except Exception:  # one request's prompts could not join: each on its own, so it fails alone
+            for method, request in joining.items():
+                try:
+                    self.driver.add([method])
+                except Exception as exc:
+                    self.driver.release(method)
+                    request.settle(_api_error(exc))
+        for method, request in joining.items():
+            if method in self.driver.live:
+                self.running[method] = request
+            elif not request.future.done():  # answered or failed as it joined
+                self._answer(method, request)
+
+    def _step(self) -> None:
+        started = time.perf_counter()
+        try:
+            left = self.driver.step()
+        except Exception as exc:  # the forward pass itself failed: every running request fails with it
+            for method, request in self.running.items():
+                self.driver.release(method)
+                request.settle(_api_error(exc))
+            self.running, self.driver = {}, Driver(self.engine)
+            return
+        self.metrics.step(time.perf_counter() - started)
+        for method in left:
+            self._answer(method, self.running.pop(method))
+
+    def _answer(self, method: Method, request: PendingRequest) -> None:
+        if method in self.driver.failed:
+            request.settle(_api_error(self.driver.failed.pop(method)))
+            return
+        for result in method.results:
+            self.metrics.count_answer(result)
+        request.settle(list(method.results))  # one Result per choice
 
 
 def _api_error(exc: Exception) -> ApiError:

@@ -14,6 +14,7 @@ from pydantic import (BaseModel, Field, SerializerFunctionWrapHandler, Validatio
 from .config import ServerConfig
 
 FinishReason = Literal["stop", "length"]
+MAX_CHOICES = 16  # independent answers per request (OpenAI's n)
 
 
 class ApiError(Exception):
@@ -103,9 +104,10 @@ class GenerationOptions(BaseModel):
 
     @field_validator("n", mode="before")
     @classmethod
-    def only_one(cls, n: Any) -> Any:
-        if n != 1:
-            raise ValueError("n > 1 is not supported; use alignment {\"method\": \"bon\", \"n\": N}")
+    def choices(cls, n: Any) -> Any:
+        n = 1 if n is None else n
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_CHOICES:
+            raise ValueError(f"n must be an integer from 1 to {MAX_CHOICES}")
         return n
 
     @field_validator("stop", mode="before")
