@@ -3,7 +3,7 @@
 For each batching mode (continuous and static by default, side by side in one run) it starts a
 server on a free 127.0.0.1 port, measures an idle server's time to first token, then runs
 --clients concurrent clients that send --requests requests in all: a mix of methods (greedy,
-sampling, Best-of-N, CARDS, blockwise search, SMC), some streamed, some whose client hangs up
+sampling, Best-of-N, CARDS, blockwise search, SMC), some four times longer, some streamed, some whose client hangs up
 mid-answer, some with bad bodies. It reports throughput, p50/p95 latency per method, time to first
 token, status codes, the server's memory before, at peak and after, and whether any response or
 log line held a traceback.
@@ -35,6 +35,7 @@ MIX = [
     {"method": "blockwise", "budget": 4, "block": 8},
     {"method": "smc", "budget": 4, "block": 8},
 ]
+LONG = {"method": "greedy"}  # every 8th request: 4x the tokens, the kind that holds a static batch back
 BAD_BODIES = [{"max_tokens": -1}, {"alignment": {"method": "nope"}}, {"messages": []}, {"n": 0},
               {"alignment": {"method": "smc", "ess_threshold": 2}}]
 PROMPTS = ["How do I make friends in a new city?", "Write a haiku about rain.", "Explain what a budget is.",
@@ -123,6 +124,8 @@ def run(args: argparse.Namespace, batching: str) -> dict:
                   "seed": i, "alignment": alignment}
         if alignment["method"] == "greedy":
             fields["temperature"] = 0
+        if alignment is LONG:
+            fields["max_tokens"] = 4 * args.max_tokens
         return fields
 
     httpx.post(url + "/v1/chat/completions", json=body(0, MIX[0]), timeout=120)  # first-call costs out of the way
@@ -130,7 +133,7 @@ def run(args: argparse.Namespace, batching: str) -> dict:
     memory_before = server.memory()
     counter = itertools.count()
     lock = threading.Lock()
-    latencies: dict[str, list[float]] = {m["method"]: [] for m in MIX}
+    latencies: dict[str, list[float]] = {m["method"]: [] for m in MIX} | {"long greedy": []}
     greedy_first: list[float] = []
     statuses: dict[str, int] = {}
     tracebacks = [0]
@@ -142,9 +145,9 @@ def run(args: argparse.Namespace, batching: str) -> dict:
             i = next(counter)
             if i >= args.requests:
                 return
-            alignment = MIX[i % len(MIX)]
+            alignment = LONG if i % 8 == 5 else MIX[i % len(MIX)]
             started = time.perf_counter()
-            kind = alignment["method"]
+            kind = "long greedy" if alignment is LONG else alignment["method"]
             try:
                 if i % 16 == 7:  # a bad body: a 4xx with OpenAI's error JSON
                     kind = "bad body"
