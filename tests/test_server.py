@@ -213,6 +213,24 @@ def test_concurrent_requests_share_steps_and_a_full_queue_says_429(engine):
         server.should_exit = True
 
 
+def test_the_queue_bound_holds_while_the_engine_is_busy(engine):
+    """Requests that cannot join the running batch stay queued, so a full queue answers 429 even
+    while the engine is decoding (the scheduler never drains the queue into a list of its own)."""
+    server, url = start(engine, queue_size=2, max_batch=1, max_tokens_limit=200)
+    try:
+        long = threading.Thread(target=lambda: httpx.post(url + "/v1/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "temperature": 0}))
+        long.start()
+        while running_requests(url) < 1:
+            time.sleep(0.01)
+        statuses = concurrently(lambda i: httpx.post(url + "/v1/completions", timeout=60, json={
+            "prompt": f"hi {i}", "max_tokens": 2}).status_code, list(range(5)))
+        long.join()
+        assert statuses.count(429) >= 2 and statuses.count(200) >= 1, statuses
+    finally:
+        server.should_exit = True
+
+
 def test_a_disconnected_stream_stops_its_work(engine):
     server, url = start(engine, max_tokens_limit=200)
     try:

@@ -57,7 +57,7 @@ class Scheduler:
     def __init__(self, engine: Engine, config: ServerConfig, metrics: Metrics) -> None:
         self.engine, self.config, self.metrics = engine, config, metrics
         self.pending: queue.Queue[PendingRequest] = queue.Queue(maxsize=config.queue_size)
-        self.waiting: deque[PendingRequest] = deque()  # taken from the queue, not yet admitted
+        self.waiting: deque[PendingRequest] = deque()  # the one taken from the queue while idle
         self.driver = Driver(engine)
         self.running: dict[Method, PendingRequest] = {}
         metrics.watch(waiting=self.depth, running=lambda: len(self.running),
@@ -86,18 +86,21 @@ class Scheduler:
                 self._step()
 
     def _admit(self) -> None:
-        while True:
-            try:
-                self.waiting.append(self.pending.get_nowait())
-            except queue.Empty:
-                break
+        """Take requests from the queue while the running batch has room; the others stay queued (so
+        the queue's bound, and its 429, hold while the engine is busy)."""
         if self.config.batching == "static" and self.running:
             return  # static batching: the next wave starts when this one is done
         joining: dict[Method, PendingRequest] = {}
         rows = self.driver.batch.size if self.driver.batch is not None else 0
-        while self.waiting and len(self.running) + len(joining) < self.config.max_batch and (
+        while len(self.running) + len(joining) < self.config.max_batch and (
                 rows < self.config.max_rows or not (self.running or joining)):
-            request = self.waiting.popleft()
+            if self.waiting:
+                request = self.waiting.popleft()
+            else:
+                try:
+                    request = self.pending.get_nowait()
+                except queue.Empty:
+                    break
             if request.cancelled.is_set():
                 continue
             try:
