@@ -84,6 +84,23 @@ def test_openai_sampling_fields_mean_what_they_mean_there(client, engine):
     assert streamed == texts
 
 
+def test_logprobs_are_the_policys_log_probabilities_of_the_answer(client, engine):
+    from decalign import generate
+
+    messages = [{"role": "user", "content": "hi"}]
+    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, seed=3, temperature=0.8,
+                                           logprobs=True)
+    (expected,) = generate([messages], method="sample", model=engine, max_new_tokens=6, seed=[3], temperature=0.8)
+    content = reply.choices[0].logprobs.content
+    assert [item.logprob for item in content] == pytest.approx(expected.logprobs)
+    assert "".join(item.token for item in content) == engine.tokenizer.decode(expected.tokens)
+    assert all(item.logprob <= 0 and item.top_logprobs == [] for item in content)
+    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, seed=3, temperature=0.8)
+    assert plain.choices[0].logprobs is None
+    with pytest.raises(openai.APIStatusError, match="not supported on /v1/completions yet"):
+        client.completions.create(model="tiny", prompt="hi", max_tokens=4, logprobs=1)
+
+
 def test_completion_uses_raw_text(client, engine):
     from decalign import generate
 
@@ -142,6 +159,8 @@ def test_extra_body_chooses_the_method(client):
     (dict(messages=[{"role": "user", "content": ""}]), 400, "empty prompt"),
     (dict(n=0), 400, "n must be an integer from 1 to 16"),
     (dict(temperature=-1), 400, "temperature"),
+    (dict(logprobs=True, top_logprobs=3), 400, "top_logprobs is not supported yet"),
+    (dict(logprobs=True, stream=True), 400, "logprobs with stream=true is not supported yet"),
 ])
 def test_bad_requests_get_clear_4xx(client, kwargs, status, fragment):
     request = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)

@@ -27,8 +27,9 @@ from .config import ServerConfig
 from .metrics import Metrics
 from .scheduler import PendingRequest, Scheduler
 from .schemas import (AlignmentInfo, ApiError, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
-                      ChatCompletionChunk, ChatCompletionRequest, ChatDelta, Completion, CompletionChunk,
-                      CompletionRequest, GenerationOptions, ModelCard, ModelList, TextChoice, Usage, parse_request)
+                      ChatCompletionChunk, ChatCompletionRequest, ChatDelta, ChoiceLogprobs, Completion,
+                      CompletionChunk, CompletionRequest, GenerationOptions, ModelCard, ModelList, TextChoice,
+                      TokenLogprob, Usage, parse_request)
 
 
 @dataclass
@@ -160,6 +161,8 @@ def pending_request(state: ServerState, body: GenerationOptions, prompt: Prompt,
 
 
 async def respond(request: Request, state: ServerState, body: GenerationOptions, prompt: Prompt, chat: bool):
+    if body.stream and getattr(body, "logprobs", False):
+        raise ApiError(400, "logprobs with stream=true is not supported yet", param="logprobs")
     pending = pending_request(state, body, prompt, chat)
     state.scheduler.submit(pending)
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -172,6 +175,7 @@ async def respond(request: Request, state: ServerState, body: GenerationOptions,
     usage, alignment = answer_usage(state.engine, pending, results), alignment_info(results[0])
     if chat:
         choices = [ChatChoice(index=i, message=AssistantMessage(content=result.text),
+                              logprobs=token_logprobs(state.engine, result) if body.logprobs else None,
                               finish_reason=finish_reason(result)) for i, result in enumerate(results)]
         return ChatCompletion(**head, choices=choices, usage=usage, alignment=alignment)
     choices = [TextChoice(index=i, text=result.text, finish_reason=finish_reason(result))
@@ -265,6 +269,16 @@ def answer_usage(engine: Engine, pending: PendingRequest, results: list[Result])
     completion_tokens = sum(len(result.tokens) for result in results)
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                  total_tokens=prompt_tokens + completion_tokens)
+
+
+def token_logprobs(engine: Engine, result: Result) -> ChoiceLogprobs:
+    """OpenAI's `logprobs.content`: each answer token, its text and bytes, and the policy's
+    log-probability of it (the model's own distribution, before temperature or top-k)."""
+    content = []
+    for token, logprob in zip(result.tokens, result.logprobs or []):
+        text = engine.tokenizer.convert_tokens_to_string([engine.tokenizer.convert_ids_to_tokens(token)])
+        content.append(TokenLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8"))))
+    return ChoiceLogprobs(content=content)
 
 
 def alignment_info(result: Result) -> AlignmentInfo:

@@ -143,9 +143,35 @@ class GenerationOptions(BaseModel):
 class ChatCompletionRequest(GenerationOptions, ChatPrompt):
     """POST /v1/chat/completions."""
 
+    logprobs: bool = False  # each answer token with the policy's log-probability of it
+    top_logprobs: int | None = None
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def a_flag(cls, logprobs: Any) -> Any:
+        if logprobs is not None and not isinstance(logprobs, bool):
+            raise ValueError("logprobs must be true or false")
+        return bool(logprobs)
+
+    @field_validator("top_logprobs", mode="before")
+    @classmethod
+    def none_yet(cls, top_logprobs: Any) -> Any:
+        if top_logprobs not in (None, 0):
+            raise ValueError("top_logprobs is not supported yet (logprobs=true gives each chosen token's)")
+        return top_logprobs
+
 
 class CompletionRequest(GenerationOptions, TextPrompt):
     """POST /v1/completions."""
+
+    logprobs: None = None
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def not_yet(cls, logprobs: Any) -> Any:
+        if logprobs is not None:
+            raise ValueError("logprobs is not supported on /v1/completions yet; /v1/chat/completions has it")
+        return logprobs
 
 
 RequestModel = TypeVar("RequestModel", bound=GenerationOptions)
@@ -205,9 +231,21 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[Any] = []
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason
 
 
