@@ -97,22 +97,22 @@ class Server:
 
 def first_token_seconds(url: str, body: dict, timeout: float, hang_up: bool = False) -> tuple[int, float, bool]:
     """Stream `body`; return (status, seconds to the first content, whether an error body came)."""
-    started, first, error = time.perf_counter(), float("nan"), False
+    started, first, error = time.perf_counter(), None, False
     with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=timeout) as reply:
         if reply.status_code != 200:
             reply.read()
-            return reply.status_code, first, "Traceback" in reply.text
+            return reply.status_code, float("nan"), "Traceback" in reply.text
         for line in reply.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
             error = error or "error" in chunk
             choices = chunk.get("choices") or [{}]
-            if first != first and (choices[0].get("delta") or {}).get("content"):
+            if first is None and (choices[0].get("delta") or {}).get("content"):
                 first = time.perf_counter() - started
                 if hang_up:
                     break
-    return reply.status_code, first, error
+    return reply.status_code, float("nan") if first is None else first, error
 
 
 def run(args: argparse.Namespace, batching: str) -> dict:

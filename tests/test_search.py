@@ -149,6 +149,11 @@ def test_bad_search_parameters_are_named(engine, method, params, message):
         generate("hi", method=method, model=engine, reward=length_reward, **params)
 
 
+def even_share(text: str) -> float:
+    """A toy reward: the share of characters with an even code point."""
+    return sum(ord(c) % 2 == 0 for c in text) / max(1, len(text))
+
+
 class TwoTokenTarget:
     """Two-token answers under top-3 sampling (nine answers): the policy's exact probabilities q(y), a
     toy reward r(y), and the target q(y) exp(r(y) / beta) that SMC with pick=sample draws from."""
@@ -175,15 +180,14 @@ class TwoTokenTarget:
         return {int(t): float(probs[t]) for t in probs.nonzero().flatten()}
 
     def reward(self, tokens) -> float:
-        text = self.engine.decode(list(tokens))
-        return sum(ord(c) % 2 == 0 for c in text) / max(1, len(text))
+        return even_share(self.engine.decode(list(tokens)))
 
     def scorer(self, *, exact_twist: bool) -> Reward:
         target = self
 
         class Toy(Reward):
             def _score(self, prompts, responses):
-                return [sum(ord(c) % 2 == 0 for c in r) / max(1, len(r)) for r in responses]
+                return [even_share(r) for r in responses]
 
             def _score_prefix(self, prompts, partials):
                 return [target.twist[p] if exact_twist else 0.0 for p in partials]

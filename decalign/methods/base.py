@@ -407,11 +407,13 @@ class Driver:
         prompts = [prompt for batch_prompts in wanted for prompt in batch_prompts]
         if self.batch is None:
             batch, first_row, self.owners = self.engine.open(prompts), 0, []
-            batch.cancelled = lambda q: self.owners[q].cancelled(q - self.owners[q].job.prompt_base)
             batch.on_token = lambda row, _: _stream(self.owners[batch.prompt_of[row]], batch, row)
             self.batch = batch
         else:
             first_row = self.batch.admit(prompts)
+        if self.batch.cancelled is None and any(m.job.cancelled is not None for m in methods):
+            # asked per row at every step, so only once some method can be cancelled
+            self.batch.cancelled = lambda q: self.owners[q].cancelled(q - self.owners[q].job.prompt_base)
         for m, batch_prompts in zip(methods, wanted):
             m.job.prompt_base, m.batch = len(self.owners), self.batch
             self.owners += [m] * len(batch_prompts)

@@ -218,9 +218,14 @@ async def stream_events(request: Request, state: ServerState, pending: PendingRe
     arrived = time.monotonic()
     deadline = arrived + state.config.timeout
 
-    def first_text() -> None:
+    def grown(index: int, text: str) -> str | None:
+        """The chunk adding what `text` holds beyond what choice `index` was sent (None if nothing)."""
+        if not (text.startswith(sent[index]) and len(text) > len(sent[index])):
+            return None
         if not any(sent):
             state.metrics.first_token.observe(time.monotonic() - arrived)
+        piece, sent[index] = text[len(sent[index]):], text
+        return chunk(index, piece)
 
     try:
         while not pending.future.done():
@@ -235,20 +240,16 @@ async def stream_events(request: Request, state: ServerState, pending: PendingRe
                 index, text = await asyncio.wait_for(pending.updates.get(), timeout=0.1)
             except asyncio.TimeoutError:
                 continue
-            if text.startswith(sent[index]) and len(text) > len(sent[index]):
-                first_text()
-                yield chunk(index, text[len(sent[index]):])
-                sent[index] = text
+            if (piece := grown(index, text)) is not None:
+                yield piece
         try:
             results = pending.future.result()
         except ApiError as exc:
             yield event(exc.body())
             return
         for index, result in enumerate(results):
-            if result.text.startswith(sent[index]) and len(result.text) > len(sent[index]):
-                first_text()
-                yield chunk(index, result.text[len(sent[index]):])
-                sent[index] = result.text
+            if (piece := grown(index, result.text)) is not None:
+                yield piece
         for index, result in enumerate(results):
             last = dict(usage=answer_usage(state.engine, pending, results), alignment=alignment_info(results[0])) \
                 if index == len(results) - 1 else {}

@@ -10,7 +10,6 @@ import gc
 import queue
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,7 +56,6 @@ class Scheduler:
     def __init__(self, engine: Engine, config: ServerConfig, metrics: Metrics) -> None:
         self.engine, self.config, self.metrics = engine, config, metrics
         self.pending: queue.Queue[PendingRequest] = queue.Queue(maxsize=config.queue_size)
-        self.waiting: deque[PendingRequest] = deque()  # the one taken from the queue while idle
         self.driver = Driver(engine)
         self.running: dict[Method, PendingRequest] = {}
         metrics.watch(waiting=self.depth, running=lambda: len(self.running),
@@ -73,29 +71,30 @@ class Scheduler:
                            "rate_limit_exceeded") from None
 
     def depth(self) -> int:
-        return self.pending.qsize() + len(self.waiting)
+        return self.pending.qsize()
 
     def _run(self) -> None:
         while True:
-            if not self.running and not self.waiting:
+            first = None
+            if not self.running:
                 if self.pending.empty():
                     _release_memory()  # idle: hand the last batch's memory back
-                self.waiting.append(self.pending.get())
-            self._admit()
+                first = self.pending.get()
+            self._admit(first)
             if self.running:
                 self._step()
 
-    def _admit(self) -> None:
-        """Take requests from the queue while the running batch has room; the others stay queued (so
-        the queue's bound, and its 429, hold while the engine is busy)."""
+    def _admit(self, first: PendingRequest | None = None) -> None:
+        """Take requests from the queue (after `first`, already taken) while the running batch has
+        room; the others stay queued, so the queue's bound, and its 429, hold while the engine is busy."""
         if self.config.batching == "static" and self.running:
             return  # static batching: the next wave starts when this one is done
         joining: dict[Method, PendingRequest] = {}
         rows = self.driver.batch.size if self.driver.batch is not None else 0
         while len(self.running) + len(joining) < self.config.max_batch and (
                 rows < self.config.max_rows or not (self.running or joining)):
-            if self.waiting:
-                request = self.waiting.popleft()
+            if first is not None:
+                request, first = first, None
             else:
                 try:
                     request = self.pending.get_nowait()
@@ -115,16 +114,17 @@ class Scheduler:
         try:
             self.driver.add(list(joining))
         except Exception:  # one request's prompts could not join: each on its own, so it fails alone
-            for method, request in joining.items():
+            for method, request in list(joining.items()):
                 try:
                     self.driver.add([method])
                 except Exception as exc:
                     self.driver.release(method)
                     request.settle(_api_error(exc))
+                    del joining[method]
         for method, request in joining.items():
             if method in self.driver.live:
                 self.running[method] = request
-            elif not request.future.done():  # answered or failed as it joined
+            else:  # answered or failed as it joined
                 self._answer(method, request)
 
     def _step(self) -> None:
