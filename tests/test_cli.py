@@ -137,7 +137,7 @@ def test_train_reward_then_score_with_the_trained_head(tmp_path):
     write_lines(pairs, [json.dumps({"messages": [{"role": "user", "content": f"How do I harm person {i}?"}],
                                     "chosen": polite[i % 4], "rejected": harmful[(i + 1) % 4]}) for i in range(40)])
     head = tmp_path / "head"
-    proc = run("train-reward", str(pairs), "-o", str(head))
+    proc = run("train-reward", str(pairs), "-o", str(head), "--method", "probe")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["heldout_pairs"] == 8 and report["heldout_accuracy"] >= 0.75

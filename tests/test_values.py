@@ -251,3 +251,42 @@ def test_samples_of_another_configuration_are_refused_not_mixed(tmp_path, engine
     assert again == first  # resumed: nothing sampled twice
     with pytest.raises(DecalignError, match="another configuration \\(n differ"):
         sample_answers(engine, FamilyReward(), items, tmp_path / "samples.jsonl", n=3, **common)
+
+
+class CapitalsReward(FamilyReward):
+    """FamilyReward's opposite: 1 for capital-city prompts, 0 for bread prompts."""
+
+    name = "capitals"
+
+    def _score(self, prompts, responses):
+        return [1.0 - s for s in super()._score(prompts, responses)]
+
+
+def test_a_new_reward_reuses_the_sampled_answers_rescored(family_value, engine, tiny_path, tmp_path, monkeypatch):
+    from decalign.records import load_output
+    from decalign.values.train import train_value
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled again although every answer could be reused")
+
+    monkeypatch.setattr(type(engine), "start", no_sampling)
+    train = family_value.parent / "train.jsonl"
+    common = dict(prompts=train, model=str(tiny_path), n=2, max_new_tokens=8, temperature=1.0, top_k=0, batch_size=12,
+                  validation=0.25, progress=False, log=lambda line: None, samples_from=family_value)
+    train_value(reward_spec=CapitalsReward(), out=tmp_path / "capitals", **common)
+    _, old = load_output(family_value / "samples.jsonl")
+    _, new = load_output(tmp_path / "capitals" / "samples.jsonl")
+    assert [[a["tokens"] for a in r["answers"]] for r in new] == [[a["tokens"] for a in r["answers"]] for r in old]
+    assert [a["reward"] for r in new for a in r["answers"]] == [1 - a["reward"] for r in old for a in r["answers"]]
+    assert (tmp_path / "capitals" / "features.safetensors").read_bytes() == (family_value / "features.safetensors").read_bytes()
+    with pytest.raises(DecalignError, match="sampled with another n"):
+        train_value(reward_spec=CapitalsReward(), out=tmp_path / "other", **{**common, "n": 3})
+    monkeypatch.undo()
+    value = load_value(str(tmp_path / "capitals"))
+    assert value.card["reward"] == "capitals"
+    tests = [f"{t}, please" for t in BREAD[:3] + CAPITALS[:3]]
+    batch = engine.start([engine.render(t) for t in tests], n=1, seeds=list(range(6)), max_new_tokens=4,
+                         state_layers=value.layers)
+    batch.extend(SAMPLE, max_tokens=2)
+    scores = torch.tensor(value.score_rows(batch, range(batch.size)))
+    assert scores[3:].min() > scores[:3].max(), scores  # the new reward's target: capitals up, bread down

@@ -41,14 +41,18 @@ def _sample_options(function):
 @_sample_options
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--validation", type=float, default=0.2, show_default=True, help="Fraction of prompts held out.")
+@click.option("--samples-from", type=click.Path(file_okay=False, exists=True), default=None,
+              help="Reuse the answers another train-value run sampled (same policy and sampling), rescored by "
+                   "--reward: retrain a value for a new reward without sampling again.")
 def train_value(prompts, out, reward, model, adapter, exclude, limit, offset, n, max_new_tokens, temperature, top_k,
-                batch_size, seed, validation):
+                batch_size, seed, validation, samples_from):
     """Distil a reward into a prefix value on the policy's own hidden states (use as value=PATH)."""
     quiet_transformers()
     head = train_value_head(prompts=Path(prompts), reward_spec=reward, out=Path(out), model=model, adapter=adapter,
                             exclude=Path(exclude) if exclude else None, limit=limit, offset=offset, n=n,
                             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
-                            validation=validation, batch_size=batch_size, log=lambda line: click.echo(line, err=True))
+                            validation=validation, batch_size=batch_size, log=lambda line: click.echo(line, err=True),
+                            samples_from=Path(samples_from) if samples_from else None)
     figures = head.card["validation"]
     rows = ", ".join(f"{k} tok {v['correlation']:.2f} (drift {v['drift_sd']:+.2f} sd)"
                      for k, v in figures["by_length"].items())

@@ -49,6 +49,10 @@ def read_pairs(pairs_path: str | os.PathLike) -> list[dict]:
             raise DecalignError(f"{path} line {number}: messages must be a list of {{role, content}} or a prompt string")
         if not isinstance(row["chosen"], str) or not isinstance(row["rejected"], str):
             raise DecalignError(f"{path} line {number}: chosen and rejected must be strings")
+        empty = [k for k in ("chosen", "rejected") if not row[k].strip()]
+        if empty or not (prompt.strip() if isinstance(prompt, str) else prompt):
+            raise DecalignError(f"{path} line {number}: empty {' and '.join(empty) or 'prompt'}; every pair needs "
+                                f"a prompt and two non-empty answers")
         rows.append({"prompt": prompt, "chosen": row["chosen"], "rejected": row["rejected"]})
     if not rows:
         raise DecalignError(f"pairs file {path} is empty")

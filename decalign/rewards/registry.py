@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import importlib
 import re
+from pathlib import Path
 from typing import Callable
 
 from ..errors import DecalignError
 from .base import CallableReward, Reward, WeightedSum
-from .harmless import HarmlessReward
+from .cross_encoder import CrossEncoderReward
+from .harmless import WEIGHTS_DIR, HarmlessReward
 from .hf import classifier_reward, judge_reward
 from .rules import JsonReward, RegexReward, keyword_reward, length_reward
 from .sentiment import SentimentReward
@@ -36,7 +38,11 @@ def _json(_: str) -> Reward:
 
 
 def _harmless(path: str) -> Reward:
-    """harmless: the shipped head; harmless:PATH: a head trained with `decalign train-reward`."""
+    """harmless: the shipped reward; harmless:PATH: one trained with `decalign train-reward`, either a
+    fine-tuned cross-encoder (a folder with reward.json) or a probe head (head.safetensors)."""
+    folder = Path(path) if path else WEIGHTS_DIR
+    if (folder / "reward.json").is_file():
+        return CrossEncoderReward(folder, name="harmless" if not path else f"harmless:{path}")
     return HarmlessReward(path=path or None)
 
 

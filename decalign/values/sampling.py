@@ -6,6 +6,7 @@ Lines are written as batches finish, so a killed run resumes where it stopped.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -49,19 +50,46 @@ def read_prompts(path: Path, *, exclude: Path | None = None, limit: int | None =
     return items
 
 
+def rescore_samples(source: Path, reward, items: Sequence[tuple[Any, Any]], out: Path, config: dict, *,
+                    batch_size: int = 32, progress: bool = True) -> int:
+    """Copy the answers another run sampled (same policy and sampling, any reward) into `out`, each
+    scored anew by `reward`: a new reward needs no new sampling. Returns how many prompts were copied."""
+    source_config = source / "config.json"
+    if not (source / "samples.jsonl").is_file() or not source_config.is_file():
+        raise DecalignError(f"--samples-from {source}: no samples.jsonl and config.json there")
+    old = json.loads(source_config.read_text())
+    changed = [k for k in config if k != "reward" and old.get(k) != config[k]]
+    if changed:
+        raise DecalignError(f"--samples-from {source}: its answers were sampled with another {', '.join(changed)}")
+    _, sampled = load_output(source / "samples.jsonl")
+    done, _ = load_output(out)
+    wanted = {i for i, _ in items} - done
+    todo = [r for r in sampled if r["id"] in wanted]
+    with out.open("a", encoding="utf-8") as handle:
+        for start in tqdm(range(0, len(todo), batch_size), unit="batch", desc="rescoring", disable=not progress):
+            chunk = todo[start:start + batch_size]
+            pairs = [(r["prompt"], a["text"]) for r in chunk for a in r["answers"]]
+            scores = iter(reward.score([p for p, _ in pairs], [t for _, t in pairs]))
+            for record in chunk:
+                append_record(handle, {**record, "answers": [{**a, "reward": next(scores)} for a in record["answers"]]})
+    return len(todo)
+
+
 def sample_answers(engine, reward, items: Sequence[tuple[Any, Any]], out: Path, *, n: int, max_new_tokens: int,
-                   temperature: float, top_k: int, seed: int, batch_size: int, progress: bool = True) -> list[dict]:
+                   temperature: float, top_k: int, seed: int, batch_size: int, progress: bool = True,
+                   samples_from: Path | None = None) -> list[dict]:
     """n answers per prompt from the policy, scored by the reward; appended to `out` per batch (resumes).
-    A folder holding samples of another policy, reward or sampling is refused, never mixed in."""
-
-
+    A folder holding samples of another policy, reward or sampling is refused, never mixed in.
+    `samples_from`: a run folder whose answers to these prompts are reused, rescored (`rescore_samples`)."""
     if n < 2:
         raise DecalignError(f"--n must be >= 2 (values are judged within a prompt), got {n}")
     if batch_size < 1:
         raise DecalignError(f"--batch-size must be >= 1, got {batch_size}")
-    check_run_config(out.parent, {"model": engine.name, "adapter": engine.adapter, "reward": reward.name, "n": n,
-                                  "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
-                                  "seed": seed})
+    config = {"model": engine.name, "adapter": engine.adapter, "reward": reward.name, "n": n,
+              "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "seed": seed}
+    check_run_config(out.parent, config)
+    if samples_from is not None:
+        rescore_samples(samples_from, reward, items, out, config, progress=progress)
     done, records = load_output(out)
     pending = [(i, p) for i, p in items if i not in done]
     sampling = Sampling(temperature, top_k=top_k)

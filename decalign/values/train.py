@@ -13,6 +13,7 @@ figures are on prompts the head never saw.
 from __future__ import annotations
 
 import math
+import shutil
 import random
 import statistics
 import time
@@ -28,6 +29,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..engine import get_engine
 from ..errors import DecalignError
+from ..records import load_output
 from ..rewards import Reward, load_reward
 from . import ValueHead, policy_signature, teacher_forced_features
 from .sampling import read_prompts, sample_answers
@@ -281,8 +283,10 @@ def train_value(*, prompts: Path, reward_spec: "str | Reward", out: Path, model:
                 exclude: Path | None = None, limit: int | None = None, offset: int = 0, n: int = 8,
                 max_new_tokens: int = 96, temperature: float = 1.0, top_k: int = 0, seed: int = 0,
                 validation: float = 0.2, batch_size: int = 16, samples: Path | None = None,
-                progress: bool = True, log=print) -> ValueHead:
-    """The whole recipe; samples are kept in `samples` (default OUT/samples.jsonl) so a rerun resumes."""
+                samples_from: Path | None = None, progress: bool = True, log=print) -> ValueHead:
+    """The whole recipe; samples are kept in `samples` (default OUT/samples.jsonl) so a rerun resumes.
+    `samples_from`: another run's folder whose answers are reused, rescored by this reward (and its
+    teacher-forced features too, which depend on the answers' tokens only, when it used the same prompts)."""
 
     if not 0 < validation < 1:
         raise DecalignError(f"--validation must be in (0, 1), got {validation}")
@@ -293,14 +297,22 @@ def train_value(*, prompts: Path, reward_spec: "str | Reward", out: Path, model:
     started = time.perf_counter()
     records = sample_answers(engine, reward, items, samples, n=n, max_new_tokens=max_new_tokens,
                              temperature=temperature, top_k=top_k, seed=seed, batch_size=batch_size,
-                             progress=progress)
+                             progress=progress, samples_from=samples_from)
     subsets = layer_sets(candidate_layers(engine.num_layers))
     layers = sorted({layer for s in subsets for layer in s})
     cached = out / "features.safetensors"
+    if samples_from is not None and not cached.exists() and (samples_from / cached.name).is_file():
+        _, source = load_output(samples_from / "samples.jsonl")
+        if [r["id"] for r in source] == [r["id"] for r in records]:  # the same answers in the same order
+            shutil.copyfile(samples_from / cached.name, cached)
     table = PrefixTable.load(cached, layers, len(records))
     if table is None:
         table = featurize(engine, records, layers, progress=progress)
         table.save(cached, len(records))
+    # the targets are read from the samples, not the cache: a cache copied from another reward's run
+    # holds that reward's scores
+    finals = [a["reward"] for r in records for a in r["answers"]]
+    table.target = torch.tensor([finals[a] for a in table.answer], dtype=torch.float64)
     train, val = split_prompts(len(records), validation, seed)
     chosen, weight, bias, trials = select_and_fit(table, train, val, subsets, log=log)
     card = {
