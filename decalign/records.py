@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import platform
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -12,6 +14,16 @@ import transformers
 
 from . import __version__
 from .errors import DecalignError
+
+
+def prompt_key(prompt: Any) -> str:
+    """The first user turn, stripped: how prompts are matched across files (--exclude, and the prompt splits of training)."""
+    if isinstance(prompt, str):
+        return prompt.strip()
+    for message in prompt:
+        if message.get("role") == "user":
+            return str(message.get("content", "")).strip()
+    return str(prompt[0].get("content", "")).strip()
 
 
 def json_objects(path: Path, what: str = "input file") -> Iterator[tuple[int, dict]]:
@@ -99,3 +111,17 @@ def environment(engine) -> str:
     """The first words of a run's header: versions, machine, threads and model, to read figures by."""
     return (f"decalign {__version__} · torch {torch.__version__} · transformers {transformers.__version__} · "
             f"{platform.machine()} {torch.get_num_threads()} threads · model {engine.name}")
+
+
+@contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """An empty folder beside `out` to write a trained model into. When the block ends well it takes
+    `out`'s place; when it fails it is removed and `out`, if any, is left as it was."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}-", dir=out.parent) as work:
+        staging = Path(work) / "new"
+        staging.mkdir()
+        yield staging
+        if out.exists():
+            out.rename(Path(work) / "old")  # deleted with the temporary folder
+        staging.rename(out)

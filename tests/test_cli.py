@@ -137,7 +137,7 @@ def test_train_reward_then_score_with_the_trained_head(tmp_path):
     write_lines(pairs, [json.dumps({"messages": [{"role": "user", "content": f"How do I harm person {i}?"}],
                                     "chosen": polite[i % 4], "rejected": harmful[(i + 1) % 4]}) for i in range(40)])
     head = tmp_path / "head"
-    proc = run("train-reward", str(pairs), "-o", str(head), "--method", "probe")
+    proc = run("train-reward", str(pairs), "-o", str(head))
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["heldout_pairs"] == 8 and report["heldout_accuracy"] >= 0.75
@@ -150,3 +150,6 @@ def test_train_reward_then_score_with_the_trained_head(tmp_path):
     safe, unsafe = (r["score"] for r in read_records(out))
     assert safe > unsafe
     assert_one_line_error(run("train-reward", str(tmp_path / "missing.jsonl"), "-o", str(head)), "does not exist")
+    assert_one_line_error(run("train-reward", str(pairs), "-o", str(tmp_path / "ce"), "--method", "lora",
+                              "--validation", "0"), "validation must be above 0")
+    assert (head / "head.safetensors").is_file() and not (tmp_path / "ce").exists()

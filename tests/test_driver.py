@@ -118,3 +118,38 @@ def test_a_failing_method_leaves_alone(engine):
     assert methods[0].results[0].tokens == run(good)[0].tokens
     with pytest.raises(DecalignError, match="scorer down"):
         run_together([good, bad])
+
+
+def test_a_join_that_fails_is_retried_without_asking_methods_again(engine, requests, monkeypatch):
+    """When a group's prompts cannot join the batch, the scheduler retries each method alone: the
+    retry reuses the batch prompts the method already made (making them may load adapters)."""
+    from decalign.api import start
+    from decalign.engine.batch import Batch
+    from decalign.methods import Driver
+
+    driver = Driver(engine)
+    first = start(requests[0])
+    driver.add([first])
+    driver.step()
+    methods = [start(request) for request in requests[1:3]]
+    asked = {id(m): 0 for m in methods}
+    for method in methods:
+        made = method.batch_prompts
+
+        def counted(made=made, method=method):
+            asked[id(method)] += 1
+            return made()
+
+        method.batch_prompts = counted
+    admit = Batch.admit
+    monkeypatch.setattr(Batch, "admit", lambda self, prompts: (_ for _ in ()).throw(RuntimeError("no room")))
+    with pytest.raises(RuntimeError, match="no room"):
+        driver.add(methods)
+    monkeypatch.setattr(Batch, "admit", admit)
+    for method in methods:
+        driver.add([method])
+    assert list(asked.values()) == [1, 1]
+    while driver.live:
+        driver.step()
+    for method, request in zip(methods, requests[1:3]):
+        assert [r.tokens for r in method.results] == [r.tokens for r in run(request)]

@@ -46,16 +46,26 @@ def trained(tmp_path_factory):
 
 def test_lora_reward_learns_the_preference_and_reloads_as_harmless_path(trained):
     from decalign.rewards import load_reward
-    from decalign.rewards.cross_encoder_training import read_pairs, split_by_prompt
+    from decalign.rewards.harmless_training import read_pairs, split_by_prompt
+
+    import torch
+
+    from decalign.rewards.cross_encoder import PairEncoder, base_model
+    from decalign.rewards.cross_encoder_training import pair_accuracy
 
     pairs, out, report = trained
     assert report["heldout_pairs"] == 12 and report["heldout_accuracy"] >= 0.9, report
+    torch.manual_seed(0)  # the untrained model training started from does not know the preference
+    model, tokenizer = base_model()
+    rows = read_pairs(pairs)
+    _, _, held = split_by_prompt(rows, 0.25, 0.2, 0)
+    assert pair_accuracy(model.eval(), PairEncoder(tokenizer), [rows[i] for i in held]) < 0.75
+    card = (out / "MODEL_CARD.md").read_text()
+    assert f"held-out (never used for a choice): {report['heldout_accuracy']:.3f}" in card
     assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
     assert os.path.getsize(out / "adapter_model.safetensors") < 5e6  # an adapter, not a model
     # the folder loads like any reward, and its held-out accuracy is the one the report states
     reward = load_reward(f"harmless:{out}")
-    rows = read_pairs(pairs)
-    _, _, held = split_by_prompt(rows, 0.25, 0.2, 0)
     chosen = reward.score([rows[i]["prompt"] for i in held], [rows[i]["chosen"] for i in held])
     rejected = reward.score([rows[i]["prompt"] for i in held], [rows[i]["rejected"] for i in held])
     assert sum(c > r for c, r in zip(chosen, rejected)) / len(held) == pytest.approx(report["heldout_accuracy"], abs=1e-3)
@@ -66,7 +76,7 @@ def test_lora_reward_learns_the_preference_and_reloads_as_harmless_path(trained)
 
 
 def test_split_keeps_each_prompt_on_one_side():
-    from decalign.rewards.cross_encoder_training import split_by_prompt
+    from decalign.rewards.harmless_training import split_by_prompt
 
     rows = [{"prompt": [{"role": "user", "content": f"q{i % 30}"}, {"role": "assistant", "content": "a"},
                         {"role": "user", "content": f"follow-up {i}"}]} for i in range(90)]
@@ -106,7 +116,7 @@ def test_bad_pairs_and_options_get_one_line_errors(tmp_path):
     good = json.dumps({"messages": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b"})
     bad.write_text(good + "\n" + json.dumps({"messages": [{"role": "user", "content": "hi"}], "chosen": " ",
                                              "rejected": "b"}) + "\n")
-    with pytest.raises(DecalignError, match=r"line 2: empty chosen"):
+    with pytest.raises(DecalignError, match=r"line 2: empty chosen answer"):
         train_reward_model(bad, tmp_path / "out")
     bad.write_text(good + "\n" + json.dumps({"messages": [], "chosen": "a", "rejected": "b"}) + "\n")
     with pytest.raises(DecalignError, match=r"line 2: empty prompt"):

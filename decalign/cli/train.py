@@ -17,9 +17,10 @@ from ..rewards.harmless_training import train_reward as train_reward_head
 @click.command("train-reward")
 @click.argument("pairs", metavar="PAIRS.jsonl", type=click.Path(dir_okay=False))
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Folder for the trained reward.")
-@click.option("--method", type=click.Choice(["probe", "lora", "full"]), default="lora", show_default=True,
-              help="probe: a linear head on frozen MiniLM embeddings; lora / full: MiniLM fine-tuned end to end "
-                   "as a cross-encoder (TRL RewardTrainer; LoRA adapters or every weight but the embeddings).")
+@click.option("--method", type=click.Choice(["probe", "lora", "full"]), default="probe", show_default=True,
+              help="probe: a linear head on frozen MiniLM embeddings (the best on ~1.5k pairs, see docs/rewards.md); "
+                   "lora / full: MiniLM fine-tuned end to end as a cross-encoder with TRL's RewardTrainer "
+                   "(LoRA adapters, or every weight but the embeddings).")
 @click.option("--holdout", default=0.2, show_default=True, type=float,
               help="Share of pairs (split by prompt) kept aside and only measured at the end.")
 @click.option("--validation", default=0.12, show_default=True, type=float,
@@ -29,17 +30,21 @@ from ..rewards.harmless_training import train_reward as train_reward_head
 @click.option("--rank", default=16, show_default=True, type=int, help="lora: adapter rank (alpha = 2 x rank).")
 @click.option("--batch-size", default=16, show_default=True, type=int, help="lora/full: pairs per step.")
 @click.option("--seed", default=0, show_default=True, type=int)
-def train_reward(pairs, output, method, holdout, validation, epochs, lr, rank, batch_size, seed):
+@click.option("--allow-empty-answers", is_flag=True,
+              help="Accept pairs with an empty answer (HH-RLHF has some: raters preferred saying nothing).")
+def train_reward(pairs, output, method, holdout, validation, epochs, lr, rank, batch_size, seed, allow_empty_answers):
     """Train a reward on {messages, chosen, rejected} pairs; score with it as harmless:OUTPUT."""
     if not 0 < holdout < 1:
         raise DecalignError(f"--holdout must be between 0 and 1, got {holdout}")
     quiet_transformers()
     progress = sys.stderr.isatty()
     if method == "probe":
-        report = train_reward_head(pairs, output, holdout=holdout, seed=seed, progress=progress)
+        report = train_reward_head(pairs, output, holdout=holdout, seed=seed, progress=progress,
+                                   allow_empty_answers=allow_empty_answers)
     else:
         report = train_reward_model(pairs, output, method=method, holdout=holdout, validation=validation, seed=seed,
-                                    epochs=epochs, lr=lr, rank=rank, batch_size=batch_size, progress=progress)
+                                    epochs=epochs, lr=lr, rank=rank, batch_size=batch_size, progress=progress,
+                                    allow_empty_answers=allow_empty_answers)
     click.echo(json.dumps({k: v for k, v in report.items() if not isinstance(v, (list, dict))}, indent=2))
     click.echo(f"held-out pairwise accuracy {report['heldout_accuracy']:.3f} on {report['heldout_pairs']} pairs; "
                f"reward and model card in {output} (use it as harmless:{output})", err=True)

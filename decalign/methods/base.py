@@ -400,17 +400,25 @@ class Driver:
         self.live: list[Method] = []
         self.failed: dict[Method, Exception] = {}
         self._closed: set[Method] = set()
+        self._planned: dict[Method, list[BatchPrompt]] = {}  # batch prompts of methods that failed to join
 
     def add(self, methods: Sequence[Method]) -> None:
-        """Start methods: their rows take part from the next step on."""
-        wanted = [m.batch_prompts() for m in methods]
+        """Start methods: their rows take part from the next step on. If their prompts cannot join,
+        nothing changes and a later `add` of the same methods reuses their batch prompts (asking a
+        method twice could, e.g., load its adapters twice)."""
+        wanted = [self._planned.pop(m) if m in self._planned else m.batch_prompts() for m in methods]
         prompts = [prompt for batch_prompts in wanted for prompt in batch_prompts]
-        if self.batch is None:
-            batch, first_row, self.owners = self.engine.open(prompts), 0, []
-            batch.on_token = lambda row, _: _stream(self.owners[batch.prompt_of[row]], batch, row)
-            self.batch = batch
-        else:
-            first_row = self.batch.admit(prompts)
+        try:
+            if self.batch is None:
+                batch, first_row = self.engine.open(prompts), 0
+                self.owners = []
+                batch.on_token = lambda row, _: _stream(self.owners[batch.prompt_of[row]], batch, row)
+                self.batch = batch
+            else:
+                first_row = self.batch.admit(prompts)
+        except BaseException:
+            self._planned.update(zip(methods, wanted))
+            raise
         if self.batch.cancelled is None and any(m.job.cancelled is not None for m in methods):
             # asked per row at every step, so only once some method can be cancelled
             self.batch.cancelled = lambda q: self.owners[q].cancelled(q - self.owners[q].job.prompt_base)
@@ -465,6 +473,7 @@ class Driver:
 
     def release(self, method: Method) -> None:
         """Close a method once (it frees what it took, e.g. a loaded adapter)."""
+        self._planned.pop(method, None)
         if method not in self._closed:
             self._closed.add(method)
             method.close()

@@ -10,10 +10,9 @@ keeps the answer, a model card, and a folder written only once training succeede
 from __future__ import annotations
 
 import json
-import random
 import shutil
-import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -21,33 +20,12 @@ import torch
 
 from ..errors import DecalignError
 from .cross_encoder import ANSWER_BUDGET, FORMAT, MAX_LENGTH, PairEncoder, base_model, load_model, score_ids
-from .harmless_training import read_pairs
+from ..records import staged_folder
+from .harmless_training import read_pairs, split_by_prompt
 
 METHODS = ("lora", "full")
 DEFAULT_LR = {"lora": 5e-4, "full": 5e-5}
 LORA_TARGETS = ["query", "key", "value", "dense"]  # attention, MLP and output projections of every layer
-
-
-def prompt_key(prompt) -> str:
-    """Pairs that share their first user turn share a prompt: they fall on the same side of every split."""
-    if isinstance(prompt, str):
-        return prompt.strip()
-    users = [m.get("content") or "" for m in prompt if m.get("role") == "user"]
-    return (users[0] if users else json.dumps(prompt, sort_keys=True)).strip()
-
-
-def split_by_prompt(rows: Sequence[dict], holdout: float, validation: float, seed: int) -> tuple[list, list, list]:
-    """(train, validation, held-out) pair indices: prompts shuffled by `seed`, then dealt in that order."""
-    groups: dict[str, list[int]] = {}
-    for i, row in enumerate(rows):
-        groups.setdefault(prompt_key(row["prompt"]), []).append(i)
-    keys = sorted(groups)
-    random.Random(seed).shuffle(keys)
-    held, val, train = [], [], []
-    for key in keys:
-        target = held if len(held) < holdout * len(rows) else val if len(val) < validation * len(rows) else train
-        target.extend(groups[key])
-    return train, val, held
 
 
 def pair_accuracy(model, encode: PairEncoder, rows: Sequence[dict]) -> float:
@@ -55,6 +33,31 @@ def pair_accuracy(model, encode: PairEncoder, rows: Sequence[dict]) -> float:
     rejected = encode([r["prompt"] for r in rows], [r["rejected"] for r in rows])
     scores = score_ids(model, chosen + rejected, encode.pad)
     return float((scores[:len(rows)] > scores[len(rows):]).float().mean()) if rows else float("nan")
+
+
+def model_card(report: dict) -> str:
+    """The card written beside a fine-tuned reward: what it reads, how it was trained, what it scored."""
+    curve = ", ".join(f"{h['epoch']:g}: {h['validation_accuracy']:.3f}" for h in report["history"])
+    what = (f"LoRA rank {report['rank']} (alpha {2 * report['rank']}) on {', '.join(LORA_TARGETS)}, score head in full"
+            if report["method"] == "lora" else "every weight but the embeddings")
+    return f"""# Fine-tuned reward ({report['method']})
+
+A Bradley-Terry reward: {report['base']} read as a cross-encoder, "[CLS] conversation end [SEP] answer
+[SEP]" ({report['max_length']} tokens at most, the answer's first {report['answer_budget']} kept), and a scalar head.
+Higher scores mean the preferred answer. Load it with `--reward harmless:PATH`.
+
+## Training
+TRL RewardTrainer, {what}; learning rate {report['lr']:g}, batch {report['batch_size']} pairs, at most
+{report['epochs']:g} epochs, seed {report['seed']}; the checkpoint with the best validation accuracy is kept
+(step {report['best_step']}). Data: {report['data']}, {report['pairs']} pairs split by prompt into
+{report['train_pairs']} training, {report['validation_pairs']} validation and {report['heldout_pairs']} held-out pairs.
+Validation accuracy by epoch: {curve}. Training took {report['train_seconds'] / 60:.1f} minutes.
+
+## Results (pairwise accuracy, this folder as loaded)
+- held-out (never used for a choice): {report['heldout_accuracy']:.3f}
+- validation (picked the checkpoint): {report['validation_accuracy']:.3f}
+- train (first 400 pairs): {report['train_accuracy']:.3f}
+"""
 
 
 def train_reward_model(
@@ -72,6 +75,7 @@ def train_reward_model(
     evals_per_epoch: int = 2,
     patience: int = 3,
     progress: bool = True,
+    allow_empty_answers: bool = False,
 ) -> dict:
     """Fine-tune all-MiniLM-L6-v2 as a Bradley-Terry reward on a pairs JSONL; write it to `out_dir`.
 
@@ -98,7 +102,7 @@ def train_reward_model(
         raise DecalignError("validation must be above 0: it picks the checkpoint")
     if epochs <= 0 or batch_size < 1 or rank < 1:
         raise DecalignError("epochs must be above 0, batch_size and rank at least 1")
-    rows = read_pairs(pairs_path)
+    rows = read_pairs(pairs_path, allow_empty_answers=allow_empty_answers)
     train_idx, val_idx, held_idx = split_by_prompt(rows, holdout, validation, seed)
     if len(train_idx) < 2 or not val_idx:
         raise DecalignError(f"{len(rows)} pairs leave too few for training and validation at "
@@ -131,10 +135,10 @@ def train_reward_model(
 
     steps_per_epoch = -(-len(train_idx) // batch_size)
     eval_every = max(1, steps_per_epoch // evals_per_epoch)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}-", dir=out.parent) as work:
+    with staged_folder(out) as staging:  # an interrupted run leaves the previous reward
+        checkpoints = staging.parent / "checkpoints"
         args = RewardConfig(
-            output_dir=str(Path(work) / "checkpoints"), learning_rate=lr, num_train_epochs=epochs,
+            output_dir=str(checkpoints), learning_rate=lr, num_train_epochs=epochs,
             per_device_train_batch_size=batch_size, per_device_eval_batch_size=64, warmup_steps=0.1,
             weight_decay=0.01, max_grad_norm=1.0, eval_strategy="steps", eval_steps=eval_every,
             save_strategy="steps", save_steps=eval_every, save_total_limit=1, load_best_model_at_end=True,
@@ -147,17 +151,17 @@ def train_reward_model(
         trainer = RewardTrainer(model=model, args=args, train_dataset=dataset(train_idx),
                                 eval_dataset=dataset(val_idx, by_length=True), processing_class=tokenizer, peft_config=peft_config,
                                 callbacks=[EarlyStoppingCallback(early_stopping_patience=patience)])
-        trainer.train()
+        with warnings.catch_warnings():  # TRL's config still sets transformers' renamed checkpointing flags
+            warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
+            trainer.train()
         history = [{"step": e["step"], "epoch": round(e["epoch"], 2), "validation_accuracy": round(e["eval_accuracy"], 4)}
                    for e in trainer.state.log_history if "eval_accuracy" in e]
-        staging = Path(work) / "model"
         trained = trainer.model
         if method == "lora":
             trained.save_pretrained(str(staging))
         else:
             from safetensors.torch import save_file
 
-            staging.mkdir()
             save_file({k: v.contiguous() for k, v in trained.state_dict().items() if "embeddings" not in k},
                       str(staging / "model.safetensors"))
         train_seconds = time.perf_counter() - started
@@ -175,9 +179,6 @@ def train_reward_model(
         for label, indices in (("train", train_idx[:400]), ("validation", val_idx), ("heldout", held_idx)):
             report[f"{label}_accuracy"] = round(pair_accuracy(scorer, encode, [rows[i] for i in indices]), 4)
         (staging / "reward.json").write_text(json.dumps(report, indent=2) + "\n")
-        shutil.rmtree(Path(work) / "checkpoints", ignore_errors=True)
-        if out.exists():
-            old = Path(work) / "previous"
-            out.rename(old)  # swapped out only now, when the new one is complete
-        staging.rename(out)
+        (staging / "MODEL_CARD.md").write_text(model_card(report))
+        shutil.rmtree(checkpoints, ignore_errors=True)
     return report

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..errors import DecalignError
-from ..records import json_objects
+from ..records import json_objects, prompt_key, staged_folder
 from .base import Prompt
 from .harmless import (ANSWER_BUDGET, FEATURES, MAX_LENGTH, Embedder, HarmlessReward, build_head, features,
                        get_embedder, word_prefix)
@@ -32,8 +32,9 @@ L2_GRID = (0.001, 0.003, 0.01, 0.03, 0.1)
 EMPTY_ANCHOR = 0.5
 
 
-def read_pairs(pairs_path: str | os.PathLike) -> list[dict]:
-    """Rows {"messages"|"prompt", "chosen", "rejected"} of a JSONL pairs file, checked line by line."""
+def read_pairs(pairs_path: str | os.PathLike, *, allow_empty_answers: bool = False) -> list[dict]:
+    """Rows {"messages"|"prompt", "chosen", "rejected"} of a JSONL pairs file, checked line by line.
+    An empty answer is refused unless `allow_empty_answers` (raters may prefer silence to harm)."""
     path = Path(pairs_path)
     rows = []
     for number, row in json_objects(path, "pairs file"):
@@ -49,16 +50,32 @@ def read_pairs(pairs_path: str | os.PathLike) -> list[dict]:
             raise DecalignError(f"{path} line {number}: messages must be a list of {{role, content}} or a prompt string")
         if not isinstance(row["chosen"], str) or not isinstance(row["rejected"], str):
             raise DecalignError(f"{path} line {number}: chosen and rejected must be strings")
+        if not (prompt.strip() if isinstance(prompt, str) else prompt):
+            raise DecalignError(f"{path} line {number}: empty prompt")
         empty = [k for k in ("chosen", "rejected") if not row[k].strip()]
-        if empty or not (prompt.strip() if isinstance(prompt, str) else prompt):
-            raise DecalignError(f"{path} line {number}: empty {' and '.join(empty) or 'prompt'}; every pair needs "
-                                f"a prompt and two non-empty answers")
+        if empty and not allow_empty_answers:
+            raise DecalignError(f"{path} line {number}: empty {' and '.join(empty)} answer (if saying nothing is "
+                                f"meant as an answer, as in HH-RLHF, pass --allow-empty-answers)")
         rows.append({"prompt": prompt, "chosen": row["chosen"], "rejected": row["rejected"]})
     if not rows:
         raise DecalignError(f"pairs file {path} is empty")
     if len(rows) < 4:
         raise DecalignError(f"pairs file {path} has {len(rows)} pairs; training needs at least 4")
     return rows
+
+
+def split_by_prompt(rows: Sequence[dict], holdout: float, validation: float, seed: int) -> tuple[list, list, list]:
+    """(train, validation, held-out) pair indices: prompts shuffled by `seed`, then dealt in that order."""
+    groups: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(prompt_key(row["prompt"]), []).append(i)
+    keys = sorted(groups)
+    random.Random(seed).shuffle(keys)
+    held, val, train = [], [], []
+    for key in keys:
+        target = held if len(held) < holdout * len(rows) else val if len(val) < validation * len(rows) else train
+        target.extend(groups[key])
+    return train, val, held
 
 
 def prefix_pairs(rows: Sequence[dict], fractions: Sequence[float] = PREFIX_FRACTIONS) -> list[dict]:
@@ -151,6 +168,7 @@ def train_reward(
     empty_anchor: float = EMPTY_ANCHOR,
     measure: bool = True,
     progress: bool = True,
+    allow_empty_answers: bool = False,
 ) -> dict:
     """Train a harmlessness head on a pairs JSONL and save it (head.safetensors, config.json, MODEL_CARD.md).
 
@@ -174,11 +192,9 @@ def train_reward(
     fractions = sorted({float(f) for f in prefix_fractions})
     if any(not 0.0 < f < 1.0 for f in fractions):
         raise DecalignError(f"prefix fractions must be in (0, 1), got {list(prefix_fractions)}")
-    rows = read_pairs(pairs_path)
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    n_held = int(round(len(rows) * holdout))
-    held_idx, train_idx = order[:n_held], order[n_held:]
+    rows = read_pairs(pairs_path, allow_empty_answers=allow_empty_answers)
+    train_idx, _, held_idx = split_by_prompt(rows, holdout, 0.0, seed)
+    n_held = len(held_idx)
     if len(train_idx) < 2:
         raise DecalignError(f"only {len(train_idx)} training pairs left after holdout={holdout}")
 
@@ -251,7 +267,6 @@ def train_reward(
             heldout_by_fraction[f] = _accuracy(head, xc[k], xr[k])
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     config = {
         "architecture": "linear" if hidden <= 0 else "mlp-gelu",
         "input_dim": int(xc.shape[1]),
@@ -276,29 +291,30 @@ def train_reward(
         "heldout_accuracy": None if n_held == 0 else round(heldout_accuracy, 4),
         "heldout_prefix_accuracy": None if n_held == 0 else round(heldout_prefix_accuracy, 4),
     }
-    written = [out / "head.safetensors", out / "config.json", out / "MODEL_CARD.md"]
-    save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(written[0]))
-    written[1].write_text(json.dumps(config, indent=2) + "\n")
-    os.chmod(written[0], 0o644)  # safetensors writes 0600; the head is meant to be shared
-    os.chmod(written[1], 0o644)
-    report = {
-        "train_pairs": len(train_idx),
-        "heldout_pairs": len(held_idx),
-        "prefix_pairs": len(prefixes),
-        "train_accuracy": train_accuracy,
-        "heldout_accuracy": heldout_accuracy,
-        "train_prefix_accuracy": train_prefix_accuracy,
-        "heldout_prefix_accuracy": heldout_prefix_accuracy,
-        "heldout_prefix_accuracy_by_fraction": heldout_by_fraction,
-        "l2": best_l2,
-        "cv": cv,
-        "embed_seconds": embed_seconds,
-        "seconds": time.perf_counter() - start,
-        "out_dir": str(out),
-    }
-    reward = HarmlessReward(path=out)
-    report["examples"] = example_scores(reward)
-    report["speed"] = measure_speed(reward) if measure else None
-    written[2].write_text(model_card(Path(pairs_path), config, report, len(rows)))
-    os.chmod(written[2], 0o644)
+    with staged_folder(out) as staging:  # an interrupted run leaves the previous head
+        written = [staging / "head.safetensors", staging / "config.json", staging / "MODEL_CARD.md"]
+        save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(written[0]))
+        written[1].write_text(json.dumps(config, indent=2) + "\n")
+        os.chmod(written[0], 0o644)  # safetensors writes 0600; the head is meant to be shared
+        os.chmod(written[1], 0o644)
+        report = {
+            "train_pairs": len(train_idx),
+            "heldout_pairs": len(held_idx),
+            "prefix_pairs": len(prefixes),
+            "train_accuracy": train_accuracy,
+            "heldout_accuracy": heldout_accuracy,
+            "train_prefix_accuracy": train_prefix_accuracy,
+            "heldout_prefix_accuracy": heldout_prefix_accuracy,
+            "heldout_prefix_accuracy_by_fraction": heldout_by_fraction,
+            "l2": best_l2,
+            "cv": cv,
+            "embed_seconds": embed_seconds,
+            "seconds": time.perf_counter() - start,
+            "out_dir": str(out),
+        }
+        reward = HarmlessReward(path=staging)
+        report["examples"] = example_scores(reward)
+        report["speed"] = measure_speed(reward) if measure else None
+        written[2].write_text(model_card(Path(pairs_path), config, report, len(rows)))
+        os.chmod(written[2], 0o644)
     return report

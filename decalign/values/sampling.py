@@ -13,18 +13,8 @@ from typing import Any, Sequence
 from tqdm import tqdm
 
 from ..errors import DecalignError
-from ..records import append_record, check_run_config, load_output, read_records
+from ..records import append_record, check_run_config, load_output, prompt_key, read_records
 from ..sampling import Sampling, derive_seed
-
-
-def prompt_key(prompt: Any) -> str:
-    """The first user turn, stripped: how prompts are matched across files (--exclude)."""
-    if isinstance(prompt, str):
-        return prompt.strip()
-    for message in prompt:
-        if message.get("role") == "user":
-            return str(message.get("content", "")).strip()
-    return str(prompt[0].get("content", "")).strip()
 
 
 def read_prompts(path: Path, *, exclude: Path | None = None, limit: int | None = None,
