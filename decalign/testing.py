@@ -119,3 +119,21 @@ def make_tiny_adapter(model_path: str | Path, out: str | Path, *, seed: int = 0,
                 param.normal_(0, 0.5)
     peft_model.save_pretrained(out)
     return Path(out)
+
+
+def crash_once_reward(prompts, responses):
+    """A reward for fault-tolerance tests (`python:decalign.testing:crash_once_reward`): the first
+    process to score a prompt holding "CRASH:<path>" creates <path> and dies at once, as a worker
+    killed mid-batch would; every later call scores answers by their length."""
+    import os
+
+    for prompt in prompts:
+        text = prompt if isinstance(prompt, str) else " ".join(m.get("content", "") for m in prompt)
+        if "CRASH:" in text:
+            marker = Path(text.split("CRASH:", 1)[1].split()[0])
+            try:
+                marker.touch(exist_ok=False)
+            except FileExistsError:
+                continue
+            os._exit(1)
+    return [float(len(r)) for r in responses]

@@ -44,9 +44,13 @@ from ..request import Request
               help="JSONL to append results to (with --input); a rerun resumes.")
 @click.option("--batch-size", default=8, show_default=True, type=int, help="Prompts decoded together.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model's own code (off by default).")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="With --input: run the job on Ray Data, an actor pool of engines (pip install 'decalign[ray]').")
+@click.option("--replicas", default=2, show_default=True, type=int, help="With --ray: engines in the actor pool.")
+@click.option("--ray-address", default=None, help="With --ray: an existing cluster [default: start a local one].")
 def generate(prompt, method, model, adapter, reward, max_new_tokens, min_new_tokens, temperature, top_k, top_p, n,
              cold_alpha, cold_beta, params, seed, system, stop, raw, as_json, input_path, output_path, batch_size,
-             trust_remote_code):
+             trust_remote_code, use_ray, replicas, ray_address):
     """Answer PROMPT (or every record of --input) with an aligned decoding method."""
     method_params: dict[str, Any] = parse_options(params, what="--param", example="--param NAME=VALUE", strip=True)
     for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("n", n),
@@ -65,8 +69,15 @@ def generate(prompt, method, model, adapter, reward, max_new_tokens, min_new_tok
     if input_path is not None:
         if output_path is None:
             raise DecalignError("--input needs --output (results are appended there as they finish)")
-        run_batch(Path(input_path), Path(output_path), request)
+        if use_ray:
+            from ..ray_job import run_batch_ray
+
+            run_batch_ray(Path(input_path), Path(output_path), request, replicas=replicas, address=ray_address)
+        else:
+            run_batch(Path(input_path), Path(output_path), request)
         return
+    if use_ray:
+        raise DecalignError("--ray goes with --input (a batch job)")
     result = api.run(request.with_prompts(prompt, seed))[0]
     if as_json:
         click.echo(json.dumps(result.to_dict(), ensure_ascii=False))

@@ -137,22 +137,22 @@ def train_reward_model(
     eval_every = max(1, steps_per_epoch // evals_per_epoch)
     with staged_folder(out) as staging:  # an interrupted run leaves the previous reward
         checkpoints = staging.parent / "checkpoints"
-        args = RewardConfig(
-            output_dir=str(checkpoints), learning_rate=lr, num_train_epochs=epochs,
-            per_device_train_batch_size=batch_size, per_device_eval_batch_size=64, warmup_steps=0.1,
-            weight_decay=0.01, max_grad_norm=1.0, eval_strategy="steps", eval_steps=eval_every,
-            save_strategy="steps", save_steps=eval_every, save_total_limit=1, load_best_model_at_end=True,
-            metric_for_best_model="accuracy", greater_is_better=True, logging_steps=eval_every, seed=seed,
-            report_to=[], disable_tqdm=not progress, use_cpu=True, max_length=MAX_LENGTH, dataloader_num_workers=0,
-            center_rewards_coefficient=0.01,
-            # batches of like lengths: padding to 256 tokens would double the cost on a CPU
-            train_sampling_strategy="group_by_length", length_column_name="length", remove_unused_columns=False,
-        )
-        trainer = RewardTrainer(model=model, args=args, train_dataset=dataset(train_idx),
-                                eval_dataset=dataset(val_idx, by_length=True), processing_class=tokenizer, peft_config=peft_config,
-                                callbacks=[EarlyStoppingCallback(early_stopping_patience=patience)])
-        with warnings.catch_warnings():  # TRL's config still sets transformers' renamed checkpointing flags
+        with warnings.catch_warnings():  # TRL still sets transformers' renamed checkpointing flags
             warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
+            args = RewardConfig(
+                output_dir=str(checkpoints), learning_rate=lr, num_train_epochs=epochs,
+                per_device_train_batch_size=batch_size, per_device_eval_batch_size=64, warmup_steps=0.1,
+                weight_decay=0.01, max_grad_norm=1.0, eval_strategy="steps", eval_steps=eval_every,
+                save_strategy="steps", save_steps=eval_every, save_total_limit=1, load_best_model_at_end=True,
+                metric_for_best_model="accuracy", greater_is_better=True, logging_steps=eval_every, seed=seed,
+                report_to=[], disable_tqdm=not progress, use_cpu=True, max_length=MAX_LENGTH, dataloader_num_workers=0,
+                center_rewards_coefficient=0.01,
+                # batches of like lengths: padding to 256 tokens would double the cost on a CPU
+                train_sampling_strategy="group_by_length", length_column_name="length", remove_unused_columns=False,
+            )
+            trainer = RewardTrainer(model=model, args=args, train_dataset=dataset(train_idx),
+                                    eval_dataset=dataset(val_idx, by_length=True), processing_class=tokenizer, peft_config=peft_config,
+                                    callbacks=[EarlyStoppingCallback(early_stopping_patience=patience)])
             trainer.train()
         history = [{"step": e["step"], "epoch": round(e["epoch"], 2), "validation_accuracy": round(e["eval_accuracy"], 4)}
                    for e in trainer.state.log_history if "eval_accuracy" in e]

@@ -1,0 +1,135 @@
+"""`decalign generate --input --output --ray`: the resumable batch job of `batch_job.run_batch`, run on
+Ray Data so that it scales from a laptop to a cluster.
+
+The pending records become a Ray Dataset; `map_batches` sends them through a pool of actors, each
+holding one loaded engine, and this process appends each answered record to the output as it streams
+back. So the guarantees of the single-process job hold: ids already in the output are skipped, a
+killed job loses only the batches in flight, and each record's seed derives from the job's seed and
+its id, so it gets the same answer as in one process whichever replica and batch it lands in. An
+actor that dies is restarted by Ray and its batch retried; a record is written only when its answer
+comes back, so none is written twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from .errors import DecalignError
+from .records import append_record, load_output, read_records
+from .request import Request
+from .sampling import derive_seed
+
+
+class Replica:
+    """One engine in the actor pool: answers batches of records with the job's request."""
+
+    def __init__(self, request: Request, threads: int) -> None:
+        import torch
+
+        from .engine import get_engine
+
+        torch.set_num_threads(max(1, threads))
+        self.request = request
+        self.engine = get_engine(request.model, request.adapter, trust_remote_code=request.trust_remote_code)
+
+    def __call__(self, batch: dict) -> dict:
+        from .api import run
+
+        request, engine = self.request, self.engine
+        ids, prompts, seeds, errors = [], [], [], []
+        for line, record_id, prompt, seed in zip(batch["line"], batch["id"], batch["prompt"], batch["seed"]):
+            prompt = json.loads(prompt)
+            try:
+                length = len(engine.render(prompt, system=request.system, chat=request.chat))
+                if engine.context_length and length >= engine.context_length:
+                    raise DecalignError(f"the prompt has {length} tokens; the model's context is {engine.context_length}")
+            except DecalignError as exc:
+                errors.append((int(line), record_id, str(exc)))
+                continue
+            ids.append(record_id)
+            prompts.append(prompt)
+            seeds.append(int(seed))
+        records, failed = [], []
+        if prompts:
+            results = run(request.with_prompts(prompts, seeds, model=engine, adapter=None))
+            for record_id, prompt, result in zip(ids, prompts, results):
+                key = "prompt" if isinstance(prompt, str) else "messages"
+                records.append(json.dumps({"id": json.loads(record_id), key: prompt, **result.to_dict()},
+                                          ensure_ascii=False))
+                failed.append("")
+        for line, record_id, message in errors:
+            records.append("")
+            failed.append(f"line {line}: {message}")
+        return {"record": records, "error": failed}
+
+
+def _start_ray(address: str | None, replicas: int):
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise DecalignError("--ray needs Ray Data: pip install 'decalign[ray]'") from None
+    if not ray.is_initialized():
+        options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR,
+                                   "configure_logging": True}
+        if address:
+            options["address"] = address
+        else:
+            options["num_cpus"] = os.cpu_count() or replicas
+        ray.init(**options)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # ours counts written records
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    return ray
+
+
+def run_batch_ray(input_path: str | Path, output_path: str | Path, request: Request, *, replicas: int = 2,
+                  address: str | None = None) -> None:
+    """Answer every record of `input_path` like `run_batch`, on `replicas` Ray actors (a local Ray by
+    default, or the cluster at `address`); results are appended to `output_path` as they come back."""
+    if replicas < 1:
+        raise DecalignError(f"--replicas must be >= 1, got {replicas}")
+    input_path, output_path = Path(input_path), Path(output_path)
+    done, _ = load_output(output_path)
+    base_seed = random.randrange(2**62) if request.seed is None else request.seed
+    items, malformed = [], None
+    try:
+        for number, record_id, prompt, _ in read_records(input_path):
+            if record_id not in done:
+                items.append({"line": number, "id": json.dumps(record_id), "prompt": json.dumps(prompt),
+                              "seed": derive_seed(base_seed, record_id)})
+    except DecalignError as exc:  # the records before a malformed line are answered first
+        malformed = exc
+    bar = tqdm(total=len(done) + len(items), initial=len(done), unit="prompt", desc="generate", file=sys.stderr,
+               dynamic_ncols=True, disable=None)
+    refused: list[str] = []
+    if items:
+        ray = _start_ray(address, replicas)
+        cpus = max(1, int(ray.cluster_resources().get("CPU", replicas)) // replicas)
+        dataset = ray.data.from_items(items).map_batches(
+            Replica, fn_constructor_kwargs={"request": request, "threads": cpus}, batch_size=request.batch_size,
+            concurrency=replicas, num_cpus=cpus, batch_format="numpy",
+        )  # Ray Data's actor pools restart a replica that dies and retry its batch (an exception is not retried)
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+        with output_path.open("a", encoding="utf-8") as out:
+            for row in dataset.iter_rows():
+                if row["error"]:
+                    refused.append(str(row["error"]))
+                else:
+                    append_record(out, json.loads(row["record"]))
+                bar.update(1)
+    bar.close()
+    if refused:
+        first = min(refused, key=lambda e: int(e.split()[1].rstrip(":")))
+        raise DecalignError(f"{input_path} {first}" + (f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""))
+    if malformed is not None:
+        raise malformed

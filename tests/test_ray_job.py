@@ -1,0 +1,88 @@
+"""`decalign generate --input --ray`: Ray Data actor pools give the single-process job's answers,
+resume like it, and survive a worker that dies mid-batch without losing or repeating a record."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from decalign.errors import DecalignError
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs pip install 'decalign[ray]'")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=True, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+def write_records(path, prompts):
+    path.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(prompts)))
+    return path
+
+
+def read_by_id(path):
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return {row["id"]: row for row in rows}, len(rows)
+
+
+PROMPTS = ["hi", "The answer is", "bread", "Paris is", "hello there", "The quick brown fox", "Numbers:", "Be kind",
+           "I hate this", "Berlin is", "flour and water", "42"]
+
+
+def request(tiny_path, **kw):
+    from decalign.request import Request
+
+    options = dict(method="bon", params={"n": 2}, model=str(tiny_path), reward="length:target=20", max_new_tokens=8,
+                   seed=5, batch_size=3)
+    return Request.from_options(**{**options, **kw})
+
+
+def test_ray_job_answers_as_the_single_process_job_and_resumes(local_ray, tiny_path, tmp_path):
+    from decalign.batch_job import run_batch
+    from decalign.ray_job import run_batch_ray
+
+    source = write_records(tmp_path / "in.jsonl", PROMPTS)
+    run_batch(source, tmp_path / "one.jsonl", request(tiny_path))
+    # a job killed after 4 records: the rerun on Ray answers only the other 8
+    one, _ = read_by_id(tmp_path / "one.jsonl")
+    (tmp_path / "ray.jsonl").write_text("".join(json.dumps(one[i]) + "\n" for i in range(4)))
+    run_batch_ray(source, tmp_path / "ray.jsonl", request(tiny_path), replicas=2)
+    answers, count = read_by_id(tmp_path / "ray.jsonl")
+    assert count == len(PROMPTS) and sorted(answers) == list(range(len(PROMPTS)))
+    for i in range(len(PROMPTS)):
+        assert answers[i]["tokens"] == one[i]["tokens"] and answers[i]["text"] == one[i]["text"], i
+        assert answers[i]["reward"] == pytest.approx(one[i]["reward"])
+
+
+def test_a_replica_that_dies_mid_batch_is_retried_nothing_lost_or_repeated(local_ray, tiny_path, tmp_path):
+    from decalign.ray_job import run_batch_ray
+
+    prompts = list(PROMPTS)
+    prompts[5] = f"crash here CRASH:{tmp_path / 'crashed'} now"
+    source = write_records(tmp_path / "in.jsonl", prompts)
+    run_batch_ray(source, tmp_path / "out.jsonl", request(tiny_path, reward="python:decalign.testing:crash_once_reward"),
+                  replicas=2)
+    assert (tmp_path / "crashed").exists()  # a replica did die
+    answers, count = read_by_id(tmp_path / "out.jsonl")
+    assert count == len(prompts) and sorted(answers) == list(range(len(prompts)))
+
+
+def test_bad_records_are_named_after_the_others_are_written(local_ray, tiny_path, tmp_path):
+    from decalign.ray_job import run_batch_ray
+
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"id": "a", "prompt": "hi"}) + "\n" + json.dumps({"id": "b", "prompt": "x " * 5000})
+                      + "\n" + json.dumps({"id": "c", "prompt": "bread"}) + "\n{broken\n")
+    with pytest.raises(DecalignError, match=r"line 2: the prompt has \d+ tokens"):
+        run_batch_ray(source, tmp_path / "out.jsonl", request(tiny_path), replicas=1)
+    answers, count = read_by_id(tmp_path / "out.jsonl")
+    assert sorted(answers) == ["a", "c"] and count == 2
+    with pytest.raises(DecalignError, match="--replicas must be >= 1"):
+        run_batch_ray(source, tmp_path / "out.jsonl", request(tiny_path), replicas=0)
