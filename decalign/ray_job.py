@@ -77,7 +77,9 @@ def _start_ray(address: str | None, replicas: int):
         import ray.data
     except ImportError:
         raise DecalignError("--ray needs Ray Data: pip install 'decalign[ray]'") from None
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its notices would interleave with our progress bar
     if not ray.is_initialized():
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # the core's own stderr notices, likewise
         options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR,
                                    "configure_logging": True}
         if address:
@@ -88,7 +90,6 @@ def _start_ray(address: str | None, replicas: int):
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # ours counts written records
     context.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
     return ray
 
 

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import DecalignError
 from .base import Prompt, Reward
-from .harmless import _embedder_folder
+from .harmless import embedder_folder
 
 FORMAT = "decalign-cross-encoder-1"
 MAX_LENGTH = 256
@@ -65,7 +65,7 @@ def base_model(num_labels: int = 1):
 
     from ..logs import quiet_transformers
 
-    folder = _embedder_folder()
+    folder = embedder_folder()
     quiet_transformers()  # the new score head's "newly initialized" notice is expected
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels, dtype=torch.float32,

