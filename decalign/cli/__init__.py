@@ -19,8 +19,15 @@ EXIT_USER_ERROR = 2
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="decalign")
-def cli() -> None:
+@click.option("--device", default=None, metavar="auto|cpu|cuda[:N]",
+              help="Where the policy runs [default: $DECALIGN_DEVICE, else auto: a CUDA GPU when visible].")
+def cli(device: str | None) -> None:
     """decalign: steer what a language model writes at decoding time."""
+    if device is not None:
+        from ..engine.core import pick_device
+
+        pick_device(device)  # a bad name fails here, in one line
+        os.environ["DECALIGN_DEVICE"] = device  # read by every engine this run loads, Ray replicas included
 
 
 COMMANDS = (generate.generate, generate.score, generate.methods, values.train_value, values.value_check, bench.bench,

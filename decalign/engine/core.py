@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from contextlib import AbstractContextManager
 from typing import Sequence
 
@@ -40,10 +41,15 @@ class Engine:
 
     @classmethod
     def load(
-        cls, model: str | None = None, adapter: str | None = None, *, trust_remote_code: bool = False
+        cls, model: str | None = None, adapter: str | None = None, *, trust_remote_code: bool = False,
+        device: str | None = None,
     ) -> "Engine":
-        policy, tokenizer = load_model(model, adapter, trust_remote_code=trust_remote_code)
-        return cls(policy, tokenizer, name=model or DEFAULT_MODEL, adapter=adapter)
+        """Load a policy on `device` (default: $DECALIGN_DEVICE, else "auto": a CUDA GPU when one is
+        visible, else the CPU). On a GPU it runs in bfloat16 where supported; on the CPU in float32."""
+        where = pick_device(device)
+        dtype = "bfloat16" if where.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+        policy, tokenizer = load_model(model, adapter, trust_remote_code=trust_remote_code, dtype=dtype)
+        return cls(policy.to(where), tokenizer, name=model or DEFAULT_MODEL, adapter=adapter)
 
     # ----- text <-> tokens -------------------------------------------------------------------
     def render(self, prompt: Prompt, *, system: str | None = None, chat: bool | None = None) -> list[int]:
@@ -133,6 +139,22 @@ class Engine:
         """Within the block, each row's LoRA output is scaled by its gate (see row_gate)."""
         return self.lora_gate.gated(gate)
 
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """The device a policy runs on: `name`, else $DECALIGN_DEVICE, else "auto" (CUDA when visible)."""
+    name = (name or os.environ.get("DECALIGN_DEVICE") or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DecalignError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DecalignError(f"device {name} asked for, but no CUDA GPU is visible to torch")
+    if device.type not in ("cpu", "cuda"):
+        raise DecalignError(f"device {name}: decalign runs on cpu or cuda")
+    return device
 
 
 def get_engine(model: "str | Engine | None" = None, adapter: str | None = None, *,
