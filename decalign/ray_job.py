@@ -18,7 +18,7 @@ import os
 import random
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from tqdm import tqdm
 
@@ -101,6 +101,56 @@ def _device_options() -> dict:
     return {"runtime_env": {"env_vars": {"DECALIGN_DEVICE": device}}, "num_gpus": 1 if device.startswith("cuda") else 0}
 
 
+def _pool_rows(items: list[dict], replica: type, kwargs: dict, *, replicas: int, address: str | None,
+               batch_size: int) -> Iterator[dict]:
+    """The rows `replica` actors return for `items`, in batches of `batch_size`, as they come back."""
+    ray = _start_ray(address, replicas)
+    cpus = max(1, int(ray.cluster_resources().get("CPU", replicas)) // replicas)
+    dataset = ray.data.from_items(items).map_batches(
+        replica, fn_constructor_kwargs={**kwargs, "threads": cpus}, batch_size=batch_size, concurrency=replicas,
+        num_cpus=cpus, batch_format="numpy", **_device_options(),
+    )  # Ray Data's actor pools restart a replica that dies and retry its batch (an exception is not retried)
+    yield from dataset.iter_rows()
+
+
+class SamplingReplica:
+    """One engine and reward in the actor pool of `train-value --ray`: answers chunks of prompts with
+    `values.sampling.sample_chunk`, so they are the records one process would write."""
+
+    def __init__(self, model: str | None, adapter: str | None, reward: Any, options: dict, threads: int) -> None:
+        import torch
+
+        from .engine import get_engine
+        from .rewards import load_reward
+
+        torch.set_num_threads(max(1, threads))
+        self.engine = get_engine(model, adapter)
+        self.reward = load_reward(reward)
+        self.options = options
+
+    def __call__(self, batch: dict) -> dict:
+        from .values.sampling import sample_chunk
+
+        chunk = [(json.loads(i), json.loads(p)) for i, p in zip(batch["id"], batch["prompt"])]
+        records = sample_chunk(self.engine, self.reward, chunk, **self.options)
+        return {"record": [json.dumps(r, ensure_ascii=False) for r in records]}
+
+
+def sample_on_ray(pending: list[tuple[Any, Any]], *, model: str | None, adapter: str | None, reward: Any, n: int,
+                  max_new_tokens: int, temperature: float, top_k: int, seed: int, batch_size: int, replicas: int = 2,
+                  address: str | None = None) -> Iterator[dict]:
+    """`values.sampling.sample_answers`' records for (id, prompt) pairs, sampled on a Ray actor pool."""
+    if replicas < 1:
+        raise DecalignError(f"--replicas must be >= 1, got {replicas}")
+    if not pending:
+        return
+    items = [{"id": json.dumps(i), "prompt": json.dumps(p)} for i, p in pending]
+    options = {"n": n, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "seed": seed}
+    kwargs = {"model": model, "adapter": adapter, "reward": reward, "options": options}
+    for row in _pool_rows(items, SamplingReplica, kwargs, replicas=replicas, address=address, batch_size=batch_size):
+        yield json.loads(row["record"])
+
+
 def run_batch_ray(input_path: str | Path, output_path: str | Path, request: Request, *, replicas: int = 2,
                   address: str | None = None) -> None:
     """Answer every record of `input_path` like `run_batch`, on `replicas` Ray actors (a local Ray by
@@ -122,15 +172,10 @@ def run_batch_ray(input_path: str | Path, output_path: str | Path, request: Requ
                dynamic_ncols=True, disable=None)
     refused: list[str] = []
     if items:
-        ray = _start_ray(address, replicas)
-        cpus = max(1, int(ray.cluster_resources().get("CPU", replicas)) // replicas)
-        dataset = ray.data.from_items(items).map_batches(
-            Replica, fn_constructor_kwargs={"request": request, "threads": cpus}, batch_size=request.batch_size,
-            concurrency=replicas, num_cpus=cpus, batch_format="numpy", **_device_options(),
-        )  # Ray Data's actor pools restart a replica that dies and retry its batch (an exception is not retried)
         output_path.parent.mkdir(parents=True, exist_ok=True)
         with output_path.open("a", encoding="utf-8") as out:
-            for row in dataset.iter_rows():
+            for row in _pool_rows(items, Replica, {"request": request}, replicas=replicas, address=address,
+                                  batch_size=request.batch_size):
                 if row["error"]:
                     refused.append(str(row["error"]))
                 else:

@@ -86,3 +86,21 @@ def test_bad_records_are_named_after_the_others_are_written(local_ray, tiny_path
     assert sorted(answers) == ["a", "c"] and count == 2
     with pytest.raises(DecalignError, match="--replicas must be >= 1"):
         run_batch_ray(source, tmp_path / "out.jsonl", request(tiny_path), replicas=0)
+
+
+def test_value_rollouts_on_ray_are_the_single_process_samples(local_ray, engine, tiny_path, tmp_path):
+    from decalign.records import load_output
+    from decalign.rewards import load_reward
+    from decalign.values.sampling import sample_answers
+
+    items = [(i, p) for i, p in enumerate(PROMPTS[:6])]
+    common = dict(n=2, max_new_tokens=6, temperature=1.0, top_k=0, seed=2, batch_size=4, progress=False)
+    reward = load_reward("length:target=10")
+    one = sample_answers(engine, reward, items, tmp_path / "one" / "samples.jsonl", **common)
+    on_ray = sample_answers(engine, reward, items, tmp_path / "ray" / "samples.jsonl", ray={"replicas": 2},
+                            ray_reward="length:target=10", **common)
+    by_id = {r["id"]: r for r in on_ray}
+    assert sorted(by_id) == [i for i, _ in items] and len(on_ray) == len(items)
+    assert [by_id[r["id"]] for r in one] == one  # token for token, reward for reward
+    _, written = load_output(tmp_path / "ray" / "samples.jsonl")
+    assert len(written) == len(items)

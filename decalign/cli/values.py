@@ -44,15 +44,19 @@ def _sample_options(function):
 @click.option("--samples-from", type=click.Path(file_okay=False, exists=True), default=None,
               help="Reuse the answers another train-value run sampled (same policy and sampling), rescored by "
                    "--reward: retrain a value for a new reward without sampling again.")
+@click.option("--ray", "use_ray", is_flag=True, help="Sample the answers on a Ray actor pool (pip install 'decalign[ray]').")
+@click.option("--replicas", default=2, show_default=True, type=int, help="With --ray: engines in the actor pool.")
+@click.option("--ray-address", default=None, help="With --ray: an existing cluster [default: start a local one].")
 def train_value(prompts, out, reward, model, adapter, exclude, limit, offset, n, max_new_tokens, temperature, top_k,
-                batch_size, seed, validation, samples_from):
+                batch_size, seed, validation, samples_from, use_ray, replicas, ray_address):
     """Distil a reward into a prefix value on the policy's own hidden states (use as value=PATH)."""
     quiet_transformers()
     head = train_value_head(prompts=Path(prompts), reward_spec=reward, out=Path(out), model=model, adapter=adapter,
                             exclude=Path(exclude) if exclude else None, limit=limit, offset=offset, n=n,
                             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
                             validation=validation, batch_size=batch_size, log=lambda line: click.echo(line, err=True),
-                            samples_from=Path(samples_from) if samples_from else None)
+                            samples_from=Path(samples_from) if samples_from else None,
+                            ray={"replicas": replicas, "address": ray_address} if use_ray else None)
     figures = head.card["validation"]
     rows = ", ".join(f"{k} tok {v['correlation']:.2f} (drift {v['drift_sd']:+.2f} sd)"
                      for k, v in figures["by_length"].items())

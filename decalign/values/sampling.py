@@ -65,12 +65,29 @@ def rescore_samples(source: Path, reward, items: Sequence[tuple[Any, Any]], out:
     return len(todo)
 
 
+def sample_chunk(engine, reward, chunk: Sequence[tuple[Any, Any]], *, n: int, max_new_tokens: int, temperature: float,
+                 top_k: int, seed: int) -> list[dict]:
+    """Records {id, prompt, answers} of n scored answers for each (id, prompt); each prompt's seed
+    derives from `seed` and its id, so a record does not depend on the chunk it was sampled in."""
+    batch = engine.start([engine.render(p) for _, p in chunk], n=n,
+                         seeds=[derive_seed(seed, str(i)) for i, _ in chunk], max_new_tokens=max_new_tokens)
+    batch.extend(Sampling(temperature, top_k=top_k))
+    texts = [batch.text(r) for r in range(batch.size)]
+    rewards = reward.score([chunk[batch.prompt_of[r]][1] for r in range(batch.size)], texts)
+    return [{"id": record_id, "prompt": prompt,
+             "answers": [{"tokens": batch.tokens[r], "text": texts[r], "reward": rewards[r], "finish": batch.finish[r]}
+                         for r in range(p * n, (p + 1) * n)]}
+            for p, (record_id, prompt) in enumerate(chunk)]
+
+
 def sample_answers(engine, reward, items: Sequence[tuple[Any, Any]], out: Path, *, n: int, max_new_tokens: int,
                    temperature: float, top_k: int, seed: int, batch_size: int, progress: bool = True,
-                   samples_from: Path | None = None) -> list[dict]:
+                   samples_from: Path | None = None, ray: dict | None = None, ray_reward: Any = None) -> list[dict]:
     """n answers per prompt from the policy, scored by the reward; appended to `out` per batch (resumes).
     A folder holding samples of another policy, reward or sampling is refused, never mixed in.
-    `samples_from`: a run folder whose answers to these prompts are reused, rescored (`rescore_samples`)."""
+    `samples_from`: a run folder whose answers to these prompts are reused, rescored (`rescore_samples`).
+    `ray`: {"replicas": N, "address": A} samples on a Ray actor pool instead (`ray_reward`: the reward
+    spec the replicas load, default the reward itself), with the same answers."""
     if n < 2:
         raise DecalignError(f"--n must be >= 2 (values are judged within a prompt), got {n}")
     if batch_size < 1:
@@ -82,25 +99,24 @@ def sample_answers(engine, reward, items: Sequence[tuple[Any, Any]], out: Path, 
         rescore_samples(samples_from, reward, items, out, config, progress=progress)
     done, records = load_output(out)
     pending = [(i, p) for i, p in items if i not in done]
-    sampling = Sampling(temperature, top_k=top_k)
     bar = tqdm(total=len(items), initial=len(items) - len(pending), unit="prompt", desc="sampling",
                disable=not progress)
+    if ray is not None:  # the same chunks, answered by a pool of replicas (decalign.ray_job)
+        from ..ray_job import sample_on_ray
+
+        answered = sample_on_ray(pending, model=engine.name, adapter=engine.adapter, reward=ray_reward or reward, n=n,
+                                 max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
+                                 batch_size=batch_size, **ray)
+    else:
+        answered = (record for start in range(0, len(pending), batch_size)
+                    for record in sample_chunk(engine, reward, pending[start:start + batch_size], n=n,
+                                               max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                               seed=seed))
     with out.open("a", encoding="utf-8") as handle:
-        for start in range(0, len(pending), batch_size):
-            chunk = pending[start:start + batch_size]
-            batch = engine.start([engine.render(p) for _, p in chunk], n=n,
-                                 seeds=[derive_seed(seed, str(i)) for i, _ in chunk], max_new_tokens=max_new_tokens)
-            batch.extend(sampling)
-            texts = [batch.text(r) for r in range(batch.size)]
-            rewards = reward.score([chunk[batch.prompt_of[r]][1] for r in range(batch.size)], texts)
-            for p, (record_id, prompt) in enumerate(chunk):
-                rows = range(p * n, (p + 1) * n)
-                record = {"id": record_id, "prompt": prompt,
-                          "answers": [{"tokens": batch.tokens[r], "text": texts[r], "reward": rewards[r],
-                                       "finish": batch.finish[r]} for r in rows]}
-                append_record(handle, record)
-                records.append(record)
-            bar.update(len(chunk))
+        for record in answered:
+            append_record(handle, record)
+            records.append(record)
+            bar.update(1)
     bar.close()
     wanted = {i for i, _ in items}
     return [r for r in records if r["id"] in wanted]

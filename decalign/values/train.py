@@ -283,10 +283,12 @@ def train_value(*, prompts: Path, reward_spec: "str | Reward", out: Path, model:
                 exclude: Path | None = None, limit: int | None = None, offset: int = 0, n: int = 8,
                 max_new_tokens: int = 96, temperature: float = 1.0, top_k: int = 0, seed: int = 0,
                 validation: float = 0.2, batch_size: int = 16, samples: Path | None = None,
-                samples_from: Path | None = None, progress: bool = True, log=print) -> ValueHead:
+                samples_from: Path | None = None, ray: dict | None = None, progress: bool = True,
+                log=print) -> ValueHead:
     """The whole recipe; samples are kept in `samples` (default OUT/samples.jsonl) so a rerun resumes.
     `samples_from`: another run's folder whose answers are reused, rescored by this reward (and its
-    teacher-forced features too, which depend on the answers' tokens only, when it used the same prompts)."""
+    teacher-forced features too, which depend on the answers' tokens only, when it used the same prompts).
+    `ray`: {"replicas": N, "address": A} samples the answers on a Ray actor pool (same answers)."""
 
     if not 0 < validation < 1:
         raise DecalignError(f"--validation must be in (0, 1), got {validation}")
@@ -297,7 +299,8 @@ def train_value(*, prompts: Path, reward_spec: "str | Reward", out: Path, model:
     started = time.perf_counter()
     records = sample_answers(engine, reward, items, samples, n=n, max_new_tokens=max_new_tokens,
                              temperature=temperature, top_k=top_k, seed=seed, batch_size=batch_size,
-                             progress=progress, samples_from=samples_from)
+                             progress=progress, samples_from=samples_from, ray=ray,
+                             ray_reward=reward_spec if isinstance(reward_spec, str) else None)
     subsets = layer_sets(candidate_layers(engine.num_layers))
     layers = sorted({layer for s in subsets for layer in s})
     cached = out / "features.safetensors"
