@@ -31,13 +31,13 @@ from .sampling import derive_seed
 class Replica:
     """One engine in the actor pool: answers batches of records with the job's request."""
 
-    def __init__(self, request: Request, threads: int) -> None:
+    def __init__(self, fields: dict, threads: int) -> None:
         import torch
 
         from .engine import get_engine
 
         torch.set_num_threads(max(1, threads))
-        self.request = request
+        self.request = request = Request.build(**fields)  # loads the reward here, from its spec
         self.engine = get_engine(request.model, request.adapter, trust_remote_code=request.trust_remote_code)
 
     def __call__(self, batch: dict) -> dict:
@@ -99,6 +99,14 @@ def _device_options() -> dict:
     if not device:
         return {}
     return {"runtime_env": {"env_vars": {"DECALIGN_DEVICE": device}}, "num_gpus": 1 if device.startswith("cuda") else 0}
+
+
+def _portable(request: Request) -> dict:
+    """The request's fields, to rebuild it in each replica: a reward given as a spec travels as the
+    spec (not the loaded model), and the policy must be a name or path each replica can load."""
+    if not (request.model is None or isinstance(request.model, str)):
+        raise DecalignError("with --ray, give the model as a name or path (each replica loads its own)")
+    return {name: getattr(request, name) for name in type(request).model_fields}
 
 
 def _pool_rows(items: list[dict], replica: type, kwargs: dict, *, replicas: int, address: str | None,
@@ -174,7 +182,7 @@ def run_batch_ray(input_path: str | Path, output_path: str | Path, request: Requ
     if items:
         output_path.parent.mkdir(parents=True, exist_ok=True)
         with output_path.open("a", encoding="utf-8") as out:
-            for row in _pool_rows(items, Replica, {"request": request}, replicas=replicas, address=address,
+            for row in _pool_rows(items, Replica, {"fields": _portable(request)}, replicas=replicas, address=address,
                                   batch_size=request.batch_size):
                 if row["error"]:
                     refused.append(str(row["error"]))

@@ -74,7 +74,7 @@ def test_a_replica_that_dies_mid_batch_is_retried_nothing_lost_or_repeated(local
     assert count == len(prompts) and sorted(answers) == list(range(len(prompts)))
 
 
-def test_bad_records_are_named_after_the_others_are_written(local_ray, tiny_path, tmp_path):
+def test_bad_records_are_named_after_the_others_are_written(local_ray, engine, tiny_path, tmp_path):
     from decalign.ray_job import run_batch_ray
 
     source = tmp_path / "in.jsonl"
@@ -86,6 +86,9 @@ def test_bad_records_are_named_after_the_others_are_written(local_ray, tiny_path
     assert sorted(answers) == ["a", "c"] and count == 2
     with pytest.raises(DecalignError, match="--replicas must be >= 1"):
         run_batch_ray(source, tmp_path / "out.jsonl", request(tiny_path), replicas=0)
+    source.write_text(json.dumps({"id": "d", "prompt": "hi"}) + "\n")
+    with pytest.raises(DecalignError, match="give the model as a name or path"):
+        run_batch_ray(source, tmp_path / "out.jsonl", request(tiny_path).with_prompts(None, model=engine), replicas=1)
 
 
 def test_value_rollouts_on_ray_are_the_single_process_samples(local_ray, engine, tiny_path, tmp_path):
