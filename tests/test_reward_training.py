@@ -62,7 +62,8 @@ def test_lora_reward_learns_the_preference_and_reloads_as_harmless_path(trained)
     assert pair_accuracy(model.eval(), PairEncoder(tokenizer), [rows[i] for i in held]) < 0.75
     card = (out / "MODEL_CARD.md").read_text()
     assert f"held-out (never used for a choice): {report['heldout_accuracy']:.3f}" in card
-    assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["MODEL_CARD.md", "adapter_config.json",
+                                                     "adapter_model.safetensors", "reward.json"]
     assert os.path.getsize(out / "adapter_model.safetensors") < 5e6  # an adapter, not a model
     # the folder loads like any reward, and its held-out accuracy is the one the report states
     reward = load_reward(f"harmless:{out}")

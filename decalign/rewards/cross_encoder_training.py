@@ -159,6 +159,7 @@ def train_reward_model(
         trained = trainer.model
         if method == "lora":
             trained.save_pretrained(str(staging))
+            (staging / "README.md").unlink(missing_ok=True)  # PEFT's blank card template; MODEL_CARD.md is ours
         else:
             from safetensors.torch import save_file
 
