@@ -29,10 +29,15 @@ from ..rewards.harmless_training import train_reward as train_reward_head
 @click.option("--lr", default=None, type=float, help="lora/full: learning rate [default: 5e-4 lora, 5e-5 full].")
 @click.option("--rank", default=16, show_default=True, type=int, help="lora: adapter rank (alpha = 2 x rank).")
 @click.option("--batch-size", default=16, show_default=True, type=int, help="lora/full: pairs per step.")
+@click.option("--evals-per-epoch", default=2, show_default=True, type=int,
+              help="lora/full: validation evaluations (and checkpoints) per epoch.")
+@click.option("--patience", default=3, show_default=True, type=int,
+              help="lora/full: stop after this many evaluations without a better validation accuracy.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--allow-empty-answers", is_flag=True,
               help="Accept pairs with an empty answer (HH-RLHF has some: raters preferred saying nothing).")
-def train_reward(pairs, output, method, holdout, validation, epochs, lr, rank, batch_size, seed, allow_empty_answers):
+def train_reward(pairs, output, method, holdout, validation, epochs, lr, rank, batch_size, evals_per_epoch, patience, seed,
+                 allow_empty_answers):
     """Train a reward on {messages, chosen, rejected} pairs; score with it as harmless:OUTPUT."""
     if not 0 < holdout < 1:
         raise DecalignError(f"--holdout must be between 0 and 1, got {holdout}")
@@ -44,6 +49,7 @@ def train_reward(pairs, output, method, holdout, validation, epochs, lr, rank, b
     else:
         report = train_reward_model(pairs, output, method=method, holdout=holdout, validation=validation, seed=seed,
                                     epochs=epochs, lr=lr, rank=rank, batch_size=batch_size, progress=progress,
+                                    evals_per_epoch=evals_per_epoch, patience=patience,
                                     allow_empty_answers=allow_empty_answers)
     click.echo(json.dumps({k: v for k, v in report.items() if not isinstance(v, (list, dict))}, indent=2))
     click.echo(f"held-out pairwise accuracy {report['heldout_accuracy']:.3f} on {report['heldout_pairs']} pairs; "

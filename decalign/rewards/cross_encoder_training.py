@@ -100,8 +100,8 @@ def train_reward_model(
             raise DecalignError(f"{label} must be in [0, 1), got {share}")
     if validation <= 0:
         raise DecalignError("validation must be above 0: it picks the checkpoint")
-    if epochs <= 0 or batch_size < 1 or rank < 1:
-        raise DecalignError("epochs must be above 0, batch_size and rank at least 1")
+    if epochs <= 0 or min(batch_size, rank, evals_per_epoch, patience) < 1:
+        raise DecalignError("epochs must be above 0; batch size, rank, evals per epoch and patience at least 1")
     rows = read_pairs(pairs_path, allow_empty_answers=allow_empty_answers)
     train_idx, val_idx, held_idx = split_by_prompt(rows, holdout, validation, seed)
     if len(train_idx) < 2 or not val_idx:
