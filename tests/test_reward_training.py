@@ -132,3 +132,28 @@ def test_bad_pairs_and_options_get_one_line_errors(tmp_path):
 
         CrossEncoderReward(tmp_path)
     assert not (tmp_path / "out").exists()
+
+
+def test_full_fine_tune_saves_no_embeddings_and_reloads_its_scores(tmp_path):
+    from safetensors import safe_open
+
+    from decalign.rewards import load_reward
+    from decalign.rewards.harmless_training import read_pairs, split_by_prompt
+    from decalign.rewards.cross_encoder_training import train_reward_model
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", n=24)
+    out = tmp_path / "full"
+    report = train_reward_model(pairs, out, method="full", holdout=0.25, validation=0.2, epochs=3, batch_size=8,
+                                lr=1e-4, evals_per_epoch=1, patience=3, progress=False)
+    with safe_open(str(out / "model.safetensors"), "pt") as weights:
+        names = list(weights.keys())
+    assert names and not any("embeddings" in n for n in names) and any("classifier" in n for n in names)
+    rows = read_pairs(pairs)
+    _, _, held = split_by_prompt(rows, 0.25, 0.2, 0)
+    reward = load_reward(f"harmless:{out}")
+    chosen = reward.score([rows[i]["prompt"] for i in held], [rows[i]["chosen"] for i in held])
+    rejected = reward.score([rows[i]["prompt"] for i in held], [rows[i]["rejected"] for i in held])
+    assert sum(c > r for c, r in zip(chosen, rejected)) / len(held) == pytest.approx(report["heldout_accuracy"], abs=1e-3)
+    assert report["heldout_accuracy"] >= 0.8, report
+    again = load_reward(f"harmless:{out}")  # every weight comes from the folder: no fresh random head
+    assert again.score([rows[held[0]]["prompt"]], [rows[held[0]]["chosen"]])[0] == pytest.approx(chosen[0], abs=1e-5)
