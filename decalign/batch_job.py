@@ -20,6 +20,18 @@ from .rewards import load_reward
 from .sampling import derive_seed
 
 
+def check_prompt(engine, request: Request, prompt: Any) -> None:
+    """Refuse a prompt the engine cannot render, or one that fills the model's context."""
+    length = len(engine.render(prompt, system=request.system, chat=request.chat))
+    if engine.context_length and length >= engine.context_length:
+        raise DecalignError(f"the prompt has {length} tokens; the model's context is {engine.context_length}")
+
+
+def answered(record_id: Any, prompt: Any, result) -> dict:
+    """The output record of one answered prompt: {id, prompt | messages, **result}."""
+    return {"id": record_id, "prompt" if isinstance(prompt, str) else "messages": prompt, **result.to_dict()}
+
+
 def run_batch(input_path: str | Path, output_path: str | Path, request: Request) -> None:
     """Answer every {id?, prompt} or {id?, messages} record of `input_path` with the decoding of
     `request` (a validated Request without prompts), appending {id, prompt | messages, **result} to
@@ -41,8 +53,7 @@ def run_batch(input_path: str | Path, output_path: str | Path, request: Request)
         seeds = [derive_seed(base_seed, record_id) for record_id, _ in pending]
         for (record_id, prompt), result in zip(pending, run(request.with_prompts(prompts, seeds, model=engine,
                                                                                  adapter=None))):
-            key = "prompt" if isinstance(prompt, str) else "messages"
-            append_record(out, {"id": record_id, key: prompt, **result.to_dict()})
+            append_record(out, answered(record_id, prompt, result))
             bar.update(1)
         pending.clear()
 
@@ -54,12 +65,9 @@ def run_batch(input_path: str | Path, output_path: str | Path, request: Request)
                     bar.update(1)
                     continue
                 try:
-                    length = len(engine.render(prompt, system=request.system, chat=request.chat))
+                    check_prompt(engine, request, prompt)
                 except DecalignError as exc:
                     raise DecalignError(f"{input_path} line {number}: {exc}") from None
-                if engine.context_length and length >= engine.context_length:
-                    raise DecalignError(f"{input_path} line {number}: the prompt has {length} tokens; "
-                                        f"the model's context is {engine.context_length}")
                 pending.append((record_id, prompt))
                 if len(pending) >= request.batch_size:
                     flush(out)

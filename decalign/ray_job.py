@@ -42,33 +42,26 @@ class Replica:
 
     def __call__(self, batch: dict) -> dict:
         from .api import run
+        from .batch_job import answered, check_prompt
 
-        request, engine = self.request, self.engine
         ids, prompts, seeds, errors = [], [], [], []
         for line, record_id, prompt, seed in zip(batch["line"], batch["id"], batch["prompt"], batch["seed"]):
             prompt = json.loads(prompt)
             try:
-                length = len(engine.render(prompt, system=request.system, chat=request.chat))
-                if engine.context_length and length >= engine.context_length:
-                    raise DecalignError(f"the prompt has {length} tokens; the model's context is {engine.context_length}")
+                check_prompt(self.engine, self.request, prompt)
             except DecalignError as exc:
-                errors.append((int(line), record_id, str(exc)))
+                errors.append((int(line), str(exc)))
                 continue
-            ids.append(record_id)
+            ids.append(json.loads(record_id))
             prompts.append(prompt)
             seeds.append(int(seed))
-        records, failed = [], []
+        records = []
         if prompts:
-            results = run(request.with_prompts(prompts, seeds, model=engine, adapter=None))
-            for record_id, prompt, result in zip(ids, prompts, results):
-                key = "prompt" if isinstance(prompt, str) else "messages"
-                records.append(json.dumps({"id": json.loads(record_id), key: prompt, **result.to_dict()},
-                                          ensure_ascii=False))
-                failed.append("")
-        for line, record_id, message in errors:
-            records.append("")
-            failed.append(f"line {line}: {message}")
-        return {"record": records, "error": failed}
+            results = run(self.request.with_prompts(prompts, seeds, model=self.engine, adapter=None))
+            records = [json.dumps(answered(i, p, r), ensure_ascii=False) for i, p, r in zip(ids, prompts, results)]
+        # an answered record has line 0 and no error; a refused one its line and why
+        return {"record": records + [""] * len(errors), "line": [0] * len(records) + [line for line, _ in errors],
+                "error": [""] * len(records) + [message for _, message in errors]}
 
 
 def _start_ray(address: str | None, replicas: int):
@@ -178,20 +171,21 @@ def run_batch_ray(input_path: str | Path, output_path: str | Path, request: Requ
         malformed = exc
     bar = tqdm(total=len(done) + len(items), initial=len(done), unit="prompt", desc="generate", file=sys.stderr,
                dynamic_ncols=True, disable=None)
-    refused: list[str] = []
+    refused: list[tuple[int, str]] = []
     if items:
         output_path.parent.mkdir(parents=True, exist_ok=True)
         with output_path.open("a", encoding="utf-8") as out:
             for row in _pool_rows(items, Replica, {"fields": _portable(request)}, replicas=replicas, address=address,
                                   batch_size=request.batch_size):
                 if row["error"]:
-                    refused.append(str(row["error"]))
+                    refused.append((int(row["line"]), str(row["error"])))
                 else:
                     append_record(out, json.loads(row["record"]))
                 bar.update(1)
     bar.close()
     if refused:
-        first = min(refused, key=lambda e: int(e.split()[1].rstrip(":")))
-        raise DecalignError(f"{input_path} {first}" + (f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""))
+        line, message = min(refused)
+        more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+        raise DecalignError(f"{input_path} line {line}: {message}{more}")
     if malformed is not None:
         raise malformed

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import DecalignError
 from .base import Prompt, Reward
-from .harmless import embedder_folder
+from .harmless import embedder_folder, padded_batches
 
 FORMAT = "decalign-cross-encoder-1"
 MAX_LENGTH = 256
@@ -114,15 +114,7 @@ def load_model(folder: str | os.PathLike):
 def score_ids(model, sequences: Sequence[list[int]], pad: int, batch_size: int = 32) -> torch.Tensor:
     """Scores of token-id sequences, batched in length order (little padding), returned in input order."""
     out = torch.zeros(len(sequences))
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        width = max(len(sequences[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros(len(idx), width, dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids[row, :len(sequences[i])] = torch.tensor(sequences[i])
-            mask[row, :len(sequences[i])] = 1
+    for idx, ids, mask in padded_batches(sequences, batch_size, pad):
         with torch.inference_mode():
             out[idx] = model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
     return out

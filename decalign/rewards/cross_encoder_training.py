@@ -19,8 +19,8 @@ from typing import Sequence
 import torch
 
 from ..errors import DecalignError
-from .cross_encoder import ANSWER_BUDGET, FORMAT, MAX_LENGTH, PairEncoder, base_model, load_model, score_ids
 from ..records import staged_folder
+from .cross_encoder import ANSWER_BUDGET, FORMAT, MAX_LENGTH, PairEncoder, base_model, load_model, score_ids
 from .harmless_training import read_pairs, split_by_prompt
 
 METHODS = ("lora", "full")
@@ -120,8 +120,8 @@ def train_reward_model(
         rejected = encode([r["prompt"] for r in picked], [r["rejected"] for r in picked])
         length = [max(len(c), len(r)) for c, r in zip(chosen, rejected)]
         order = sorted(range(len(picked)), key=length.__getitem__) if by_length else range(len(picked))
-        return Dataset.from_dict({"chosen_ids": [chosen[i] for i in order], "rejected_ids": [rejected[i] for i in order],
-                                  "length": [length[i] for i in order]})
+        return Dataset.from_dict({"chosen_ids": [chosen[i] for i in order],
+                                  "rejected_ids": [rejected[i] for i in order], "length": [length[i] for i in order]})
 
     peft_config = None
     if method == "lora":
@@ -147,14 +147,16 @@ def train_reward_model(
                 metric_for_best_model="accuracy", greater_is_better=True, logging_steps=eval_every, seed=seed,
                 report_to=[], disable_tqdm=not progress, use_cpu=True, max_length=MAX_LENGTH, dataloader_num_workers=0,
                 center_rewards_coefficient=0.01,
-                # batches of like lengths: padding to 256 tokens would double the cost on a CPU
+                # batches of like lengths: padding random batches to their longest pair wastes CPU time
                 train_sampling_strategy="group_by_length", length_column_name="length", remove_unused_columns=False,
             )
             trainer = RewardTrainer(model=model, args=args, train_dataset=dataset(train_idx),
-                                    eval_dataset=dataset(val_idx, by_length=True), processing_class=tokenizer, peft_config=peft_config,
+                                    eval_dataset=dataset(val_idx, by_length=True), processing_class=tokenizer,
+                                    peft_config=peft_config,
                                     callbacks=[EarlyStoppingCallback(early_stopping_patience=patience)])
             trainer.train()
-        history = [{"step": e["step"], "epoch": round(e["epoch"], 2), "validation_accuracy": round(e["eval_accuracy"], 4)}
+        history = [{"step": e["step"], "epoch": round(e["epoch"], 2),
+                    "validation_accuracy": round(e["eval_accuracy"], 4)}
                    for e in trainer.state.log_history if "eval_accuracy" in e]
         trained = trainer.model
         if method == "lora":

@@ -19,7 +19,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from safetensors.torch import load_file
@@ -47,6 +47,22 @@ def embedder_folder() -> str:
         if (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file():
             return str(folder)
     raise DecalignError(f"{EMBEDDER_PACKAGE} is installed at {root} but holds no model.safetensors with config and tokenizer")
+
+
+def padded_batches(sequences: Sequence[list[int]], batch_size: int,
+                   pad: int = 0) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """(indices, ids, attention mask) of batches of token-id sequences taken in length order, so
+    that little padding is run through the model; right-padded with `pad`."""
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = max(len(sequences[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros(len(idx), width, dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids[row, :len(sequences[i])] = torch.tensor(sequences[i], dtype=torch.long)
+            mask[row, :len(sequences[i])] = 1
+        yield idx, ids, mask
 
 
 class Embedder:
@@ -93,17 +109,8 @@ class Embedder:
 
     def encode(self, sequences: Sequence[list[int]], batch_size: int = 64, progress=None) -> torch.Tensor:
         """Vectors [n, dim] for token-id sequences (with special tokens), sorted by length for speed."""
-        n = len(sequences)
-        out = torch.zeros(n, self.dim)
-        order = sorted(range(n), key=lambda i: len(sequences[i]))
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            width = max(len(sequences[i]) for i in idx)
-            ids = torch.zeros(len(idx), width, dtype=torch.long)
-            mask = torch.zeros(len(idx), width, dtype=torch.long)
-            for row, i in enumerate(idx):
-                ids[row, : len(sequences[i])] = torch.tensor(sequences[i], dtype=torch.long)
-                mask[row, : len(sequences[i])] = 1
+        out = torch.zeros(len(sequences), self.dim)
+        for idx, ids, mask in padded_batches(sequences, batch_size):
             with torch.inference_mode():
                 hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
             m = mask.unsqueeze(-1).to(hidden.dtype)

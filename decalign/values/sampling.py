@@ -41,9 +41,9 @@ def read_prompts(path: Path, *, exclude: Path | None = None, limit: int | None =
 
 
 def rescore_samples(source: Path, reward, items: Sequence[tuple[Any, Any]], out: Path, config: dict, *,
-                    batch_size: int = 32, progress: bool = True) -> int:
+                    batch_size: int = 32, progress: bool = True) -> None:
     """Copy the answers another run sampled (same policy and sampling, any reward) into `out`, each
-    scored anew by `reward`: a new reward needs no new sampling. Returns how many prompts were copied."""
+    scored anew by `reward`: a new reward needs no new sampling."""
     source_config = source / "config.json"
     if not (source / "samples.jsonl").is_file() or not source_config.is_file():
         raise DecalignError(f"--samples-from {source}: no samples.jsonl and config.json there")
@@ -62,7 +62,6 @@ def rescore_samples(source: Path, reward, items: Sequence[tuple[Any, Any]], out:
             scores = iter(reward.score([p for p, _ in pairs], [t for _, t in pairs]))
             for record in chunk:
                 append_record(handle, {**record, "answers": [{**a, "reward": next(scores)} for a in record["answers"]]})
-    return len(todo)
 
 
 def sample_chunk(engine, reward, chunk: Sequence[tuple[Any, Any]], *, n: int, max_new_tokens: int, temperature: float,

@@ -13,8 +13,8 @@ figures are on prompts the head never saw.
 from __future__ import annotations
 
 import math
-import shutil
 import random
+import shutil
 import statistics
 import time
 from dataclasses import dataclass
