@@ -54,8 +54,8 @@ def run_bench(model: str | None = None, batch_sizes=(1, 4, 16), new_tokens: int 
             batch.extend(sampling)
 
         width = max(map(len, ids))
-        input_ids = torch.tensor([[engine.pad_id] * (width - len(x)) + x for x in ids])
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+        input_ids = torch.tensor([[engine.pad_id] * (width - len(x)) + x for x in ids], device=engine.device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=engine.device)
 
         def run_generate():
             with torch.no_grad():

@@ -50,21 +50,32 @@ def make_tokenizer(vocab_size: int = 320):
     return fast
 
 
-def make_tiny_model(path: str | Path, *, seed: int = 0, layers: int = 2, hidden: int = 64,
-                    context: int = 512, logit_scale: float = 4.0, tokenizer=None) -> Path:
-    """Save a random-weight Llama causal LM and its tokenizer to `path` (safetensors)."""
+# Shapes of published models (their layer sizes; the vocabulary is the tokenizer's), for speed checks
+# at realistic sizes: random weights cost the same to run as trained ones.
+SHAPES = {
+    "0.5b": dict(layers=24, hidden=896, intermediate=4864, heads=14, kv_heads=2),   # Qwen2.5-0.5B
+    "1.5b": dict(layers=28, hidden=1536, intermediate=8960, heads=12, kv_heads=2),  # Qwen2.5-1.5B
+    "8b": dict(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8),   # Llama-3-8B
+}
+
+
+def random_model(*, seed: int = 0, layers: int = 2, hidden: int = 64, intermediate: int | None = None,
+                 heads: int = 4, kv_heads: int = 2, context: int = 512, logit_scale: float = 4.0, tokenizer=None,
+                 device: str = "cpu", dtype: str = "float32"):
+    """(model, tokenizer): a random-weight Llama causal LM. The defaults give a 2-layer toy for tests;
+    `**SHAPES["8b"]` with device="cuda", dtype="bfloat16" gives one of a real model's size, built on
+    the GPU (it takes minutes on a CPU)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    path = Path(path)
     tokenizer = tokenizer or make_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
-        intermediate_size=hidden * 2,
+        intermediate_size=intermediate or hidden * 2,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=context,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -72,11 +83,19 @@ def make_tiny_model(path: str | Path, *, seed: int = 0, layers: int = 2, hidden:
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(getattr(torch, dtype))
     with torch.no_grad():  # default init gives near-uniform next-token distributions; sharpen them
         model.lm_head.weight.normal_(0.0, logit_scale / hidden**0.5)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def make_tiny_model(path: str | Path, **shape) -> Path:
+    """Save `random_model(**shape)` and its tokenizer to `path` (safetensors)."""
+    path = Path(path)
+    model, tokenizer = random_model(**shape)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path

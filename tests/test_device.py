@@ -48,3 +48,39 @@ def test_on_cuda_batched_answers_equal_single_ones(tiny_path):
     for prompt, seed, answer in zip(prompts, seeds, together):
         alone = run(Request.build(prompts=[prompt], method="sample", model=engine, seed=[seed], max_new_tokens=8))[0]
         assert alone.tokens == answer.tokens
+
+
+@pytest.fixture(scope="module")
+def cuda_value(tmp_path_factory, tiny_path):
+    """A value trained on CUDA for the tiny policy (a length reward: any value will do here)."""
+    from decalign.values.train import train_value
+
+    folder = tmp_path_factory.mktemp("cuda-value")
+    prompts = folder / "prompts.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "bread {i}"}}\n' for i in range(8)))
+    train_value(prompts=prompts, reward_spec="length:target=5:unit=chars", out=folder / "value", model=str(tiny_path),
+                n=2, max_new_tokens=8, temperature=1.0, top_k=0, batch_size=8, validation=0.25, progress=False,
+                log=lambda line: None)
+    return str(folder / "value")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method, params", [
+    ("bon", {"n": 3}), ("rs", {"proposals": 2, "max_retries": 2}),
+    ("cards", {"tau_u": 1.0, "proposals": 2}), ("cards", {"tau_u": 1.0, "proposals": 2, "segmentation": "punctuation"}),
+    ("cards", {"value": True}), ("args", {"k": 3, "value": True}), ("smc", {"budget": 4, "value": True}),
+    ("spec_rejection", {"budget": 4, "interval": 4, "value": True}), ("treebon", {"budget": 4, "value": True}),
+    ("blockwise", {"budget": 4, "value": True}),
+])
+def test_on_cuda_every_search_method_runs_and_repeats_itself(tiny_path, cuda_value, method, params):
+    """Every tensor a method builds lives on the policy's device; the same seed gives the same answers."""
+    from decalign import Engine
+    from decalign.api import generate
+
+    engine = Engine.load(str(tiny_path), device="cuda")
+    if params.get("value"):
+        params = {**params, "value": cuda_value}
+    runs = [generate(["hi", "The answer is"], method=method, model=engine, reward="length:target=5:unit=chars",
+                     max_new_tokens=10, seed=1, **params) for _ in range(2)]
+    assert [r.tokens for r in runs[0]] == [r.tokens for r in runs[1]]
+    assert all(r.tokens and len(r.tokens) <= 10 for r in runs[0])

@@ -402,8 +402,8 @@ class Batch:
             view = StepView(
                 logits=raw,
                 entropy=entropy,
-                segment_lengths=torch.tensor([len(running[r].tokens) for r in active]),
-                total_lengths=torch.tensor([len(self.tokens[r]) for r in active]),
+                segment_lengths=torch.tensor([len(running[r].tokens) for r in active], device=entropy.device),
+                total_lengths=torch.tensor([len(self.tokens[r]) for r in active], device=entropy.device),
             )
             stop = move.stop_rule(view).tolist()
             if any(stop):
@@ -417,14 +417,14 @@ class Batch:
                     return
         chosen = choose_tokens(self.mask_early_eos(active, raw), move.sampling,
                                [self.generators[r] for r in active]).tolist()
-        chosen_logp = logp.gather(1, torch.tensor(chosen)[:, None]).squeeze(1).tolist()
+        chosen_logp = logp.gather(1, torch.tensor(chosen, device=logp.device)[:, None]).squeeze(1).tolist()
         cut = [False] * len(active)
         if move.cut_rule is not None:
             cut = move.cut_rule(TokenView(
                 tokens=chosen,
                 texts=[self.engine.decode([t]) for t in chosen],
                 entropy=entropy,
-                segment_lengths=torch.tensor([len(running[r].tokens) + 1 for r in active]),
+                segment_lengths=torch.tensor([len(running[r].tokens) + 1 for r in active], device=entropy.device),
             )).tolist()
         for i, (r, token) in enumerate(zip(active, chosen)):
             segment = running[r]

@@ -70,5 +70,5 @@ class PunctuationCut:
     marks: str = ",.:;?!"
 
     def __call__(self, view: TokenView) -> torch.Tensor:
-        punctuated = torch.tensor([any(m in text for m in self.marks) for text in view.texts])
+        punctuated = torch.tensor([any(m in text for m in self.marks) for text in view.texts], device=view.entropy.device)
         return punctuated & (view.entropy >= self.min_entropy) & (view.segment_lengths >= self.min_tokens)

@@ -59,14 +59,14 @@ class Args(Method):
         top_logprobs, top_tokens = logprobs.topk(min(config.k, logprobs.shape[-1]), dim=-1)
         top_logprobs, top_tokens = top_logprobs.tolist(), top_tokens.tolist()
         if job.value is not None:
-            rewards = torch.tensor(self._look_ahead(live, top_tokens)).view(len(live), -1)
+            rewards = torch.tensor(self._look_ahead(live, top_tokens), device=logprobs.device).view(len(live), -1)
         else:
             owners, texts = [], []
             for row, tokens in zip(live, top_tokens):
                 owners += [job.prompt_of(batch, row)] * len(tokens)
                 texts += [job.engine.decode(batch.tokens[row] + [token]) for token in tokens]
-            rewards = torch.tensor(job.score(owners, texts)).view(len(live), -1)
-        scores = torch.tensor(top_logprobs) + config.w * rewards
+            rewards = torch.tensor(job.score(owners, texts), device=logprobs.device).view(len(live), -1)
+        scores = torch.tensor(top_logprobs, device=logprobs.device) + config.w * rewards
         sampling = Sampling(0.0 if config.mode == "greedy" else config.temperature)
         picks = choose_tokens(scores, sampling, [batch.generators[r] for r in live]).tolist()
         self.answer_reward.update({row: float(rewards[i, pick]) for i, (row, pick) in enumerate(zip(live, picks))})

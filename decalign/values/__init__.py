@@ -31,7 +31,7 @@ FORMAT = "decalign-value-1"
 
 def prefix_features(means: torch.Tensor, lasts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """The value's input: [mean states, last states, log(1 + L)] per row."""
-    return torch.cat([means.float(), lasts.float(), torch.log1p(lengths.float())[:, None]], dim=-1)
+    return torch.cat([means.float(), lasts.float(), torch.log1p(lengths.to(means.device).float())[:, None]], dim=-1)
 
 
 @dataclass

@@ -114,7 +114,8 @@ def featurize(engine, records: list[dict], layers: list[int], *, progress: bool 
     for p, record in enumerate(tqdm(records, unit="prompt", desc="features", disable=not progress)):
         answers = [answer_ids(engine, a["tokens"]) for a in record["answers"]]
         grids = [length_grid(len(a)) for a in answers]
-        features.append(teacher_forced_features(engine, engine.render(record["prompt"]), answers, layers, grids))
+        features.append(teacher_forced_features(engine, engine.render(record["prompt"]), answers, layers,
+                                                grids).cpu())  # the fit runs on the CPU in float64
         for a, grid in zip(record["answers"], grids):
             target += [a["reward"]] * len(grid)
             prompt += [p] * len(grid)

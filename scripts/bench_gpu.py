@@ -1,0 +1,142 @@
+"""The GPU check of issue 16, in one run on a lent GPU machine (random-weight models: no download).
+
+    python scripts/bench_gpu.py --tokenizer TOKENIZER_DIR --out OUT [--sizes 0.5b,8b] [--search-size 0.5b]
+
+1. `decalign bench-engine` (the engine against transformers' `generate`, side by side) on Llama
+   models of published sizes (decalign.testing.SHAPES) with the tokenizer given (its vocabulary sets
+   the output layer's size), in bfloat16 on the GPU, as `--device auto` picks.
+2. The search economics at `--search-size`: `train-value` distils the `sentiment` reward into a prefix
+   value for that random policy, then `decalign bench --frontier` runs greedy, Best-of-8 and CARDS
+   with that value on all prompts batched, and a latency run (one prompt at a time).
+Rewards of a random-weight policy mean little; the times and decode tokens are what this measures.
+Each step's table is printed and written under OUT (engine-SIZE.md, search.md, latency.md).
+`--sizes tiny --search-size tiny --quick` rehearses the whole script on a CPU in a few minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TOPICS = ["bake bread at home", "learn to swim as an adult", "keep houseplants alive", "save money on groceries",
+          "write a cover letter", "fix a leaking tap", "train for a first 10k run", "start learning the piano",
+          "plan a trip to the mountains", "sleep better", "teach a child to ride a bike", "make a simple budget",
+          "prepare for a job interview", "choose a used car", "cook rice without a rice cooker",
+          "reduce screen time", "organise a small kitchen", "care for a new puppy", "grow tomatoes on a balcony",
+          "speak more confidently in meetings"]
+FORMS = ["How do I {}?", "Give me three tips to {}.", "What mistakes do beginners make when they try to {}?"]
+
+
+def write_prompts(path: Path, count: int) -> Path:
+    prompts = [form.format(topic) for form in FORMS for topic in TOPICS][:count]
+    path.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(prompts)))
+    return path
+
+
+def decalign(*args: str, log: Path, timeout: int) -> bool:
+    """Run a decalign command (the checkout's code), its output to the log; False when it failed."""
+    command = [sys.executable, "-m", "decalign.cli", *args]
+    print("$ decalign " + " ".join(args), flush=True)
+    start = time.perf_counter()
+    with log.open("a") as handle:
+        handle.write("$ decalign " + " ".join(args) + "\n")
+        handle.flush()
+        try:
+            code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    print(f"  -> exit {code} in {time.perf_counter() - start:.0f} s", flush=True)
+    return code == 0
+
+
+def shape(size: str) -> dict:
+    import torch
+
+    from decalign.testing import SHAPES
+
+    on_gpu = torch.cuda.is_available()
+    return {**{"tiny": dict(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2), **SHAPES}[size],
+            "context": 4096, "device": "cuda" if on_gpu else "cpu", "dtype": "bfloat16" if on_gpu else "float32"}
+
+
+def engine_table(size: str, tokenizer, quick: bool) -> str:
+    """bench-engine's table for a random model of `size`, built in place (no save and reload)."""
+    import torch
+
+    from decalign import Engine
+    from decalign.bench_engine import run_bench
+    from decalign.testing import random_model
+
+    start = time.perf_counter()
+    model, tokenizer = random_model(**shape(size), tokenizer=tokenizer)
+    params = sum(p.numel() for p in model.parameters()) / 1e9
+    print(f"built {size}: {params:.2f}B parameters in {time.perf_counter() - start:.0f} s", flush=True)
+    engine = Engine(model, tokenizer, name=f"random {size} ({params:.2f}B, {model.dtype})")
+    options = dict(batch_sizes=(1, 4), new_tokens=16, repeats=1) if quick else \
+        dict(batch_sizes=(1, 8, 32), new_tokens=128, repeats=3)
+    table = run_bench(engine, **options)
+    del engine, model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokenizer", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--sizes", default="0.5b,8b")
+    parser.add_argument("--search-size", default="0.5b")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/decalign-gpu"))
+    parser.add_argument("--quick", action="store_true", help="small counts, for a rehearsal on a CPU")
+    args = parser.parse_args()
+    import torch
+    import transformers
+    from transformers import AutoTokenizer
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    log = args.out / "log.txt"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    print(f"torch {torch.__version__} · transformers {transformers.__version__} · {gpu} · "
+          f"{os.cpu_count()} CPUs", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    for size in args.sizes.split(","):
+        try:
+            table = engine_table(size, tokenizer, args.quick)
+        except Exception as error:  # report and go on to the next measurement
+            table = f"{size}: failed: {type(error).__name__}: {error}"
+        (args.out / f"engine-{size}.md").write_text(table + "\n")
+        print(table, flush=True)
+
+    from decalign.testing import make_tiny_model
+
+    policy = make_tiny_model(args.work / args.search_size, **shape(args.search_size), tokenizer=tokenizer)
+    count, tokens = (6, 16) if args.quick else (48, 96)
+    prompts = write_prompts(args.work / "prompts.jsonl", count)
+    value = args.work / "value"
+    common = ["--model", str(policy), "--reward", "sentiment", "--max-new-tokens", str(tokens)]
+    if not decalign("train-value", str(prompts), "-o", str(value), "--n", "4" if args.quick else "8",
+                    *common, log=log, timeout=150):
+        print(log.read_text()[-3000:])
+        return
+    shutil.copy(value / "value.json", args.out / "value.json")
+    methods = f"greedy,bon:n=8,cards:value={value},cards:value={value}:segmentation=fixed:max_segment=16"
+    for name, extra in {"search": ["--frontier"], "latency": ["--batch-size", "1", "--limit", "2" if args.quick else "8"]}.items():
+        run = args.work / name
+        if decalign("bench", "-m", methods if name == "search" else methods.replace("greedy,", ""), "--prompts",
+                    str(prompts), "--out", str(run), *common, *extra, log=log, timeout=200):
+            shutil.copy(run / "summary.md", args.out / f"{name}.md")
+            print((run / "summary.md").read_text(), flush=True)
+        else:
+            print(log.read_text()[-3000:])
+
+
+if __name__ == "__main__":
+    main()
