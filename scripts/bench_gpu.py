@@ -8,8 +8,9 @@
 2. The search economics at `--search-size`: `train-value` distils the `sentiment` reward into a prefix
    value for that random policy, then `decalign bench --frontier` runs greedy, Best-of-8 and CARDS
    with that value on all prompts batched, and a latency run (one prompt at a time).
+3. `decalign bench-cold` at `--search-size`: CoLD's decode step against greedy with the same adapter.
 Rewards of a random-weight policy mean little; the times and decode tokens are what this measures.
-Each step's table is printed and written under OUT (engine-SIZE.md, search.md, latency.md).
+Each step's table is printed and written under OUT (engine-SIZE.md, search.md, latency.md, cold.md).
 `--sizes tiny --search-size tiny --quick` rehearses the whole script on a CPU in a few minutes.
 """
 
@@ -94,6 +95,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="0.5b,8b")
     parser.add_argument("--search-size", default="0.5b")
     parser.add_argument("--work", type=Path, default=Path("/tmp/decalign-gpu"))
+    parser.add_argument("--steps", default="engine,search,latency,cold",
+                        help="which of engine, search, latency (one prompt at a time), cold to run")
     parser.add_argument("--quick", action="store_true", help="small counts, for a rehearsal on a CPU")
     args = parser.parse_args()
     import torch
@@ -107,7 +110,8 @@ def main() -> None:
     print(f"torch {torch.__version__} · transformers {transformers.__version__} · {gpu} · "
           f"{os.cpu_count()} CPUs", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    for size in args.sizes.split(","):
+    steps = set(args.steps.split(","))
+    for size in args.sizes.split(",") if "engine" in steps else []:
         try:
             table = engine_table(size, tokenizer, args.quick)
         except Exception as error:  # report and go on to the next measurement
@@ -118,6 +122,14 @@ def main() -> None:
     from decalign.testing import make_tiny_model
 
     policy = make_tiny_model(args.work / args.search_size, **shape(args.search_size), tokenizer=tokenizer)
+    if "cold" in steps:  # CoLD's decode cost against greedy with the same (random) adapter
+        table = args.out / "cold.md"
+        cold_args = ["--batch-sizes", "1,8", "--new-tokens", "16" if args.quick else "64", "--repeats",
+                     "1" if args.quick else "3", "--free-tokens", "16" if args.quick else "64"]
+        if decalign("bench-cold", "--model", str(policy), *cold_args, log=table, timeout=200):
+            print(table.read_text(), flush=True)
+    if not steps & {"search", "latency"}:
+        return
     count, tokens = (6, 16) if args.quick else (48, 96)
     prompts = write_prompts(args.work / "prompts.jsonl", count)
     value = args.work / "value"
@@ -128,7 +140,10 @@ def main() -> None:
         return
     shutil.copy(value / "value.json", args.out / "value.json")
     methods = f"greedy,bon:n=8,cards:value={value},cards:value={value}:segmentation=fixed:max_segment=16"
-    for name, extra in {"search": ["--frontier"], "latency": ["--batch-size", "1", "--limit", "2" if args.quick else "8"]}.items():
+    runs = {"search": ["--frontier"], "latency": ["--batch-size", "1", "--limit", "2" if args.quick else "8"]}
+    for name, extra in runs.items():
+        if name not in steps:
+            continue
         run = args.work / name
         if decalign("bench", "-m", methods if name == "search" else methods.replace("greedy,", ""), "--prompts",
                     str(prompts), "--out", str(run), *common, *extra, log=log, timeout=200):
