@@ -6,17 +6,19 @@ appended as answers finish, so a rerun resumes), summary.md / summary.json and P
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from tqdm import tqdm
 
 from .api import run as run_request
 from .engine import get_engine
+from .models import DEFAULT_MODEL
 from .errors import DecalignError
 from .methods import get_method, parse_method_spec
 from .records import append_record, check_run_config, environment, load_output, read_records
@@ -66,9 +68,11 @@ def run_bench(*, methods: str, prompts: Path, out: Path, reward: str | None, jud
               model: str | None = None, adapter: str | None = None, max_new_tokens: int = 128,
               limit: int | None = None, batch_size: int | None = None, seed: int = 0, baseline: str | None = None,
               system: str | None = None, progress: bool = True, frontier: bool = False, offset: int = 0,
-              on_record: Callable[[dict], None] | None = None) -> dict:
+              on_record: Callable[[dict], None] | None = None, ray: dict | None = None) -> dict:
     """Run every method on every prompt (resuming), then write the summary and plots. With
-    `frontier`, Best-of-N runs at N = 1..32 beside the methods and the compute frontier is drawn."""
+    `frontier`, Best-of-N runs at N = 1..32 beside the methods and the compute frontier is drawn.
+    With `ray` ({"replicas": N, "address": A}), the answers come from a Ray actor pool of engines
+    (`ray_job.bench_on_ray`): the same records, each batch timed where it ran."""
     runs = parse_methods(methods, frontier=frontier)
     if limit is not None and limit < 1:
         raise DecalignError(f"--limit must be >= 1, got {limit}")
@@ -90,39 +94,57 @@ def run_bench(*, methods: str, prompts: Path, out: Path, reward: str | None, jud
     check_run_config(out, config, defaults={"offset": 0})  # run folders from before --offset had none
     records_path = out / "records.jsonl"
     done, _ = load_output(records_path, key=lambda r: (r["method"], r["id"]))
-    engine = get_engine(model, adapter)
-    todo = sum((run.label, record_id) not in done for run in runs for record_id, _ in items)
-    bar = tqdm(total=todo, unit="answer", desc="bench", disable=not progress)
+    pending = {run.label: [(i, p, derive_seed(seed, i)) for i, p in items if (run.label, i) not in done]
+               for run in runs}
+    bar = tqdm(total=sum(map(len, pending.values())), unit="answer", desc="bench", disable=not progress)
+    if ray is None:
+        engine = get_engine(model, adapter)
+        header = _header(environment(engine), config)
+
+        def answers() -> Iterator[dict]:
+            for run in runs:
+                size = batch_size or len(pending[run.label]) or 1
+                for start in range(0, len(pending[run.label]), size):
+                    bar.set_description(f"bench {run.label}")
+                    yield from answer_records(run.label, run.params, requests[run.label],
+                                              pending[run.label][start:start + size], engine, steer, scorer)
+    else:
+        from .ray_job import bench_on_ray
+
+        header = _header(f"{environment(None)} · on Ray, {ray['replicas']} replicas · model {model or DEFAULT_MODEL}",
+                         config)
+        jobs = {run.label: (run.params, requests[run.label]) for run in runs}
+        answers = functools.partial(bench_on_ray, pending, jobs, reward=reward, judge=judge, batch_size=batch_size,
+                                    **ray)
     with records_path.open("a", encoding="utf-8") as handle:
-        for run in runs:
-            pending = [(i, p) for i, p in items if (run.label, i) not in done]
-            size = batch_size or len(pending) or 1
-            for start in range(0, len(pending), size):
-                chunk = pending[start:start + size]
-                bar.set_description(f"bench {run.label}")
-                results = run_request(requests[run.label].with_prompts(
-                    [p for _, p in chunk], seed=[derive_seed(seed, i) for i, _ in chunk], model=engine,
-                    batch_size=len(chunk)))
-                texts = [r.text for r in results]
-                prompts_ = [p for _, p in chunk]
-                rewards = steer.score(prompts_, texts) if steer else [None] * len(chunk)
-                judged = scorer.score(prompts_, texts) if scorer else [None] * len(chunk)
-                for (record_id, _), result, value, verdict in zip(chunk, results, rewards, judged):
-                    record = {"id": record_id, "method": run.label, "params": run.params, "text": result.text,
-                              "tokens": len(result.tokens), "finish_reason": result.finish_reason,
-                              "reward": value, "judge": verdict, "stats": result.stats,
-                              "trace": result.trace}
-                    append_record(handle, record)
-                    bar.update(1)
-                    if on_record is not None:
-                        on_record(record)
+        for record in answers():
+            append_record(handle, record)
+            bar.update(1)
+            if on_record is not None:
+                on_record(record)
     bar.close()
     _, records = load_output(records_path, key=lambda r: (r["method"], r["id"]))
     labels = [r.label for r in runs]
-    summary = summarize(records, labels, baseline or labels[0], header=_header(engine, config))
+    summary = summarize(records, labels, baseline or labels[0], header=header)
     write_summary(out, summary)
     write_plots(out, records, summary)
     return summary
+
+
+def answer_records(label: str, params: dict, request: Request, chunk: list[tuple[Any, Any, int]], engine,
+                   steer: Reward | None, scorer: Reward | None) -> list[dict]:
+    """Bench records of one batch: (id, prompt, seed) decoded together by `request`, each answer
+    scored by the steering reward and the judge."""
+    prompts = [p for _, p, _ in chunk]
+    results = run_request(request.with_prompts(prompts, seed=[s for _, _, s in chunk], model=engine,
+                                               batch_size=len(chunk)))
+    texts = [r.text for r in results]
+    rewards = steer.score(prompts, texts) if steer else [None] * len(chunk)
+    judged = scorer.score(prompts, texts) if scorer else [None] * len(chunk)
+    return [{"id": record_id, "method": label, "params": params, "text": result.text, "tokens": len(result.tokens),
+             "finish_reason": result.finish_reason, "reward": value, "judge": verdict, "stats": result.stats,
+             "trace": result.trace}
+            for (record_id, _, _), result, value, verdict in zip(chunk, results, rewards, judged)]
 
 
 def _request(run: MethodRun, reward: Reward | None, *, model: str | None, adapter: str | None, max_new_tokens: int,
@@ -136,8 +158,8 @@ def _request(run: MethodRun, reward: Reward | None, *, model: str | None, adapte
                                 max_new_tokens=max_new_tokens, system=system, batch_size=batch_size or 1)
 
 
-def _header(engine, config: dict) -> str:
-    return (f"{environment(engine)} · reward {config['reward']} · judge {config['judge']} · {config['max_new_tokens']} new tokens · "
+def _header(environment_line: str, config: dict) -> str:
+    return (f"{environment_line} · reward {config['reward']} · judge {config['judge']} · {config['max_new_tokens']} new tokens · "
             f"seed {config['seed']}")
 
 

@@ -152,6 +152,55 @@ def sample_on_ray(pending: list[tuple[Any, Any]], *, model: str | None, adapter:
         yield json.loads(row["record"])
 
 
+class BenchReplica:
+    """One engine, the steering reward and the judge in the actor pool of `bench --ray`: answers
+    batches of (method, id, prompt, seed) rows with `bench.answer_records`, so they are the records
+    one process would write."""
+
+    def __init__(self, jobs: dict, reward: str | None, judge: str | None, threads: int) -> None:
+        import torch
+
+        from .engine import get_engine
+        from .rewards import load_reward
+
+        torch.set_num_threads(max(1, threads))
+        self.steer, self.judge = load_reward(reward), load_reward(judge) if judge else None
+        self.jobs = {label: (params, Request.build(**{**fields, "reward": self.steer}))
+                     for label, (params, fields) in jobs.items()}
+        first = next(iter(self.jobs.values()))[1]
+        self.engine = get_engine(first.model, first.adapter, trust_remote_code=first.trust_remote_code)
+
+    def __call__(self, batch: dict) -> dict:
+        from .bench import answer_records
+
+        groups: dict[str, list] = {}  # a batch may hold the end of one method's rows and the start of the next's
+        for label, record_id, prompt, seed in zip(batch["method"], batch["id"], batch["prompt"], batch["seed"]):
+            groups.setdefault(str(label), []).append((json.loads(record_id), json.loads(prompt), int(seed)))
+        records = []
+        for label, chunk in groups.items():
+            params, request = self.jobs[label]
+            records += answer_records(label, params, request, chunk, self.engine, self.steer, self.judge)
+        return {"record": [json.dumps(r, ensure_ascii=False) for r in records]}
+
+
+def bench_on_ray(pending: dict[str, list[tuple[Any, Any, int]]], jobs: dict[str, tuple[dict, Request]], *,
+                 reward: str | None, judge: str | None, batch_size: int | None, replicas: int = 2,
+                 address: str | None = None) -> Iterator[dict]:
+    """`bench`'s records for each method's pending (id, prompt, seed), answered on a Ray actor pool;
+    the rewards travel as their specs and each replica loads its own."""
+    if replicas < 1:
+        raise DecalignError(f"--replicas must be >= 1, got {replicas}")
+    items = [{"method": label, "id": json.dumps(i), "prompt": json.dumps(p), "seed": s}
+             for label, rows in pending.items() for i, p, s in rows]
+    if not items:
+        return
+    portable = {label: (params, {**_portable(request), "reward": reward}) for label, (params, request) in jobs.items()}
+    size = batch_size or max(map(len, pending.values()))  # default: a method's prompts all together, as in one process
+    kwargs = {"jobs": portable, "reward": reward, "judge": judge}
+    for row in _pool_rows(items, BenchReplica, kwargs, replicas=replicas, address=address, batch_size=size):
+        yield json.loads(row["record"])
+
+
 def run_batch_ray(input_path: str | Path, output_path: str | Path, request: Request, *, replicas: int = 2,
                   address: str | None = None) -> None:
     """Answer every record of `input_path` like `run_batch`, on `replicas` Ray actors (a local Ray by

@@ -108,9 +108,11 @@ def append_record(handle, record: dict) -> None:
 
 
 def environment(engine) -> str:
-    """The first words of a run's header: versions, machine, threads and model, to read figures by."""
-    return (f"decalign {__version__} · torch {torch.__version__} · transformers {transformers.__version__} · "
-            f"{platform.machine()} {torch.get_num_threads()} threads · model {engine.name}")
+    """The first words of a run's header: versions, machine, threads and model (when an engine is
+    given), to read figures by."""
+    line = (f"decalign {__version__} · torch {torch.__version__} · transformers {transformers.__version__} · "
+            f"{platform.machine()} {torch.get_num_threads()} threads")
+    return line if engine is None else f"{line} · model {engine.name}"
 
 
 @contextmanager

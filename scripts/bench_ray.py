@@ -38,7 +38,7 @@ def main() -> None:
             for name, flags in setups.items():
                 out = Path(work) / f"out-{repeat}-{len(times[name])}-{name.replace(' ', '_').replace(',', '')}.jsonl"
                 start = time.perf_counter()
-                subprocess.run(["decalign", "generate", "--input", str(source), "--output", str(out), *extra, *flags],
+                subprocess.run([sys.executable, "-m", "decalign.cli", "generate", "--input", str(source), "--output", str(out), *extra, *flags],
                                check=True, stderr=subprocess.DEVNULL)
                 times[name].append(time.perf_counter() - start)
                 assert sum(1 for _ in out.open()) == len(lines), name

@@ -107,3 +107,29 @@ def test_value_rollouts_on_ray_are_the_single_process_samples(local_ray, engine,
     assert [by_id[r["id"]] for r in one] == one  # token for token, reward for reward
     _, written = load_output(tmp_path / "ray" / "samples.jsonl")
     assert len(written) == len(items)
+
+
+def test_bench_on_ray_writes_the_single_process_records_and_resumes(local_ray, tiny_path, tmp_path):
+    """Every method's answers, rewards and judge scores equal one process's; a killed run resumes."""
+    from decalign.bench import run_bench
+
+    source = write_records(tmp_path / "prompts.jsonl", PROMPTS[:6])
+    options = dict(methods="greedy,bon:n=2,cards:tau_u=1.0:proposals=2", prompts=source, reward="length:target=20",
+                   judge="length:target=10", model=str(tiny_path), max_new_tokens=8, batch_size=4, progress=False)
+    one = run_bench(out=tmp_path / "one", **options)
+    first = (tmp_path / "one" / "records.jsonl").read_text().splitlines()
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "records.jsonl").write_text("".join(line + "\n" for line in first[:5]))
+    (tmp_path / "ray" / "config.json").write_text((tmp_path / "one" / "config.json").read_text())
+    on_ray = run_bench(out=tmp_path / "ray", ray={"replicas": 2, "address": None}, **options)
+    key = lambda r: (r["method"], r["id"])  # noqa: E731
+    mine = {key(r): r for r in map(json.loads, first)}
+    rows = [json.loads(line) for line in (tmp_path / "ray" / "records.jsonl").read_text().splitlines()]
+    assert len(rows) == len(mine) == 18 and {key(r) for r in rows} == set(mine)
+    for row in rows:
+        for field in ("text", "tokens", "reward", "judge", "finish_reason", "params"):
+            assert row[field] == mine[key(row)][field], (key(row), field)
+    for label, figures in one["methods"].items():
+        assert on_ray["methods"][label]["reward"] == figures["reward"]
+        assert on_ray["methods"][label]["decode_tokens"] == figures["decode_tokens"]
+    assert "on Ray, 2 replicas" in on_ray["header"]

@@ -97,8 +97,47 @@ def test_logprobs_are_the_policys_log_probabilities_of_the_answer(client, engine
     assert all(item.logprob <= 0 and item.top_logprobs == [] for item in content)
     plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, seed=3, temperature=0.8)
     assert plain.choices[0].logprobs is None
-    with pytest.raises(openai.APIStatusError, match="not supported on /v1/completions yet"):
-        client.completions.create(model="tiny", prompt="hi", max_tokens=4, logprobs=1)
+
+
+def test_top_logprobs_list_the_policys_most_likely_tokens_at_each_position(client, engine):
+    """Greedy's token is the first of its position's list, with its own log-probability; each list is
+    the policy's k largest, in order, and a sampled answer's token is listed whenever it is among them."""
+    import math
+
+    messages = [{"role": "user", "content": "hi"}]
+    for temperature in (0, 1.0):
+        reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, seed=5,
+                                               temperature=temperature, logprobs=True, top_logprobs=4)
+        content = reply.choices[0].logprobs.content
+        assert len(content) == reply.usage.completion_tokens
+        for item in content:
+            values = [alt.logprob for alt in item.top_logprobs]
+            assert len(values) == 4 and values == sorted(values, reverse=True)
+            assert sum(math.exp(v) for v in values) <= 1 + 1e-5
+            same_text = [alt.logprob for alt in item.top_logprobs if alt.token == item.token]  # ids can share a text
+            if temperature == 0:
+                assert item.top_logprobs[0].token == item.token
+                assert item.top_logprobs[0].logprob == pytest.approx(item.logprob, abs=1e-4)
+            if any(abs(lp - item.logprob) < 1e-4 for lp in same_text):
+                continue
+            assert item.logprob < values[-1] + 1e-4  # not listed: less likely than the k listed
+
+
+def test_completions_give_the_legacy_logprobs_shape(client, engine):
+    from decalign import generate
+
+    reply = client.completions.create(model="tiny", prompt="The answer is", max_tokens=5, temperature=0, logprobs=2)
+    (expected,) = generate(["The answer is"], method="greedy", model=engine, max_new_tokens=5, chat=False)
+    logprobs = reply.choices[0].logprobs
+    assert logprobs.token_logprobs == pytest.approx(expected.logprobs)
+    assert "".join(logprobs.tokens) == engine.tokenizer.decode(expected.tokens)
+    assert logprobs.text_offset[0] == len("The answer is")
+    assert all(b - a == len(t) for a, b, t in zip(logprobs.text_offset, logprobs.text_offset[1:], logprobs.tokens))
+    assert all(len(top) <= 2 and max(top.values()) == pytest.approx(lp, abs=1e-4)  # greedy: its token is the best
+               for top, lp in zip(logprobs.top_logprobs, logprobs.token_logprobs))
+    bare = client.completions.create(model="tiny", prompt="The answer is", max_tokens=5, temperature=0, logprobs=0)
+    assert bare.choices[0].logprobs.top_logprobs is None
+    assert bare.choices[0].logprobs.token_logprobs == pytest.approx(expected.logprobs)
 
 
 def test_completion_uses_raw_text(client, engine):
@@ -159,7 +198,8 @@ def test_extra_body_chooses_the_method(client):
     (dict(messages=[{"role": "user", "content": ""}]), 400, "empty prompt"),
     (dict(n=0), 400, "n must be an integer from 1 to 16"),
     (dict(temperature=-1), 400, "temperature"),
-    (dict(logprobs=True, top_logprobs=3), 400, "top_logprobs is not supported yet"),
+    (dict(top_logprobs=3), 400, "top_logprobs needs logprobs=true"),
+    (dict(logprobs=True, top_logprobs=21), 400, "top_logprobs must be an integer from 0 to 20"),
     (dict(logprobs=True, stream=True), 400, "logprobs with stream=true is not supported yet"),
 ])
 def test_bad_requests_get_clear_4xx(client, kwargs, status, fragment):
@@ -346,3 +386,30 @@ def steps_total(url: str) -> int:
 
 def running_requests(url: str) -> int:
     return int(metric(url, "decalign_running_requests"))
+
+
+def test_its_hub_best_of_n_runs_against_the_server_unchanged(served):
+    """its_hub's Best-of-N over an OpenAI-compatible model (the client named in the serving issue):
+    with a temperature its four answers are samples, not one greedy answer four times, and it picks
+    the one its own reward prefers."""
+    from its_hub.api import AbstractOutcomeRewardModel
+    from its_hub.core.algorithms.bon import BestOfN
+    from its_hub.core.lms.openai_lm import OpenAICompatibleLanguageModel
+
+    class LongestAnswer(AbstractOutcomeRewardModel):
+        def score(self, messages, **kwargs):
+            return [float(len(_content(conversation[-1]))) for conversation in messages]
+
+        async def ascore(self, messages, orchestrator=None, **kwargs):
+            return self.score(messages)
+
+    lm = OpenAICompatibleLanguageModel(endpoint=served + "/v1", api_key="unused", model_name="tiny",
+                                       temperature=0.8, max_tokens=8)
+    result = BestOfN(LongestAnswer()).infer(lm, "Tell me about bread", budget=4, return_response_only=False)
+    answers = [_content(response) for response in result.responses]
+    assert len(answers) == 4 and len(set(answers)) > 1
+    assert _content(result.the_one) == max(answers, key=len)
+
+
+def _content(message) -> str:
+    return message["content"] if isinstance(message, dict) else message.content

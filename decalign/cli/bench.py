@@ -33,8 +33,11 @@ from ..logs import quiet_transformers
 @click.option("--system", default=None, help="System message for every prompt.")
 @click.option("--compare", nargs=2, type=click.Path(file_okay=False), default=None, metavar="DIR1 DIR2",
               help="Compare two finished runs instead of running.")
+@click.option("--ray", "use_ray", is_flag=True, help="Answer on a Ray actor pool of engines (pip install 'decalign[ray]').")
+@click.option("--replicas", default=2, show_default=True, type=int, help="With --ray: engines in the actor pool.")
+@click.option("--ray-address", default=None, help="With --ray: an existing cluster [default: start a local one].")
 def bench(methods_, prompts, reward, judge, model, adapter, max_new_tokens, out, limit, offset, frontier, batch_size,
-          seed, baseline, system, compare):
+          seed, baseline, system, compare, use_ray, replicas, ray_address):
     """Methods side by side: reward, judge, win-tie and cost, as tables and plots."""
     # Local: decalign.bench loads scipy and statsmodels (through decalign.stats), ~0.8 s that --help should not pay.
     from ..bench import compare as compare_runs
@@ -50,7 +53,8 @@ def bench(methods_, prompts, reward, judge, model, adapter, max_new_tokens, out,
     summary = run_bench(methods=methods_, prompts=Path(prompts), out=Path(out), reward=reward, judge=judge,
                         model=model, adapter=adapter, max_new_tokens=max_new_tokens, limit=limit, offset=offset,
                         frontier=frontier, batch_size=batch_size, seed=seed, baseline=baseline, system=system,
-                        progress=sys.stderr.isatty())
+                        progress=sys.stderr.isatty(),
+                        ray={"replicas": replicas, "address": ray_address} if use_ray else None)
     click.echo(summary_markdown(summary))
     click.echo(f"\nrecords, summary and plots in {out}", err=True)
 

@@ -110,6 +110,19 @@ class Engine:
         (prompts of different requests and methods, decoded together)."""
         return Batch(self, prompts)
 
+    @torch.no_grad()
+    def top_tokens(self, prompt_ids: Sequence[int], answer: Sequence[int], k: int) -> list[list[tuple[int, float]]]:
+        """For each token of `answer`, the `k` most likely tokens at its position and their
+        log-probabilities under the policy as loaded (one teacher-forced forward pass; the logits are
+        computed for the answer's positions only)."""
+        if not answer or k < 1:
+            return [[] for _ in answer]
+        ids = torch.tensor([list(prompt_ids) + list(answer)], dtype=torch.long, device=self.device)
+        positions = torch.arange(len(prompt_ids) - 1, ids.shape[1] - 1, device=self.device)
+        logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=positions).logits[0]
+        values, indices = logits.float().log_softmax(-1).topk(min(k, logits.shape[-1]), dim=-1)
+        return [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+
     def active_adapter(self) -> str:
         """The adapter the model runs with as loaded (BASE when it has none)."""
         names = self.adapter_names()

@@ -209,10 +209,11 @@ class HarmlessReward(Reward):
         self.path = Path(path) if path is not None else WEIGHTS_DIR
         self.head, self.config = load_head(self.path)
         self.batch_size = batch_size
-        self.embedder = get_embedder()
 
     def _score(self, prompts, responses):
-        x = features(list(prompts), [r if isinstance(r, str) else "" for r in responses], embedder=self.embedder)
+        # the embedder loads at the first score (2 s), not here: a process that only checks a
+        # request (a Ray job's driver, a server validating a body) never pays for it
+        x = features(list(prompts), [r if isinstance(r, str) else "" for r in responses], embedder=get_embedder())
         with torch.inference_mode():
             return self.head(x).squeeze(-1).tolist()
 

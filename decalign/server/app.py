@@ -29,7 +29,7 @@ from .scheduler import PendingRequest, Scheduler
 from .schemas import (AlignmentInfo, ApiError, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
                       ChatCompletionChunk, ChatCompletionRequest, ChatDelta, ChoiceLogprobs, Completion,
                       CompletionChunk, CompletionRequest, GenerationOptions, ModelCard, ModelList, TextChoice,
-                      TokenLogprob, Usage, parse_request)
+                      CompletionLogprobs, TokenLogprob, TopLogprob, Usage, parse_request)
 
 
 @dataclass
@@ -157,11 +157,11 @@ def pending_request(state: ServerState, body: GenerationOptions, prompt: Prompt,
         raise ApiError(400, str(exc)) from None
     loop = asyncio.get_running_loop()
     return PendingRequest(decoding=decoding, chat=chat, loop=loop, future=loop.create_future(),
-                          updates=asyncio.Queue() if body.stream else None)
+                          updates=asyncio.Queue() if body.stream else None, alternatives=body.alternatives)
 
 
 async def respond(request: Request, state: ServerState, body: GenerationOptions, prompt: Prompt, chat: bool):
-    if body.stream and getattr(body, "logprobs", False):
+    if body.stream and body.logprobs not in (None, False):
         raise ApiError(400, "logprobs with stream=true is not supported yet", param="logprobs")
     pending = pending_request(state, body, prompt, chat)
     state.scheduler.submit(pending)
@@ -173,13 +173,16 @@ async def respond(request: Request, state: ServerState, body: GenerationOptions,
     results = await wait(request, pending, state.config.timeout)
     head = dict(id=ident, created=created, model=state.config.model_name)
     usage, alignment = answer_usage(state.engine, pending, results), alignment_info(results[0])
+    tops = pending.top_tokens or [None] * len(results)
     if chat:
         choices = [ChatChoice(index=i, message=AssistantMessage(content=result.text),
-                              logprobs=token_logprobs(state.engine, result) if body.logprobs else None,
-                              finish_reason=finish_reason(result)) for i, result in enumerate(results)]
+                              logprobs=token_logprobs(state.engine, result, top) if body.logprobs else None,
+                              finish_reason=finish_reason(result)) for i, (result, top) in enumerate(zip(results, tops))]
         return ChatCompletion(**head, choices=choices, usage=usage, alignment=alignment)
-    choices = [TextChoice(index=i, text=result.text, finish_reason=finish_reason(result))
-               for i, result in enumerate(results)]
+    choices = [TextChoice(index=i, text=result.text, finish_reason=finish_reason(result),
+                          logprobs=completion_logprobs(state.engine, result, top, offset=len(prompt))
+                          if body.logprobs is not None else None)
+               for i, (result, top) in enumerate(zip(results, tops))]
     return Completion(**head, choices=choices, usage=usage, alignment=alignment)
 
 
@@ -272,14 +275,44 @@ def answer_usage(engine: Engine, pending: PendingRequest, results: list[Result])
                  total_tokens=prompt_tokens + completion_tokens)
 
 
-def token_logprobs(engine: Engine, result: Result) -> ChoiceLogprobs:
+def token_text(engine: Engine, token: int) -> str:
+    return engine.tokenizer.convert_tokens_to_string([engine.tokenizer.convert_ids_to_tokens(token)])
+
+
+def token_logprobs(engine: Engine, result: Result, top: list[list[tuple[int, float]]] | None) -> ChoiceLogprobs:
     """OpenAI's `logprobs.content`: each answer token, its text and bytes, and the policy's
-    log-probability of it (the model's own distribution, before temperature or top-k)."""
-    content = []
-    for token, logprob in zip(result.tokens, result.logprobs or []):
-        text = engine.tokenizer.convert_tokens_to_string([engine.tokenizer.convert_ids_to_tokens(token)])
-        content.append(TokenLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8"))))
-    return ChoiceLogprobs(content=content)
+    log-probability of it (the model's own distribution, before temperature or top-k), with the
+    most likely tokens at its position when top_logprobs asked for them."""
+    def entry(token: int, logprob: float) -> dict:
+        text = token_text(engine, token)
+        return dict(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
+
+    top = top or [[] for _ in result.tokens]
+    return ChoiceLogprobs(content=[
+        TokenLogprob(**entry(token, logprob), top_logprobs=[TopLogprob(**entry(t, lp)) for t, lp in alternatives])
+        for token, logprob, alternatives in zip(result.tokens, result.logprobs or [], top)])
+
+
+def completion_logprobs(engine: Engine, result: Result, top: list[list[tuple[int, float]]] | None, *,
+                        offset: int) -> CompletionLogprobs:
+    """The legacy completions `logprobs`: tokens, their log-probabilities, the most likely tokens at
+    each position (as {text: logprob}), and each token's character offset from the prompt's start."""
+    tokens = [token_text(engine, token) for token in result.tokens]
+    offsets = []
+    for text in tokens:
+        offsets.append(offset)
+        offset += len(text)
+    return CompletionLogprobs(tokens=tokens, token_logprobs=list(result.logprobs or []),
+                              top_logprobs=[_by_text(engine, alternatives) for alternatives in top] if top else None,
+                              text_offset=offsets)
+
+
+def _by_text(engine: Engine, alternatives: list[tuple[int, float]]) -> dict[str, float]:
+    """{text: logprob}, most likely first; of tokens that decode to the same text, the likeliest."""
+    listed: dict[str, float] = {}
+    for token, logprob in alternatives:
+        listed.setdefault(token_text(engine, token), logprob)
+    return listed
 
 
 def alignment_info(result: Result) -> AlignmentInfo:

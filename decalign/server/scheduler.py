@@ -33,6 +33,8 @@ class PendingRequest:
     future: asyncio.Future
     updates: asyncio.Queue | None = None  # streaming: (choice, committed text) as it grows
     cancelled: threading.Event = field(default_factory=threading.Event)
+    alternatives: int = 0  # top_logprobs: the most likely tokens to list at each answer position
+    top_tokens: list[list[list[tuple[int, float]]]] | None = None  # per choice, per token: (id, logprob)
 
     @property
     def prompt(self) -> Prompt:
@@ -147,6 +149,14 @@ class Scheduler:
             return
         for result in method.results:
             self.metrics.count_answer(result)
+        if request.alternatives:  # one teacher-forced pass per choice, on this thread (the engine's)
+            try:
+                prompt_ids = self.engine.render(request.prompt, chat=request.chat)
+                request.top_tokens = [self.engine.top_tokens(prompt_ids, result.tokens, request.alternatives)
+                                      for result in method.results]
+            except Exception as exc:
+                request.settle(_api_error(exc))
+                return
         request.settle(list(method.results))  # one Result per choice
 
 

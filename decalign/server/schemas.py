@@ -155,23 +155,40 @@ class ChatCompletionRequest(GenerationOptions, ChatPrompt):
 
     @field_validator("top_logprobs", mode="before")
     @classmethod
-    def none_yet(cls, top_logprobs: Any) -> Any:
-        if top_logprobs not in (None, 0):
-            raise ValueError("top_logprobs is not supported yet (logprobs=true gives each chosen token's)")
+    def up_to_20(cls, top_logprobs: Any) -> Any:
+        if top_logprobs is not None and (isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int)
+                                         or not 0 <= top_logprobs <= 20):
+            raise ValueError("top_logprobs must be an integer from 0 to 20")
         return top_logprobs
+
+    @model_validator(mode="after")
+    def top_needs_logprobs(self) -> "ChatCompletionRequest":
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+        return self
+
+    @property
+    def alternatives(self) -> int:
+        """How many most likely tokens to list at each answer position."""
+        return (self.top_logprobs or 0) if self.logprobs else 0
 
 
 class CompletionRequest(GenerationOptions, TextPrompt):
     """POST /v1/completions."""
 
-    logprobs: None = None
+    logprobs: int | None = None  # the legacy field: the most likely tokens to list per position (0-5)
 
     @field_validator("logprobs", mode="before")
     @classmethod
-    def not_yet(cls, logprobs: Any) -> Any:
-        if logprobs is not None:
-            raise ValueError("logprobs is not supported on /v1/completions yet; /v1/chat/completions has it")
+    def up_to_5(cls, logprobs: Any) -> Any:
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                     or not 0 <= logprobs <= 5):
+            raise ValueError("logprobs must be an integer from 0 to 5 on /v1/completions")
         return logprobs
+
+    @property
+    def alternatives(self) -> int:
+        return self.logprobs or 0
 
 
 RequestModel = TypeVar("RequestModel", bound=GenerationOptions)
@@ -231,11 +248,14 @@ class AssistantMessage(BaseModel):
     content: str
 
 
-class TokenLogprob(BaseModel):
+class TopLogprob(BaseModel):
     token: str
     logprob: float
     bytes: list[int]
-    top_logprobs: list[Any] = []
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = []
 
 
 class ChoiceLogprobs(BaseModel):
@@ -283,10 +303,20 @@ class ChatCompletionChunk(Chunk):
     choices: list[ChatChunkChoice]
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape: parallel lists over the answer's tokens; text_offset counts
+    characters from the start of the prompt."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
 class TextChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None  # None in stream chunks before the last
 
 
