@@ -118,6 +118,41 @@ def test_cold_token_equals_a_hand_computation_from_two_forwards(tiny_path, adapt
     assert flips > 0  # the contrast did change something on this adapter
 
 
+def test_gate_contrasts_only_where_the_adapter_is_unsure(adapted):
+    """gate=g: a step whose expert top-2 margin is >= g takes the expert's own argmax; others take
+    the contrast. gate=0 is adapter greedy; a gate above every margin is the ungated rule."""
+    prompt = "Tell me how to bake bread"
+    (greedy,) = generate(prompt, model=adapted, max_new_tokens=12)
+    (ungated,) = generate(prompt, method="cold", model=adapted, max_new_tokens=12, beta=1.0)
+    assert generate(prompt, method="cold", model=adapted, max_new_tokens=12, beta=1.0, gate=0.0)[0].tokens == \
+        greedy.tokens
+    assert generate(prompt, method="cold", model=adapted, max_new_tokens=12, beta=1.0, gate=1e9)[0].tokens == \
+        ungated.tokens
+    gate = 0.5
+    (gated,) = generate(prompt, method="cold", model=adapted, max_new_tokens=12, beta=1.0, gate=gate)
+    ids = adapted.render(prompt)
+    kinds = set()
+    for step, token in enumerate(gated.tokens):
+        row = torch.tensor([ids + gated.tokens[:step]])
+        with torch.no_grad():
+            s_e = adapted.model(row).logits[0, -1].float()
+            with adapted.model.disable_adapter():
+                s_a = adapted.model(row).logits[0, -1].float()
+        top2 = s_e.log_softmax(-1).topk(2).values
+        if top2[0] - top2[1] >= gate:
+            kinds.add("sure")
+            assert token == int(s_e.argmax())
+        else:
+            kinds.add("unsure")
+            keep = s_e >= math.log(0.1) + s_e.max()
+            score = torch.where(keep, 2.0 * s_e - s_a, torch.tensor(float("-inf")))
+            best = score.topk(2).values
+            assert token == int(score.argmax()) or best[0] - best[1] < 1e-4
+    assert kinds == {"sure", "unsure"}  # both kinds of step were checked
+    with pytest.raises(DecalignError, match="gate must be >= 0"):
+        generate(prompt, method="cold", model=adapted, gate=-1.0)
+
+
 def test_batched_prompts_equal_single_runs_and_work_is_counted(adapted):
     prompts = ["hi", "Tell me how to bake bread with flour and water, step by step please.", "The answer is"]
     together = generate(prompts, method="cold", model=adapted, max_new_tokens=10)

@@ -7,7 +7,9 @@ The step combines their raw next-token logits s_k with fixed weights w_k,
     score[i] = sum_k w_k * s_k[i]     on the plausible set {i : s_h[i] >= log(alpha) + max s_h}
 
 of a head branch h (-inf elsewhere), picks argmax(score) (or draws from softmax(score / T) when
-temperature > 0), and appends the chosen token to every branch's row. Per-row constants (log Z)
+temperature > 0), and appends the chosen token to every branch's row. With a `gate`, a step
+is contrasted only where the head branch is unsure (its two most likely tokens within `gate` nats);
+elsewhere the head branch's own choice stands, so a confident adapter is never overruled. Per-row constants (log Z)
 cancel in the argmax and the softmax, so raw logits and log-probabilities give the same tokens.
 
 Configurations: cold.py (CoLD), contrastive.py (a separate amateur model), dexperts.py.
@@ -108,6 +110,10 @@ class Contrast(Method):
         logits = [_fit(x, width) for x in logits]
         score, plausible = contrast_scores(logits, [b.weight for b in self.parts], head=self.head,
                                            alpha=self.config.alpha)
+        if self.config.gate is not None:  # confident steps keep the head branch's own distribution
+            top2 = logits[self.head].float().log_softmax(-1).topk(2, dim=-1).values
+            sure = (top2[:, 0] - top2[:, 1]) >= self.config.gate
+            score = torch.where(sure[:, None], logits[self.head].float(), score)
         primary_rows = [primary.rows[p] for p in self.live]
         score = primary.batch.mask_early_eos(primary_rows, score)
         chosen = choose_tokens(score, self.config.sampling,
@@ -170,12 +176,16 @@ class ContrastParams:
     beta: float = param(0.5, "contrast strength (>= 0; 0 = greedy decoding of the expert)")
     temperature: float = param(0.0, "0 = argmax of the contrast score; > 0 samples from it")
     top_p: float = param(1.0, "nucleus filter of the contrast distribution (1 = off)")
+    gate: float | None = param(None, "contrast only at steps where the head branch's two most likely tokens are "
+                                     "within this many nats (none = every step, the papers' rule)")
 
     def __post_init__(self) -> None:
         if not 0 < self.alpha <= 1:
             raise DecalignError(f"alpha must be in (0, 1], got {self.alpha}")
         if not self.beta >= 0:
             raise DecalignError(f"beta must be >= 0, got {self.beta}")
+        if self.gate is not None and not self.gate >= 0:
+            raise DecalignError(f"gate must be >= 0 (or none: contrast every step), got {self.gate}")
         self.sampling  # validates temperature and top_p
 
     @property
