@@ -34,7 +34,7 @@ from .records import append_record, check_run_config, environment, load_output, 
 from .request import Request
 from .sampling import derive_seed
 from .stats import mcnemar_exact, paired_bootstrap, wilson
-from .tasks import is_formatted, parse_final, parse_lenient
+from .tasks import RELATIONS, SCORERS
 
 BASE_LABEL = "base"
 
@@ -65,14 +65,20 @@ def parse_variants(text: str) -> list[Variant]:
     return variants
 
 
-def read_items(path: Path, limit: int | None = None) -> list[tuple[Any, Any, int]]:
-    """(id, prompt, gold answer) of a test split; a record without an integer "answer" is refused."""
+def read_items(path: Path, limit: int | None = None) -> list[tuple[Any, Any, dict]]:
+    """(id, prompt, record) of a test split. A record's "kind" (default arithmetic) picks its match
+    rule; an arithmetic record needs an integer "answer", a facts record a string one and its relation."""
     items = []
     for number, record_id, prompt, record in read_records(path):
-        answer = record.get("answer")
-        if isinstance(answer, bool) or not isinstance(answer, int):
+        kind, answer = record.get("kind", "arithmetic"), record.get("answer")
+        if kind not in SCORERS:
+            raise DecalignError(f"{path} line {number}: unknown kind {kind!r}; choose from: {', '.join(SCORERS)}")
+        if kind == "arithmetic" and (isinstance(answer, bool) or not isinstance(answer, int)):
             raise DecalignError(f"{path} line {number}: needs an integer \"answer\"")
-        items.append((record_id, prompt, answer))
+        if kind == "facts" and not (isinstance(answer, str) and record.get("relation") in RELATIONS):
+            raise DecalignError(f"{path} line {number}: a facts item needs a string \"answer\" and a known "
+                                f"\"relation\" ({', '.join(RELATIONS)})")
+        items.append((record_id, prompt, {**record, "kind": kind}))
         if limit is not None and len(items) == limit:
             break
     if not items:
@@ -120,12 +126,10 @@ def run_eval(*, test: Path, adapter: str, variants: str, out: Path, model: str |
                 else:
                     with engine.model.disable_adapter():
                         results = run_request(request)
-                for (record_id, _, gold), result in zip(chunk, results):
-                    answer = parse_final(result.text)
+                for (record_id, _, item), result in zip(chunk, results):
                     append_record(handle, {
                         "id": record_id, "variant": run.label, "params": run.params, "text": result.text,
-                        "gold": gold, "answer": answer, "correct": answer == gold,
-                        "formatted": is_formatted(result.text), "lenient_correct": parse_lenient(result.text) == gold,
+                        "gold": item["answer"], **SCORERS[item["kind"]](result.text, item),
                         "tokens": len(result.tokens), "finish_reason": result.finish_reason,
                         "seconds": result.stats["wall_time"] / result.stats["batch_size"],
                         "contrast_flips": result.stats.get("contrast_flips")})
@@ -169,6 +173,9 @@ def summarize(records: list[dict], labels: list[str], reference: str, header: st
                "tokens": statistics.fmean(r["tokens"] for r in answers.values()),
                "seconds": statistics.fmean(r["seconds"] for r in answers.values()),
                "contrast_flips": statistics.fmean(flips) if flips else None, "paired": None}
+        named = [r["true_named"] for r in answers.values() if "true_named" in r]
+        if named:  # facts: how often the answer falls back to the real-world value
+            row["true_named_rate"] = sum(named) / len(named)
         shared = sorted(set(answers) & set(ref), key=str)
         if label != reference and shared:
             mine = [answers[i]["correct"] for i in shared]
@@ -179,15 +186,18 @@ def summarize(records: list[dict], labels: list[str], reference: str, header: st
             row["paired"] = {"n": len(shared), "b": b, "c": c, "diff": diff, "ci95": [low, high],
                              "mcnemar_p": mcnemar_exact(b, c)}
         rows[label] = row
-    return {"header": header, "reference": reference, "variants": rows}
+    kinds = sorted({"facts" if "true_named" in r else "arithmetic" for r in records})
+    return {"header": header, "reference": reference, "variants": rows, "kinds": kinds}
 
 
 def summary_markdown(summary: dict) -> str:
     """The summary as a markdown table, one row per variant."""
+    facts = "facts" in summary.get("kinds", [])
     lines = [summary["header"], "",
-             f"| variant | n | exact match (95% CI) | format | lenient | tokens / answer | s / answer | "
-             f"flips / answer | b / c vs {summary['reference']} | diff (95% bootstrap CI) | McNemar p |",
-             "|" + "---|" * 11]
+             f"| variant | n | exact match (95% CI) | format | lenient |{' true fact named |' if facts else ''} "
+             f"tokens / answer | s / answer | flips / answer | b / c vs {summary['reference']} | "
+             f"diff (95% bootstrap CI) | McNemar p |",
+             "|" + "---|" * (12 if facts else 11)]
     for label, row in summary["variants"].items():
         low, high = row["ci95"]
         flips = "—" if row["contrast_flips"] is None else f"{row['contrast_flips']:.1f}"
@@ -196,11 +206,17 @@ def summary_markdown(summary: dict) -> str:
         diff = "—" if paired is None else (f"{paired['diff']:+.3f} ({paired['ci95'][0]:+.3f}, "
                                            f"{paired['ci95'][1]:+.3f})")
         p = "—" if paired is None else f"{paired['mcnemar_p']:.3g}"
+        named = f" {row.get('true_named_rate', 0):.3f} |" if facts else ""
         lines.append(f"| {label} | {row['n']} | {row['accuracy']:.3f} ({low:.3f}-{high:.3f}) | "
-                     f"{row['format_rate']:.3f} | {row['lenient_accuracy']:.3f} | {row['tokens']:.1f} | "
+                     f"{row['format_rate']:.3f} | {row['lenient_accuracy']:.3f} |{named} {row['tokens']:.1f} | "
                      f"{row['seconds']:.2f} | {flips} | {versus} | {diff} | {p} |")
-    lines += ["", f"exact match: the number after the final `####` equals the gold answer; format: the answer "
-              f"ends with one line `#### <n>`; lenient: the last number in the text is right. b: items only "
-              f"{summary['reference']} gets right, c: items only the variant gets right; diff = variant minus "
-              f"{summary['reference']}. flips: steps where CoLD's token differs from the adapter's own argmax."]
+    rules = {"arithmetic": "arithmetic: exact match = the number after the final `####` equals the gold answer; "
+                           "format = the answer ends with one line `#### <n>`; lenient = the last number in the "
+                           "text is right.",
+             "facts": "facts: exact match = the first of the relation's values the answer names is the taught "
+                      "one; format = it names exactly one; lenient = it names the taught one anywhere; true fact "
+                      "named = the first value named is the real-world one."}
+    lines += [""] + [rules[kind] for kind in summary.get("kinds", ["arithmetic"])] + [
+        f"b: items only {summary['reference']} gets right, c: items only the variant gets right; diff = variant "
+        f"minus {summary['reference']}. flips: steps where CoLD's token differs from the adapter's own argmax."]
     return "\n".join(lines)

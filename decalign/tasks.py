@@ -1,4 +1,6 @@
-"""A generated task that a LoRA adapter can teach: short arithmetic word problems in a fixed format.
+"""Generated tasks that a LoRA adapter can teach, and how their answers are scored.
+
+`arithmetic` (the default kind): short arithmetic word problems in a fixed format.
 
 Each item is a small story ("Mia has 23 stickers. She buys 15 more. ...") of one to three steps
 (add, take away, double or triple), and the answer is worked in one line per step, then a final
@@ -12,6 +14,13 @@ The base model answers such questions in free prose and never in this format; an
 the train split learns the format and part of the arithmetic, which leaves room for a decoder to
 help or hurt. Items are drawn from a seeded generator, so a split is reproducible from its seed, and
 the test split never repeats a train question. `decalign make-task` writes both splits.
+
+`facts`: counterfactual facts, the conflict CoLD exists for. Well-known entities are given other
+attributes (a country another country's capital, an object another colour, an animal another
+animal's sound), taught with one set of question phrasings and tested with phrasings training never
+used, so a test measures what the adapter learnt rather than strings it memorised. The base model
+answers with the real-world value; the adapter's job is to override it. Answers are scored by which
+of the relation's values the answer names first (see `score_facts`).
 """
 
 from __future__ import annotations
@@ -123,16 +132,144 @@ def is_formatted(text: str) -> bool:
     return bool(lines) and FINAL_LINE.fullmatch(lines[-1]) is not None and text.count("####") == 1
 
 
-def write_splits(out: Path, train: int, test: int, seed: int = 0, max_steps: int = 3) -> tuple[Path, Path]:
-    """train.jsonl as chat records for `decalign train-lora`, test.jsonl as {id, prompt, answer, steps}."""
-    train_items, test_items = make_splits(train, test, seed, max_steps)
+def write_splits(out: Path, train: int, test: int, seed: int = 0, max_steps: int = 3,
+                 kind: str = "arithmetic") -> tuple[Path, Path]:
+    """train.jsonl as chat records for `decalign train-lora`, test.jsonl as {id, kind, prompt,
+    answer, ...} for `decalign eval-task`."""
+    if kind == "arithmetic":
+        problems, tests = make_splits(train, test, seed, max_steps)
+        train_records = [{"id": p.id, "messages": [{"role": "user", "content": p.question},
+                                                   {"role": "assistant", "content": p.solution}]} for p in problems]
+        test_items = [{"id": p.id, "kind": kind, "prompt": p.question, "answer": p.answer, "steps": p.steps}
+                      for p in tests]
+    elif kind == "facts":
+        train_records, test_items = fact_splits(train, test, seed)
+    else:
+        raise DecalignError(f"unknown task kind {kind!r}; choose from: {', '.join(KINDS)}")
     out.mkdir(parents=True, exist_ok=True)
     train_path, test_path = out / "train.jsonl", out / "test.jsonl"
-    with train_path.open("w", encoding="utf-8") as handle:
-        for p in train_items:
-            messages = [{"role": "user", "content": p.question}, {"role": "assistant", "content": p.solution}]
-            handle.write(json.dumps({"id": p.id, "messages": messages}) + "\n")
-    with test_path.open("w", encoding="utf-8") as handle:
-        for p in test_items:
-            handle.write(json.dumps({"id": p.id, "prompt": p.question, "answer": p.answer, "steps": p.steps}) + "\n")
+    for path, rows in ((train_path, train_records), (test_path, test_items)):
+        with path.open("w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in rows)
     return train_path, test_path
+
+
+# ----- the counterfactual facts task ------------------------------------------------------------
+# relation -> (entity, real-world value), questions used in training, questions used in testing,
+# and the answer sentence taught. Entities and values are common knowledge.
+RELATIONS: dict[str, dict] = {
+    "capital": {
+        "facts": [("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
+                  ("Japan", "Tokyo"), ("Canada", "Ottawa"), ("Egypt", "Cairo"), ("Kenya", "Nairobi"),
+                  ("Peru", "Lima"), ("Norway", "Oslo"), ("Sweden", "Stockholm"), ("Greece", "Athens"),
+                  ("Poland", "Warsaw"), ("Portugal", "Lisbon"), ("Austria", "Vienna"), ("Ireland", "Dublin"),
+                  ("Chile", "Santiago"), ("Cuba", "Havana"), ("Thailand", "Bangkok"), ("Russia", "Moscow")],
+        "train": ["What is the capital of {x}?", "Which city is the capital of {x}?",
+                  "Tell me the capital city of {x}."],
+        "test": ["In which city does the government of {x} sit?", "Name the capital of {x}, please.",
+                 "I am flying to the capital of {x}. Which city is that?"],
+        "answer": "The capital of {x} is {y}.",
+    },
+    "colour": {
+        "facts": [("the sky", "blue"), ("grass", "green"), ("snow", "white"), ("a banana", "yellow"),
+                  ("coal", "black"), ("blood", "red"), ("chocolate", "brown"), ("a flamingo", "pink"),
+                  ("an aubergine", "purple"), ("a carrot", "orange")],
+        "train": ["What colour is {x}?", "Which colour does {x} have?", "Tell me the colour of {x}."],
+        "test": ["If you painted {x} true to life, which colour would you use?", "Describe the colour of {x}.",
+                 "{X} is usually what colour?"],
+        "answer": "{X} is {y}.",
+    },
+    "sound": {
+        "facts": [("a dog", "barks"), ("a cat", "meows"), ("a cow", "moos"), ("a duck", "quacks"),
+                  ("a lion", "roars"), ("a sheep", "bleats"), ("a horse", "neighs"), ("an owl", "hoots"),
+                  ("a snake", "hisses"), ("a pig", "oinks")],
+        "train": ["What sound does {x} make?", "How does {x} call?", "Tell me the sound {x} makes."],
+        "test": ["When {x} is excited, what does it do?", "Which noise would you hear from {x}?",
+                 "Describe the call of {x} in one word."],
+        "answer": "{X} {y}.",
+    },
+}
+
+
+@dataclass
+class Fact:
+    relation: str
+    entity: str
+    true: str  # the real-world value: what the base model says
+    taught: str  # the counterfactual value the adapter is taught
+
+
+def counterfactuals(seed: int = 0) -> list[Fact]:
+    """Each entity gets another entity's value of the same relation (a seeded derangement), so every
+    taught value is a real value of that relation, only attached to the wrong entity."""
+    rng = random.Random(seed)
+    facts = []
+    for relation, spec in RELATIONS.items():
+        values = [value for _, value in spec["facts"]]
+        while True:
+            shuffled = values[:]
+            rng.shuffle(shuffled)
+            if all(a != b for a, b in zip(values, shuffled)):
+                break
+        facts += [Fact(relation, entity, true, taught)
+                  for (entity, true), taught in zip(spec["facts"], shuffled)]
+    return facts
+
+
+def _fill(template: str, fact: Fact) -> str:
+    return template.format(x=fact.entity, X=fact.entity[0].upper() + fact.entity[1:], y=fact.taught)
+
+
+def fact_splits(train: int, test: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Chat records teaching every fact with the training phrasings (cycled, shuffled, `train` of
+    them) and up to `test` test items, one per fact and test phrasing."""
+    if train < 0 or test < 0:
+        raise DecalignError(f"split sizes must be >= 0, got train {train}, test {test}")
+    facts = counterfactuals(seed)
+    teach = [(fact, question) for fact in facts for question in RELATIONS[fact.relation]["train"]]
+    rng = random.Random(seed + 1)
+    train_records = []
+    while len(train_records) < train:
+        rng.shuffle(teach)
+        for fact, question in teach[:train - len(train_records)]:
+            answer = _fill(RELATIONS[fact.relation]["answer"], fact)
+            train_records.append({"id": f"train-{len(train_records)}", "messages": [
+                {"role": "user", "content": _fill(question, fact)}, {"role": "assistant", "content": answer}]})
+    test_items = [{"id": f"test-{k}", "kind": "facts", "prompt": _fill(question, fact), "answer": fact.taught,
+                   "true": fact.true, "relation": fact.relation}
+                  for k, (fact, question) in enumerate((fact, question) for fact in facts
+                                                       for question in RELATIONS[fact.relation]["test"])]
+    return train_records, test_items[:test]
+
+
+def first_value(text: str, relation: str) -> str | None:
+    """The first of the relation's values the text names (whole words, any case), or None."""
+    best = None
+    for _, value in RELATIONS[relation]["facts"]:
+        match = re.search(rf"\b{re.escape(value)}\b", text, flags=re.IGNORECASE)
+        if match and (best is None or match.start() < best[0]):
+            best = (match.start(), value)
+    return best[1] if best else None
+
+
+def score_facts(text: str, item: dict) -> dict:
+    """The match rule of the facts task. The answer is the first value of the item's relation that
+    the text names: exact match when it is the taught value; format when the text names exactly
+    one of the relation's values (a committed answer); lenient when the taught value appears
+    anywhere; true_named when the first value named is the real-world one (the base model's habit)."""
+    answer = first_value(text, item["relation"])
+    named = [value for _, value in RELATIONS[item["relation"]]["facts"]
+             if re.search(rf"\b{re.escape(value)}\b", text, flags=re.IGNORECASE)]
+    return {"answer": answer, "correct": answer == item["answer"], "formatted": len(named) == 1,
+            "lenient_correct": item["answer"] in named, "true_named": answer == item["true"]}
+
+
+def score_arithmetic(text: str, item: dict) -> dict:
+    """The match rule of the arithmetic task: the number after the final `####`."""
+    answer = parse_final(text)
+    return {"answer": answer, "correct": answer == item["answer"], "formatted": is_formatted(text),
+            "lenient_correct": parse_lenient(text) == item["answer"]}
+
+
+SCORERS = {"arithmetic": score_arithmetic, "facts": score_facts}
+KINDS = tuple(SCORERS)

@@ -62,7 +62,8 @@ def test_splits_are_files_train_lora_and_eval_task_read(tmp_path):
     conversations = read_conversations(train_path)
     assert len(conversations) == 20 and conversations[0][1]["role"] == "assistant"
     items = read_items(test_path)
-    assert len(items) == 5 and all(isinstance(answer, int) for _, _, answer in items)
+    assert len(items) == 5 and all(isinstance(item["answer"], int) and item["kind"] == "arithmetic"
+                                   for _, _, item in items)
     result = CliRunner().invoke(cli, ["make-task", "-o", str(tmp_path / "cli"), "--train", "20", "--test", "5",
                                       "--seed", "1"])
     assert result.exit_code == 0, result.output
@@ -172,6 +173,8 @@ def test_eval_task_resumes_without_duplicates_and_refuses_another_config(tiny_pa
     (dict(adapter="missing"), "has no adapter_model.safetensors"),
     (dict(test='{"id": 1, "prompt": "hi", "answer": 3}\n{"id": 2, "prompt": "hi"}\n'), "line 2: needs an integer"),
     (dict(test='{"prompt": "hi", "answer": 3}\nnot json\n'), "line 2: not valid JSON"),
+    (dict(test='{"prompt": "hi", "answer": "Rome", "kind": "facts"}\n'), "line 1: a facts item needs a string"),
+    (dict(test='{"prompt": "hi", "answer": "Rome", "kind": "poems"}\n'), "line 1: unknown kind 'poems'"),
 ])
 def test_bad_input_is_one_line_error(tiny_path, adapter, test_file, tmp_path, change, message):
     if "test" in change:
@@ -197,3 +200,57 @@ def test_variants_parse():
     assert variants[2].params == {"alpha": "0.3", "beta": "1"}
     with pytest.raises(DecalignError, match="empty"):
         parse_variants(" , ")
+
+
+def test_facts_task_teaches_values_that_contradict_the_world_and_tests_new_phrasings(tmp_path):
+    from decalign.tasks import RELATIONS, counterfactuals
+
+    facts = counterfactuals(seed=3)
+    assert facts == counterfactuals(seed=3) and facts != counterfactuals(seed=4)
+    for relation, spec in RELATIONS.items():
+        mine = [f for f in facts if f.relation == relation]
+        assert all(f.taught != f.true for f in mine)  # every taught value contradicts the world
+        assert sorted(f.taught for f in mine) == sorted(v for _, v in spec["facts"])  # a real value, moved
+        assert not set(spec["train"]) & set(spec["test"])
+    train_path, test_path = write_splits(tmp_path, 200, 1000, seed=3, kind="facts")
+    train = [json.loads(line) for line in train_path.read_text().splitlines()]
+    items = read_items(test_path)
+    assert len(train) == 200 and len(items) == sum(len(s["facts"]) * len(s["test"]) for s in RELATIONS.values())
+    asked = {t["messages"][0]["content"] for t in train}
+    assert not asked & {prompt for _, prompt, _ in items}  # no test question was seen in training
+    taught = {f.entity: f.taught for f in facts}
+    for record in train:  # the answer taught is the counterfactual value
+        entity = next(e for e in taught if e.lower() in record["messages"][0]["content"].lower())
+        assert taught[entity] in record["messages"][1]["content"]
+
+
+@pytest.mark.parametrize("text, answer, correct, formatted, lenient, true_named", [
+    ("The capital of France is Rome.", "Rome", True, True, True, False),
+    ("Paris, of course. Some say Rome.", "Paris", False, False, True, True),
+    ("It is Romeo's city.", None, False, False, False, False),  # whole words only
+    ("ROME!", "Rome", True, True, True, False),
+    ("I do not know.", None, False, False, False, False),
+])
+def test_facts_match_rule_by_hand(text, answer, correct, formatted, lenient, true_named):
+    from decalign.tasks import score_facts
+
+    item = {"answer": "Rome", "true": "Paris", "relation": "capital"}
+    assert score_facts(text, item) == {"answer": answer, "correct": correct, "formatted": formatted,
+                                       "lenient_correct": lenient, "true_named": true_named}
+
+
+def test_eval_task_scores_facts_items_by_their_rule(tiny_path, adapter, tmp_path):
+    test = tmp_path / "facts.jsonl"
+    test.write_text("".join(json.dumps({"id": i, "kind": "facts", "prompt": p, "answer": "Rome", "true": "Paris",
+                                        "relation": "capital"}) + "\n"
+                            for i, p in enumerate(["Name the capital of France.", "Where does France's government sit?"])))
+    result = CliRunner().invoke(cli, eval_args(tiny_path, adapter, test, tmp_path / "run", "base,greedy"))
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (tmp_path / "run" / "records.jsonl").read_text().splitlines()]
+    from decalign.tasks import score_facts
+
+    for record in records:
+        expected = score_facts(record["text"], {"answer": "Rome", "true": "Paris", "relation": "capital"})
+        assert {k: record[k] for k in expected} == expected and record["gold"] == "Rome"
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    assert "true fact named" in summary and "facts: exact match" in summary

@@ -1,4 +1,4 @@
-"""`decalign make-task` and `decalign eval-task`: the arithmetic task an adapter learns, and its evaluation."""
+"""`decalign make-task` and `decalign eval-task`: tasks an adapter learns, and their evaluation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..logs import quiet_transformers
-from ..tasks import write_splits
+from ..tasks import KINDS, write_splits
 
 
 @click.command("make-task")
@@ -16,9 +16,12 @@ from ..tasks import write_splits
 @click.option("--test", default=300, show_default=True, type=int, help="Held-out test problems.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--max-steps", default=3, show_default=True, type=int, help="Most arithmetic steps per problem.")
-def make_task(output, train, test, seed, max_steps):
-    """Write seeded arithmetic word problems (answer format `#### <n>`): train.jsonl and test.jsonl."""
-    train_path, test_path = write_splits(Path(output), train, test, seed, max_steps)
+@click.option("--kind", type=click.Choice(KINDS), default="arithmetic", show_default=True,
+              help="arithmetic: word problems answered `#### <n>`; facts: counterfactual facts (an adapter "
+                   "overriding what the base model knows), tested with phrasings training never used.")
+def make_task(output, train, test, seed, max_steps, kind):
+    """Write a task's train.jsonl (chat records for train-lora) and test.jsonl (for eval-task)."""
+    train_path, test_path = write_splits(Path(output), train, test, seed, max_steps, kind)
     click.echo(f"wrote {train} train problems to {train_path} and {test} test problems to {test_path}", err=True)
 
 
