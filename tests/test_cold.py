@@ -96,6 +96,16 @@ def test_beta_zero_or_alpha_one_is_greedy_with_the_adapter(adapted, params):
     assert [r.tokens for r in cold] == [r.tokens for r in greedy]
 
 
+def expert_and_base_logits(adapted, ids):
+    """The next-token logits after `ids` with the adapter and without it: two plain forwards."""
+    row = torch.tensor([ids])
+    with torch.no_grad():
+        s_e = adapted.model(row).logits[0, -1].float()
+        with adapted.model.disable_adapter():
+            s_a = adapted.model(row).logits[0, -1].float()
+    return s_e, s_a
+
+
 def test_cold_token_equals_a_hand_computation_from_two_forwards(tiny_path, adapter, adapted):
     alpha, beta = 0.1, 0.5
     (result,) = generate("Tell me how to bake bread", method="cold", model=adapted, max_new_tokens=12,
@@ -103,11 +113,7 @@ def test_cold_token_equals_a_hand_computation_from_two_forwards(tiny_path, adapt
     prompt = adapted.render("Tell me how to bake bread")
     flips, near_ties = 0, 0
     for step, token in enumerate(result.tokens):
-        row = torch.tensor([prompt + result.tokens[:step]])
-        with torch.no_grad():
-            s_e = adapted.model(row).logits[0, -1].float()
-            with adapted.model.disable_adapter():
-                s_a = adapted.model(row).logits[0, -1].float()
+        s_e, s_a = expert_and_base_logits(adapted, prompt + result.tokens[:step])
         keep = s_e >= math.log(alpha) + s_e.max()
         score = torch.where(keep, (1 + beta) * s_e - beta * s_a, torch.tensor(float("-inf")))
         top2 = score.topk(2).values
@@ -133,11 +139,7 @@ def test_gate_contrasts_only_where_the_adapter_is_unsure(adapted):
     ids = adapted.render(prompt)
     kinds = set()
     for step, token in enumerate(gated.tokens):
-        row = torch.tensor([ids + gated.tokens[:step]])
-        with torch.no_grad():
-            s_e = adapted.model(row).logits[0, -1].float()
-            with adapted.model.disable_adapter():
-                s_a = adapted.model(row).logits[0, -1].float()
+        s_e, s_a = expert_and_base_logits(adapted, ids + gated.tokens[:step])
         top2 = s_e.log_softmax(-1).topk(2).values
         if top2[0] - top2[1] >= gate:
             kinds.add("sure")
