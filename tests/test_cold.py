@@ -134,22 +134,24 @@ def test_gate_contrasts_only_where_the_adapter_is_unsure(adapted):
         greedy.tokens
     assert generate(prompt, method="cold", model=adapted, max_new_tokens=12, beta=1.0, gate=1e9)[0].tokens == \
         ungated.tokens
-    gate = 0.5
-    (gated,) = generate(prompt, method="cold", model=adapted, max_new_tokens=12, beta=1.0, gate=gate)
     ids = adapted.render(prompt)
+    first = expert_and_base_logits(adapted, ids)[0].log_softmax(-1).topk(2).values
+    margin = float(first[0] - first[1])  # the first step's: shared by every run from this prompt
     kinds = set()
-    for step, token in enumerate(gated.tokens):
-        s_e, s_a = expert_and_base_logits(adapted, ids + gated.tokens[:step])
-        top2 = s_e.log_softmax(-1).topk(2).values
-        if top2[0] - top2[1] >= gate:
-            kinds.add("sure")
-            assert token == int(s_e.argmax())
-        else:
-            kinds.add("unsure")
-            keep = s_e >= math.log(0.1) + s_e.max()
-            score = torch.where(keep, 2.0 * s_e - s_a, torch.tensor(float("-inf")))
-            best = score.topk(2).values
-            assert token == int(score.argmax()) or best[0] - best[1] < 1e-4
+    for gate in (margin / 2, margin * 2):  # the first step is sure under one gate and unsure under the other
+        (gated,) = generate(prompt, method="cold", model=adapted, max_new_tokens=12, beta=1.0, gate=gate)
+        for step, token in enumerate(gated.tokens):
+            s_e, s_a = expert_and_base_logits(adapted, ids + gated.tokens[:step])
+            top2 = s_e.log_softmax(-1).topk(2).values
+            if top2[0] - top2[1] >= gate:
+                kinds.add("sure")
+                assert token == int(s_e.argmax())
+            else:
+                kinds.add("unsure")
+                keep = s_e >= math.log(0.1) + s_e.max()
+                score = torch.where(keep, 2.0 * s_e - s_a, torch.tensor(float("-inf")))
+                best = score.topk(2).values
+                assert token == int(score.argmax()) or best[0] - best[1] < 1e-4
     assert kinds == {"sure", "unsure"}  # both kinds of step were checked
     with pytest.raises(DecalignError, match="gate must be >= 0"):
         generate(prompt, method="cold", model=adapted, gate=-1.0)

@@ -404,7 +404,7 @@ def test_its_hub_best_of_n_runs_against_the_server_unchanged(served):
             return self.score(messages)
 
     lm = OpenAICompatibleLanguageModel(endpoint=served + "/v1", api_key="unused", model_name="tiny",
-                                       temperature=0.8, max_tokens=8)
+                                       temperature=0.8, max_completion_tokens=8)
     result = BestOfN(LongestAnswer()).infer(lm, "Tell me about bread", budget=4, return_response_only=False)
     answers = [_content(response) for response in result.responses]
     assert len(answers) == 4 and len(set(answers)) > 1
