@@ -109,7 +109,7 @@ def expert_and_base_logits(adapted, ids):
 def test_cold_token_equals_a_hand_computation_from_two_forwards(tiny_path, adapter, adapted):
     alpha, beta = 0.1, 0.5
     (result,) = generate("Tell me how to bake bread", method="cold", model=adapted, max_new_tokens=12,
-                         alpha=alpha, beta=beta)
+                         alpha=alpha, beta=beta, gate=None)  # the paper's rule: every step contrasted
     prompt = adapted.render("Tell me how to bake bread")
     flips, near_ties = 0, 0
     for step, token in enumerate(result.tokens):
@@ -129,7 +129,7 @@ def test_gate_contrasts_only_where_the_adapter_is_unsure(adapted):
     the contrast. gate=0 is adapter greedy; a gate above every margin is the ungated rule."""
     prompt = "Tell me how to bake bread"
     (greedy,) = generate(prompt, model=adapted, max_new_tokens=12)
-    (ungated,) = generate(prompt, method="cold", model=adapted, max_new_tokens=12, beta=1.0)
+    (ungated,) = generate(prompt, method="cold", model=adapted, max_new_tokens=12, beta=1.0, gate=None)
     assert generate(prompt, method="cold", model=adapted, max_new_tokens=12, beta=1.0, gate=0.0)[0].tokens == \
         greedy.tokens
     assert generate(prompt, method="cold", model=adapted, max_new_tokens=12, beta=1.0, gate=1e9)[0].tokens == \

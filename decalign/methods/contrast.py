@@ -9,8 +9,9 @@ The step combines their raw next-token logits s_k with fixed weights w_k,
 of a head branch h (-inf elsewhere), picks argmax(score) (or draws from softmax(score / T) when
 temperature > 0), and appends the chosen token to every branch's row. With a `gate`, a step
 is contrasted only where the head branch is unsure (its two most likely tokens within `gate` nats);
-elsewhere the head branch's own choice stands, so a confident adapter is never overruled. Per-row constants (log Z)
-cancel in the argmax and the softmax, so raw logits and log-probabilities give the same tokens.
+elsewhere the head branch's own scores (on the plausible set) stand, so a confident adapter is never
+overruled. Per-row constants (log Z) cancel in the argmax and the softmax, so raw logits and
+log-probabilities give the same tokens.
 
 Configurations: cold.py (CoLD), contrastive.py (a separate amateur model), dexperts.py.
 """
@@ -113,7 +114,8 @@ class Contrast(Method):
         if self.config.gate is not None:  # confident steps keep the head branch's own distribution
             top2 = logits[self.head].float().log_softmax(-1).topk(2, dim=-1).values
             sure = (top2[:, 0] - top2[:, 1]) >= self.config.gate
-            score = torch.where(sure[:, None], logits[self.head].float(), score)
+            own = logits[self.head].float().masked_fill(~plausible, float("-inf"))
+            score = torch.where(sure[:, None], own, score)
         primary_rows = [primary.rows[p] for p in self.live]
         score = primary.batch.mask_early_eos(primary_rows, score)
         chosen = choose_tokens(score, self.config.sampling,
