@@ -75,8 +75,8 @@ def read_items(path: Path, limit: int | None = None) -> list[tuple[Any, Any, dic
             raise DecalignError(f"{path} line {number}: unknown kind {kind!r}; choose from: {', '.join(SCORERS)}")
         if kind == "arithmetic" and (isinstance(answer, bool) or not isinstance(answer, int)):
             raise DecalignError(f"{path} line {number}: needs an integer \"answer\"")
-        if kind == "facts" and not (isinstance(answer, str) and record.get("relation") in RELATIONS):
-            raise DecalignError(f"{path} line {number}: a facts item needs a string \"answer\" and a known "
+        if kind in ("facts", "style") and not (isinstance(answer, str) and record.get("relation") in RELATIONS):
+            raise DecalignError(f"{path} line {number}: a {kind} item needs a string \"answer\" and a known "
                                 f"\"relation\" ({', '.join(RELATIONS)})")
         items.append((record_id, prompt, {**record, "kind": kind}))
         if limit is not None and len(items) == limit:
@@ -129,7 +129,7 @@ def run_eval(*, test: Path, adapter: str, variants: str, out: Path, model: str |
                 for (record_id, _, item), result in zip(chunk, results):
                     append_record(handle, {
                         "id": record_id, "variant": run.label, "params": run.params, "text": result.text,
-                        "gold": item["answer"], **SCORERS[item["kind"]](result.text, item),
+                        "kind": item["kind"], "gold": item["answer"], **SCORERS[item["kind"]](result.text, item),
                         "tokens": len(result.tokens), "finish_reason": result.finish_reason,
                         "seconds": result.stats["wall_time"] / result.stats["batch_size"],
                         "contrast_flips": result.stats.get("contrast_flips")})
@@ -186,7 +186,7 @@ def summarize(records: list[dict], labels: list[str], reference: str, header: st
             row["paired"] = {"n": len(shared), "b": b, "c": c, "diff": diff, "ci95": [low, high],
                              "mcnemar_p": mcnemar_exact(b, c)}
         rows[label] = row
-    kinds = sorted({"facts" if "true_named" in r else "arithmetic" for r in records})
+    kinds = sorted({r.get("kind") or ("facts" if "true_named" in r else "arithmetic") for r in records})
     return {"header": header, "reference": reference, "variants": rows, "kinds": kinds}
 
 
@@ -215,7 +215,9 @@ def summary_markdown(summary: dict) -> str:
                            "text is right.",
              "facts": "facts: exact match = the first of the relation's values the answer names is the taught "
                       "one; format = it names exactly one; lenient = it names the taught one anywhere; true fact "
-                      "named = the first value named is the real-world one."}
+                      "named = the first value named is the real-world one.",
+             "style": "style: exact match = the whole answer is the line `Answer: <value>.` with the right value; "
+                      "format = it is that line; lenient = the first of the relation's values named is right."}
     lines += [""] + [rules[kind] for kind in summary.get("kinds", ["arithmetic"])] + [
         f"b: items only {summary['reference']} gets right, c: items only the variant gets right; diff = variant "
         f"minus {summary['reference']}. flips: steps where CoLD's token differs from the adapter's own argmax."]

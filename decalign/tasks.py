@@ -21,6 +21,10 @@ animal's sound), taught with one set of question phrasings and tested with phras
 used, so a test measures what the adapter learnt rather than strings it memorised. The base model
 answers with the real-world value; the adapter's job is to override it. Answers are scored by which
 of the relation's values the answer names first (see `score_facts`).
+
+`style`: the same questions with their real-world answers, taught in a house style the base model
+never uses (`Answer: Paris.`, one line, no prose): an adapter that changes how, not what. Scored by
+`score_style`.
 """
 
 from __future__ import annotations
@@ -142,8 +146,8 @@ def write_splits(out: Path, train: int, test: int, seed: int = 0, max_steps: int
                                                    {"role": "assistant", "content": p.solution}]} for p in problems]
         test_items = [{"id": p.id, "kind": kind, "prompt": p.question, "answer": p.answer, "steps": p.steps}
                       for p in tests]
-    elif kind == "facts":
-        train_records, test_items = fact_splits(train, test, seed)
+    elif kind in ("facts", "style"):
+        train_records, test_items = fact_splits(train, test, seed, kind)
     else:
         raise DecalignError(f"unknown task kind {kind!r}; choose from: {', '.join(KINDS)}")
     out.mkdir(parents=True, exist_ok=True)
@@ -220,22 +224,30 @@ def _fill(template: str, fact: Fact) -> str:
     return template.format(x=fact.entity, X=fact.entity[0].upper() + fact.entity[1:], y=fact.taught)
 
 
-def fact_splits(train: int, test: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+STYLE = "Answer: {y}."  # the house style: no prose, one line, whatever the base model's habit
+STYLE_LINE = re.compile(r"Answer: ([^\n.]+)\.")
+
+
+def fact_splits(train: int, test: int, seed: int = 0, kind: str = "facts") -> tuple[list[dict], list[dict]]:
     """Chat records teaching every fact with the training phrasings (cycled, shuffled, `train` of
-    them) and up to `test` test items, one per fact and test phrasing."""
+    them) and up to `test` test items, one per fact and test phrasing. kind "facts": the
+    counterfactual values in a plain sentence; kind "style": the real values in the house style
+    `Answer: <value>.`, where the base model answers in prose."""
     if train < 0 or test < 0:
         raise DecalignError(f"split sizes must be >= 0, got train {train}, test {test}")
     facts = counterfactuals(seed)
+    if kind == "style":
+        facts = [Fact(f.relation, f.entity, f.true, f.true) for f in facts]
     teach = [(fact, question) for fact in facts for question in RELATIONS[fact.relation]["train"]]
     rng = random.Random(seed + 1)
     train_records = []
     while len(train_records) < train:
         rng.shuffle(teach)
         for fact, question in teach[:train - len(train_records)]:
-            answer = _fill(RELATIONS[fact.relation]["answer"], fact)
+            answer = _fill(STYLE if kind == "style" else RELATIONS[fact.relation]["answer"], fact)
             train_records.append({"id": f"train-{len(train_records)}", "messages": [
                 {"role": "user", "content": _fill(question, fact)}, {"role": "assistant", "content": answer}]})
-    test_items = [{"id": f"test-{k}", "kind": "facts", "prompt": _fill(question, fact), "answer": fact.taught,
+    test_items = [{"id": f"test-{k}", "kind": kind, "prompt": _fill(question, fact), "answer": fact.taught,
                    "true": fact.true, "relation": fact.relation}
                   for k, (fact, question) in enumerate((fact, question) for fact in facts
                                                        for question in RELATIONS[fact.relation]["test"])]
@@ -264,6 +276,16 @@ def score_facts(text: str, item: dict) -> dict:
             "lenient_correct": item["answer"] in named, "true_named": answer == item["true"]}
 
 
+def score_style(text: str, item: dict) -> dict:
+    """The match rule of the house-style task: exact match when the whole answer is the one line
+    `Answer: <value>.` with the right value (any case); format when it is that line with any value;
+    lenient when the first of the relation's values it names is the right one, in any style."""
+    line = STYLE_LINE.fullmatch(text.strip())
+    given = line.group(1).strip() if line else None
+    return {"answer": given, "correct": given is not None and given.lower() == item["answer"].lower(),
+            "formatted": line is not None, "lenient_correct": first_value(text, item["relation"]) == item["answer"]}
+
+
 def score_arithmetic(text: str, item: dict) -> dict:
     """The match rule of the arithmetic task: the number after the final `####`."""
     answer = parse_final(text)
@@ -271,5 +293,5 @@ def score_arithmetic(text: str, item: dict) -> dict:
             "lenient_correct": parse_lenient(text) == item["answer"]}
 
 
-SCORERS = {"arithmetic": score_arithmetic, "facts": score_facts}
+SCORERS = {"arithmetic": score_arithmetic, "facts": score_facts, "style": score_style}
 KINDS = tuple(SCORERS)

@@ -254,3 +254,20 @@ def test_eval_task_scores_facts_items_by_their_rule(tiny_path, adapter, tmp_path
         assert {k: record[k] for k in expected} == expected and record["gold"] == "Rome"
     summary = (tmp_path / "run" / "summary.md").read_text()
     assert "true fact named" in summary and "facts: exact match" in summary
+
+
+def test_style_task_teaches_the_real_values_in_a_house_style(tmp_path):
+    from decalign.tasks import score_style
+
+    train_path, test_path = write_splits(tmp_path, 50, 1000, seed=0, kind="style")
+    train = [json.loads(line) for line in train_path.read_text().splitlines()]
+    assert all(t["messages"][1]["content"].startswith("Answer: ") for t in train)
+    items = read_items(test_path)
+    france = next(item for _, prompt, item in items if "France" in prompt)
+    assert france["answer"] == "Paris" and france["kind"] == "style"
+    assert score_style("Answer: paris.", france) == {"answer": "paris", "correct": True, "formatted": True,
+                                                     "lenient_correct": True}
+    assert score_style("The capital of France is Paris.", france) == {
+        "answer": None, "correct": False, "formatted": False, "lenient_correct": True}
+    assert score_style("Answer: Rome.", france)["formatted"] and not score_style("Answer: Rome.", france)["correct"]
+    assert not score_style("Answer: Paris.\nIt is lovely.", france)["formatted"]  # one line, nothing else

@@ -18,11 +18,13 @@ from ..tasks import KINDS, write_splits
 @click.option("--max-steps", default=3, show_default=True, type=int, help="Most arithmetic steps per problem.")
 @click.option("--kind", type=click.Choice(KINDS), default="arithmetic", show_default=True,
               help="arithmetic: word problems answered `#### <n>`; facts: counterfactual facts (an adapter "
-                   "overriding what the base model knows), tested with phrasings training never used.")
+                   "overriding what the base model knows); style: real facts in a house answer style the base "
+                   "model never uses. facts and style are tested with phrasings training never used.")
 def make_task(output, train, test, seed, max_steps, kind):
     """Write a task's train.jsonl (chat records for train-lora) and test.jsonl (for eval-task)."""
     train_path, test_path = write_splits(Path(output), train, test, seed, max_steps, kind)
-    click.echo(f"wrote {train} train problems to {train_path} and {test} test problems to {test_path}", err=True)
+    counts = [sum(1 for _ in path.open(encoding="utf-8")) for path in (train_path, test_path)]
+    click.echo(f"wrote {counts[0]} train records to {train_path} and {counts[1]} test items to {test_path}", err=True)
 
 
 @click.command("eval-task")
