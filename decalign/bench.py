@@ -18,9 +18,9 @@ from tqdm import tqdm
 
 from .api import run as run_request
 from .engine import get_engine
-from .models import DEFAULT_MODEL
 from .errors import DecalignError
 from .methods import get_method, parse_method_spec
+from .models import DEFAULT_MODEL
 from .records import append_record, check_run_config, environment, load_output, read_records
 from .request import Request
 from .rewards import Reward, load_reward

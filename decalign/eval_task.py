@@ -34,7 +34,7 @@ from .records import append_record, check_run_config, environment, load_output, 
 from .request import Request
 from .sampling import derive_seed
 from .stats import mcnemar_exact, paired_bootstrap, wilson
-from .tasks import RELATIONS, SCORERS
+from .tasks import RELATION_KINDS, RELATIONS, SCORERS
 
 BASE_LABEL = "base"
 
@@ -75,7 +75,7 @@ def read_items(path: Path, limit: int | None = None) -> list[tuple[Any, Any, dic
             raise DecalignError(f"{path} line {number}: unknown kind {kind!r}; choose from: {', '.join(SCORERS)}")
         if kind == "arithmetic" and (isinstance(answer, bool) or not isinstance(answer, int)):
             raise DecalignError(f"{path} line {number}: needs an integer \"answer\"")
-        if kind in ("facts", "style") and not (isinstance(answer, str) and record.get("relation") in RELATIONS):
+        if kind in RELATION_KINDS and not (isinstance(answer, str) and record.get("relation") in RELATIONS):
             raise DecalignError(f"{path} line {number}: a {kind} item needs a string \"answer\" and a known "
                                 f"\"relation\" ({', '.join(RELATIONS)})")
         items.append((record_id, prompt, {**record, "kind": kind}))

@@ -146,7 +146,7 @@ def write_splits(out: Path, train: int, test: int, seed: int = 0, max_steps: int
                                                    {"role": "assistant", "content": p.solution}]} for p in problems]
         test_items = [{"id": p.id, "kind": kind, "prompt": p.question, "answer": p.answer, "steps": p.steps}
                       for p in tests]
-    elif kind in ("facts", "style"):
+    elif kind in RELATION_KINDS:
         train_records, test_items = fact_splits(train, test, seed, kind)
     else:
         raise DecalignError(f"unknown task kind {kind!r}; choose from: {', '.join(KINDS)}")
@@ -254,14 +254,20 @@ def fact_splits(train: int, test: int, seed: int = 0, kind: str = "facts") -> tu
     return train_records, test_items[:test]
 
 
-def first_value(text: str, relation: str) -> str | None:
-    """The first of the relation's values the text names (whole words, any case), or None."""
-    best = None
+def named_values(text: str, relation: str) -> list[str]:
+    """The relation's values the text names (whole words, any case), in the order it first names them."""
+    found = []
     for _, value in RELATIONS[relation]["facts"]:
         match = re.search(rf"\b{re.escape(value)}\b", text, flags=re.IGNORECASE)
-        if match and (best is None or match.start() < best[0]):
-            best = (match.start(), value)
-    return best[1] if best else None
+        if match:
+            found.append((match.start(), value))
+    return [value for _, value in sorted(found)]
+
+
+def first_value(text: str, relation: str) -> str | None:
+    """The first of the relation's values the text names, or None."""
+    named = named_values(text, relation)
+    return named[0] if named else None
 
 
 def score_facts(text: str, item: dict) -> dict:
@@ -269,9 +275,8 @@ def score_facts(text: str, item: dict) -> dict:
     the text names: exact match when it is the taught value; format when the text names exactly
     one of the relation's values (a committed answer); lenient when the taught value appears
     anywhere; true_named when the first value named is the real-world one (the base model's habit)."""
-    answer = first_value(text, item["relation"])
-    named = [value for _, value in RELATIONS[item["relation"]]["facts"]
-             if re.search(rf"\b{re.escape(value)}\b", text, flags=re.IGNORECASE)]
+    named = named_values(text, item["relation"])
+    answer = named[0] if named else None
     return {"answer": answer, "correct": answer == item["answer"], "formatted": len(named) == 1,
             "lenient_correct": item["answer"] in named, "true_named": answer == item["true"]}
 
@@ -294,4 +299,5 @@ def score_arithmetic(text: str, item: dict) -> dict:
 
 
 SCORERS = {"arithmetic": score_arithmetic, "facts": score_facts, "style": score_style}
+RELATION_KINDS = ("facts", "style")  # the kinds built on RELATIONS: their items name a relation
 KINDS = tuple(SCORERS)

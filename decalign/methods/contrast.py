@@ -112,9 +112,10 @@ class Contrast(Method):
         score, plausible = contrast_scores(logits, [b.weight for b in self.parts], head=self.head,
                                            alpha=self.config.alpha)
         if self.config.gate is not None:  # confident steps keep the head branch's own distribution
-            top2 = logits[self.head].float().log_softmax(-1).topk(2, dim=-1).values
+            head = logits[self.head].float()
+            top2 = head.log_softmax(-1).topk(2, dim=-1).values
             sure = (top2[:, 0] - top2[:, 1]) >= self.config.gate
-            own = logits[self.head].float().masked_fill(~plausible, float("-inf"))
+            own = head.masked_fill(~plausible, float("-inf"))
             score = torch.where(sure[:, None], own, score)
         primary_rows = [primary.rows[p] for p in self.live]
         score = primary.batch.mask_early_eos(primary_rows, score)

@@ -156,10 +156,7 @@ class ChatCompletionRequest(GenerationOptions, ChatPrompt):
     @field_validator("top_logprobs", mode="before")
     @classmethod
     def up_to_20(cls, top_logprobs: Any) -> Any:
-        if top_logprobs is not None and (isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int)
-                                         or not 0 <= top_logprobs <= 20):
-            raise ValueError("top_logprobs must be an integer from 0 to 20")
-        return top_logprobs
+        return _count_or_none(top_logprobs, 20, "top_logprobs must be an integer from 0 to 20")
 
     @model_validator(mode="after")
     def top_needs_logprobs(self) -> "ChatCompletionRequest":
@@ -181,14 +178,18 @@ class CompletionRequest(GenerationOptions, TextPrompt):
     @field_validator("logprobs", mode="before")
     @classmethod
     def up_to_5(cls, logprobs: Any) -> Any:
-        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
-                                     or not 0 <= logprobs <= 5):
-            raise ValueError("logprobs must be an integer from 0 to 5 on /v1/completions")
-        return logprobs
+        return _count_or_none(logprobs, 5, "logprobs must be an integer from 0 to 5 on /v1/completions")
 
     @property
     def alternatives(self) -> int:
         return self.logprobs or 0
+
+
+def _count_or_none(value: Any, most: int, message: str) -> Any:
+    """`value` when it is None or an integer from 0 to `most` (not a bool); else ValueError(message)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= most):
+        raise ValueError(message)
+    return value
 
 
 RequestModel = TypeVar("RequestModel", bound=GenerationOptions)
