@@ -63,6 +63,14 @@ def test_embedder_dtype_and_feature_set_are_checked(tmp_path):
         HarmlessReward(dtype="int8")
     with pytest.raises(DecalignError, match="unknown feature set 'u,a'"):
         features(["hi"], ["hello"], feature_set="u,a")
+    from decalign.rewards.harmless_training import train_reward
+
+    pairs = tmp_path / "pairs.jsonl"
+    _synthetic_pairs(pairs, 8, seed=0)
+    with pytest.raises(DecalignError, match="nested cross-validation needs at least 2 folds"):
+        train_reward(pairs, tmp_path / "out", nested_folds=1, progress=False)
+    with pytest.raises(DecalignError, match="unknown feature set"):
+        train_reward(pairs, tmp_path / "out", feature_set="joined", progress=False)
 
 
 def test_shipped_head_meets_the_bar_and_its_card_is_train_rewards():
@@ -150,7 +158,8 @@ def test_train_reward_on_a_users_pairs_file_reloads(tmp_path, feature_set):
     out = tmp_path / "head"
     umask = os.umask(0o077)  # a strict umask: the written files must still be readable by all
     try:
-        report = train_reward(pairs, out, holdout=0.25, seed=3, epochs=100, progress=False, feature_set=feature_set)
+        report = train_reward(pairs, out, holdout=0.25, seed=3, epochs=100, progress=False, feature_set=feature_set,
+                              nested_folds=2)
     finally:
         os.umask(umask)
     assert report["train_pairs"] == 30 and report["heldout_pairs"] == 10
@@ -158,11 +167,14 @@ def test_train_reward_on_a_users_pairs_file_reloads(tmp_path, feature_set):
     assert report["heldout_prefix_accuracy"] >= 0.8 and set(report["heldout_prefix_accuracy_by_fraction"]) == {0.25, 0.5, 0.75}
     assert set(report["cv"]) == {0.001, 0.003, 0.01, 0.03, 0.1} and report["l2"] in report["cv"]
     assert report["speed"]["items_per_second"] > 0
+    nested = report["nested_cv"]  # the synthetic preference is easy: every outer fold should find it
+    assert nested["folds"] == 2 and len(nested["by_fold"]) == 2 and min(nested["by_fold"]) >= 0.8, nested
     for name in ("head.safetensors", "config.json", "MODEL_CARD.md"):
         assert (out / name).stat().st_mode & 0o777 == 0o644, name
     config = json.loads((out / "config.json").read_text())
     assert config["features"] == feature_set and config["input_dim"] == 4 * 384 + (384 if "joined" in feature_set else 1)
     card = (out / "MODEL_CARD.md").read_text()
+    assert "nested cross-validation of the whole recipe" in card and config["nested_cv"]["folds"] == 2
     assert "pairs.jsonl" in card and "## Speed" in card and "## Limitations" in card and "| chosen |" in card
 
     mine = HarmlessReward(path=out)

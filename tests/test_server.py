@@ -1,5 +1,6 @@
 """decalign serve: the real `openai` client against a server on a free loopback port, tiny model."""
 
+import json
 import socket
 import threading
 import time
@@ -123,6 +124,26 @@ def test_top_logprobs_list_the_policys_most_likely_tokens_at_each_position(clien
             assert item.logprob < values[-1] + 1e-4  # not listed: less likely than the k listed
 
 
+def test_streamed_logprobs_equal_the_unstreamed_ones(client):
+    """With stream=true the text still grows chunk by chunk, and each choice's logprobs (top ones too)
+    arrive whole once its answer is final: the same figures as without streaming, for chat and completions."""
+    request = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6, seed=4, temperature=0.9,
+                   n=2, logprobs=True, top_logprobs=2)
+    whole = client.chat.completions.create(**request)
+    chunks = list(client.chat.completions.create(stream=True, **request))
+    for choice in whole.choices:
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == choice.index]
+        assert "".join(c.delta.content or "" for c in mine) == choice.message.content
+        streamed = [item for c in mine if c.logprobs for item in c.logprobs.content]
+        assert [(i.token, i.logprob, [(t.token, t.logprob) for t in i.top_logprobs]) for i in streamed] == \
+            [(i.token, i.logprob, [(t.token, t.logprob) for t in i.top_logprobs]) for i in choice.logprobs.content]
+        assert sum(1 for c in mine if c.logprobs) == 1
+    legacy = dict(model="tiny", prompt="The answer is", max_tokens=5, temperature=0, logprobs=2)
+    whole = client.completions.create(**legacy).choices[0].logprobs
+    pieces = [c.choices[0].logprobs for c in client.completions.create(stream=True, **legacy) if c.choices and c.choices[0].logprobs]
+    assert len(pieces) == 1 and pieces[0] == whole
+
+
 def test_completions_give_the_legacy_logprobs_shape(client, engine):
     from decalign import generate
 
@@ -200,7 +221,6 @@ def test_extra_body_chooses_the_method(client):
     (dict(temperature=-1), 400, "temperature"),
     (dict(top_logprobs=3), 400, "top_logprobs needs logprobs=true"),
     (dict(logprobs=True, top_logprobs=21), 400, "top_logprobs must be an integer from 0 to 20"),
-    (dict(logprobs=True, stream=True), 400, "logprobs with stream=true is not supported yet"),
 ])
 def test_bad_requests_get_clear_4xx(client, kwargs, status, fragment):
     request = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
@@ -413,3 +433,37 @@ def test_its_hub_best_of_n_runs_against_the_server_unchanged(served):
 
 def _content(message) -> str:
     return message["content"] if isinstance(message, dict) else message.content
+
+
+def test_lm_eval_harness_local_chat_completions_runs_against_the_server_unchanged(served, client, tmp_path):
+    """lm-eval-harness's `local-chat-completions` model on a task of our own (a local JSONL, no hub):
+    every answer it records is the server's greedy answer to that question, and its metric is computed."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    questions = ["What is 2 + 3?", "Name a colour.", "Say hello.", "Is water wet?"]
+    data = tmp_path / "questions.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": "5"}) + "\n" for q in questions))
+    (tmp_path / "decalign_questions.yaml").write_text(
+        "task: decalign_questions\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: generate_until\n"
+        "doc_to_text: '{{question}}'\n"
+        "doc_to_target: '{{answer}}'\n"
+        "generation_kwargs:\n  until: ['\\n\\n']\n  max_gen_toks: 6\n  do_sample: false\n  temperature: 0\n"
+        "metric_list:\n  - metric: exact_match\n")
+    results = lm_eval.simple_evaluate(
+        model="local-chat-completions",
+        model_args=f"base_url={served}/v1/chat/completions,model=tiny,num_concurrent=2,max_retries=1",
+        tasks=["decalign_questions"], task_manager=TaskManager(include_path=str(tmp_path)),
+        apply_chat_template=True, log_samples=True)
+    samples = results["samples"]["decalign_questions"]
+    assert len(samples) == len(questions)
+    for sample in samples:
+        question = sample["doc"]["question"]
+        ours = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": question}],
+                                              max_tokens=6, temperature=0).choices[0].message.content
+        assert sample["resps"][0][0] == ours.split("\n\n")[0], question
+    assert "exact_match,none" in results["results"]["decalign_questions"]

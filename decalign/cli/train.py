@@ -37,25 +37,35 @@ from ..rewards.harmless_training import train_reward as train_reward_head
 @click.option("--features", "feature_set", type=click.Choice(list(FEATURE_SETS)), default=FEATURES, show_default=True,
               help="probe: the head's inputs (embeddings of the user turn u and answer a, then the answer's log length "
                    "or a third embedding of both joined).")
+@click.option("--nested-cv", default=0, show_default=True, type=int,
+              help="probe: also estimate the whole recipe's accuracy by nested cross-validation over all pairs, "
+                   "N folds by prompt (0: off); reported and written to the card, the head is unchanged.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--allow-empty-answers", is_flag=True,
               help="Accept pairs with an empty answer (HH-RLHF has some: raters preferred saying nothing).")
 def train_reward(pairs, output, method, holdout, validation, epochs, lr, rank, batch_size, evals_per_epoch, patience,
-                 feature_set, seed, allow_empty_answers):
+                 feature_set, nested_cv, seed, allow_empty_answers):
     """Train a reward on {messages, chosen, rejected} pairs; score with it as harmless:OUTPUT."""
     if not 0 < holdout < 1:
         raise DecalignError(f"--holdout must be between 0 and 1, got {holdout}")
+    if nested_cv and method != "probe":
+        raise DecalignError("--nested-cv is for --method probe (fine-tuning once per fold would take hours)")
     quiet_transformers()
     progress = sys.stderr.isatty()
     if method == "probe":
         report = train_reward_head(pairs, output, holdout=holdout, seed=seed, progress=progress,
-                                   allow_empty_answers=allow_empty_answers, feature_set=feature_set)
+                                   allow_empty_answers=allow_empty_answers, feature_set=feature_set,
+                                   nested_folds=nested_cv)
     else:
         report = train_reward_model(pairs, output, method=method, holdout=holdout, validation=validation, seed=seed,
                                     epochs=epochs, lr=lr, rank=rank, batch_size=batch_size, progress=progress,
                                     evals_per_epoch=evals_per_epoch, patience=patience,
                                     allow_empty_answers=allow_empty_answers)
     click.echo(json.dumps({k: v for k, v in report.items() if not isinstance(v, (list, dict))}, indent=2))
+    if report.get("nested_cv"):
+        nested = report["nested_cv"]
+        click.echo(f"nested cross-validation ({nested['folds']} folds by prompt): {nested['accuracy']:.3f} "
+                   f"± {nested['sd']:.3f}", err=True)
     click.echo(f"held-out pairwise accuracy {report['heldout_accuracy']:.3f} on {report['heldout_pairs']} pairs; "
                f"reward and model card in {output} (use it as harmless:{output})", err=True)
 

@@ -136,6 +136,12 @@ def model_card(pairs_path: Path, config: dict, report: dict, n_rows: int) -> str
         if config["features"] == JOINED else
         f"n = the answer's length in embedder tokens.\nFeatures: [u, a, u*a, |u-a|, log(1 + n) / {LOG_LENGTH_SCALE:g}]"
     )
+    nested = report.get("nested_cv")
+    nested = "" if not nested else (
+        f"\n- nested cross-validation of the whole recipe over all {n_rows} pairs ({nested['folds']} folds by prompt, "
+        f"the penalty chosen inside each): {nested['accuracy']:.3f} ± {nested['sd']:.3f} "
+        f"(folds: {', '.join(f'{a:.3f}' for a in nested['by_fold'])})"
+    )
     return f"""# Harmlessness reward head (decalign `harmless`)
 
 A Bradley-Terry reward: a {head} head over all-MiniLM-L6-v2 sentence embeddings
@@ -158,7 +164,7 @@ preference; pairs whose two cut answers are identical are dropped ({config['trai
 ## Results (pairwise accuracy: score(chosen) > score(rejected))
 - held-out, full answers: {held}
 - held-out, prefix pairs: {held_prefix} (by fraction: {by_fraction or 'n/a'})
-- train, full answers: {report['train_accuracy']:.3f}; train, prefix pairs: {_pct(report['train_prefix_accuracy'])}
+- train, full answers: {report['train_accuracy']:.3f}; train, prefix pairs: {_pct(report['train_prefix_accuracy'])}{nested}
 
 ## Recipe
 Loss -logsigmoid(r_chosen - r_rejected) + l2 * ||W||^2 over the training pairs and their prefix pairs,

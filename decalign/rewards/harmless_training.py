@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -173,6 +174,7 @@ def train_reward(
     progress: bool = True,
     allow_empty_answers: bool = False,
     feature_set: str = FEATURES,
+    nested_folds: int = 0,
 ) -> dict:
     """Train a harmlessness head on a pairs JSONL and save it (head.safetensors, config.json, MODEL_CARD.md).
 
@@ -190,6 +192,9 @@ def train_reward(
     `feature_set`: one of FEATURE_SETS (the default: embeddings of the user turn and the answer and
     the answer's log length; JOINED adds the two embedded together instead of the length, a third
     embedder pass that nested cross-validation found no better on HH-RLHF harmless, docs/rewards.md).
+    `nested_folds` >= 2: also estimate the whole recipe's accuracy by nested cross-validation over all
+    pairs, split by prompt (each outer fold scored by a head whose penalty was chosen without it):
+    the honest figure for a recipe chosen by looking at results; the written head is unchanged.
     `measure`: time the new reward's scoring speed for the model card.
     Returns a report: pair counts, train and held-out accuracies on full answers and on prefix
     pairs, the cross-validation table, the chosen l2 and example scores.
@@ -198,6 +203,8 @@ def train_reward(
         raise DecalignError(f"holdout must be in [0, 1), got {holdout}")
     if feature_set not in FEATURE_SETS:
         raise DecalignError(f"unknown feature set {feature_set!r}; choose from: {', '.join(FEATURE_SETS)}")
+    if nested_folds == 1 or nested_folds < 0:
+        raise DecalignError(f"nested cross-validation needs at least 2 folds (0: off), got {nested_folds}")
     fractions = sorted({float(f) for f in prefix_fractions})
     if any(not 0.0 < f < 1.0 for f in fractions):
         raise DecalignError(f"prefix fractions must be in (0, 1), got {list(prefix_fractions)}")
@@ -241,30 +248,50 @@ def train_reward(
         return _accuracy(head, xc[full], xr[full]), _accuracy(head, xc[pre], xr[pre])
 
     l2_grid = [float(l2)] if isinstance(l2, (int, float)) else [float(v) for v in l2]
-    cv = {}
     k_folds = min(int(folds), len(train_idx))
-    if len(l2_grid) > 1:
-        if k_folds < 2:
-            raise DecalignError(f"choosing l2 by cross-validation needs folds >= 2, got {folds}")
-        shuffled = list(train_idx)
+    if len(l2_grid) > 1 and k_folds < 2:
+        raise DecalignError(f"choosing l2 by cross-validation needs folds >= 2, got {folds}")
+
+    def choose_l2(pair_ids) -> tuple[float, dict]:
+        """The penalty of the best k-fold cross-validated full-answer accuracy over `pair_ids`, and the table."""
+        if len(l2_grid) == 1:
+            return l2_grid[0], {}
+        shuffled = list(pair_ids)
         random.Random(seed + 1).shuffle(shuffled)
         parts = [shuffled[i::k_folds] for i in range(k_folds)]
+        table = {}
         for value in l2_grid:
             full_acc, prefix_acc = [], []
             for i, val in enumerate(parts):
-                head = fit([p for j, part in enumerate(parts) if j != i for p in part], value)
-                f_acc, p_acc = scores(head, val)
+                f_acc, p_acc = scores(fit([p for j, part in enumerate(parts) if j != i for p in part], value), val)
                 full_acc.append(f_acc)
                 if p_acc == p_acc:  # not nan
                     prefix_acc.append(p_acc)
-            cv[value] = {
-                "full": sum(full_acc) / len(full_acc),
-                "full_sd": (sum((a - sum(full_acc) / len(full_acc)) ** 2 for a in full_acc) / len(full_acc)) ** 0.5,
-                "prefix": sum(prefix_acc) / len(prefix_acc) if prefix_acc else float("nan"),
+            table[value] = {
+                "full": statistics.fmean(full_acc),
+                "full_sd": statistics.pstdev(full_acc),
+                "prefix": statistics.fmean(prefix_acc) if prefix_acc else float("nan"),
             }
-        best_l2 = max(l2_grid, key=lambda v: (round(cv[v]["full"], 6), v))  # ties: the stronger penalty
-    else:
-        best_l2 = l2_grid[0]
+        return max(l2_grid, key=lambda v: (round(table[v]["full"], 6), v)), table  # ties: the stronger penalty
+
+    best_l2, cv = choose_l2(train_idx)
+    nested = None
+    if nested_folds:  # the whole recipe (penalty choice included) scored on prompts it never saw
+        groups = sorted({prompt_key(r["prompt"]) for r in rows})
+        random.Random(seed + 2).shuffle(groups)
+        fold_of = {key: i % nested_folds for i, key in enumerate(groups)}
+        outer = [[i for i, r in enumerate(rows) if fold_of[prompt_key(r["prompt"])] == f] for f in range(nested_folds)]
+        if len(groups) < nested_folds:
+            raise DecalignError(f"nested cross-validation in {nested_folds} folds needs as many prompts; the pairs have {len(groups)}")
+        accuracies, penalties = [], []
+        for f in tqdm(range(nested_folds), desc="nested cross-validation", unit="fold", file=sys.stderr,
+                      disable=not progress):
+            others = [i for g in range(nested_folds) if g != f for i in outer[g]]
+            value, _ = choose_l2(others)
+            accuracies.append(scores(fit(others, value), outer[f])[0])
+            penalties.append(value)
+        nested = {"folds": nested_folds, "accuracy": statistics.fmean(accuracies), "sd": statistics.pstdev(accuracies),
+                  "by_fold": accuracies, "l2": penalties}
     head = fit(train_idx, best_l2)
     train_accuracy, train_prefix_accuracy = scores(head, train_idx)
     heldout_accuracy, heldout_prefix_accuracy = scores(head, held_idx) if n_held else (float("nan"), float("nan"))
@@ -299,6 +326,9 @@ def train_reward(
         "train_accuracy": round(train_accuracy, 4),
         "heldout_accuracy": None if n_held == 0 else round(heldout_accuracy, 4),
         "heldout_prefix_accuracy": None if n_held == 0 else round(heldout_prefix_accuracy, 4),
+        "nested_cv": None if nested is None else {
+            "folds": nested["folds"], "accuracy": round(nested["accuracy"], 4), "sd": round(nested["sd"], 4),
+            "by_fold": [round(a, 4) for a in nested["by_fold"]], "l2": nested["l2"]},
     }
     with staged_folder(out) as staging:  # an interrupted run leaves the previous head
         written = [staging / "head.safetensors", staging / "config.json", staging / "MODEL_CARD.md"]
@@ -317,6 +347,7 @@ def train_reward(
             "heldout_prefix_accuracy_by_fraction": heldout_by_fraction,
             "l2": best_l2,
             "cv": cv,
+            "nested_cv": nested,
             "embed_seconds": embed_seconds,
             "seconds": time.perf_counter() - start,
             "out_dir": str(out),

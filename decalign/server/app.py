@@ -161,14 +161,14 @@ def pending_request(state: ServerState, body: GenerationOptions, prompt: Prompt,
 
 
 async def respond(request: Request, state: ServerState, body: GenerationOptions, prompt: Prompt, chat: bool):
-    if body.stream and body.logprobs not in (None, False):
-        raise ApiError(400, "logprobs with stream=true is not supported yet", param="logprobs")
     pending = pending_request(state, body, prompt, chat)
     state.scheduler.submit(pending)
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     if body.stream:
-        return StreamingResponse(stream_events(request, state, pending, ident, created),
+        wants_logprobs = bool(body.logprobs) if chat else body.logprobs is not None
+        return StreamingResponse(stream_events(request, state, pending, ident, created,
+                                               logprobs=wants_logprobs, offset=0 if chat else len(prompt)),
                                  media_type="text/event-stream")
     results = await wait(request, pending, state.config.timeout)
     head = dict(id=ident, created=created, model=state.config.model_name)
@@ -201,15 +201,19 @@ async def wait(request: Request, pending: PendingRequest, timeout: float) -> lis
 
 
 async def stream_events(request: Request, state: ServerState, pending: PendingRequest, ident: str,
-                        created: int) -> AsyncIterator[str]:
-    """Server-sent events: the committed text as it grows, then the finish reason, usage and alignment."""
+                        created: int, *, logprobs: bool = False, offset: int = 0) -> AsyncIterator[str]:
+    """Server-sent events: the committed text as it grows, then the finish reason, usage and alignment.
+
+    With `logprobs`, each choice's token log-probabilities come in one chunk of their own once its
+    answer is final (empty text): a streamed method such as CARDS or SMC may still replace the
+    tokens behind text it has not committed, so per-piece figures could name tokens that never stand."""
     head = dict(id=ident, created=created, model=state.config.model_name)
 
-    def chunk(index: int, delta: str | None, reason: str | None = None, **last: Any) -> str:
+    def chunk(index: int, delta: str | None, reason: str | None = None, scores: Any = None, **last: Any) -> str:
         if pending.chat:
-            choice = ChatChunkChoice(index=index, delta=ChatDelta(content=delta), finish_reason=reason)
+            choice = ChatChunkChoice(index=index, delta=ChatDelta(content=delta), logprobs=scores, finish_reason=reason)
             return event(ChatCompletionChunk(**head, choices=[choice], **last).model_dump(mode="json"))
-        choice = TextChoice(index=index, text=delta or "", finish_reason=reason)
+        choice = TextChoice(index=index, text=delta or "", logprobs=scores, finish_reason=reason)
         return event(CompletionChunk(**head, choices=[choice], **last).model_dump(mode="json"))
 
     choices = len(pending.decoding.prompts)
@@ -253,6 +257,12 @@ async def stream_events(request: Request, state: ServerState, pending: PendingRe
         for index, result in enumerate(results):
             if (piece := grown(index, result.text)) is not None:
                 yield piece
+        if logprobs:
+            tops = pending.top_tokens or [None] * len(results)
+            for index, (result, top) in enumerate(zip(results, tops)):
+                scores = (token_logprobs(state.engine, result, top) if pending.chat
+                          else completion_logprobs(state.engine, result, top, offset=offset))
+                yield chunk(index, "", scores=scores)
         for index, result in enumerate(results):
             last = dict(usage=answer_usage(state.engine, pending, results), alignment=alignment_info(results[0])) \
                 if index == len(results) - 1 else {}

@@ -288,6 +288,7 @@ class ChatDelta(OmitsNone):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 
