@@ -34,7 +34,7 @@ from .records import append_record, check_run_config, environment, load_output, 
 from .request import Request
 from .sampling import derive_seed
 from .stats import mcnemar_exact, paired_bootstrap, wilson
-from .tasks import RELATION_KINDS, RELATIONS, SCORERS
+from .tasks import INTEGER_KINDS, RELATION_KINDS, RELATIONS, SCORERS
 
 BASE_LABEL = "base"
 
@@ -73,7 +73,7 @@ def read_items(path: Path, limit: int | None = None) -> list[tuple[Any, Any, dic
         kind, answer = record.get("kind", "arithmetic"), record.get("answer")
         if kind not in SCORERS:
             raise DecalignError(f"{path} line {number}: unknown kind {kind!r}; choose from: {', '.join(SCORERS)}")
-        if kind == "arithmetic" and (isinstance(answer, bool) or not isinstance(answer, int)):
+        if kind in INTEGER_KINDS and (isinstance(answer, bool) or not isinstance(answer, int)):
             raise DecalignError(f"{path} line {number}: needs an integer \"answer\"")
         if kind in RELATION_KINDS and not (isinstance(answer, str) and record.get("relation") in RELATIONS):
             raise DecalignError(f"{path} line {number}: a {kind} item needs a string \"answer\" and a known "
@@ -213,6 +213,7 @@ def summary_markdown(summary: dict) -> str:
     rules = {"arithmetic": "arithmetic: exact match = the number after the final `####` equals the gold answer; "
                            "format = the answer ends with one line `#### <n>`; lenient = the last number in the "
                            "text is right.",
+             "cot": "cot: scored as arithmetic (the number after the final `####`; the last number, leniently).",
              "facts": "facts: exact match = the first of the relation's values the answer names is the taught "
                       "one; format = it names exactly one; lenient = it names the taught one anywhere; true fact "
                       "named = the first value named is the real-world one.",

@@ -22,6 +22,12 @@ used, so a test measures what the adapter learnt rather than strings it memorise
 answers with the real-world value; the adapter's job is to override it. Answers are scored by which
 of the relation's values the answer names first (see `score_facts`).
 
+`cot`: chain-of-thought word problems, the paper's own setting (GSM8K) on a small scale: four
+families of two- to four-step problems (change after shopping, sharing after keeping some, pages
+read at two rates, stock left after two days' sales), answered in sentences that show each step's
+arithmetic and then `#### <n>`. Each family is asked with two phrasings in training and two others
+in testing. Scored like `arithmetic`.
+
 `style`: the same questions with their real-world answers, taught in a house style the base model
 never uses (`Answer: Paris.`, one line, no prose): an adapter that changes how, not what. Scored by
 `score_style`.
@@ -140,8 +146,9 @@ def write_splits(out: Path, train: int, test: int, seed: int = 0, max_steps: int
                  kind: str = "arithmetic") -> tuple[Path, Path]:
     """train.jsonl as chat records for `decalign train-lora`, test.jsonl as {id, kind, prompt,
     answer, ...} for `decalign eval-task`."""
-    if kind == "arithmetic":
-        problems, tests = make_splits(train, test, seed, max_steps)
+    if kind in INTEGER_KINDS:
+        problems, tests = make_splits(train, test, seed, max_steps) if kind == "arithmetic" else \
+            make_cot_splits(train, test, seed)
         train_records = [{"id": p.id, "messages": [{"role": "user", "content": p.question},
                                                    {"role": "assistant", "content": p.solution}]} for p in problems]
         test_items = [{"id": p.id, "kind": kind, "prompt": p.question, "answer": p.answer, "steps": p.steps}
@@ -156,6 +163,129 @@ def write_splits(out: Path, train: int, test: int, seed: int = 0, max_steps: int
         with path.open("w", encoding="utf-8") as handle:
             handle.writelines(json.dumps(row) + "\n" for row in rows)
     return train_path, test_path
+
+
+# ----- the chain-of-thought word problems task --------------------------------------------------
+# GSM8K's setting on a small scale: multi-step problems of four families, each asked with two
+# phrasings in training and two others in testing, answered in sentences that show every step's
+# arithmetic, then `#### <n>`. One (train phrasings, test phrasings, draw) triple per family;
+# draw(rng) -> (values for the phrasings, the worked sentences, the answer).
+GOODS = ["pens", "notebooks", "tickets", "candles", "cups", "plants", "scarves", "batteries"]
+
+
+def _shopping(rng: random.Random) -> tuple[dict, list[str], int]:
+    first, second = rng.sample(GOODS, 2)
+    a, p, b, q = rng.randint(2, 9), rng.randint(2, 12), rng.randint(2, 9), rng.randint(2, 12)
+    spent = a * p + b * q
+    bill = next(note for note in (20, 50, 100, 200) if note > spent)
+    lines = [f"{a} {first} cost {a} * {p} = {a * p} dollars.", f"{b} {second} cost {b} * {q} = {b * q} dollars.",
+             f"Together they cost {a * p} + {b * q} = {spent} dollars.",
+             f"The change is {bill} - {spent} = {bill - spent} dollars."]
+    return dict(first=first, second=second, a=a, p=p, b=b, q=q, bill=bill), lines, bill - spent
+
+
+def _sharing(rng: random.Random) -> tuple[dict, list[str], int]:
+    m, each, keep = rng.randint(2, 9), rng.randint(2, 15), rng.randint(1, 20)
+    n, rest = keep + m * each, m * each
+    lines = [f"After keeping {keep}, {n} - {keep} = {rest} are shared.", f"Each friend gets {rest} / {m} = {each}."]
+    return dict(n=n, keep=keep, m=m), lines, each
+
+
+def _reading(rng: random.Random) -> tuple[dict, list[str], int]:
+    p, d, q, e = rng.randint(5, 40), rng.randint(2, 9), rng.randint(5, 40), rng.randint(2, 9)
+    lines = [f"{d} days at {p} pages a day is {d} * {p} = {d * p} pages.",
+             f"{e} days at {q} pages a day is {e} * {q} = {e * q} pages.",
+             f"In all that is {d * p} + {e * q} = {d * p + e * q} pages."]
+    return dict(p=p, d=d, q=q, e=e), lines, d * p + e * q
+
+
+def _stock(rng: random.Random) -> tuple[dict, list[str], int]:
+    a = rng.randint(3, 40)
+    n = 3 * a + rng.randint(1, 200)
+    lines = [f"On Tuesday the shop sells 2 * {a} = {2 * a}.", f"In the two days it sells {a} + {2 * a} = {3 * a}.",
+             f"So {n} - {3 * a} = {n - 3 * a} are left."]
+    return dict(n=n, a=a), lines, n - 3 * a
+
+
+COT_FAMILIES: dict[str, tuple[list[str], list[str], object]] = {
+    "shopping": (
+        ["{name} buys {a} {first} for {p} dollars each and {b} {second} for {q} dollars each, and pays with a "
+         "{bill}-dollar note. How much change does {he} get back?",
+         "At the market, {name} gets {a} {first} at {p} dollars apiece and {b} {second} at {q} dollars apiece. "
+         "{He} hands over {bill} dollars. What change should {he} receive?"],
+        ["{First} cost {p} dollars each and {second} cost {q} dollars each. {name} takes {a} {first} and {b} "
+         "{second} to the till and pays {bill} dollars. How many dollars come back as change?",
+         "With a {bill}-dollar note, {name} pays for {a} {first} (priced at {p} dollars each) and {b} {second} "
+         "(priced at {q} dollars each). Work out the change."],
+        _shopping),
+    "sharing": (
+        ["{name} has {n} {things}. {He} keeps {keep} and shares the rest equally among {m} friends. How many "
+         "{things} does each friend get?",
+         "There are {n} {things} in {name}'s bag. After keeping {keep}, {he} splits the others evenly between "
+         "{m} friends. How many does each friend receive?"],
+        ["{m} friends will share {name}'s {things} equally, but first {name} puts {keep} of the {n} {things} "
+         "aside. How many {things} will each friend have?",
+         "Out of {n} {things}, {name} saves {keep} and hands out the remainder in equal parts to {m} friends. "
+         "What is each part?"],
+        _sharing),
+    "reading": (
+        ["{name} reads {p} pages a day for {d} days, then {q} pages a day for {e} days. How many pages does {he} "
+         "read in all?",
+         "For {d} days {name} reads {p} pages daily; for the next {e} days {he} reads {q} pages daily. How many "
+         "pages is that altogether?"],
+        ["A book club asks {name} to log pages: {p} each day for {d} days, and {q} each day for {e} more days. "
+         "What total should {he} log?",
+         "How many pages has {name} finished if {he} read {p} pages on each of {d} days and {q} pages on each of "
+         "{e} days?"],
+        _reading),
+    "stock": (
+        ["A shop has {n} {things}. It sells {a} on Monday and twice as many on Tuesday. How many {things} are "
+         "left?",
+         "There are {n} {things} in a store. {a} are sold on Monday, and on Tuesday the store sells double that. "
+         "How many remain?"],
+        ["By Tuesday night, how many of a store's {n} {things} are unsold if it sold {a} on Monday and twice "
+         "Monday's number on Tuesday?",
+         "Monday's sales were {a} {things}; Tuesday's were two times Monday's. The shop started with {n}. What "
+         "is left?"],
+        _stock),
+}
+
+
+def make_cot_problem(rng: random.Random, item_id: str, split: str) -> Problem:
+    """One chain-of-thought problem of a random family, in one of `split`'s ("train"/"test") phrasings."""
+    family = rng.choice(sorted(COT_FAMILIES))
+    train_phrasings, test_phrasings, draw = COT_FAMILIES[family]
+    values, lines, answer = draw(rng)
+    name, he, _ = rng.choice(NAMES)
+    things = rng.choice(THINGS)
+    fill = dict(values, name=name, he=he, He=he.capitalize(), things=things)
+    fill.update({key.capitalize(): value.capitalize() for key, value in values.items() if isinstance(value, str)})
+    question = rng.choice(train_phrasings if split == "train" else test_phrasings).format(**fill)
+    return Problem(item_id, question, "\n".join(lines + [f"#### {answer}"]), answer, len(lines))
+
+
+def make_cot_splits(train: int, test: int, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
+    """Train problems in the training phrasings, test problems in the others; no question repeats."""
+    if train < 0 or test < 0:
+        raise DecalignError(f"split sizes must be >= 0, got train {train}, test {test}")
+    rng = random.Random(seed)
+    seen: set[str] = set()
+
+    def draw(count: int, split: str) -> list[Problem]:
+        items: list[Problem] = []
+        for _ in range(50 * count + 1000):
+            if len(items) == count:
+                break
+            problem = make_cot_problem(rng, f"{split}-{len(items)}", split)
+            if problem.question not in seen:
+                seen.add(problem.question)
+                items.append(problem)
+        if len(items) < count:
+            raise DecalignError(f"cannot draw {count} distinct {split} problems; ask for fewer")
+        return items
+
+    test_items = draw(test, "test")  # drawn first: a test split does not depend on the train size
+    return draw(train, "train"), test_items
 
 
 # ----- the counterfactual facts task ------------------------------------------------------------
@@ -298,6 +428,7 @@ def score_arithmetic(text: str, item: dict) -> dict:
             "lenient_correct": parse_lenient(text) == item["answer"]}
 
 
-SCORERS = {"arithmetic": score_arithmetic, "facts": score_facts, "style": score_style}
+SCORERS = {"arithmetic": score_arithmetic, "cot": score_arithmetic, "facts": score_facts, "style": score_style}
+INTEGER_KINDS = ("arithmetic", "cot")  # the kinds answered `#### <n>`: their items hold an integer answer
 RELATION_KINDS = ("facts", "style")  # the kinds built on RELATIONS: their items name a relation
 KINDS = tuple(SCORERS)

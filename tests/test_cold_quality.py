@@ -13,7 +13,7 @@ from decalign import DecalignError, Engine, generate
 from decalign.cli import cli
 from decalign.eval_task import mcnemar_exact, paired_bootstrap, parse_variants, read_items, wilson
 from decalign.lora import read_conversations
-from decalign.tasks import is_formatted, make_splits, parse_final, parse_lenient, write_splits
+from decalign.tasks import SCORERS, is_formatted, make_splits, parse_final, parse_lenient, write_splits
 from decalign.testing import make_tiny_adapter
 
 
@@ -271,3 +271,38 @@ def test_style_task_teaches_the_real_values_in_a_house_style(tmp_path):
         "answer": None, "correct": False, "formatted": False, "lenient_correct": True}
     assert score_style("Answer: Rome.", france)["formatted"] and not score_style("Answer: Rome.", france)["correct"]
     assert not score_style("Answer: Paris.\nIt is lovely.", france)["formatted"]  # one line, nothing else
+
+
+def _template_regex(template: str) -> "re.Pattern":
+    return re.compile("".join(".+?" if part.startswith("{") else re.escape(part)
+                              for part in re.split(r"(\{\w+\})", template)))
+
+
+def test_cot_problems_show_true_steps_in_phrasings_training_never_saw(tmp_path):
+    from decalign.tasks import COT_FAMILIES, make_cot_splits
+
+    train, test = make_cot_splits(400, 200, seed=2)
+    assert (train, test) == make_cot_splits(400, 200, seed=2) and make_cot_splits(10, 200, seed=2)[1] == test
+    assert not {p.question for p in train} & {p.question for p in test}
+    phrasings = {split: [_template_regex(t) for train_t, test_t, _ in COT_FAMILIES.values()
+                         for t in (train_t if split == "train" else test_t)] for split in ("train", "test")}
+    for split, problems in (("train", train), ("test", test)):
+        other = "test" if split == "train" else "train"
+        for problem in problems:  # asked in its own split's phrasings, never in the other's
+            assert any(r.fullmatch(problem.question) for r in phrasings[split]), problem.question
+            assert not any(r.fullmatch(problem.question) for r in phrasings[other]), problem.question
+    steps = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
+    for problem in train + test:
+        *work, final = problem.solution.splitlines()
+        assert final == f"#### {problem.answer}" and problem.answer > 0 and len(work) == problem.steps >= 2
+        for line in work:  # every sentence shows one true calculation
+            (a, op, b, c), = steps.findall(line)
+            assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b),
+                    "/": int(a) / int(b)}[op] == int(c), line
+    assert {len(p.solution.splitlines()) for p in test} == {3, 4, 5}  # every family drawn
+    _, test_path = write_splits(tmp_path, 20, 5, seed=1, kind="cot")
+    items = read_items(test_path)
+    assert [item["kind"] for _, _, item in items] == ["cot"] * 5
+    for _, _, item in items:
+        solution = next(p.solution for p in make_cot_splits(20, 5, seed=1)[1] if p.question == item["prompt"])
+        assert SCORERS["cot"](solution, item)["correct"] and not SCORERS["cot"]("#### 0", item)["correct"]

@@ -17,9 +17,10 @@ from ..tasks import KINDS, write_splits
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--max-steps", default=3, show_default=True, type=int, help="Most arithmetic steps per problem.")
 @click.option("--kind", type=click.Choice(KINDS), default="arithmetic", show_default=True,
-              help="arithmetic: word problems answered `#### <n>`; facts: counterfactual facts (an adapter "
+              help="arithmetic: word problems answered `#### <n>`; cot: multi-step word problems answered in "
+                   "worked sentences, then `#### <n>` (GSM8K's setting); facts: counterfactual facts (an adapter "
                    "overriding what the base model knows); style: real facts in a house answer style the base "
-                   "model never uses. facts and style are tested with phrasings training never used.")
+                   "model never uses. cot, facts and style are tested with phrasings training never used.")
 def make_task(output, train, test, seed, max_steps, kind):
     """Write a task's train.jsonl (chat records for train-lora) and test.jsonl (for eval-task)."""
     train_path, test_path = write_splits(Path(output), train, test, seed, max_steps, kind)
