@@ -40,6 +40,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .errors import DecalignError
 
@@ -99,29 +100,35 @@ def make_problem(rng: random.Random, item_id: str, max_steps: int = 3) -> Proble
 
 def make_splits(train: int, test: int, seed: int = 0, max_steps: int = 3) -> tuple[list[Problem], list[Problem]]:
     """Train and test problems from one seed; no test question appears in the train split."""
-    if train < 0 or test < 0:
-        raise DecalignError(f"split sizes must be >= 0, got train {train}, test {test}")
     if not 1 <= max_steps <= 5:
         raise DecalignError(f"max steps must be between 1 and 5, got {max_steps}")
+    return distinct_splits(train, test, seed, lambda rng, item_id, _: make_problem(rng, item_id, max_steps))
+
+
+def distinct_splits(train: int, test: int, seed: int, make: Callable[[random.Random, str, str], Problem]
+                    ) -> tuple[list[Problem], list[Problem]]:
+    """(train, test) problems drawn by `make(rng, item_id, split)` from one seeded generator, no question
+    twice; the test split is drawn first, so it does not depend on the train size."""
+    if train < 0 or test < 0:
+        raise DecalignError(f"split sizes must be >= 0, got train {train}, test {test}")
     rng = random.Random(seed)
     seen: set[str] = set()
 
-    def draw(count: int, prefix: str) -> list[Problem]:
+    def draw(count: int, split: str) -> list[Problem]:
         items: list[Problem] = []
         for _ in range(50 * count + 1000):
             if len(items) == count:
-                return items
-            problem = make_problem(rng, f"{prefix}-{len(items)}", max_steps)
+                break
+            problem = make(rng, f"{split}-{len(items)}", split)
             if problem.question not in seen:
                 seen.add(problem.question)
                 items.append(problem)
         if len(items) < count:
-            raise DecalignError(f"cannot draw {count} distinct {prefix} problems; ask for fewer")
+            raise DecalignError(f"cannot draw {count} distinct {split} problems; ask for fewer")
         return items
 
-    test_items = draw(test, "test")  # drawn first, so a test split does not depend on the train size
-    train_items = draw(train, "train")
-    return train_items, test_items
+    test_items = draw(test, "test")
+    return draw(train, "train"), test_items
 
 
 def parse_final(text: str) -> int | None:
@@ -266,26 +273,7 @@ def make_cot_problem(rng: random.Random, item_id: str, split: str) -> Problem:
 
 def make_cot_splits(train: int, test: int, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
     """Train problems in the training phrasings, test problems in the others; no question repeats."""
-    if train < 0 or test < 0:
-        raise DecalignError(f"split sizes must be >= 0, got train {train}, test {test}")
-    rng = random.Random(seed)
-    seen: set[str] = set()
-
-    def draw(count: int, split: str) -> list[Problem]:
-        items: list[Problem] = []
-        for _ in range(50 * count + 1000):
-            if len(items) == count:
-                break
-            problem = make_cot_problem(rng, f"{split}-{len(items)}", split)
-            if problem.question not in seen:
-                seen.add(problem.question)
-                items.append(problem)
-        if len(items) < count:
-            raise DecalignError(f"cannot draw {count} distinct {split} problems; ask for fewer")
-        return items
-
-    test_items = draw(test, "test")  # drawn first: a test split does not depend on the train size
-    return draw(train, "train"), test_items
+    return distinct_splits(train, test, seed, make_cot_problem)
 
 
 # ----- the counterfactual facts task ------------------------------------------------------------
