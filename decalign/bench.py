@@ -19,6 +19,7 @@ from tqdm import tqdm
 from .api import run as run_request
 from .engine import get_engine
 from .errors import DecalignError
+from .memory import release_memory
 from .methods import get_method, parse_method_spec
 from .models import DEFAULT_MODEL
 from .records import append_record, check_run_config, environment, load_output, read_records
@@ -108,6 +109,7 @@ def run_bench(*, methods: str, prompts: Path, out: Path, reward: str | None, jud
                     bar.set_description(f"bench {run.label}")
                     yield from answer_records(run.label, run.params, requests[run.label],
                                               pending[run.label][start:start + size], engine, steer, scorer)
+                    release_memory()  # a Best-of-32 batch's pages are not held into the next method's
     else:
         from .ray_job import bench_on_ray
 

@@ -5,8 +5,6 @@ they are done (`Driver`: one forward pass per step for all of them)."""
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import gc
 import queue
 import threading
 import time
@@ -16,6 +14,7 @@ from typing import Any
 from ..api import start
 from ..engine import Engine, Prompt
 from ..errors import DecalignError
+from ..memory import release_memory
 from ..methods import Driver, Method
 from ..request import Request
 from .config import ServerConfig
@@ -80,7 +79,7 @@ class Scheduler:
             first = None
             if not self.running:
                 if self.pending.empty():
-                    _release_memory()  # idle: hand the last batch's memory back
+                    release_memory()  # idle: hand the last batch's memory back
                 first = self.pending.get()
             self._admit(first)
             if self.running:
@@ -163,15 +162,6 @@ def _api_error(exc: Exception) -> ApiError:
     if isinstance(exc, DecalignError):
         return ApiError(400, str(exc))
     return ApiError(500, f"decoding failed: {type(exc).__name__}", "server_error")  # without a trace
-
-
-def _release_memory() -> None:
-    """Hand memory freed by finished batches back to the OS once the queue is idle (glibc keeps it)."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def _settle(future: asyncio.Future, value: Any) -> None:
