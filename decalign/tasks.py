@@ -214,7 +214,7 @@ def _stock(rng: random.Random) -> tuple[dict, list[str], int]:
     return dict(n=n, a=a), lines, n - 3 * a
 
 
-COT_FAMILIES: dict[str, tuple[list[str], list[str], object]] = {
+COT_FAMILIES: dict[str, tuple[list[str], list[str], Callable[[random.Random], tuple[dict, list[str], int]]]] = {
     "shopping": (
         ["{name} buys {a} {first} for {p} dollars each and {b} {second} for {q} dollars each, and pays with a "
          "{bill}-dollar note. How much change does {he} get back?",

@@ -140,9 +140,14 @@ class Embedder:
         return out
 
 
-@functools.lru_cache(maxsize=2)
 def get_embedder(dtype: str = "auto") -> Embedder:
-    """The process-wide embedder of a dtype, loaded on first use."""
+    """The process-wide embedder of a dtype, loaded on first use ("auto" is resolved first, so it and
+    the dtype it stands for share one model)."""
+    return _loaded_embedder(str(embedder_dtype(dtype)).removeprefix("torch."))
+
+
+@functools.lru_cache(maxsize=2)
+def _loaded_embedder(dtype: str) -> Embedder:
     return Embedder(dtype=dtype)
 
 

@@ -277,12 +277,13 @@ def train_reward(
     best_l2, cv = choose_l2(train_idx)
     nested = None
     if nested_folds:  # the whole recipe (penalty choice included) scored on prompts it never saw
-        groups = sorted({prompt_key(r["prompt"]) for r in rows})
-        random.Random(seed + 2).shuffle(groups)
-        fold_of = {key: i % nested_folds for i, key in enumerate(groups)}
-        outer = [[i for i, r in enumerate(rows) if fold_of[prompt_key(r["prompt"])] == f] for f in range(nested_folds)]
+        keys = [prompt_key(r["prompt"]) for r in rows]
+        groups = sorted(set(keys))
         if len(groups) < nested_folds:
             raise DecalignError(f"nested cross-validation in {nested_folds} folds needs as many prompts; the pairs have {len(groups)}")
+        random.Random(seed + 2).shuffle(groups)
+        fold_of = {key: i % nested_folds for i, key in enumerate(groups)}
+        outer = [[i for i, key in enumerate(keys) if fold_of[key] == f] for f in range(nested_folds)]
         accuracies, penalties = [], []
         for f in tqdm(range(nested_folds), desc="nested cross-validation", unit="fold", file=sys.stderr,
                       disable=not progress):

@@ -165,24 +165,22 @@ async def respond(request: Request, state: ServerState, body: GenerationOptions,
     state.scheduler.submit(pending)
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
+    wants_logprobs = bool(body.logprobs) if chat else body.logprobs is not None
+    offset = 0 if chat else len(prompt)  # where the legacy form's text offsets count from
     if body.stream:
-        wants_logprobs = bool(body.logprobs) if chat else body.logprobs is not None
         return StreamingResponse(stream_events(request, state, pending, ident, created,
-                                               logprobs=wants_logprobs, offset=0 if chat else len(prompt)),
+                                               logprobs=wants_logprobs, offset=offset),
                                  media_type="text/event-stream")
     results = await wait(request, pending, state.config.timeout)
     head = dict(id=ident, created=created, model=state.config.model_name)
     usage, alignment = answer_usage(state.engine, pending, results), alignment_info(results[0])
-    tops = pending.top_tokens or [None] * len(results)
+    scores = choice_logprobs(state.engine, pending, results, offset) if wants_logprobs else [None] * len(results)
     if chat:
-        choices = [ChatChoice(index=i, message=AssistantMessage(content=result.text),
-                              logprobs=token_logprobs(state.engine, result, top) if body.logprobs else None,
-                              finish_reason=finish_reason(result)) for i, (result, top) in enumerate(zip(results, tops))]
+        choices = [ChatChoice(index=i, message=AssistantMessage(content=result.text), logprobs=logprobs,
+                              finish_reason=finish_reason(result)) for i, (result, logprobs) in enumerate(zip(results, scores))]
         return ChatCompletion(**head, choices=choices, usage=usage, alignment=alignment)
-    choices = [TextChoice(index=i, text=result.text, finish_reason=finish_reason(result),
-                          logprobs=completion_logprobs(state.engine, result, top, offset=len(prompt))
-                          if body.logprobs is not None else None)
-               for i, (result, top) in enumerate(zip(results, tops))]
+    choices = [TextChoice(index=i, text=result.text, finish_reason=finish_reason(result), logprobs=logprobs)
+               for i, (result, logprobs) in enumerate(zip(results, scores))]
     return Completion(**head, choices=choices, usage=usage, alignment=alignment)
 
 
@@ -258,10 +256,7 @@ async def stream_events(request: Request, state: ServerState, pending: PendingRe
             if (piece := grown(index, result.text)) is not None:
                 yield piece
         if logprobs:
-            tops = pending.top_tokens or [None] * len(results)
-            for index, (result, top) in enumerate(zip(results, tops)):
-                scores = (token_logprobs(state.engine, result, top) if pending.chat
-                          else completion_logprobs(state.engine, result, top, offset=offset))
+            for index, scores in enumerate(choice_logprobs(state.engine, pending, results, offset)):
                 yield chunk(index, "", scores=scores)
         for index, result in enumerate(results):
             last = dict(usage=answer_usage(state.engine, pending, results), alignment=alignment_info(results[0])) \
@@ -287,6 +282,16 @@ def answer_usage(engine: Engine, pending: PendingRequest, results: list[Result])
 
 def token_text(engine: Engine, token: int) -> str:
     return engine.tokenizer.convert_tokens_to_string([engine.tokenizer.convert_ids_to_tokens(token)])
+
+
+def choice_logprobs(engine: Engine, pending: PendingRequest, results: list[Result],
+                    offset: int) -> list[ChoiceLogprobs] | list[CompletionLogprobs]:
+    """Each choice's logprobs in its route's shape: chat's token list, or the legacy completions form
+    whose text offsets start at `offset` (the prompt's length)."""
+    tops = pending.top_tokens or [None] * len(results)
+    if pending.chat:
+        return [token_logprobs(engine, result, top) for result, top in zip(results, tops)]
+    return [completion_logprobs(engine, result, top, offset=offset) for result, top in zip(results, tops)]
 
 
 def token_logprobs(engine: Engine, result: Result, top: list[list[tuple[int, float]]] | None) -> ChoiceLogprobs:
