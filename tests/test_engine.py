@@ -6,10 +6,28 @@ import pytest
 import torch
 
 from decalign import DecalignError, EntropyStop
-from decalign.engine import BatchPrompt
+from decalign.engine import BatchPrompt, use_packed_linears
 from decalign.sampling import GREEDY, Sampling
 
 SAMPLE = Sampling(temperature=1.0)
+
+
+@pytest.fixture(scope="module", params=["torch matmul", "packed weights"])
+def engine(request, tiny_path):
+    """Every exactness test runs twice: with torch's own matmul, and with every Linear layer of the
+    tiny model packed for oneDNN (the real model's large layers are; the tiny ones would not be)."""
+    from decalign import Engine
+
+    engine = Engine.load(str(tiny_path))
+    if request.param == "packed weights":
+        assert use_packed_linears(engine.model, min_weights=0) > 0
+    return engine
+
+
+@pytest.fixture(scope="module")
+def prompts(engine):
+    texts = ["hi", "Tell me how to bake bread with flour and water, step by step please.", "The answer is"]
+    return [engine.render(t) for t in texts]
 
 
 def full_logprobs(engine, prompt, tokens):
@@ -277,3 +295,25 @@ def test_admitted_prompts_join_a_running_batch_exactly(engine, prompts):
         if layers:
             assert torch.allclose(running.state_means(rows, layers), alone.state_means([0, 1][:n], layers), atol=1e-5)
             assert torch.allclose(running.last_states(rows, layers), alone.last_states([0, 1][:n], layers), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 512), (2, 512), (3, 5, 512), (40, 512)])
+def test_packed_linear_gives_torch_numbers(shape):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(512, 640)
+    reference = torch.nn.Linear(512, 640)
+    reference.load_state_dict(layer.state_dict())
+    assert use_packed_linears(layer) == 1
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), reference(x), atol=1e-4)
+        layer.weight.mul_(2)  # an in-place edit of the weight is seen: the layer repacks
+        reference.weight.mul_(2)
+        assert torch.allclose(layer(x), reference(x), atol=1e-4)
+    x.requires_grad_(True)  # with autograd on, torch's own matmul runs and gradients flow
+    layer(x).sum().backward()
+    assert torch.allclose(x.grad, reference.weight.sum(0).expand_as(x), atol=1e-4)
+
+
+def test_small_layers_stay_unpacked():
+    assert use_packed_linears(torch.nn.Linear(64, 64)) == 0

@@ -8,12 +8,13 @@
 - `stopping`: segment rules and what they see: `StepView`/`StopRule` (before a token), `TokenView`/
   `CutRule` (after one), `EntropyStop`, `MaxProbStop`, `PunctuationCut`.
 - `adapters`: PEFT specifics and model patches: `BASE`, `loaded_adapters`, `LoraRowGate` (per-row
-  LoRA gating of mixed-adapter batches), `use_transposed_head` (the CPU output-layer trick).
+  LoRA gating of mixed-adapter batches), `use_packed_linears` (oneDNN packed
+  weights for CPU decode steps).
 
 Imports run one way: core -> batch -> stopping, adapters. Everything is re-exported here.
 """
 
-from .adapters import BASE, LoraRowGate, loaded_adapters, use_transposed_head
+from .adapters import BASE, LoraRowGate, loaded_adapters, use_packed_linears
 from .batch import FINISHED, Batch, BatchPrompt, Move, Sample, Segment, Work, Write
 from .core import Engine, Prompt, get_engine, validate_messages
 from .stopping import CutRule, EntropyStop, MaxProbStop, PunctuationCut, StepView, StopRule, TokenView
@@ -21,5 +22,5 @@ from .stopping import CutRule, EntropyStop, MaxProbStop, PunctuationCut, StepVie
 __all__ = [
     "BASE", "Batch", "BatchPrompt", "Move", "Sample", "Write", "get_engine", "CutRule", "Engine", "EntropyStop", "FINISHED", "LoraRowGate", "MaxProbStop", "Prompt",
     "PunctuationCut", "Segment", "StepView", "StopRule", "TokenView", "Work", "loaded_adapters",
-    "use_transposed_head", "validate_messages",
+    "use_packed_linears", "validate_messages",
 ]

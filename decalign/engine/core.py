@@ -11,7 +11,7 @@ import torch
 
 from ..errors import DecalignError
 from ..models import DEFAULT_MODEL, load_model
-from .adapters import BASE, LoraRowGate, loaded_adapters, use_transposed_head
+from .adapters import BASE, LoraRowGate, loaded_adapters, use_packed_linears
 from .batch import Batch, BatchPrompt
 
 Prompt = str | list[dict]
@@ -36,8 +36,8 @@ class Engine:
         self.context_length: int | None = getattr(config, "max_position_embeddings", None)
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
         self.lora_gate = LoraRowGate(model, self.device)  # per-row adapter gating for mixed batches
-        if self.device.type == "cpu":
-            use_transposed_head(model)
+        if self.device.type == "cpu" and os.environ.get("DECALIGN_PACK_WEIGHTS", "1") != "0":
+            use_packed_linears(model)  # DECALIGN_PACK_WEIGHTS=0 keeps torch's matmul and saves the copy
 
     @classmethod
     def load(
