@@ -165,8 +165,26 @@ def test_batched_prompts_equal_single_runs_and_work_is_counted(adapted):
         assert alone.tokens == result.tokens
         prompt_tokens = len(adapted.render(prompt))
         assert alone.stats["prefill_tokens"] == 2 * prompt_tokens  # expert and base rows
-        assert alone.stats["decode_tokens"] == 2 * alone.stats["forward_passes"] - 2
         assert alone.stats["generated_tokens"] == len(alone.tokens)
+        # together, both rows of a prompt read every chosen token but the last, in shared passes
+        assert result.stats["decode_tokens"] == 2 * (len(result.tokens) - 1) == 2 * result.stats["forward_passes"] - 2
+        # alone, the base row has its own batch and reads tokens only when the gate opens
+        assert len(alone.tokens) - 1 <= alone.stats["decode_tokens"] <= 2 * (len(alone.tokens) - 1)
+
+
+def test_a_lagging_base_row_gives_the_shared_rows_tokens_and_reads_only_when_needed(adapted):
+    """One prompt with a gate: the base row lags in a batch of its own. A gate that always opens
+    gives the paper's rule token for token (the shared layout, gate=none); one that never opens
+    leaves the base row reading nothing after its prompt."""
+    kwargs = dict(method="cold", model=adapted, max_new_tokens=12, min_new_tokens=12)
+    (paper,) = generate("The answer is", gate=None, **kwargs)
+    (always,) = generate("The answer is", gate=1e9, **kwargs)
+    (never,) = generate("The answer is", gate=0, **kwargs)
+    assert always.tokens == paper.tokens and always.stats["contrast_flips"] == paper.stats["contrast_flips"]
+    read = len(always.tokens) - 1  # the expert row reads every chosen token but the last
+    assert always.stats["decode_tokens"] == 2 * read == paper.stats["decode_tokens"]
+    assert never.stats["decode_tokens"] == read
+    assert never.stats["contrast_flips"] == 0
 
 
 def test_sampling_variant_is_seeded_and_stays_in_the_plausible_set(adapted):

@@ -12,7 +12,7 @@ importing it costs about 2-3 s on top of torch and transformers, and most runs l
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Iterator
 
 import torch
@@ -67,6 +67,17 @@ class LoraRowGate:
             return False
         self.modules = [(layer.scaling, name, layer.scaling[name]) for layer in layers if name in layer.lora_B]
         return True
+
+    def route(self, adapters: list[str]) -> tuple[AbstractContextManager, dict]:
+        """How to run a forward pass whose rows use `adapters`: (a context to run it in, extra forward
+        arguments). Rows all "__base__": PEFT's adapters switched off, no LoRA product computed;
+        mixed rows of one plain LoRA: the row gate; anything else: PEFT's `adapter_names`."""
+        if set(adapters) == {BASE} and loaded_adapters(self.model):
+            return self.model.disable_adapter(), {}
+        gate = self.row_gate(adapters)
+        if gate is None:
+            return nullcontext(), {"adapter_names": adapters}
+        return self.gated(gate), {}
 
     @contextmanager
     def gated(self, gate: torch.Tensor | None) -> Iterator[None]:

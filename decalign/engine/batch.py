@@ -14,6 +14,7 @@ moves keys and values but recomputes nothing.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -244,12 +245,8 @@ class Batch:
         states are tracked, the tracked layers' states at every new position (rows x new x features)."""
         self.mask = torch.cat([self.mask, new_mask], dim=1)
         positions = (self.mask.cumsum(-1) - 1).clamp_(min=0)[:, -input_ids.shape[1]:]
-        extra, gate = {}, None
-        if self.adapters is not None:
-            gate = self.engine.row_gate(self.adapters)
-            if gate is None:
-                extra = {"adapter_names": self.adapters}
-        with self.engine.gated(gate):
+        context, extra = self.engine.adapter_route(self.adapters) if self.adapters is not None else (nullcontext(), {})
+        with context:
             out = self.engine.model(
                 input_ids=input_ids,
                 attention_mask=self.mask,

@@ -143,15 +143,10 @@ class Engine:
         """Names of the PEFT adapters loaded on the model ("default" for --adapter); [] without any."""
         return loaded_adapters(self.model)
 
-    def row_gate(self, adapters: list[str]) -> torch.Tensor | None:
-        """Each row's 0/1 LoRA gate for a mixed batch of one plain LoRA adapter and "__base__", or
-        None when PEFT's `adapter_names` route must be used (see `LoraRowGate.row_gate`)."""
-        return self.lora_gate.row_gate(adapters)
-
-    def gated(self, gate: torch.Tensor | None) -> AbstractContextManager[None]:
-        """Within the block, each row's LoRA output is scaled by its gate (see row_gate)."""
-        return self.lora_gate.gated(gate)
-
+    def adapter_route(self, adapters: list[str]) -> tuple[AbstractContextManager, dict]:
+        """(context, extra forward arguments) for a forward pass whose rows use `adapters` (see
+        `LoraRowGate.route`)."""
+        return self.lora_gate.route(adapters)
 
 
 def pick_device(name: str | None = None) -> torch.device:

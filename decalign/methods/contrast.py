@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from ..engine import Batch, BatchPrompt, Engine, Move, Write
+from ..engine import Batch, BatchPrompt, Engine, Move, Segment, Write
 from ..errors import DecalignError
 from ..result import Result
 from ..sampling import Sampling, choose_tokens
@@ -64,18 +64,24 @@ def _fit(logits: torch.Tensor, width: int) -> torch.Tensor:
 @dataclass
 class Branch:
     """One branch: prompt p's row is `rows[p]` of `batch` (the shared batch, or a private one for a
-    separate model); its logits enter the score with `weight`."""
+    separate model or a lagging base row); its logits enter the score with `weight`."""
 
     weight: float
-    adapter: str | None = None  # the adapter its rows run with in the shared batch
-    engine: Engine | None = None  # a separate model (its own batch), None for the shared batch
+    adapter: str | None = None  # the adapter its rows run with
+    engine: Engine | None = None  # an engine of its own batch (a separate model, or lagging rows), None: the shared batch
     batch: Batch | None = None
     rows: list[int] = field(default_factory=list)
+    pending: list[list[int]] = field(default_factory=list)  # per prompt: chosen tokens its private row has not read
 
 
 class Contrast(Method):
     """The contrastive step as a machine: every step combines the branches' logits and writes the
-    chosen token on every branch's row; branch 0 holds the answers. Subclasses set `branches()`."""
+    chosen token on every branch's row; branch 0 holds the answers, the head branch (in the shared
+    batch) sets the plausible set and the gate. Subclasses set `branches()`.
+
+    A branch with a batch of its own reads the chosen tokens lazily: they wait in `pending` until a
+    step needs its logits (without a gate, every step; with one, only steps where some prompt's head
+    branch is unsure), and then all its rows catch up in one forward pass."""
 
     head = 0
 
@@ -95,44 +101,57 @@ class Contrast(Method):
         for branch in self.parts:
             if branch.engine is None:
                 branch.batch, branch.rows = batch, [next(shared)[0] for _ in range(count)]
-            else:  # a separate model: its own batch, written in step with the shared one
-                branch.batch = branch.engine.open([job.batch_prompt(ids, seed, 1)
+            else:  # a batch of its own, fed the shared batch's chosen tokens as its logits are needed
+                branch.batch = branch.engine.open([job.batch_prompt(ids, seed, 1, branch.adapter)
                                                    for ids, seed in zip(job.prompt_ids, job.seeds)])
-                branch.rows = list(range(count))
+                branch.rows, branch.pending = list(range(count)), [[] for _ in range(count)]
                 if job.cancelled is not None:
                     branch.batch.cancelled = job.is_cancelled
         self.steps, self.flips, self.plausible_sizes = [0] * count, [0] * count, [0] * count
         self.live = list(range(count))
 
+    def catch_up(self) -> None:
+        """Feed every private row the chosen tokens it has not read yet, one forward pass per batch."""
+        for b in self.parts:
+            if b.batch is not self.batch and any(b.pending[p] for p in self.live):
+                b.batch.force({b.rows[p]: Segment(row=b.rows[p], start=len(b.batch.tokens[b.rows[p]]),
+                                                  tokens=b.pending[p], logprobs=[math.nan] * len(b.pending[p]),
+                                                  entropies=[math.nan] * len(b.pending[p]))
+                               for p in self.live if b.pending[p]})
+                for p in self.live:
+                    b.pending[p] = []
+
     def moves(self) -> list[Move]:
-        primary = self.parts[0]
-        logits = [b.batch.next_logits([b.rows[p] for p in self.live]) for b in self.parts]
-        width = logits[self.head].shape[-1]
-        logits = [_fit(x, width) for x in logits]
-        score, plausible = contrast_scores(logits, [b.weight for b in self.parts], head=self.head,
-                                           alpha=self.config.alpha)
-        if self.config.gate is not None:  # confident steps keep the head branch's own distribution
-            head = logits[self.head].float()
-            top2 = head.log_softmax(-1).topk(2, dim=-1).values
-            sure = (top2[:, 0] - top2[:, 1]) >= self.config.gate
-            own = head.masked_fill(~plausible, float("-inf"))
-            score = torch.where(sure[:, None], own, score)
+        primary, head = self.parts[0], self.parts[self.head]
+        head_logits = head.batch.next_logits([head.rows[p] for p in self.live]).float()
+        width = head_logits.shape[-1]
+        plausible = head_logits >= math.log(self.config.alpha) + head_logits.max(-1, keepdim=True).values
+        score = head_logits.masked_fill(~plausible, float("-inf"))  # the head branch's own choice ...
+        unsure = torch.ones(len(self.live), dtype=torch.bool, device=score.device)
+        if self.config.gate is not None:  # ... stands where it is sure: its two best tokens `gate` nats apart
+            top2 = head_logits.log_softmax(-1).topk(2, dim=-1).values
+            unsure = (top2[:, 0] - top2[:, 1]) < self.config.gate
+        if unsure.any():  # elsewhere the contrast decides
+            self.catch_up()
+            contrasted = [p for p, u in zip(self.live, unsure.tolist()) if u]
+            logits = [_fit(b.batch.next_logits([b.rows[p] for p in contrasted]), width) for b in self.parts]
+            score[unsure] = contrast_scores(logits, [b.weight for b in self.parts], head=self.head,
+                                            alpha=self.config.alpha)[0]
         primary_rows = [primary.rows[p] for p in self.live]
         score = primary.batch.mask_early_eos(primary_rows, score)
         chosen = choose_tokens(score, self.config.sampling,
                                [primary.batch.generators[r] for r in primary_rows]).tolist()
-        own = logits[self.head].argmax(-1).tolist()
+        own = head_logits.argmax(-1).tolist()
         sizes = plausible.sum(-1).tolist()
         for i, p in enumerate(self.live):
             self.steps[p] += 1
             self.flips[p] += chosen[i] != own[i]
             self.plausible_sizes[p] += sizes[i]
-        self.chosen = {p: chosen[i] for i, p in enumerate(self.live)}
-        for b in self.parts[1:]:  # a separate model's rows: written by their own forward pass
-            if b.batch is not primary.batch:
-                b.batch.append({b.rows[p]: token for p, token in self.chosen.items()})
-        return [Write({b.rows[p]: token for b in self.parts if b.batch is primary.batch
-                       for p, token in self.chosen.items()})]
+            for b in self.parts:
+                if b.batch is not self.batch:
+                    b.pending[p].append(chosen[i])
+        return [Write({b.rows[p]: chosen[i] for b in self.parts if b.batch is self.batch
+                       for i, p in enumerate(self.live)})]
 
     def react(self) -> None:
         primary = self.parts[0]
