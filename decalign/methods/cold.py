@@ -7,13 +7,6 @@
 beta = 0 or alpha = 1 reduces it exactly to greedy decoding of the expert. decalign's default also
 gates the contrast (gate=0.5): where the expert's top-2 log-probability margin is at least 0.5 nats
 its own argmax stands; gate=none gives the paper's rule at every step.
-
-Where the two rows run: for several prompts (or no gate), in one batch, every step one forward pass
-over both rows of every prompt. For one prompt with a gate, the base row has a batch of its own,
-with the adapter switched off, and reads the chosen tokens only when the gate opens (a step at
-batch 1 costs per call, not per row, so skipping the second row on confident steps is what keeps
-CoLD near greedy's cost; with several prompts on a CPU the rows' arithmetic dominates and one
-shared pass is cheaper). Both give the same tokens.
 """
 
 from __future__ import annotations
@@ -49,7 +42,6 @@ class Cold(Contrast):
     """score = (1 + beta) * s_expert - (beta / tau) * s_base; expert = model + LoRA, base = without it."""
 
     def branches(self) -> list[Branch]:
-        config, job = self.config, self.job
-        lagging = config.gate is not None and len(job.prompts) == 1
-        return [Branch(1 + config.beta, active_adapter(job, "cold")),
-                Branch(-config.beta / config.amateur_temperature, BASE, engine=job.engine if lagging else None)]
+        config = self.config
+        return [Branch(1 + config.beta, active_adapter(self.job, "cold")),
+                Branch(-config.beta / config.amateur_temperature, BASE)]
