@@ -117,9 +117,10 @@ def use_packed_linears(model, min_weights: int = PACK_MIN_WEIGHTS) -> int:
     layer 25 ms against 10 ms at two rows; prefill (hundreds of rows) is about 20% faster too. Two
     rows costing what one costs is what makes CoLD's second row and a search method's few rows per
     prompt cheap. oneDNN's call costs about 25 us more, so single rows and layers under
-    `min_weights` weights stay with torch. Same numbers up to float rounding. The packed copy costs the layers' weight memory again; a weight written in place
-    through autograd-visible ops is repacked (edits through `.data` are not seen). Returns how many
-    layers were patched: 0 where oneDNN is missing or disagrees with torch on a probe."""
+    `min_weights` weights stay with torch. Same numbers up to float rounding. The packed copy costs
+    the layers' weight memory again; a weight written in place through autograd-visible ops is
+    repacked (edits through `.data` are not seen). Returns how many layers were patched: 0 where
+    oneDNN is missing or disagrees with torch on a probe."""
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype == torch.float32
                and m.weight.device.type == "cpu" and m.in_features * m.out_features >= min_weights]
     if not linears or not torch.backends.mkldnn.is_available():
@@ -127,7 +128,7 @@ def use_packed_linears(model, min_weights: int = PACK_MIN_WEIGHTS) -> int:
     try:
         probe = linears[0]
         packed = torch.ops.mkldnn._reorder_linear_weight(probe.weight.detach())
-        x = torch.randn(3, probe.in_features)
+        x = torch.randn(3, probe.in_features, generator=torch.Generator().manual_seed(0))  # global RNG untouched
         with torch.no_grad():
             same = torch.allclose(torch.ops.mkldnn._linear_pointwise(x, packed, probe.bias, "none", [], ""),
                                   torch.nn.functional.linear(x, probe.weight, probe.bias), rtol=1e-3, atol=1e-3)
