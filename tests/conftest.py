@@ -28,7 +28,12 @@ def engine(tiny_path):
 
 
 @pytest.fixture(scope="session")
-def prompts(engine):
-    """Token ids of prompts of clearly different lengths."""
-    texts = ["hi", "Tell me how to bake bread with flour and water, step by step please.", "The answer is"]
-    return [engine.render(t) for t in texts]
+def prompt_texts():
+    """Prompts of clearly different lengths."""
+    return ["hi", "Tell me how to bake bread with flour and water, step by step please.", "The answer is"]
+
+
+@pytest.fixture(scope="session")
+def prompts(engine, prompt_texts):
+    """Their token ids."""
+    return [engine.render(t) for t in prompt_texts]

@@ -25,9 +25,8 @@ def engine(request, tiny_path):
 
 
 @pytest.fixture(scope="module")
-def prompts(engine):
-    texts = ["hi", "Tell me how to bake bread with flour and water, step by step please.", "The answer is"]
-    return [engine.render(t) for t in texts]
+def prompts(engine, prompt_texts):
+    return [engine.render(t) for t in prompt_texts]
 
 
 def full_logprobs(engine, prompt, tokens):

@@ -70,10 +70,8 @@ class LoraRowGate:
 
     def route(self, adapters: list[str]) -> tuple[AbstractContextManager, dict]:
         """How to run a forward pass whose rows use `adapters`: (a context to run it in, extra forward
-        arguments). Rows all "__base__": PEFT's adapters switched off, no LoRA product computed;
-        mixed rows of one plain LoRA: the row gate; anything else: PEFT's `adapter_names`."""
-        if set(adapters) == {BASE} and loaded_adapters(self.model):
-            return self.model.disable_adapter(), {}
+        arguments). Mixed rows of one plain LoRA and "__base__": the row gate; anything else: PEFT's
+        `adapter_names`."""
         gate = self.row_gate(adapters)
         if gate is None:
             return nullcontext(), {"adapter_names": adapters}

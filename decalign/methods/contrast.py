@@ -32,13 +32,18 @@ from .base import Job, Method, missing_adapter, param
 
 
 # ----- the shared step --------------------------------------------------------------------------
+def plausible_set(logits: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Per row, the tokens whose logit is within log(alpha) of the row's best."""
+    return logits >= math.log(alpha) + logits.max(-1, keepdim=True).values
+
+
 def contrast_scores(logits: Sequence[torch.Tensor], weights: Sequence[float], *, head: int = 0,
                     alpha: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     """(score, plausible) for rows x vocab logits of each branch: the weighted sum of the branches'
     logits on the head branch's plausible set, -inf outside it. Branches with weight 0 are skipped,
     so a zero weight never turns an infinite logit into NaN."""
     target = logits[head].float()
-    plausible = target >= math.log(alpha) + target.max(-1, keepdim=True).values
+    plausible = plausible_set(target, alpha)
     score = None
     for weight, branch in zip(weights, logits):
         if weight == 0:
@@ -64,11 +69,11 @@ def _fit(logits: torch.Tensor, width: int) -> torch.Tensor:
 @dataclass
 class Branch:
     """One branch: prompt p's row is `rows[p]` of `batch` (the shared batch, or a private one for a
-    separate model or a lagging base row); its logits enter the score with `weight`."""
+    separate model); its logits enter the score with `weight`."""
 
     weight: float
     adapter: str | None = None  # the adapter its rows run with
-    engine: Engine | None = None  # an engine of its own batch (a separate model, or lagging rows), None: the shared batch
+    engine: Engine | None = None  # a separate model (its own batch), None for the shared batch
     batch: Batch | None = None
     rows: list[int] = field(default_factory=list)
     pending: list[list[int]] = field(default_factory=list)  # per prompt: chosen tokens its private row has not read
@@ -125,7 +130,7 @@ class Contrast(Method):
         primary, head = self.parts[0], self.parts[self.head]
         head_logits = head.batch.next_logits([head.rows[p] for p in self.live]).float()
         width = head_logits.shape[-1]
-        plausible = head_logits >= math.log(self.config.alpha) + head_logits.max(-1, keepdim=True).values
+        plausible = plausible_set(head_logits, self.config.alpha)
         score = head_logits.masked_fill(~plausible, float("-inf"))  # the head branch's own choice ...
         unsure = torch.ones(len(self.live), dtype=torch.bool, device=score.device)
         if self.config.gate is not None:  # ... stands where it is sure: its two best tokens `gate` nats apart
