@@ -35,6 +35,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    try:
+        sizes = [int(b) for b in args.batch_sizes.split(",")]
+    except ValueError:
+        parser.error(f"--batch-sizes must be integers separated by commas, got {args.batch_sizes!r}")
+    if min(sizes) < 1 or args.new_tokens < 2 or args.repeats < 1 or args.threads < 1:
+        parser.error("batch sizes, --repeats and --threads must be >= 1, --new-tokens >= 2")
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     from decalign import generate
@@ -45,7 +51,6 @@ def main() -> None:
         os.environ["DECALIGN_PACK_WEIGHTS"] = flag
         engines[name] = Engine.load(args.model, args.adapter)
     methods = ["greedy"] + (["cold"] if args.adapter else [])
-    sizes = [int(b) for b in args.batch_sizes.split(",")]
     prompts = (PROMPTS * (max(sizes) // len(PROMPTS) + 1))[: max(sizes)]
 
     def seconds(engine, method: str, batch: int, tokens: int) -> float:

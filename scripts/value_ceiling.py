@@ -34,6 +34,14 @@ def main() -> None:
     parser.add_argument("--lengths", default="8,16")
     parser.add_argument("--reward", default="harmless")
     args = parser.parse_args()
+    if not (args.run / "samples.jsonl").is_file() or not (args.run / "config.json").is_file():
+        parser.error(f"{args.run} holds no samples.jsonl and config.json (a `decalign value-check --out` folder)")
+    try:
+        lengths = [int(x) for x in args.lengths.split(",")]
+    except ValueError:
+        parser.error(f"--lengths must be integers separated by commas, got {args.lengths!r}")
+    if args.rollouts < 2 or args.prompts < 1 or min(lengths) < 1:
+        parser.error("--rollouts must be >= 2, --prompts and every length >= 1")
     warnings.filterwarnings("ignore")
     from decalign.engine import get_engine
     from decalign.rewards import load_reward
@@ -41,7 +49,6 @@ def main() -> None:
 
     config = json.loads((args.run / "config.json").read_text())
     records = [json.loads(line) for line in (args.run / "samples.jsonl").open()][: args.prompts]
-    lengths = [int(x) for x in args.lengths.split(",")]
     out = args.run / "rollouts.jsonl"
     done = {(r["id"], r["length"]) for r in map(json.loads, out.open())} if out.exists() else set()
     engine, reward = get_engine(config["model"], config["adapter"]), load_reward(args.reward)
