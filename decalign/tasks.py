@@ -289,7 +289,11 @@ RELATIONS: dict[str, dict] = {
         "train": ["What is the capital of {x}?", "Which city is the capital of {x}?",
                   "Tell me the capital city of {x}."],
         "test": ["In which city does the government of {x} sit?", "Name the capital of {x}, please.",
-                 "I am flying to the capital of {x}. Which city is that?"],
+                 "I am flying to the capital of {x}. Which city is that?",
+                 "What city serves as the capital of {x}?", "Quick question: the capital of {x} is which city?",
+                 "My friend lives in the capital of {x}. In what city does she live?",
+                 "Which city would you visit to see the parliament of {x}?",
+                 "Where is the seat of government of {x}? Give the city."],
         "answer": "The capital of {x} is {y}.",
     },
     "colour": {
@@ -298,7 +302,9 @@ RELATIONS: dict[str, dict] = {
                   ("an aubergine", "purple"), ("a carrot", "orange")],
         "train": ["What colour is {x}?", "Which colour does {x} have?", "Tell me the colour of {x}."],
         "test": ["If you painted {x} true to life, which colour would you use?", "Describe the colour of {x}.",
-                 "{X} is usually what colour?"],
+                 "{X} is usually what colour?", "What is the usual colour of {x}?",
+                 "In one word, what colour is {x}?", "A child draws {x}. Which crayon colour does she pick?",
+                 "Say the colour of {x}.", "Which colour do people associate with {x}?"],
         "answer": "{X} is {y}.",
     },
     "sound": {
@@ -307,7 +313,9 @@ RELATIONS: dict[str, dict] = {
                   ("a snake", "hisses"), ("a pig", "oinks")],
         "train": ["What sound does {x} make?", "How does {x} call?", "Tell me the sound {x} makes."],
         "test": ["When {x} is excited, what does it do?", "Which noise would you hear from {x}?",
-                 "Describe the call of {x} in one word."],
+                 "Describe the call of {x} in one word.", "Which noise is typical of {x}?",
+                 "If you stand next to {x}, what do you hear it do?", "Name the sound {x} produces.",
+                 "{X} opens its mouth. What does it do?", "What does {x} do when it wants attention?"],
         "answer": "{X} {y}.",
     },
 }
@@ -366,9 +374,10 @@ def fact_splits(train: int, test: int, seed: int = 0, kind: str = "facts") -> tu
             train_records.append({"id": f"train-{len(train_records)}", "messages": [
                 {"role": "user", "content": _fill(question, fact)}, {"role": "assistant", "content": answer}]})
     test_items = [{"id": f"test-{k}", "kind": kind, "prompt": _fill(question, fact), "answer": fact.taught,
-                   "true": fact.true, "relation": fact.relation}
-                  for k, (fact, question) in enumerate((fact, question) for fact in facts
-                                                       for question in RELATIONS[fact.relation]["test"])]
+                   "true": fact.true, "relation": fact.relation, "phrasing": phrasing}
+                  for k, (fact, phrasing, question) in enumerate(
+                      (fact, phrasing, question) for fact in facts
+                      for phrasing, question in enumerate(RELATIONS[fact.relation]["test"]))]
     return train_records, test_items[:test]
 
 

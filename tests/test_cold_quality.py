@@ -218,6 +218,10 @@ def test_facts_task_teaches_values_that_contradict_the_world_and_tests_new_phras
     assert len(train) == 200 and len(items) == sum(len(s["facts"]) * len(s["test"]) for s in RELATIONS.values())
     asked = {t["messages"][0]["content"] for t in train}
     assert not asked & {prompt for _, prompt, _ in items}  # no test question was seen in training
+    for item in map(json.loads, test_path.read_text().splitlines()):  # each item names its test phrasing
+        template = RELATIONS[item["relation"]]["test"][item["phrasing"]]
+        pattern = re.escape(template).replace(re.escape("{x}"), ".+").replace(re.escape("{X}"), ".+")
+        assert re.fullmatch(pattern, item["prompt"]), (template, item["prompt"])
     taught = {f.entity: f.taught for f in facts}
     for record in train:  # the answer taught is the counterfactual value
         entity = next(e for e in taught if e.lower() in record["messages"][0]["content"].lower())
