@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from decalign import DecalignError, generate
+from decalign.engine import Batch
 from decalign.methods.cards import relative_threshold, threshold
 from decalign.methods.rejection import accept_probability, calibrate
 
@@ -106,9 +107,17 @@ def test_rejected_segments_leave_no_trace_in_the_cache(engine):
     assert torch.allclose(torch.tensor(result.logprobs), expected, atol=1e-4)
 
 
-def test_fallback_takes_the_best_of_21(engine):
+@pytest.mark.parametrize("proposals", [1, 4])
+def test_fallback_takes_the_best_of_21(engine, monkeypatch, proposals):
+    """With several slots the best attempt waits on its row, so falling back writes nothing back;
+    with one slot it is cropped like the rest and rewritten in one forced pass."""
+    forced = []
+    original = Batch.force
+    monkeypatch.setattr(Batch, "force", lambda self, segments: forced.append(len(segments)) or original(self, segments))
     (result,) = generate("hi", method="cards", model=engine, reward=even_share, max_new_tokens=12, seed=2,
-                         segmentation="fixed", max_segment=4, r_star=100.0, acceptance="hard", trace=True)
+                         segmentation="fixed", max_segment=4, r_star=100.0, acceptance="hard", trace=True,
+                         proposals=proposals)
+    assert (len(forced) > 0) == (proposals == 1)
     for segment in range(result.stats["segments"]):
         attempts = [e for e in result.trace if e["segment"] == segment]
         assert len(attempts) == 21 and attempts[-1]["fallback"]

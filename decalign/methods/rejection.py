@@ -9,7 +9,9 @@ fresh randomness, and one still running when an earlier one is accepted is throw
 accepted text has exactly the sequential algorithm's distribution; K only changes how many draws
 run at once. Scheduling is continuous: a rejected slot is cropped back to the prefix (its saved
 logits: nothing is recomputed) and starts its next proposal at the very next step, so no row waits
-for the longest proposal of a round; an accepted one is copied onto the prompt's other slots.
+for the longest proposal of a round; an accepted one is copied onto the prompt's other slots. The
+best rejected attempt keeps its row until a better one comes (the others draw on), so falling back
+to it costs nothing; with one slot per prompt it is cropped like the rest and written back.
 
 Prompts are independent: each has its own slots, retry count, best attempt and random streams, and
 a prompt's rows move one token per step whatever the other prompts do, so a prompt's answer does
@@ -88,6 +90,7 @@ class PromptState:
     unit: float = 1.0  # reward scale of beta: 1 with a given r_star, the first proposals' spread if calibrated
     fails: int = 0
     best: tuple[float, Segment, dict | None] | None = None  # best attempt since the last acceptance
+    best_row: int | None = None  # the row still holding the best attempt (kept instead of cropped), if any
     done: bool = False
     segments: list[int] = field(default_factory=list)  # accepted segment lengths
     rejections: list[int] = field(default_factory=list)  # rejections before each accepted segment
@@ -165,6 +168,7 @@ class RejectionSampler(Method):
     def remap(self, new_row: dict[int, int]) -> None:
         for state in self.states:
             state.rows = [new_row[r] for r in state.rows] if not state.done else []
+            state.best_row = new_row.get(state.best_row) if not state.done else None
         self.slots = {new_row[r]: v for r, v in self.slots.items() if r in new_row}
         self.scores = {new_row[r]: v for r, v in self.scores.items() if r in new_row}
         for row, (_, segment) in self.slots.items():
@@ -175,6 +179,8 @@ class RejectionSampler(Method):
         first one still running)."""
         rows = []
         for row in sorted(state.rows, key=lambda r: self.slots[r][0]):
+            if row == state.best_row:  # tested already: it only waits to be chosen or beaten
+                continue
             if self.slots[row][1].reason in ("", "cancelled", "superseded"):
                 break
             rows.append(row)
@@ -211,11 +217,14 @@ class RejectionSampler(Method):
                     chosen_entry["accepted"] = True
                 state.segments.append(len(chosen.tokens))
                 state.rejections.append(state.fails)
+                held, state.best_row = state.best_row, None
                 state.fails, state.best, state.reward = 0, None, chosen_reward
                 state.prefix_tokens = chosen.start + len(chosen.tokens)
                 if chosen is segment:
                     self._accepted(state, row)
-                else:  # the best attempt's row has moved on: write it back on this row
+                elif held is not None and slots[held][1] is chosen:
+                    self._accepted(state, held)
+                else:  # the best attempt's row has moved on (one slot per prompt): write it back on this row
                     self.batch.crop([row], [chosen.start])
                     restore[row] = chosen
                     for other in state.rows:  # nothing runs until the prefix is restored
@@ -223,7 +232,12 @@ class RejectionSampler(Method):
                         scores.pop(other, None)
                 return
             state.fails += 1
-            self.batch.crop([row], [segment.start])  # back to the prefix; its logits were kept
+            if state.best[1] is segment and len(state.rows) > 1:  # the best so far: keep it on its row
+                beaten, state.best_row = state.best_row, row
+                if beaten is None:
+                    continue
+                row = beaten  # the attempt it beat gives its row back
+            self.batch.crop([row], [slots[row][1].start])  # back to the prefix; its logits were kept
             self._start_proposals(p, [row])
 
     def _accepted(self, state: PromptState, row: int) -> None:
