@@ -245,3 +245,14 @@ def test_bad_parameters(engine, params, message):
 def test_reward_is_required(engine, method):
     with pytest.raises(DecalignError, match="needs a reward"):
         generate("hi", method=method, model=engine, max_new_tokens=4)
+
+
+def test_a_value_switches_the_unset_parameters_to_the_value_mode():
+    from decalign.methods.base import make_config
+    from decalign.methods.cards import PAPER_MODE, VALUE_MODE
+
+    paper, valued = make_config("cards", {}), make_config("cards", {"value": "harmless"})
+    assert {name: getattr(paper, name) for name in PAPER_MODE} == PAPER_MODE and paper.sampling.temperature == 0.7
+    assert {name: getattr(valued, name) for name in VALUE_MODE} == VALUE_MODE
+    given = make_config("cards", {"value": "harmless", "anchor": "prompt", "top_k": "5", "max_retries": "20"})
+    assert (given.anchor, given.top_k, given.max_retries, given.acceptance) == ("prompt", 5, 20, "hard")

@@ -25,12 +25,18 @@ from .base import param, register
 from .rejection import PromptState, RejectionParams, RejectionSampler
 
 SEGMENTATIONS = ("entropy", "maxprob", "punctuation", "fixed")
+# What a parameter left at None means: the paper's settings, or with a prefix value the ones that reach
+# Best-of-8's reward for half its time on the benchmark (docs/cards.md): T=1 proposals, no top-k, and each
+# segment must raise the accepted prefix's value, or the best of four is taken.
+PAPER_MODE = {"anchor": "prompt", "acceptance": "soft", "max_retries": 20, "top_k": 40}
+VALUE_MODE = {"anchor": "prefix", "acceptance": "hard", "max_retries": 3, "top_k": 0, "temperature": 1.0}
 
 
 @dataclass
 class CardsConfig(RejectionParams):
     """Paper defaults: tau_u 3.0, alpha 0.5, beta 0.7 (also the sampling temperature), top_k 40,
-    segments of 4..64 tokens, best of 21 after 20 rejections."""
+    segments of 4..64 tokens, best of 21 after 20 rejections. With `value`, the parameters left at
+    None take VALUE_MODE's settings instead of PAPER_MODE's."""
 
     alpha: float = param(0.5, "where the threshold starts: r0 = (1 - alpha) r(prompt) + alpha r_star")
     tau_u: float = param(3.0, "entropy threshold in nats that ends a segment (segmentation=entropy)")
@@ -38,11 +44,20 @@ class CardsConfig(RejectionParams):
     segmentation: str = param("entropy", "entropy | maxprob | punctuation | fixed (max_segment tokens)")
     min_segment: int = param(4, "fewest tokens in a segment")
     max_segment: int = param(64, "most tokens in a segment")
-    anchor: str = param("prompt", "prompt: tau rises from r0 (the paper); prefix: from the accepted prefix's score")
+    anchor: str | None = param(None, "prompt: tau rises from r0 (the paper); prefix: from the accepted prefix's "
+                                     "score. None: prompt, or prefix with a value")
     value: str | None = param(None, "prefix value (shipped name or folder) scoring partial answers; the reward "
                                     "scores finished ones")
+    temperature: float | None = param(None, "sampling temperature; None = beta (the paper), or 1 with a value")
+    top_k: int | None = param(None, "top-k of the proposals (0 = off); None: 40, or 0 with a value")
+    max_retries: int | None = param(None, "rejections before the best attempt is taken; None: 20, or 3 with a value")
+    acceptance: str | None = param(None, "soft: accept with min(1, exp((r - threshold) / beta)); hard: r >= "
+                                         "threshold. None: soft, or hard with a value")
 
     def __post_init__(self) -> None:
+        for name, setting in (VALUE_MODE if self.value else PAPER_MODE).items():
+            if getattr(self, name) is None:
+                setattr(self, name, setting)
         super().__post_init__()
         if not 0 <= self.alpha <= 1:
             raise DecalignError(f"alpha must be in [0, 1], got {self.alpha}")
