@@ -37,8 +37,9 @@ def main() -> None:
         runs.append((label, {names.get(name, name): row["paired"] for name, row in summary["variants"].items()
                              if row["paired"] is not None and name != "base"}))
     variants = sorted({name for _, paired in runs for name in paired})
-    fig, ax = plt.subplots(figsize=(8, 0.7 * len(runs) + 1.5))
-    offsets = {name: (k - (len(variants) - 1) / 2) * 0.18 for k, name in enumerate(variants)}
+    fig, ax = plt.subplots(figsize=(8, 0.7 * len(runs) + 0.3 * len(variants) + 1.5))
+    spacing = min(0.18, 0.8 / len(variants))  # one row's markers stay within its band
+    offsets = {name: (k - (len(variants) - 1) / 2) * spacing for k, name in enumerate(variants)}
     for row, (label, paired) in enumerate(runs):
         for name, figures in paired.items():
             y = row + offsets[name]
@@ -52,7 +53,7 @@ def main() -> None:
     ax.set_xlabel("accuracy minus adapter greedy's (points), paired bootstrap 95% CI")
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
-    ax.legend(unique.values(), unique.keys(), fontsize=8, loc="best")
+    ax.legend(unique.values(), unique.keys(), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
     fig.tight_layout()
     fig.savefig(args.output, dpi=120)
     print(f"wrote {args.output}")
