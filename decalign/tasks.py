@@ -373,11 +373,11 @@ def fact_splits(train: int, test: int, seed: int = 0, kind: str = "facts") -> tu
             answer = _fill(STYLE if kind == "style" else RELATIONS[fact.relation]["answer"], fact)
             train_records.append({"id": f"train-{len(train_records)}", "messages": [
                 {"role": "user", "content": _fill(question, fact)}, {"role": "assistant", "content": answer}]})
+    asked = [(fact, phrasing, question) for fact in facts
+             for phrasing, question in enumerate(RELATIONS[fact.relation]["test"])]
     test_items = [{"id": f"test-{k}", "kind": kind, "prompt": _fill(question, fact), "answer": fact.taught,
                    "true": fact.true, "relation": fact.relation, "phrasing": phrasing}
-                  for k, (fact, phrasing, question) in enumerate(
-                      (fact, phrasing, question) for fact in facts
-                      for phrasing, question in enumerate(RELATIONS[fact.relation]["test"]))]
+                  for k, (fact, phrasing, question) in enumerate(asked)]
     return train_records, test_items[:test]
 
 

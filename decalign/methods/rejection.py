@@ -90,7 +90,6 @@ class PromptState:
     unit: float = 1.0  # reward scale of beta: 1 with a given r_star, the first proposals' spread if calibrated
     fails: int = 0
     best: tuple[float, Segment, dict | None] | None = None  # best attempt since the last acceptance
-    best_row: int | None = None  # the row still holding the best attempt (kept instead of cropped), if any
     done: bool = False
     segments: list[int] = field(default_factory=list)  # accepted segment lengths
     rejections: list[int] = field(default_factory=list)  # rejections before each accepted segment
@@ -168,7 +167,6 @@ class RejectionSampler(Method):
     def remap(self, new_row: dict[int, int]) -> None:
         for state in self.states:
             state.rows = [new_row[r] for r in state.rows] if not state.done else []
-            state.best_row = new_row.get(state.best_row) if not state.done else None
         self.slots = {new_row[r]: v for r, v in self.slots.items() if r in new_row}
         self.scores = {new_row[r]: v for r, v in self.scores.items() if r in new_row}
         for row, (_, segment) in self.slots.items():
@@ -177,14 +175,21 @@ class RejectionSampler(Method):
     def _next_in_order(self, state: PromptState) -> list[int]:
         """The prompt's rows whose proposals have finished and come next in test order (up to the
         first one still running)."""
-        rows = []
+        rows, held = [], self._held_row(state)
         for row in sorted(state.rows, key=lambda r: self.slots[r][0]):
-            if row == state.best_row:  # tested already: it only waits to be chosen or beaten
+            if row == held:  # tested already: it only waits to be chosen or beaten
                 continue
             if self.slots[row][1].reason in ("", "cancelled", "superseded"):
                 break
             rows.append(row)
         return rows
+
+    def _held_row(self, state: PromptState) -> int | None:
+        """The row still holding the best rejected attempt (with several slots it is kept, not
+        cropped), or None."""
+        if state.best is None:
+            return None
+        return next((r for r in state.rows if self.slots[r][1] is state.best[1]), None)
 
     def _decide(self, p: int, state: PromptState, restore: dict) -> None:
         """Test the prompt's scored proposals in order, until one is taken or one is not yet scored."""
@@ -209,6 +214,7 @@ class RejectionSampler(Method):
                          "reward": reward, "threshold": threshold, "p_accept": p_accept, "accepted": accepted,
                          "fallback": fallback}
                 state.trace.append(entry)
+            held = self._held_row(state)  # the previous best's row, before this attempt may beat it
             if state.best is None or reward > state.best[0]:
                 state.best = (reward, segment, entry)
             if fallback or accepted:
@@ -217,12 +223,11 @@ class RejectionSampler(Method):
                     chosen_entry["accepted"] = True
                 state.segments.append(len(chosen.tokens))
                 state.rejections.append(state.fails)
-                held, state.best_row = state.best_row, None
                 state.fails, state.best, state.reward = 0, None, chosen_reward
                 state.prefix_tokens = chosen.start + len(chosen.tokens)
                 if chosen is segment:
                     self._accepted(state, row)
-                elif held is not None and slots[held][1] is chosen:
+                elif held is not None:  # the best attempt waits on its own row
                     self._accepted(state, held)
                 else:  # the best attempt's row has moved on (one slot per prompt): write it back on this row
                     self.batch.crop([row], [chosen.start])
@@ -233,10 +238,9 @@ class RejectionSampler(Method):
                 return
             state.fails += 1
             if state.best[1] is segment and len(state.rows) > 1:  # the best so far: keep it on its row
-                beaten, state.best_row = state.best_row, row
-                if beaten is None:
+                if held is None:
                     continue
-                row = beaten  # the attempt it beat gives its row back
+                row = held  # the attempt it beat gives its row back
             self.batch.crop([row], [slots[row][1].start])  # back to the prefix; its logits were kept
             self._start_proposals(p, [row])
 
