@@ -12,15 +12,18 @@ from decalign.sampling import GREEDY, Sampling
 SAMPLE = Sampling(temperature=1.0)
 
 
-@pytest.fixture(scope="module", params=["torch matmul", "packed weights"])
+@pytest.fixture(scope="module", params=["torch matmul", "packed weights", "fed rows alone"])
 def engine(request, tiny_path):
-    """Every exactness test runs twice: with torch's own matmul, and with every Linear layer of the
-    tiny model packed for oneDNN (the real model's large layers are; the tiny ones would not be)."""
+    """Every exactness test runs three times: with torch's own matmul; with every Linear layer of
+    the tiny model packed for oneDNN (the real model's large layers are; the tiny ones would not
+    be); and with every decode step run over the rows that take a token only."""
     from decalign import Engine
 
     engine = Engine.load(str(tiny_path))
     if request.param == "packed weights":
         assert use_packed_linears(engine.model, min_weights=0) > 0
+    if request.param == "fed rows alone":
+        engine.subset_share = 2.0
     return engine
 
 
@@ -53,6 +56,41 @@ def test_cached_decoding_equals_full_recompute(engine, prompts):
     batch.extend(SAMPLE, stop_rule=EntropyStop(threshold=1.0, min_tokens=2))  # rows idle at different steps
     for row in range(batch.size):
         assert_row_matches_recompute(engine, batch, row, prompts[batch.prompt_of[row]])
+
+
+def test_a_step_over_the_fed_rows_alone_equals_a_step_over_all(tiny_path, prompt_texts, monkeypatch):
+    """Idle rows skipped in a decode step change nothing: same tokens, log-probabilities, hidden
+    states and next-token logits as steps over every row, also when the cache's spare room runs out
+    every few steps; and the skipping does happen."""
+    from decalign import Engine
+    from decalign.engine import batch as batch_module, cache as cache_module
+
+    monkeypatch.setattr(cache_module, "SPARE_POSITIONS", 3)
+    engine = Engine.load(str(tiny_path))
+    prompts = [engine.render(t) for t in prompt_texts]
+    subset_steps = []
+    only_rows = batch_module.only_rows
+    monkeypatch.setattr(batch_module, "only_rows", lambda cache, rows: subset_steps.append(len(rows)) or only_rows(cache, rows))
+    runs = []
+    for share in (0.0, 1.0):
+        engine.subset_share = share
+        batch = engine.start(prompts, n=2, seeds=[1, 2, 3], max_new_tokens=40, state_layers=[1, 2])
+        batch.extend(SAMPLE, max_tokens=9)
+        batch.extend(SAMPLE, stop_rule=EntropyStop(threshold=1.0, min_tokens=2))  # rows idle at different steps
+        batch.extend(SAMPLE, max_tokens=12)
+        runs.append(batch)
+        if share == 0.0:
+            assert not subset_steps
+    assert subset_steps and min(subset_steps) < runs[1].size  # some steps ran part of the batch
+    every, fed = runs
+    assert fed.tokens == every.tokens
+    for row in range(fed.size):
+        assert torch.allclose(torch.tensor(fed.logprobs[row]), torch.tensor(every.logprobs[row]), atol=1e-5)
+        assert_row_matches_recompute(engine, fed, row, prompts[fed.prompt_of[row]])
+    live = fed.live_rows()
+    assert torch.allclose(fed.logits[live], every.logits[live], atol=1e-4)
+    assert torch.allclose(fed.state_means(range(fed.size)), every.state_means(range(fed.size)), atol=1e-5)
+    assert torch.allclose(fed.last_states(range(fed.size)), every.last_states(range(fed.size)), atol=1e-5)
 
 
 def test_batched_greedy_equals_each_prompt_alone(engine, prompts):

@@ -5,13 +5,15 @@
 - `batch`: `Batch` (live rows in one KV cache: extend, step, append, advance, select, copy_row, crop,
   force, tracked hidden states), `BatchPrompt` (a prompt with its rows and limits), the moves
   `Sample` / `Write`, `Segment`, `Work`, `FINISHED`.
+- `cache`: `RowLayer`, the KV cache layer that writes steps into spare room instead of copying
+  the cache, and runs a step over the rows that take a token only (`row_cache`, `only_rows`).
 - `stopping`: segment rules and what they see: `StepView`/`StopRule` (before a token), `TokenView`/
   `CutRule` (after one), `EntropyStop`, `MaxProbStop`, `PunctuationCut`.
 - `adapters`: PEFT specifics and model patches: `BASE`, `loaded_adapters`, `LoraRowGate` (per-row
   LoRA gating of mixed-adapter batches), `use_packed_linears` (oneDNN packed
   weights for CPU decode steps).
 
-Imports run one way: core -> batch -> stopping, adapters. Everything is re-exported here.
+Imports run one way: core -> batch -> cache, stopping, adapters. Everything is re-exported here.
 """
 
 from .adapters import BASE, LoraRowGate, loaded_adapters, use_packed_linears

@@ -9,7 +9,8 @@ Methods call:
 Layout: the cache is left-padded, rows are ragged through the attention mask. A cropped token or an
 idle row's step leaves a masked hole; position ids count only unmasked tokens, so a row attends
 exactly to its own prompt and tokens. When holes pile up the cache is compacted by a gather, which
-moves keys and values but recomputes nothing.
+moves keys and values but recomputes nothing. A step where few rows take a token runs those rows
+alone (`cache.RowLayer`); the others' new position is a hole.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
-from transformers import DynamicCache
 
 from ..errors import DecalignError
 from ..sampling import Sampling, choose_tokens, derive_seed, make_generator
 from .adapters import BASE
+from .cache import only_rows, row_cache, steps_subsets
 from .stopping import CutRule, StepView, StopRule, TokenView
 
 if TYPE_CHECKING:
@@ -137,7 +138,7 @@ class Batch:
         for i, prompt in enumerate(prompts):
             input_ids[i, width - len(prompt.ids):] = torch.tensor(list(prompt.ids), dtype=torch.long)
             mask[i, width - len(prompt.ids):] = 1
-        self.cache = DynamicCache(config=engine.model.config)
+        self.cache = row_cache(engine.model.config)
         self.mask = mask[:, :0]
         self.logits, states = self._forward(input_ids, mask)
         for work in self.work:
@@ -240,16 +241,21 @@ class Batch:
 
     # ----- the model call ---------------------------------------------------------------------
     @torch.no_grad()
-    def _forward(self, input_ids: torch.Tensor, new_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run new tokens through the policy on every row; return last-position logits and, when
-        states are tracked, the tracked layers' states at every new position (rows x new x features)."""
+    def _forward(self, input_ids: torch.Tensor, new_mask: torch.Tensor, rows: torch.Tensor | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run new tokens through the policy on every row, or on `rows` only (`input_ids` then has
+        their tokens; the other rows' new positions are masked holes); return last-position logits
+        and, when states are tracked, the tracked layers' states at every new position (rows x new x
+        features)."""
         self.mask = torch.cat([self.mask, new_mask], dim=1)
-        positions = (self.mask.cumsum(-1) - 1).clamp_(min=0)[:, -input_ids.shape[1]:]
-        context, extra = self.engine.adapter_route(self.adapters) if self.adapters is not None else (nullcontext(), {})
-        with context:
+        mask = self.mask if rows is None else self.mask[rows]
+        positions = (mask.cumsum(-1) - 1).clamp_(min=0)[:, -input_ids.shape[1]:]
+        adapters = self.adapters if self.adapters is None or rows is None else [self.adapters[r] for r in rows.tolist()]
+        context, extra = self.engine.adapter_route(adapters) if adapters is not None else (nullcontext(), {})
+        with context, (only_rows(self.cache, rows) if rows is not None else nullcontext()):
             out = self.engine.model(
                 input_ids=input_ids,
-                attention_mask=self.mask,
+                attention_mask=mask,
                 position_ids=positions,
                 cache=self.cache,
                 use_cache=True,
@@ -262,21 +268,29 @@ class Batch:
         return out.logits[:, -1, :].float(), states
 
     def _feed(self, tokens: dict[int, int]) -> None:
-        """Write one token on each given row (others get a masked hole) and refresh their logits."""
+        """Write one token on each given row (others get a masked hole) and refresh their logits.
+        When few rows take a token, only they run through the model."""
         device = self.mask.device
         rows = torch.tensor(list(tokens), dtype=torch.long, device=device)
         positions = torch.tensor([self.fed[r] for r in tokens], dtype=torch.long, device=device)
         fed = torch.zeros(self.size, dtype=torch.bool, device=device)
         fed[rows] = True
-        input_ids = torch.full((self.size, 1), self.engine.pad_id, dtype=torch.long, device=device)
-        input_ids[rows, 0] = torch.tensor(list(tokens.values()), dtype=torch.long, device=device)
+        chosen = torch.tensor(list(tokens.values()), dtype=torch.long, device=device)
         for row in tokens:
             self.fed[row] += 1
-        logits, states = self._forward(input_ids, fed.long().unsqueeze(1))
-        self.logits = torch.where(fed.unsqueeze(1), logits, self.logits)
-        if states is not None:
-            self.answer_states[rows, positions] = states[rows, 0]
-            self.state_sums[rows] += states[rows, 0]
+        if len(tokens) < self.engine.subset_share * self.size and steps_subsets(self.cache):
+            logits, states = self._forward(chosen.unsqueeze(1), fed.long().unsqueeze(1), rows)
+            self.logits[rows] = logits
+            new_states = states[:, 0] if states is not None else None
+        else:
+            input_ids = torch.full((self.size, 1), self.engine.pad_id, dtype=torch.long, device=device)
+            input_ids[rows, 0] = chosen
+            logits, states = self._forward(input_ids, fed.long().unsqueeze(1))
+            self.logits = torch.where(fed.unsqueeze(1), logits, self.logits)
+            new_states = states[rows, 0] if states is not None else None
+        if new_states is not None:
+            self.answer_states[rows, positions] = new_states
+            self.state_sums[rows] += new_states
         for prompt in {self.prompt_of[r] for r in tokens}:
             self.work[prompt].forward_passes += 1
         for row in tokens:

@@ -35,6 +35,9 @@ class Engine:
         self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids or {0})
         self.context_length: int | None = getattr(config, "max_position_embeddings", None)
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        # a decode step where fewer than this share of a batch's rows take a token runs those rows
+        # only (gathering their cache costs less than running the idle rows; measured in docs/cards.md)
+        self.subset_share = 0.8
         self.lora_gate = LoraRowGate(model, self.device)  # per-row adapter gating for mixed batches
         if self.device.type == "cpu" and os.environ.get("DECALIGN_PACK_WEIGHTS", "1") != "0":
             use_packed_linears(model)  # DECALIGN_PACK_WEIGHTS=0 keeps torch's matmul and saves the copy
