@@ -196,6 +196,38 @@ def test_parallel_proposals_keep_the_sequential_distribution(engine):
     seg_seq, _ = outcomes("cards", 4, proposals=1, segmentation="fixed", min_segment=3, max_segment=3)
     seg_par, _ = outcomes("cards", 5, proposals=4, segmentation="fixed", min_segment=3, max_segment=3)
     assert not chi_square_differs(seg_seq, seg_par), (seg_seq, seg_par)
+    # four slots of which one draws at a time: the same distribution again
+    seg_one, _ = outcomes("cards", 6, proposals=4, parallel=1, segmentation="fixed", min_segment=3, max_segment=3)
+    assert not chi_square_differs(seg_seq, seg_one), (seg_seq, seg_one)
+
+
+@pytest.mark.parametrize("parallel", [None, 1, 2])
+def test_parallel_bounds_the_slots_that_draw_at_once(engine, monkeypatch, parallel):
+    """`parallel` caps the proposals in flight per prompt; with one at a time every token drawn
+    belongs to an attempt that was tested (none is dropped unseen), where all four at once waste some."""
+    from decalign.methods.rejection import RejectionSampler
+
+    in_flight = []
+    original = RejectionSampler.moves
+
+    def moves(self):
+        out = original(self)
+        for state in self.states:
+            in_flight.append(sum(1 for r in state.rows if not state.done and not self.slots[r][1].reason))
+        return out
+
+    monkeypatch.setattr(RejectionSampler, "moves", moves)
+    prompts = ["hi", "bread", "The answer is"]
+    results = generate(prompts, method="cards", model=engine, reward=even_share, max_new_tokens=24, seed=3,
+                       tau_u=1.0, min_segment=2, max_segment=6, r_star=0.6, beta=0.05, trace=True, proposals=4,
+                       parallel=parallel)
+    assert max(in_flight) == (parallel or 4)
+    assert sum(r.stats["rejections"] for r in results) > 0
+    wasted = [r.stats["generated_tokens"] - sum(e["tokens"] for e in r.trace) for r in results]
+    assert min(wasted) >= 0
+    assert (max(wasted) == 0) == (parallel == 1), wasted
+    for prompt, result in zip(prompts, results):  # rejected attempts left no trace in the answer
+        assert torch.allclose(torch.tensor(result.logprobs), recompute_logprobs(engine, prompt, result.tokens), atol=1e-4)
 
 
 def test_rs_accepts_whole_answers(engine):

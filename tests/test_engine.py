@@ -65,7 +65,7 @@ def test_a_step_over_the_fed_rows_alone_equals_a_step_over_all(tiny_path, prompt
     from decalign import Engine
     from decalign.engine import batch as batch_module, cache as cache_module
 
-    monkeypatch.setattr(cache_module, "SPARE_POSITIONS", 3)
+    monkeypatch.setattr(cache_module, "spare_positions", lambda filled: 3)
     engine = Engine.load(str(tiny_path))
     prompts = [engine.render(t) for t in prompt_texts]
     subset_steps = []

@@ -17,7 +17,11 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-SPARE_POSITIONS = 64  # room added when a layer runs out: one reallocation per this many steps
+
+def spare_positions(filled: int) -> int:
+    """Room added when a layer runs out: a reallocation (one copy of the cache) every this many
+    steps, for at most an eighth more memory than the filled part."""
+    return max(16, filled // 8)
 
 
 class RowLayer(DynamicLayer):
@@ -58,7 +62,7 @@ class RowLayer(DynamicLayer):
         for name, new in (("keys", key_states), ("values", value_states)):
             buffer = self._buffers[name]
             if end > buffer.shape[2]:
-                buffer = self._buffers[name] = _with_room(buffer, start, end + SPARE_POSITIONS)
+                buffer = self._buffers[name] = _with_room(buffer, start, end + spare_positions(end))
             if self.rows is None:
                 buffer[:, :, start:end] = new
             else:

@@ -13,6 +13,11 @@ for the longest proposal of a round; an accepted one is copied onto the prompt's
 best rejected attempt keeps its row until a better one comes (the others draw on), so falling back
 to it costs nothing; with one slot per prompt it is cropped like the rest and written back.
 
+How many of a prompt's slots draw at once is a separate choice (`parallel`): the others wait idle
+(a decode step skips idle rows) and start as soon as a drawing slot is done. Fewer at once throw
+away fewer tokens (a proposal still running when an earlier one is accepted was wasted work), in
+more steps; the answers' distribution is the same, since it never depended on how many run at once.
+
 Prompts are independent: each has its own slots, retry count, best attempt and random streams, and
 a prompt's rows move one token per step whatever the other prompts do, so a prompt's answer does
 not depend on its batch.
@@ -57,7 +62,10 @@ class RejectionParams:
     temperature: float | None = param(None, "sampling temperature; None = beta, as in the paper")
     top_k: int = param(40, "top-k of the proposals (0 = off)")
     max_retries: int = param(20, "rejections before the best attempt is taken")
-    proposals: int = param(4, "proposals drawn at once per prompt, tested in the order they start")
+    proposals: int = param(4, "slots per prompt: proposals in flight, tested in the order they start (the first "
+                              "K also calibrate r_star)")
+    parallel: int | None = param(None, "slots of a prompt that draw at once (None = all): fewer waste fewer tokens "
+                                       "in more steps, with the same answer distribution")
     acceptance: str = param("soft", "soft: accept with min(1, exp((r - threshold) / beta)); hard: r >= threshold")
     margin: float = param(1.0, "calibration: r_star = mean + margin * std of the first proposals' scores")
     trace: bool = param(False, "keep every attempt in the result's trace")
@@ -69,6 +77,8 @@ class RejectionParams:
             raise DecalignError(f"temperature must be > 0, got {self.temperature}")
         if self.proposals < 1:
             raise DecalignError(f"proposals must be >= 1, got {self.proposals}")
+        if self.parallel is not None and not 1 <= self.parallel <= self.proposals:
+            raise DecalignError(f"parallel must be between 1 and proposals ({self.proposals}), got {self.parallel}")
         if self.max_retries < 0:
             raise DecalignError(f"max_retries must be >= 0, got {self.max_retries}")
         if self.acceptance not in ("soft", "hard"):
@@ -79,6 +89,9 @@ class RejectionParams:
     @property
     def sampling(self) -> Sampling:
         return Sampling(self.beta if self.temperature is None else self.temperature, top_k=self.top_k)
+
+
+IDLE = math.inf  # the test-order number of a slot that waits to draw (after every real proposal)
 
 
 @dataclass
@@ -97,6 +110,7 @@ class PromptState:
     reward: float | None = None  # the accepted prefix's reward (None before the first acceptance)
     prefix_tokens: int = 0  # the accepted prefix's length
     answer: tuple | None = None  # (Candidate, logprobs) once the answer is complete
+    idle: list[int] = field(default_factory=list)  # slots waiting to draw, in the order they became free
 
 
 class RejectionSampler(Method):
@@ -121,17 +135,41 @@ class RejectionSampler(Method):
                        for group, seed in zip(rows, self.job.seeds)]
         for state, reward in zip(self.states, self.job.evaluate(batch, [s.rows[0] for s in self.states])):
             state.prompt_reward = reward
-        self.slots: dict[int, tuple[int, Segment]] = {}  # row -> (proposal number, its proposal)
+        self.slots: dict[int, tuple[float, Segment]] = {}  # row -> (proposal number or IDLE, its proposal)
         self.scores: dict[int, float] = {}  # row -> score of its finished proposal
         self.drawn = [0] * len(self.states)  # proposals started, per prompt: the test order
         for p, state in enumerate(self.states):
             self._start_proposals(p, state.rows)
 
     def _start_proposals(self, p: int, rows: list[int], new_prefix: bool = False) -> None:
-        for row, segment in zip(rows, self.batch.open_segments(rows, forget_earlier=new_prefix)):
+        """Start proposals on `rows` (free slots at the accepted prefix), as many as `parallel`
+        allows; the rest wait idle, in this order, for `_top_up`."""
+        state = self.states[p]
+        room = self._room(state, rows)
+        started, waiting = rows[:room], rows[room:]
+        for row, segment in zip(started, self.batch.open_segments(started, forget_earlier=new_prefix)):
             self.slots[row] = (self.drawn[p], segment)
-            self.scores.pop(row, None)
             self.drawn[p] += 1
+        for row, segment in zip(waiting, self.batch.open_segments(waiting, forget_earlier=new_prefix, croppable=False)):
+            segment.reason = "idle"
+            self.slots[row] = (IDLE, segment)
+            state.idle.append(row)
+        for row in rows:
+            self.scores.pop(row, None)
+
+    def _room(self, state: PromptState, rows: list[int]) -> int:
+        """How many of `rows` may start drawing, given the prompt's other slots that draw."""
+        if self.config.parallel is None:
+            return len(rows)
+        drawing = sum(1 for r in state.rows if r not in rows and r in self.slots and not self.slots[r][1].reason)
+        return max(0, self.config.parallel - drawing)
+
+    def _top_up(self, p: int, state: PromptState) -> None:
+        """Start waiting slots while fewer than `parallel` of the prompt's slots draw."""
+        room = self._room(state, state.idle) if state.idle and not state.done else 0
+        if room:
+            starting, state.idle = state.idle[:room], state.idle[room:]
+            self._start_proposals(p, starting)
 
     def moves(self) -> list[Move]:
         for p, state in enumerate(self.states):
@@ -155,6 +193,8 @@ class RejectionSampler(Method):
             self.batch.force(restore)
             for row in restore:
                 self._accepted(self.states[self.job.prompt_of(self.batch, row)], row)
+        for p in live:
+            self._top_up(p, self.states[p])
         if all(s.done for s in self.states):
             self.results[:] = [self.job.result(p, self.batch, *state.answer,
                                                trace=state.trace if self.config.trace else None,
@@ -167,6 +207,7 @@ class RejectionSampler(Method):
     def remap(self, new_row: dict[int, int]) -> None:
         for state in self.states:
             state.rows = [new_row[r] for r in state.rows] if not state.done else []
+            state.idle = [new_row[r] for r in state.idle] if not state.done else []
         self.slots = {new_row[r]: v for r, v in self.slots.items() if r in new_row}
         self.scores = {new_row[r]: v for r, v in self.scores.items() if r in new_row}
         for row, (_, segment) in self.slots.items():
@@ -179,7 +220,7 @@ class RejectionSampler(Method):
         for row in sorted(state.rows, key=lambda r: self.slots[r][0]):
             if row == held:  # tested already: it only waits to be chosen or beaten
                 continue
-            if self.slots[row][1].reason in ("", "cancelled", "superseded"):
+            if self.slots[row][1].reason in ("", "cancelled", "superseded", "idle"):  # idle slots sort last
                 break
             rows.append(row)
         return rows
@@ -255,6 +296,7 @@ class RejectionSampler(Method):
             state.answer = (self.job.candidate(batch, row, state.reward), list(batch.logprobs[row]))
             return
         batch.copy_row(row, state.rows)
+        state.idle = []
         self._start_proposals(p, state.rows, new_prefix=True)  # nothing is ever cropped back past it
 
     def _finish(self, state: PromptState, reason: str) -> None:

@@ -1,0 +1,73 @@
+"""The cost of a decode step that feeds only some of a batch's rows: over those rows alone (the
+engine's row-subset step) against over every row, side by side in one process.
+
+    python scripts/step_speed.py [--prompts 24] [--rows-per-prompt 4] [--fill 60] [--share 0.65]
+                                 [--steps 8] [--repeats 5] [--threads 2]
+
+Opens `prompts` x `rows-per-prompt` rows of the embedded model (built-in prompts), samples `fill`
+tokens so the cache has some width, then times, interleaved, `steps` decode steps of: every live
+row; a `share` of them over all rows; the same share over those rows alone. Prints medians of
+`repeats` in ms per step. The cache widens by one position per step, so later repeats cost a
+little more for every variant alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+PROMPTS = [
+    "Explain how a bicycle stays upright.", "Write a short poem about rain on a tin roof.",
+    "What should I pack for a weekend hike?", "Summarise the plot of Hamlet in three sentences.",
+    "How do vaccines train the immune system?", "Give me three tips for learning to cook.",
+    "Why is the sky blue?", "Describe a busy market in the morning.",
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=24)
+    parser.add_argument("--rows-per-prompt", type=int, default=4)
+    parser.add_argument("--fill", type=int, default=60)
+    parser.add_argument("--share", type=float, default=0.65)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from decalign.engine import get_engine
+    from decalign.sampling import Sampling
+
+    engine = get_engine()
+    prompts = [engine.render(PROMPTS[i % len(PROMPTS)]) for i in range(args.prompts)]
+    batch = engine.start(prompts, n=args.rows_per_prompt, seeds=list(range(args.prompts)),
+                         max_new_tokens=args.fill + args.steps * args.repeats * 3 + 1)
+    batch.extend(Sampling(temperature=1.0), max_tokens=args.fill)
+    live = batch.live_rows()
+    part = live[:max(1, round(args.share * len(live)))]
+    print(f"{batch.size} rows, {len(live)} live, cache {batch.mask.shape[1]} positions wide; "
+          f"the partial steps feed {len(part)}")
+    token = engine.tokenizer.encode(" the", add_special_tokens=False)[0]
+    variants = (("every live row", live, 0.0), (f"{len(part)} rows, step over all", part, 0.0),
+                (f"{len(part)} rows, step over them alone", part, 2.0))
+    times: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+    shared = engine.subset_share
+    try:
+        for _ in range(args.repeats):
+            for name, rows, subset_share in variants:
+                engine.subset_share = subset_share
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    batch.append({r: token for r in rows})
+                times[name].append((time.perf_counter() - start) / args.steps * 1000)
+    finally:
+        engine.subset_share = shared
+    for name, values in times.items():
+        print(f"{name:40s} {statistics.median(values):7.1f} ms / step   ({', '.join(f'{v:.0f}' for v in values)})")
+
+
+if __name__ == "__main__":
+    main()
