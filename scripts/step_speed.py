@@ -4,7 +4,7 @@ engine's row-subset step) against over every row, side by side in one process.
     python scripts/step_speed.py [--prompts 24] [--rows-per-prompt 4] [--fill 60] [--share 0.65]
                                  [--steps 8] [--repeats 5] [--threads 2]
 
-Opens `prompts` x `rows-per-prompt` rows of the embedded model (built-in prompts), samples `fill`
+Opens `prompts` x `rows-per-prompt` rows of the embedded model (the benchmark prompts of `decalign bench-cold`), samples `fill`
 tokens so the cache has some width, then times, interleaved, `steps` decode steps of: every live
 row; a `share` of them over all rows; the same share over those rows alone. Prints medians of
 `repeats` in ms per step. The cache widens by one position per step, so later repeats cost a
@@ -19,14 +19,6 @@ import time
 
 import torch
 
-PROMPTS = [
-    "Explain how a bicycle stays upright.", "Write a short poem about rain on a tin roof.",
-    "What should I pack for a weekend hike?", "Summarise the plot of Hamlet in three sentences.",
-    "How do vaccines train the immune system?", "Give me three tips for learning to cook.",
-    "Why is the sky blue?", "Describe a busy market in the morning.",
-]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=24)
@@ -38,6 +30,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    from decalign.bench_cold import PROMPTS
     from decalign.engine import get_engine
     from decalign.sampling import Sampling
 
