@@ -70,7 +70,8 @@ class RowLayer(DynamicLayer):
             self._filled[name] = end
         if self.rows is None:
             return self.keys, self.values
-        return self._buffers["keys"][self.rows, :, :end], self._buffers["values"][self.rows, :, :end]
+        # index_select on the filled view: about half the time of advanced indexing on CPU
+        return self.keys.index_select(0, self.rows), self.values.index_select(0, self.rows)
 
 
 def _with_room(tensor: torch.Tensor, filled: int, positions: int) -> torch.Tensor:
