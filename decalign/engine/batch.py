@@ -267,30 +267,33 @@ class Batch:
             if self.state_layers else None
         return out.logits[:, -1, :].float(), states
 
+    def _forward_rows(self, input_ids: torch.Tensor, new_mask: torch.Tensor, rows: list[int],
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A forward pass that feeds `rows` (`input_ids` and `new_mask` cover every row; the others
+        hold masked padding); return the logits and states of `rows`, in that order. When few rows
+        are fed, only they run through the model."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+        if len(rows) < self.engine.subset_share * self.size and steps_subsets(self.cache):
+            return self._forward(input_ids[index], new_mask, index)
+        logits, states = self._forward(input_ids, new_mask)
+        return logits[index], states[index] if states is not None else None
+
     def _feed(self, tokens: dict[int, int]) -> None:
-        """Write one token on each given row (others get a masked hole) and refresh their logits.
-        When few rows take a token, only they run through the model."""
+        """Write one token on each given row (others get a masked hole) and refresh their logits."""
         device = self.mask.device
         rows = torch.tensor(list(tokens), dtype=torch.long, device=device)
         positions = torch.tensor([self.fed[r] for r in tokens], dtype=torch.long, device=device)
         fed = torch.zeros(self.size, dtype=torch.bool, device=device)
         fed[rows] = True
-        chosen = torch.tensor(list(tokens.values()), dtype=torch.long, device=device)
+        input_ids = torch.full((self.size, 1), self.engine.pad_id, dtype=torch.long, device=device)
+        input_ids[rows, 0] = torch.tensor(list(tokens.values()), dtype=torch.long, device=device)
         for row in tokens:
             self.fed[row] += 1
-        if len(tokens) < self.engine.subset_share * self.size and steps_subsets(self.cache):
-            logits, states = self._forward(chosen.unsqueeze(1), fed.long().unsqueeze(1), rows)
-            self.logits[rows] = logits
-            new_states = states[:, 0] if states is not None else None
-        else:
-            input_ids = torch.full((self.size, 1), self.engine.pad_id, dtype=torch.long, device=device)
-            input_ids[rows, 0] = chosen
-            logits, states = self._forward(input_ids, fed.long().unsqueeze(1))
-            self.logits = torch.where(fed.unsqueeze(1), logits, self.logits)
-            new_states = states[rows, 0] if states is not None else None
-        if new_states is not None:
-            self.answer_states[rows, positions] = new_states
-            self.state_sums[rows] += new_states
+        logits, states = self._forward_rows(input_ids, fed.long().unsqueeze(1), list(tokens))
+        self.logits[rows] = logits
+        if states is not None:
+            self.answer_states[rows, positions] = states[:, 0]
+            self.state_sums[rows] += states[:, 0]
         for prompt in {self.prompt_of[r] for r in tokens}:
             self.work[prompt].forward_passes += 1
         for row in tokens:
@@ -623,13 +626,12 @@ class Batch:
                 self.fed[row] += len(fed)
         if not new_mask.any():
             return
-        ends = new_mask[:, -1].bool()
-        logits, states = self._forward(input_ids, new_mask)
-        self.logits = torch.where(ends.unsqueeze(1), logits, self.logits)
+        logits, states = self._forward_rows(input_ids, new_mask, list(written))
+        self.logits[torch.tensor(list(written), dtype=torch.long, device=self.mask.device)] = logits
         if states is not None:
-            for row, (start, count) in written.items():
-                self.answer_states[row, start:start + count] = states[row, width - count:]
-                self.state_sums[row] += states[row, width - count:].sum(0)
+            for i, (row, (start, count)) in enumerate(written.items()):
+                self.answer_states[row, start:start + count] = states[i, width - count:]
+                self.state_sums[row] += states[i, width - count:].sum(0)
         for prompt in {self.prompt_of[r] for r in segments}:
             self.work[prompt].forward_passes += 1
         for row in segments:
