@@ -267,16 +267,17 @@ class Batch:
             if self.state_layers else None
         return out.logits[:, -1, :].float(), states
 
-    def _forward_rows(self, input_ids: torch.Tensor, new_mask: torch.Tensor, rows: list[int],
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _forward_rows(self, input_ids: torch.Tensor, new_mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
         """A forward pass that feeds `rows` (`input_ids` and `new_mask` cover every row; the others
-        hold masked padding); return the logits and states of `rows`, in that order. When few rows
-        are fed, only they run through the model."""
-        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+        hold masked padding): refresh their logits and return their states, in that order. When few
+        rows are fed, only they run through the model."""
         if len(rows) < self.engine.subset_share * self.size and steps_subsets(self.cache):
-            return self._forward(input_ids[index], new_mask, index)
+            logits, states = self._forward(input_ids[rows], new_mask, rows)
+            self.logits[rows] = logits
+            return states
         logits, states = self._forward(input_ids, new_mask)
-        return logits[index], states[index] if states is not None else None
+        self.logits[rows] = logits[rows]
+        return states[rows] if states is not None else None
 
     def _feed(self, tokens: dict[int, int]) -> None:
         """Write one token on each given row (others get a masked hole) and refresh their logits."""
@@ -289,8 +290,7 @@ class Batch:
         input_ids[rows, 0] = torch.tensor(list(tokens.values()), dtype=torch.long, device=device)
         for row in tokens:
             self.fed[row] += 1
-        logits, states = self._forward_rows(input_ids, fed.long().unsqueeze(1), list(tokens))
-        self.logits[rows] = logits
+        states = self._forward_rows(input_ids, fed.long().unsqueeze(1), rows)
         if states is not None:
             self.answer_states[rows, positions] = states[:, 0]
             self.state_sums[rows] += states[:, 0]
@@ -626,8 +626,8 @@ class Batch:
                 self.fed[row] += len(fed)
         if not new_mask.any():
             return
-        logits, states = self._forward_rows(input_ids, new_mask, list(written))
-        self.logits[torch.tensor(list(written), dtype=torch.long, device=self.mask.device)] = logits
+        states = self._forward_rows(input_ids, new_mask, torch.tensor(list(written), dtype=torch.long,
+                                                                      device=self.mask.device))
         if states is not None:
             for i, (row, (start, count)) in enumerate(written.items()):
                 self.answer_states[row, start:start + count] = states[i, width - count:]
