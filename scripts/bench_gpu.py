@@ -9,6 +9,9 @@
    value for that random policy, then `decalign bench --frontier` runs greedy, Best-of-8 and CARDS
    with that value on all prompts batched, and a latency run (one prompt at a time).
 3. `decalign bench-cold` at `--search-size`: CoLD's decode step against greedy with the same adapter.
+4. `tests`: the CUDA tests (tests/test_device.py); `subset`: scripts/step_speed.py at `--search-size`
+   (a step over the fed rows alone against one over every row); `load`: scripts/load_test.py on
+   servers of the `--search-size` policy, continuous and static batching side by side.
 Rewards of a random-weight policy mean little; the times and decode tokens are what this measures.
 Each step's table is printed and written under OUT (engine-SIZE.md, search.md, latency.md, cold.md).
 `--sizes tiny --search-size tiny --quick` rehearses the whole script on a CPU in a few minutes.
@@ -42,11 +45,15 @@ def write_prompts(path: Path, count: int) -> Path:
 
 def decalign(*args: str, log: Path, timeout: int) -> bool:
     """Run a decalign command (the checkout's code), its output to the log; False when it failed."""
-    command = [sys.executable, "-m", "decalign.cli", *args]
-    print("$ decalign " + " ".join(args), flush=True)
+    return logged([sys.executable, "-m", "decalign.cli", *args], "decalign " + " ".join(args), log, timeout)
+
+
+def logged(command: list[str], title: str, log: Path, timeout: int) -> bool:
+    """Run a command, its output appended to the log; False when it failed or ran out of time."""
+    print("$ " + title, flush=True)
     start = time.perf_counter()
     with log.open("a") as handle:
-        handle.write("$ decalign " + " ".join(args) + "\n")
+        handle.write("$ " + title + "\n")
         handle.flush()
         try:
             code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, timeout=timeout).returncode
@@ -96,7 +103,8 @@ def main() -> None:
     parser.add_argument("--search-size", default="0.5b")
     parser.add_argument("--work", type=Path, default=Path("/tmp/decalign-gpu"))
     parser.add_argument("--steps", default="engine,search,latency,cold",
-                        help="which of engine, search, latency (one prompt at a time), cold to run")
+                        help="which of tests, engine, subset, load, search, latency (one prompt at a time), "
+                             "cold to run")
     parser.add_argument("--quick", action="store_true", help="small counts, for a rehearsal on a CPU")
     args = parser.parse_args()
     import torch
@@ -111,6 +119,11 @@ def main() -> None:
           f"{os.cpu_count()} CPUs", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     steps = set(args.steps.split(","))
+    if "tests" in steps:
+        tests = args.out / "tests.txt"
+        logged([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_device.py"],
+               "pytest tests/test_device.py", tests, timeout=300)
+        print(tests.read_text()[-1500:], flush=True)
     for size in args.sizes.split(",") if "engine" in steps else []:
         try:
             table = engine_table(size, tokenizer, args.quick)
@@ -122,6 +135,19 @@ def main() -> None:
     from decalign.testing import make_tiny_model
 
     policy = make_tiny_model(args.work / args.search_size, **shape(args.search_size), tokenizer=tokenizer)
+    scripts = Path(__file__).parent
+    if "subset" in steps:  # a step over the fed rows alone against one over every row
+        table = args.out / "subset.txt"
+        logged([sys.executable, str(scripts / "step_speed.py"), "--model", str(policy), "--prompts", "48",
+                "--rows-per-prompt", "8"], "step_speed.py", table, timeout=120)
+        print(table.read_text(), flush=True)
+    if "load" in steps:  # continuous against static batching, same load, one run
+        report = args.out / "load.txt"
+        load = ["--requests", "32", "--clients", "16", "--max-tokens", "8"] if args.quick else \
+            ["--requests", "128", "--clients", "64", "--max-tokens", "32", "--time-limit", "150"]
+        logged([sys.executable, str(scripts / "load_test.py"), "--model", str(policy), *load], "load_test.py",
+               report, timeout=420)
+        print(report.read_text()[-6000:], flush=True)
     if "cold" in steps:  # CoLD's decode cost against greedy with the same (random) adapter
         table = args.out / "cold.md"
         cold_args = ["--batch-sizes", "1,8", "--new-tokens", "16" if args.quick else "64", "--repeats",

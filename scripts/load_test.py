@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import socket
 import statistics
 import subprocess
@@ -69,7 +68,7 @@ class Server:
 
     def __init__(self, args: argparse.Namespace, batching: str) -> None:
         port = free_port()
-        command = [os.path.join(os.path.dirname(sys.executable), "decalign"), "serve", "--port", str(port),
+        command = [sys.executable, "-m", "decalign.cli", "serve", "--port", str(port),
                    "--reward", "sentiment", "--queue-size", str(args.queue_size), "--max-batch",
                    str(args.max_batch), "--batching", batching]
         if args.model:

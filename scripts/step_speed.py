@@ -28,13 +28,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default=None, help="model spec (default: the embedded model)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from decalign.bench_cold import PROMPTS
     from decalign.engine import get_engine
     from decalign.sampling import Sampling
 
-    engine = get_engine()
+    engine = get_engine(args.model)
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
     prompts = [engine.render(PROMPTS[i % len(PROMPTS)]) for i in range(args.prompts)]
     batch = engine.start(prompts, n=args.rows_per_prompt, seeds=list(range(args.prompts)),
                          max_new_tokens=args.fill + args.steps * args.repeats * 3 + 1)
@@ -52,9 +54,11 @@ def main() -> None:
         for _ in range(args.repeats):
             for name, rows, subset_share in variants:
                 engine.subset_share = subset_share
+                sync()
                 start = time.perf_counter()
                 for _ in range(args.steps):
                     batch.append({r: token for r in rows})
+                sync()
                 times[name].append((time.perf_counter() - start) / args.steps * 1000)
     finally:
         engine.subset_share = shared
