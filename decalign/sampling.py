@@ -1,7 +1,8 @@
 """Choosing the next token from logits: greedy, temperature, top-k, top-p, with per-row generators.
 
 Each row draws from its own seeded generator, so a row's text depends on its seed and prompt,
-not on which other rows happen to share its batch (the server batches unrelated requests).
+not on which other rows happen to share its batch (the server batches unrelated requests) nor on
+the device that computed its logits.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ class Sampling:
     @property
     def transforms(self) -> list[LogitTransform]:
         """The rule as transforms: temperature, then top-k, then top-p (those that are on)."""
-        rule: list[LogitTransform] = [Temperature(self.temperature)]
+        rule: list[LogitTransform] = [Temperature(self.temperature)] if self.temperature != 1.0 else []
         if self.top_k:
             rule.append(TopK(self.top_k))
         if self.top_p < 1.0:
@@ -100,15 +101,21 @@ def transformed(scores: torch.Tensor, transforms: list[LogitTransform]) -> torch
 def choose_tokens(
     logits: torch.Tensor, sampling: Sampling, generators: list[torch.Generator]
 ) -> torch.Tensor:
-    """One token per row of `logits` (rows x vocab): argmax, or a Gumbel-max draw per row."""
+    """One token per row of `logits` (rows x vocab): argmax, or an inverse-CDF draw per row.
+
+    A draw costs one uniform number from the row's own (CPU) generator and one cumulative sum over
+    the vocabulary, not a vocabulary's worth of random numbers, so a row's token does not depend on
+    its batch or on the device, and sampling stays a small part of a decode step."""
     if sampling.greedy:
         return logits.argmax(-1)
     scores = transformed(logits, sampling.transforms)
-    uniform = torch.stack(
-        [torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in generators]
-    )
-    gumbel = -torch.log(-torch.log(uniform.clamp_(min=1e-20, max=1 - 1e-7)))
-    return (scores + gumbel).argmax(-1)
+    weights = (scores - scores.amax(-1, keepdim=True)).exp_()  # filtered tokens weigh exactly 0
+    # a CPU sums float32 in float64 and rounds each prefix; CUDA sums in the dtype it is given
+    cumulative = weights.cumsum_(-1) if weights.device.type == "cpu" else weights.cumsum(-1, dtype=torch.float64)
+    uniform = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+    total = cumulative[:, -1]
+    targets = torch.minimum(uniform.to(total) * total, total.nextafter(total.new_zeros(())))  # below the total
+    return torch.searchsorted(cumulative, targets[:, None], right=True).squeeze(1)
 
 
 def derive_seed(*parts: object) -> int:
@@ -117,7 +124,8 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
-    generator = torch.Generator(device=device)
+def make_generator(seed: int) -> torch.Generator:
+    """A row's random stream, on the CPU whatever the policy's device (one number per draw)."""
+    generator = torch.Generator()
     generator.manual_seed(seed)
     return generator

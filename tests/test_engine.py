@@ -244,7 +244,7 @@ def test_prompt_longer_than_context_is_refused(engine):
 
 
 def test_choose_tokens_follows_the_distribution():
-    """Gumbel-max with per-row generators samples softmax(logits / T), restricted by top-k / top-p."""
+    """Inverse-CDF draws with per-row generators sample softmax(logits / T), restricted by top-k / top-p."""
     from decalign.sampling import choose_tokens, make_generator
 
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
@@ -267,6 +267,19 @@ def test_choose_tokens_follows_the_distribution():
         sigma = (probs * (1 - probs) / draws).sqrt()
         assert torch.all((observed - probs).abs() <= 5 * sigma + 1e-9), (sampling, observed, probs)
         assert torch.all(observed[probs == 0] == 0)
+
+
+def test_choose_tokens_keeps_a_long_tail_of_tiny_probabilities():
+    """1% of the mass spread over 50k tokens (each 2e-7, below float32's step of 1.2e-7 at 1) is
+    drawn 1% of the time: the draw's running sum must keep increments that small."""
+    from decalign.sampling import choose_tokens, make_generator
+
+    tail = 50_000
+    probs = torch.cat([torch.tensor([0.6, 0.39]), torch.full((tail,), 0.01 / tail)])
+    draws = 6000
+    tokens = choose_tokens(probs.log().expand(draws, -1), Sampling(1.0), [make_generator(i) for i in range(draws)])
+    share = (tokens >= 2).float().mean().item()
+    assert abs(share - 0.01) <= 5 * (0.01 * 0.99 / draws) ** 0.5, share
 
 
 def test_logprobs_are_log_probabilities(engine, prompts):

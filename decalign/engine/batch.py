@@ -166,7 +166,7 @@ class Batch:
         self.snapshots: list[dict[int, torch.Tensor]] = [{} for _ in range(rows)]
         seeds = [torch.seed() if p.seed is None else p.seed for p in prompts]
         self.seeds = [derive_seed(seeds[q], c) for q, prompt in enumerate(prompts) for c in range(prompt.rows)]
-        self.generators = [make_generator(seed, device) for seed in self.seeds]
+        self.generators = [make_generator(seed) for seed in self.seeds]
         self._forks = 0
         self.on_token: Callable[[int, int], None] | None = None  # (row, token) as each token is written
         self.cancelled: Callable[[int], bool] | None = None  # prompt -> True once its client has gone
@@ -276,7 +276,10 @@ class Batch:
             self.logits[rows] = logits
             return states
         logits, states = self._forward(input_ids, new_mask)
-        self.logits[rows] = logits[rows]
+        if len(rows) == self.size:  # every row fed: the new logits are the batch's, no copy
+            self.logits = logits
+        else:
+            self.logits[rows] = logits[rows]
         return states[rows] if states is not None else None
 
     def _feed(self, tokens: dict[int, int]) -> None:
@@ -322,9 +325,10 @@ class Batch:
         return None
 
     def _distribution(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        raw = self.next_logits(rows)
+        every_row_in_order = len(rows) == self.size and all(r == i for i, r in enumerate(rows))
+        raw = self.logits if every_row_in_order else self.next_logits(rows)  # read here, never written
         logp = raw.log_softmax(-1)
-        entropy = -(logp.exp() * logp).nan_to_num_().sum(-1)
+        entropy = logp.exp().mul_(logp).nan_to_num_().sum(-1).neg_()  # in place: one buffer per step
         return raw, logp, entropy
 
     def mask_early_eos(self, rows: list[int], scores: torch.Tensor) -> torch.Tensor:
@@ -440,12 +444,13 @@ class Batch:
                 entropy=entropy,
                 segment_lengths=torch.tensor([len(running[r].tokens) + 1 for r in active], device=entropy.device),
             )).tolist()
+        entropies = entropy.tolist()  # one transfer per step, not one per row
         for i, (r, token) in enumerate(zip(active, chosen)):
             segment = running[r]
             segment.tokens.append(token)
             segment.logprobs.append(chosen_logp[i])
-            segment.entropies.append(float(entropy[i]))
-            reason = self._record(r, token, chosen_logp[i], float(entropy[i]))
+            segment.entropies.append(entropies[i])
+            reason = self._record(r, token, chosen_logp[i], entropies[i])
             if reason is not None:
                 self.finish[r] = segment.reason = reason
                 continue
@@ -464,9 +469,11 @@ class Batch:
             if self.finish[r] is not None:
                 raise DecalignError(f"row {r} has finished ({self.finish[r]}); crop it before appending")
         _, logp, entropy = self._distribution(rows)
-        for i, r in enumerate(rows):
-            token = int(tokens[r])
-            reasons[r] = self._record(r, token, float(logp[i, token]), float(entropy[i]))
+        written = [int(tokens[r]) for r in rows]
+        logps = logp.gather(1, torch.tensor(written, device=logp.device)[:, None]).squeeze(1).tolist()
+        entropies = entropy.tolist()  # one transfer per step, not one per row
+        for i, (r, token) in enumerate(zip(rows, written)):
+            reasons[r] = self._record(r, token, logps[i], entropies[i])
             if reasons[r] is None:
                 to_feed[r] = token
             else:
@@ -491,7 +498,7 @@ class Batch:
         self.seeds = [self.seeds[r] if k == 0 else derive_seed(self.seeds[r], "fork", self._forks, k)
                       for k, r in occurrences]
         self.generators = [  # a fork draws its own random stream; the first copy keeps the row's
-            self.generators[r] if k == 0 else make_generator(seed, self.engine.device)
+            self.generators[r] if k == 0 else make_generator(seed)
             for (k, r), seed in zip(occurrences, self.seeds)
         ]
         for name in ("tokens", "logprobs", "entropies"):
