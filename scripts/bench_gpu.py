@@ -105,6 +105,7 @@ def main() -> None:
     parser.add_argument("--steps", default="engine,search,latency,cold",
                         help="which of tests, engine, subset, load, search, latency (one prompt at a time), "
                              "cold to run")
+    parser.add_argument("--max-batch", default="64", help="the load test servers' cap on live rows")
     parser.add_argument("--quick", action="store_true", help="small counts, for a rehearsal on a CPU")
     args = parser.parse_args()
     import torch
@@ -144,7 +145,8 @@ def main() -> None:
     if "load" in steps:  # continuous against static batching, same load, one run
         report = args.out / "load.txt"
         load = ["--requests", "32", "--clients", "16", "--max-tokens", "8"] if args.quick else \
-            ["--requests", "128", "--clients", "64", "--max-tokens", "32", "--time-limit", "150"]
+            ["--requests", "128", "--clients", "64", "--max-tokens", "32", "--time-limit", "150",
+             "--max-batch", args.max_batch]
         logged([sys.executable, str(scripts / "load_test.py"), "--model", str(policy), *load], "load_test.py",
                report, timeout=420)
         print(report.read_text()[-6000:], flush=True)

@@ -234,7 +234,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 1:
         sys.exit("load_test: --rounds must be at least 1")
-    reports = [run(args, mode.strip()) for mode in args.batching.split(",")]
+    reports = []
+    for mode in args.batching.split(","):
+        reports.append(run(args, mode.strip()))
+        print(f"{mode.strip()}: " + json.dumps(reports[-1]), file=sys.stderr, flush=True)  # kept if a later mode is cut
     print(json.dumps(reports, indent=2))
 
 
