@@ -398,55 +398,67 @@ class Batch:
 
     def advance(self, moves: Sequence[Move]) -> None:
         """Make every move (sampled or chosen tokens, each on its own rows) and feed all the new
-        tokens in one forward pass: how methods sharing a batch step together."""
+        tokens in one forward pass: how methods sharing a batch step together. The sampled moves'
+        rows share one distribution and one trip to the host, however many moves there are."""
         to_feed: dict[int, int] = {}
-        for move in moves:
-            if isinstance(move, Sample):
-                self._sample(move, to_feed)
-            else:
-                self._write(move.tokens, to_feed)
+        samples = [move for move in moves if isinstance(move, Sample)]
+        if samples:
+            self._sample(samples, to_feed)
+        written = {r: t for move in moves if isinstance(move, Write) for r, t in move.tokens.items()}
+        if written:
+            self._write(written, to_feed)
         if to_feed:
             self._feed(to_feed)
 
-    def _sample(self, move: Sample, to_feed: dict[int, int]) -> None:
-        running = {s.row: s for s in move.segments if not s.reason}
+    def _sample(self, moves: Sequence[Sample], to_feed: dict[int, int]) -> None:
+        running = {s.row: (s, k) for k, move in enumerate(moves) for s in move.segments if not s.reason}
         active = self._drop_cancelled(list(running))
         for r in set(running) - set(active):
-            running[r].reason = "cancelled"
+            running[r][0].reason = "cancelled"
         if not active:
             return
         raw, logp, entropy = self._distribution(active)
-        if move.stop_rule is not None:
-            view = StepView(
-                logits=raw,
-                entropy=entropy,
-                segment_lengths=torch.tensor([len(running[r].tokens) for r in active], device=entropy.device),
-                total_lengths=torch.tensor([len(self.tokens[r]) for r in active], device=entropy.device),
-            )
-            stop = move.stop_rule(view).tolist()
-            if any(stop):
-                for r, s in zip(active, stop):
-                    if s:
-                        running[r].reason = "rule"
-                keep = [i for i, s in enumerate(stop) if not s]
-                active = [active[i] for i in keep]
-                raw, logp, entropy = raw[keep], logp[keep], entropy[keep]
-                if not active:
-                    return
-        chosen = choose_tokens(self.mask_early_eos(active, raw), move.sampling,
-                               [self.generators[r] for r in active]).tolist()
-        chosen_logp = logp.gather(1, torch.tensor(chosen, device=logp.device)[:, None]).squeeze(1).tolist()
-        cut = [False] * len(active)
-        if move.cut_rule is not None:
-            cut = move.cut_rule(TokenView(
-                tokens=chosen,
-                texts=[self.engine.decode([t]) for t in chosen],
-                entropy=entropy,
-                segment_lengths=torch.tensor([len(running[r].tokens) + 1 for r in active], device=entropy.device),
+        at = {r: i for i, r in enumerate(active)}  # row -> its line in raw, logp, entropy
+        for move, rows in zip(moves, self._rows_by_move(running, active, len(moves))):
+            if move.stop_rule is None or not rows:
+                continue
+            lines = torch.tensor([at[r] for r in rows], device=raw.device)
+            stop = move.stop_rule(StepView(
+                logits=raw[lines],
+                entropy=entropy[lines],
+                segment_lengths=torch.tensor([len(running[r][0].tokens) for r in rows], device=raw.device),
+                total_lengths=torch.tensor([len(self.tokens[r]) for r in rows], device=raw.device),
             )).tolist()
-        entropies = entropy.tolist()  # one transfer per step, not one per row
-        for i, (r, token) in enumerate(zip(active, chosen)):
-            segment = running[r]
+            for r, s in zip(rows, stop):
+                if s:
+                    running[r][0].reason = "rule"
+        drawing = [r for r in active if not running[r][0].reason]
+        if not drawing:
+            return
+        chosen_at = torch.zeros(len(active), dtype=torch.long, device=raw.device)
+        for sampling in dict.fromkeys(moves[running[r][1]].sampling for r in drawing):  # one draw per rule
+            rows = [r for r in drawing if moves[running[r][1]].sampling == sampling]
+            lines = torch.tensor([at[r] for r in rows], device=raw.device)
+            scores = raw if len(rows) == len(active) else raw[lines]
+            chosen_at[lines] = choose_tokens(self.mask_early_eos(rows, scores), sampling,
+                                             [self.generators[r] for r in rows])
+        chosen = chosen_at.tolist()  # one transfer per step for every move's tokens, logprobs, entropies
+        chosen_logp = logp.gather(1, chosen_at[:, None]).squeeze(1).tolist()
+        entropies = entropy.tolist()
+        cut: dict[int, bool] = {}
+        for move, rows in zip(moves, self._rows_by_move(running, drawing, len(moves))):
+            if move.cut_rule is None or not rows:
+                continue
+            tokens = [chosen[at[r]] for r in rows]
+            cut.update(zip(rows, move.cut_rule(TokenView(
+                tokens=tokens,
+                texts=[self.engine.decode([t]) for t in tokens],
+                entropy=entropy[torch.tensor([at[r] for r in rows], device=raw.device)],
+                segment_lengths=torch.tensor([len(running[r][0].tokens) + 1 for r in rows], device=raw.device),
+            )).tolist()))
+        for r in drawing:
+            (segment, k), i = running[r], at[r]
+            token = chosen[i]
             segment.tokens.append(token)
             segment.logprobs.append(chosen_logp[i])
             segment.entropies.append(entropies[i])
@@ -455,10 +467,18 @@ class Batch:
                 self.finish[r] = segment.reason = reason
                 continue
             to_feed[r] = token
-            if cut[i]:
+            if cut.get(r):
                 segment.reason = "rule"
-            elif move.max_tokens is not None and len(segment.tokens) >= move.max_tokens:
+            elif moves[k].max_tokens is not None and len(segment.tokens) >= moves[k].max_tokens:
                 segment.reason = "segment"
+
+    @staticmethod
+    def _rows_by_move(running: dict[int, tuple[Segment, int]], rows: list[int], moves: int) -> list[list[int]]:
+        """`rows` split by the move (its index in `running`) each belongs to, in order."""
+        split: list[list[int]] = [[] for _ in range(moves)]
+        for r in rows:
+            split[running[r][1]].append(r)
+        return split
 
     def _write(self, tokens: dict[int, int], to_feed: dict[int, int]) -> dict[int, str | None]:
         rows = self._drop_cancelled(list(tokens))
