@@ -6,7 +6,8 @@ engine's row-subset step) against over every row, side by side in one process.
 
 Opens `prompts` x `rows-per-prompt` rows of the embedded model (the benchmark prompts of `decalign bench-cold`), samples `fill`
 tokens so the cache has some width, then times, interleaved, `steps` decode steps of: every live
-row; a `share` of them over all rows; the same share over those rows alone. Prints medians of
+row; a `share` of them over all rows; the same share over those rows alone; a sampled step of
+every live row (the draw included). Prints medians of
 `repeats` in ms per step. The cache widens by one position per step, so later repeats cost a
 little more for every variant alike.
 """
@@ -39,7 +40,8 @@ def main() -> None:
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
     prompts = [engine.render(PROMPTS[i % len(PROMPTS)]) for i in range(args.prompts)]
     batch = engine.start(prompts, n=args.rows_per_prompt, seeds=list(range(args.prompts)),
-                         max_new_tokens=args.fill + args.steps * args.repeats * 3 + 1)
+                         max_new_tokens=args.fill + args.steps * args.repeats * 4 + 1,
+                         min_new_tokens=args.fill + args.steps * args.repeats * 4)  # no row ends early
     batch.extend(Sampling(temperature=1.0), max_tokens=args.fill)
     live = batch.live_rows()
     part = live[:max(1, round(args.share * len(live)))]
@@ -49,6 +51,7 @@ def main() -> None:
     variants = (("every live row", live, 0.0), (f"{len(part)} rows, step over all", part, 0.0),
                 (f"{len(part)} rows, step over them alone", part, 2.0))
     times: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+    times["every live row, sampled"] = []
     shared = engine.subset_share
     try:
         for _ in range(args.repeats):
@@ -60,6 +63,12 @@ def main() -> None:
                     batch.append({r: token for r in rows})
                 sync()
                 times[name].append((time.perf_counter() - start) / args.steps * 1000)
+            engine.subset_share = 0.0
+            sync()
+            start = time.perf_counter()
+            batch.extend(Sampling(temperature=1.0), max_tokens=args.steps)  # draws too, as methods do
+            sync()
+            times["every live row, sampled"].append((time.perf_counter() - start) / args.steps * 1000)
     finally:
         engine.subset_share = shared
     for name, values in times.items():
