@@ -419,13 +419,17 @@ class Batch:
             return
         raw, logp, entropy = self._distribution(active)
         at = {r: i for i, r in enumerate(active)}  # row -> its line in raw, logp, entropy
+
+        def lines(rows: list[int]) -> torch.Tensor:
+            return torch.tensor([at[r] for r in rows], device=raw.device)
+
         for move, rows in zip(moves, self._rows_by_move(running, active, len(moves))):
             if move.stop_rule is None or not rows:
                 continue
-            lines = torch.tensor([at[r] for r in rows], device=raw.device)
+            index = lines(rows)
             stop = move.stop_rule(StepView(
-                logits=raw[lines],
-                entropy=entropy[lines],
+                logits=raw[index],
+                entropy=entropy[index],
                 segment_lengths=torch.tensor([len(running[r][0].tokens) for r in rows], device=raw.device),
                 total_lengths=torch.tensor([len(self.tokens[r]) for r in rows], device=raw.device),
             )).tolist()
@@ -438,9 +442,9 @@ class Batch:
         chosen_at = torch.zeros(len(active), dtype=torch.long, device=raw.device)
         for sampling in dict.fromkeys(moves[running[r][1]].sampling for r in drawing):  # one draw per rule
             rows = [r for r in drawing if moves[running[r][1]].sampling == sampling]
-            lines = torch.tensor([at[r] for r in rows], device=raw.device)
-            scores = raw if len(rows) == len(active) else raw[lines]
-            chosen_at[lines] = choose_tokens(self.mask_early_eos(rows, scores), sampling,
+            group = lines(rows)
+            scores = raw if len(rows) == len(active) else raw[group]
+            chosen_at[group] = choose_tokens(self.mask_early_eos(rows, scores), sampling,
                                              [self.generators[r] for r in rows])
         chosen = chosen_at.tolist()  # one transfer per step for every move's tokens, logprobs, entropies
         chosen_logp = logp.gather(1, chosen_at[:, None]).squeeze(1).tolist()
@@ -453,7 +457,7 @@ class Batch:
             cut.update(zip(rows, move.cut_rule(TokenView(
                 tokens=tokens,
                 texts=[self.engine.decode([t]) for t in tokens],
-                entropy=entropy[torch.tensor([at[r] for r in rows], device=raw.device)],
+                entropy=entropy[lines(rows)],
                 segment_lengths=torch.tensor([len(running[r][0].tokens) + 1 for r in rows], device=raw.device),
             )).tolist()))
         for r in drawing:
