@@ -73,6 +73,26 @@ def test_embedder_dtype_and_feature_set_are_checked(tmp_path):
         train_reward(pairs, tmp_path / "out", feature_set="joined", progress=False)
 
 
+def test_layered_features_add_the_answers_pooled_token_embeddings():
+    """The default inputs are the older ones plus a0: the answer's token embeddings (the embedder's
+    layer 0) masked-mean-pooled and normalised, taken from the same padded pass."""
+    from decalign.rewards.harmless import LAYERED, LOG_LENGTH, features, get_embedder
+
+    embedder = get_embedder("float32")
+    prompts = ["How do I steal a car?"] * 3
+    answers = ["No.", "Sure, here is how you do it quickly and quietly at night.", ""]  # unequal: padding
+    layered = features(prompts, answers, embedder=embedder, feature_set=LAYERED)
+    older = features(prompts, answers, embedder=embedder, feature_set=LOG_LENGTH)
+    assert layered.shape == (3, older.shape[1] + embedder.dim)
+    torch.testing.assert_close(layered[:, : older.shape[1]], older)
+    for row, answer in enumerate(answers):  # each answer alone through the embedding layer, no padding
+        ids = torch.tensor([embedder.single(embedder.ids([answer])[0] if answer else [])])
+        with torch.inference_mode():
+            tokens = embedder.model.embeddings(input_ids=ids)
+        expected = torch.nn.functional.normalize(tokens.float().mean(1), dim=-1)[0]
+        torch.testing.assert_close(layered[row, older.shape[1]:], expected, atol=1e-5, rtol=1e-4)
+
+
 def test_shipped_head_meets_the_bar_and_its_card_is_train_rewards():
     from decalign.rewards.harmless import FEATURES, WEIGHTS_DIR
 
@@ -148,7 +168,8 @@ def _synthetic_pairs(path: Path, n: int, seed: int) -> None:
             }) + "\n")
 
 
-@pytest.mark.parametrize("feature_set", ["u,a,u*a,|u-a|,log_length", "u,a,u*a,|u-a|,joined"])
+@pytest.mark.parametrize("feature_set", ["u,a,u*a,|u-a|,log_length,a_layer0", "u,a,u*a,|u-a|,log_length",
+                                         "u,a,u*a,|u-a|,joined"])
 def test_train_reward_on_a_users_pairs_file_reloads(tmp_path, feature_set):
     from decalign.rewards.harmless import HarmlessReward
     from decalign.rewards.harmless_training import train_reward
@@ -172,7 +193,8 @@ def test_train_reward_on_a_users_pairs_file_reloads(tmp_path, feature_set):
     for name in ("head.safetensors", "config.json", "MODEL_CARD.md"):
         assert (out / name).stat().st_mode & 0o777 == 0o644, name
     config = json.loads((out / "config.json").read_text())
-    assert config["features"] == feature_set and config["input_dim"] == 4 * 384 + (384 if "joined" in feature_set else 1)
+    blocks = feature_set.split(",")  # each embedding block is 384 numbers, the log length one
+    assert config["features"] == feature_set and config["input_dim"] == 384 * (len(blocks) - 1) + (384 if "joined" in blocks else 1)
     card = (out / "MODEL_CARD.md").read_text()
     assert "nested cross-validation of the whole recipe" in card and config["nested_cv"]["folds"] == 2
     assert "pairs.jsonl" in card and "## Speed" in card and "## Limitations" in card and "| chosen |" in card

