@@ -230,6 +230,34 @@ def test_parallel_bounds_the_slots_that_draw_at_once(engine, monkeypatch, parall
         assert torch.allclose(torch.tensor(result.logprobs), recompute_logprobs(engine, prompt, result.tokens), atol=1e-4)
 
 
+def test_calibration_draws_all_slots_and_later_rounds_keep_only_what_they_need(engine, monkeypatch):
+    """With parallel=1 the first K proposals (which calibrate r_star and are all scored before any
+    is tested) draw at once; after that one slot draws and one holds the best attempt, and the
+    other slots leave the prompt."""
+    from decalign.methods.rejection import RejectionSampler
+
+    seen = []  # per step and prompt: (calibrated, a segment accepted, slots drawing, slots kept)
+    original = RejectionSampler.moves
+
+    def moves(self):
+        out = original(self)
+        for state in self.states:
+            if not state.done:
+                drawing = sum(1 for r in state.rows if not self.slots[r][1].reason)
+                seen.append((state.r_star is not None, bool(state.segments), drawing, len(state.rows)))
+        return out
+
+    monkeypatch.setattr(RejectionSampler, "moves", moves)
+    results = generate(["hi", "bread"], method="cards", model=engine, reward=even_share, max_new_tokens=24, seed=3,
+                       tau_u=1.0, min_segment=2, max_segment=6, beta=0.05, proposals=4, parallel=1)
+    assert max(d for calibrated, _, d, _ in seen if not calibrated) == 4
+    assert max(d for calibrated, _, d, _ in seen if calibrated) == 1
+    assert {k for _, accepted, _, k in seen if accepted} == {2}
+    assert sum(r.stats["segments"] for r in results) > 2
+    for prompt, result in zip(["hi", "bread"], results):
+        assert torch.allclose(torch.tensor(result.logprobs), recompute_logprobs(engine, prompt, result.tokens), atol=1e-4)
+
+
 def test_rs_accepts_whole_answers(engine):
     results = generate(["hi", "bread"], method="rs", model=engine, reward=even_share, max_new_tokens=10, seed=1,
                        r_star=0.5, beta=0.05, trace=True)

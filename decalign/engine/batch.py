@@ -24,7 +24,7 @@ import torch
 from ..errors import DecalignError
 from ..sampling import Sampling, choose_tokens, derive_seed, make_generator
 from .adapters import BASE
-from .cache import only_rows, row_cache, steps_subsets
+from .cache import RowLayer, only_rows, reserve_room, row_cache, steps_subsets
 from .stopping import CutRule, StepView, StopRule, TokenView
 
 if TYPE_CHECKING:
@@ -146,6 +146,8 @@ class Batch:
         self.prompt_states = states[:, -1] if states is not None else None
         self.prompt_of = [q for q, prompt in enumerate(prompts) for _ in range(prompt.rows)]
         rows = len(self.prompt_of)
+        longest = max(p.max_new_tokens for p in prompts)
+        reserve_room(self.cache, width + longest)  # before forking: the forks keep the room, no step grows it
         if rows > len(prompts):  # fork: every candidate shares its prompt's encoding
             index = torch.tensor(self.prompt_of, dtype=torch.long, device=device)
             self.cache.batch_select_indices(index)
@@ -155,7 +157,6 @@ class Batch:
         if self.adapters is not None:
             self.adapters = [self.adapters[q] for q in self.prompt_of]
         # tracked hidden states: the prompt's last token's, each fed answer token's, and their running sum
-        longest = max(p.max_new_tokens for p in prompts)
         self.answer_states = states.new_zeros((rows, longest, states.shape[-1])) if states is not None else None
         self.state_sums = states.new_zeros((rows, states.shape[-1])) if states is not None else None
         self.tokens: list[list[int]] = [[] for _ in range(rows)]
@@ -546,9 +547,13 @@ class Batch:
         joining = Batch(self.engine, prompts)
         first, base = self.size, len(self.prompts)
         width = max(self.mask.shape[1], joining.mask.shape[1])
+        room = width + max(self.remaining_tokens(), joining.remaining_tokens())
         for mine, theirs in zip(self.cache.layers, joining.cache.layers):
-            mine.keys = torch.cat([_left_pad(mine.keys, width, 2), _left_pad(theirs.keys, width, 2)])
-            mine.values = torch.cat([_left_pad(mine.values, width, 2), _left_pad(theirs.values, width, 2)])
+            if isinstance(mine, RowLayer):
+                mine.append_rows(theirs, width, room)
+            else:
+                mine.keys = torch.cat([_left_pad(mine.keys, width, 2), _left_pad(theirs.keys, width, 2)])
+                mine.values = torch.cat([_left_pad(mine.values, width, 2), _left_pad(theirs.values, width, 2)])
         self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(joining.mask, width, 1)])
         self.logits = torch.cat([self.logits, joining.logits])
         self._join_states(joining)
@@ -561,6 +566,11 @@ class Batch:
         self.prompt_of.extend(base + q for q in joining.prompt_of)
         self.compact()
         return first
+
+    def remaining_tokens(self) -> int:
+        """The most tokens a live row may still generate (the cache's room to reserve)."""
+        return max((self.prompts[self.prompt_of[r]].max_new_tokens - len(self.tokens[r])
+                    for r in self.live_rows()), default=0)
 
     def _join_states(self, joining: "Batch") -> None:
         """Tracked states of both batches in the column layout of the union of their layers (zeros
@@ -683,6 +693,9 @@ class Batch:
         order = torch.argsort(self.mask, dim=1, stable=True)[:, -width:]
         self.mask = self.mask.gather(1, order)
         for layer in self.cache.layers:
+            if isinstance(layer, RowLayer):
+                layer.gather_positions(order)
+                continue
             index = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
             layer.keys = layer.keys.gather(2, index)
             layer.values = layer.values.gather(2, index)

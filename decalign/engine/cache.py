@@ -5,13 +5,15 @@ row's keys and values per step) and runs every row through every layer. A search
 often feeds only some of its rows (a proposal waiting to be tested, a row holding a fallback): the
 others still cost a full pass. `RowLayer` keeps spare room, so a step writes in place, and can run a
 step over a subset of rows: they read their own keys and values, and the other rows' new position
-stays a hole that the attention mask hides.
+stays a hole that the attention mask hides. A batch reserves room for its longest answer when it
+starts, and forking, selecting, compacting and joining rows keep that room, so a batch whose steps
+stay within it never reallocates its cache (each reallocation copies all of it).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from transformers import DynamicCache
@@ -49,6 +51,11 @@ class RowLayer(DynamicLayer):
     def length(self) -> int:
         return self._filled["keys"]
 
+    @property
+    def capacity(self) -> int:
+        buffer = self._buffers["keys"]
+        return 0 if buffer is None else buffer.shape[2]
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized or self.length == 0:
@@ -59,13 +66,14 @@ class RowLayer(DynamicLayer):
             self.keys, self.values = key_states, value_states
             return self.keys, self.values
         start, end = self.length, self.length + key_states.shape[2]
+        if end > self.capacity:
+            self.reserve(end + spare_positions(end))
         for name, new in (("keys", key_states), ("values", value_states)):
             buffer = self._buffers[name]
-            if end > buffer.shape[2]:
-                buffer = self._buffers[name] = _with_room(buffer, start, end + spare_positions(end))
             if self.rows is None:
                 buffer[:, :, start:end] = new
-            else:
+            else:  # the other rows' new positions are holes: zero them, as a buffer's room is never cleared
+                buffer[:, :, start:end] = 0
                 buffer[self.rows, :, start:end] = new
             self._filled[name] = end
         if self.rows is None:
@@ -73,13 +81,49 @@ class RowLayer(DynamicLayer):
         # index_select on the filled view: about half the time of advanced indexing on CPU
         return self.keys.index_select(0, self.rows), self.values.index_select(0, self.rows)
 
+    def reserve(self, positions: int) -> None:
+        """Room for `positions` positions in all, so that steps up to there write in place."""
+        if self.is_initialized and positions > self.capacity:
+            self._rebuild(lambda name, view, out: out.copy_(view), self.keys.shape[0], self.length, positions)
 
-def _with_room(tensor: torch.Tensor, filled: int, positions: int) -> torch.Tensor:
-    """A copy of `tensor`'s first `filled` positions in a buffer of `positions` (zeros beyond)."""
-    batch, heads, _, dim = tensor.shape
-    grown = tensor.new_zeros((batch, heads, positions, dim))
-    grown[:, :, :filled] = tensor[:, :, :filled]
-    return grown
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep (or repeat) the rows in `indices`, keeping the room."""
+        if self.length == 0:
+            return
+        self._rebuild(lambda name, view, out: torch.index_select(view, 0, indices, out=out), len(indices),
+                      self.length)
+
+    def gather_positions(self, index: torch.Tensor) -> None:
+        """Keep, per row, the positions in `index` (rows x width), in that order, keeping the room."""
+        self._rebuild(lambda name, view, out: torch.gather(view, 2, index[:, None, :, None].expand_as(out), out=out),
+                      index.shape[0], index.shape[1])
+
+    def append_rows(self, other: "RowLayer", width: int, capacity: int) -> None:
+        """Add `other`'s rows after this layer's, both left-padded with zeros to `width` positions."""
+        mine = self.keys.shape[0]
+
+        def fill(name: str, view: torch.Tensor, out: torch.Tensor) -> None:
+            for part, rows in ((view, slice(0, mine)), (getattr(other, name), slice(mine, None))):
+                pad = width - part.shape[2]
+                out[rows, :, :pad] = 0
+                out[rows, :, pad:] = part
+        self._rebuild(fill, mine + other.keys.shape[0], width, capacity)
+
+    def _rebuild(self, fill: Callable[[str, torch.Tensor, torch.Tensor], object], rows: int, filled: int,
+                 capacity: int = 0) -> None:
+        """New buffers of `rows` rows and max(capacity, the present room) positions, whose first
+        `filled` positions `fill(name, old filled view, new filled view)` writes: one copy of the cache."""
+        capacity = max(capacity, self.capacity, filled)
+        for name in ("keys", "values"):
+            view = self._view(name)
+            buffer = new_buffer(view, (rows, view.shape[1], capacity, view.shape[3]))
+            fill(name, view, buffer[:, :, :filled])
+            self._buffers[name], self._filled[name] = buffer, filled
+
+
+def new_buffer(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised buffer (never read before it is written: tests fill it with NaN instead)."""
+    return like.new_empty(shape)
 
 
 def row_cache(config) -> DynamicCache:
@@ -88,6 +132,13 @@ def row_cache(config) -> DynamicCache:
     cache = DynamicCache(config=config)
     cache.layers = [RowLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
+
+
+def reserve_room(cache: DynamicCache, positions: int) -> None:
+    """Room for `positions` positions in every row layer (others grow as transformers grows them)."""
+    for layer in cache.layers:
+        if isinstance(layer, RowLayer):
+            layer.reserve(positions)
 
 
 def steps_subsets(cache: DynamicCache) -> bool:

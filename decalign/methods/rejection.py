@@ -17,6 +17,9 @@ How many of a prompt's slots draw at once is a separate choice (`parallel`): the
 (a decode step skips idle rows) and start as soon as a drawing slot is done. Fewer at once throw
 away fewer tokens (a proposal still running when an earlier one is accepted was wasted work), in
 more steps; the answers' distribution is the same, since it never depended on how many run at once.
+Two exceptions cost nothing: the first K proposals, which calibrate r_star, all draw at once (all
+are scored before any is tested), and after the first acceptance a prompt keeps only `parallel` + 1
+slots (the extra one holds the best rejected attempt).
 
 Prompts are independent: each has its own slots, retry count, best attempt and random streams, and
 a prompt's rows move one token per step whatever the other prompts do, so a prompt's answer does
@@ -158,8 +161,10 @@ class RejectionSampler(Method):
             self.scores.pop(row, None)
 
     def _room(self, state: PromptState, rows: list[int]) -> int:
-        """How many of `rows` may start drawing, given the prompt's other slots that draw."""
-        if self.config.parallel is None:
+        """How many of `rows` may start drawing, given the prompt's other slots that draw. While
+        r_star is calibrated every slot draws: the first K proposals are all drawn and scored before
+        any is tested, so drawing them one at a time would only add steps."""
+        if self.config.parallel is None or state.r_star is None:
             return len(rows)
         drawing = sum(1 for r in state.rows if r not in rows and r in self.slots and not self.slots[r][1].reason)
         return max(0, self.config.parallel - drawing)
@@ -295,9 +300,23 @@ class RejectionSampler(Method):
             state.done = True
             state.answer = (self.job.candidate(batch, row, state.reward), list(batch.logprobs[row]))
             return
+        state.rows = self._slots_to_keep(state, row)
         batch.copy_row(row, state.rows)
         state.idle = []
         self._start_proposals(p, state.rows, new_prefix=True)  # nothing is ever cropped back past it
+
+    def _slots_to_keep(self, state: PromptState, row: int) -> list[int]:
+        """`row` and the slots the prompt still needs: once r_star is known, `parallel` that draw and
+        one that holds the best rejected attempt. The others leave the prompt (the batch drops rows
+        that no method lists), so they are not copied onto nor carried through every step."""
+        if self.config.parallel is None:
+            return state.rows
+        keep = [row] + [r for r in state.rows if r != row][:self.config.parallel]
+        for r in state.rows:
+            if r not in keep:
+                self.slots.pop(r, None)
+                self.scores.pop(r, None)
+        return keep
 
     def _finish(self, state: PromptState, reason: str) -> None:
         """End a prompt early with its accepted prefix."""
