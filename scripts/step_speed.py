@@ -3,6 +3,7 @@ engine's row-subset step) against over every row, side by side in one process.
 
     python scripts/step_speed.py [--prompts 24] [--rows-per-prompt 4] [--fill 60] [--share 0.65]
                                  [--steps 8] [--repeats 5] [--threads 2]
+    python scripts/step_speed.py --rows-sweep 1,5,10,20,40,80,160,320 [--fill 8] [--steps 24]
 
 Opens `prompts` x `rows-per-prompt` rows of the embedded model (the benchmark prompts of `decalign bench-cold`), samples `fill`
 tokens so the cache has some width, then times, interleaved, `steps` decode steps of: every live
@@ -10,6 +11,10 @@ row; a `share` of them over all rows; the same share over those rows alone; a sa
 every live row (the draw included). Prints medians of
 `repeats` in ms per step. The cache widens by one position per step, so later repeats cost a
 little more for every variant alike.
+
+`--rows-sweep`: instead, the cost of a sampled step of every row against the batch's row count (a
+batch of each size in turn, `fill` tokens first): what a step costs whatever it computes, and what
+each row adds. docs/cards.md reads CARDS' time against Best-of-N's from it.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", default=None, help="model spec (default: the embedded model)")
+    parser.add_argument("--rows-sweep", default=None, help="comma-separated row counts: step cost against rows")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from decalign.bench_cold import PROMPTS
@@ -38,6 +44,22 @@ def main() -> None:
 
     engine = get_engine(args.model)
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+    if args.rows_sweep:
+        for rows in (int(r) for r in args.rows_sweep.split(",")):
+            batch = engine.start([engine.render(PROMPTS[i % len(PROMPTS)]) for i in range(rows)], seeds=list(range(rows)),
+                                 max_new_tokens=args.fill + args.steps * args.repeats + 1,
+                                 min_new_tokens=args.fill + args.steps * args.repeats)
+            batch.extend(Sampling(temperature=1.0), max_tokens=args.fill)
+            costs = []
+            for _ in range(args.repeats):
+                sync()
+                start = time.perf_counter()
+                batch.extend(Sampling(temperature=1.0), max_tokens=args.steps)
+                sync()
+                costs.append((time.perf_counter() - start) / args.steps * 1000)
+            step = statistics.median(costs)
+            print(f"{rows:5d} rows  {step:8.1f} ms / step  {step / rows:7.2f} ms / row", flush=True)
+        return
     prompts = [engine.render(PROMPTS[i % len(PROMPTS)]) for i in range(args.prompts)]
     batch = engine.start(prompts, n=args.rows_per_prompt, seeds=list(range(args.prompts)),
                          max_new_tokens=args.fill + args.steps * args.repeats * 4 + 1,
