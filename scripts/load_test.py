@@ -66,11 +66,13 @@ def quantile(values: list[float], q: float) -> float:
 class Server:
     """A `decalign serve` subprocess on a free loopback port, its log in a temporary file."""
 
-    def __init__(self, args: argparse.Namespace, batching: str) -> None:
+    def __init__(self, args: argparse.Namespace, mode: str) -> None:
         port = free_port()
+        batching, _, admission = mode.partition("/")
         command = [sys.executable, "-m", "decalign.cli", "serve", "--port", str(port),
                    "--reward", "sentiment", "--queue-size", str(args.queue_size), "--max-batch",
-                   str(args.max_batch), "--batching", batching]
+                   str(args.max_batch), "--batching", batching,
+                   "--admission", admission or ("arrival" if batching == "static" else "shortest")]
         if args.model:
             command += ["--model", args.model]
         self.log = tempfile.TemporaryFile(mode="w+")
@@ -222,7 +224,9 @@ def load_round(args: argparse.Namespace, url: str, body, server: Server, memory_
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model for the started servers")
-    parser.add_argument("--batching", default="continuous,static", help="modes to run, side by side")
+    parser.add_argument("--batching", default="continuous,static",
+                        help="modes to run, side by side: continuous or static, optionally /shortest or /arrival "
+                             "(admission order; default shortest for continuous, arrival for static, the old way)")
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=32)

@@ -294,7 +294,7 @@ def test_concurrent_requests_share_steps_and_a_full_queue_says_429(engine):
 
 def test_the_queue_bound_holds_while_the_engine_is_busy(engine):
     """Requests that cannot join the running batch stay queued, so a full queue answers 429 even
-    while the engine is decoding (the scheduler never drains the queue into a list of its own)."""
+    while the engine is decoding (a request leaves the queue only when it joins the batch)."""
     server, url = start(engine, queue_size=2, max_batch=1, max_tokens_limit=200)
     try:
         long = threading.Thread(target=lambda: httpx.post(url + "/v1/chat/completions", timeout=60, json={
@@ -381,6 +381,39 @@ def test_a_short_request_is_not_held_back_by_a_long_one(engine):
         assert finished["short"][0]["choices"][0]["text"] == short_alone["choices"][0]["text"]
         assert finished["long"][0]["usage"]["completion_tokens"] > 100
         assert finished["short"][1] < finished["long"][1]
+    finally:
+        server.should_exit = True
+
+
+@pytest.mark.parametrize("admission, order", [("shortest", ["small 1", "big", "small 2"]),
+                                              ("arrival", ["big", "small 1", "small 2"])])
+def test_admission_takes_the_cheapest_first_but_overtakes_a_request_at_most_max_batch_times(engine, admission, order):
+    """With one request at a time: behind a running long answer wait a Best-of-4 (four rows of 40
+    tokens), then two greedy answers of 4 tokens. Shortest-first lets the first small one go ahead;
+    the Best-of-4, overtaken once (max_batch), then goes before the second. First come, first
+    served keeps arrival order."""
+    server, url = start(engine, max_batch=1, max_tokens_limit=200, admission=admission)
+    bodies = {"big": {"max_tokens": 40, "seed": 1, "alignment": {"method": "bon", "n": 4, "reward": "sentiment"}},
+              "small 1": {"max_tokens": 4, "temperature": 0}, "small 2": {"max_tokens": 4, "temperature": 0}}
+    finished = []
+    try:
+        def ask(name, body):
+            reply = httpx.post(url + "/v1/completions", timeout=120, json={"prompt": "The answer is", **body})
+            assert reply.status_code == 200, reply.text
+            finished.append(name)
+
+        threads = [threading.Thread(target=ask, args=("long", {"max_tokens": 200, "temperature": 0}))]
+        threads[0].start()
+        while running_requests(url) < 1:
+            time.sleep(0.01)
+        for depth, (name, body) in enumerate(bodies.items(), start=1):
+            threads.append(threading.Thread(target=ask, args=(name, body)))
+            threads[-1].start()
+            while metric(url, "decalign_queue_depth") < depth:  # arrival order is the order sent
+                time.sleep(0.01)
+        for thread in threads:
+            thread.join()
+        assert finished == ["long", *order]
     finally:
         server.should_exit = True
 

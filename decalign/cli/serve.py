@@ -33,9 +33,12 @@ from ..options import parse_options
 @click.option("--batching", type=click.Choice(["continuous", "static"]), default="continuous", show_default=True,
               help="continuous: requests join the running batch at the next step; static: only an idle engine "
                    "(the old way, kept to compare against).")
+@click.option("--admission", type=click.Choice(["shortest", "arrival"]), default="shortest", show_default=True,
+              help="Which waiting request joins first: shortest = fewest rows x tokens (a request overtaken "
+                   "--max-batch times goes first); arrival = first come, first served.")
 @click.option("--trust-remote-code", is_flag=True)
 def serve(model, adapter, method, reward, params, host, port, api_key, max_tokens_limit, queue_size, timeout,
-          max_batch, max_rows, batching, trust_remote_code):
+          max_batch, max_rows, batching, admission, trust_remote_code):
     """An OpenAI-compatible server (/v1/chat/completions, /v1/completions) that aligns as it decodes."""
     # Local: fastapi (through decalign.server) and uvicorn add ~0.2 s that only this command needs.
     import uvicorn
@@ -58,7 +61,7 @@ def serve(model, adapter, method, reward, params, host, port, api_key, max_token
     config = ServerConfig(model_name=model or DEFAULT_MODEL, method=method, reward=reward,
                           method_params=method_params, api_key=api_key, max_tokens_limit=max_tokens_limit,
                           queue_size=queue_size, timeout=timeout, max_batch=max_batch,
-                          max_rows=max_rows, batching=batching)
+                          max_rows=max_rows, batching=batching, admission=admission)
     default = method or "sample, greedy at temperature 0"
     click.echo(f"decalign serving {config.model_name} on http://{host}:{port}/v1 (method {default})", err=True)
     uvicorn.run(create_app(engine, config), host=host, port=port, log_level="warning")

@@ -20,3 +20,4 @@ class ServerConfig:
     max_batch: int = 16  # requests in the running batch
     max_rows: int = 256  # no request joins while the running batch has this many rows
     batching: str = "continuous"  # or "static": requests join only an idle engine (waves; for comparison)
+    admission: str = "shortest"  # cheapest waiting request first, overtaken at most max_batch times; or "arrival"

@@ -5,7 +5,7 @@ they are done (`Driver`: one forward pass per step for all of them)."""
 from __future__ import annotations
 
 import asyncio
-import queue
+import itertools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,6 +34,8 @@ class PendingRequest:
     cancelled: threading.Event = field(default_factory=threading.Event)
     alternatives: int = 0  # top_logprobs: the most likely tokens to list at each answer position
     top_tokens: list[list[list[tuple[int, float]]]] | None = None  # per choice, per token: (id, logprob)
+    method: Method | None = None  # its step machine, built on the engine's thread while it waits
+    overtaken: int = 0  # requests that arrived after it and joined before it
 
     @property
     def prompt(self) -> Prompt:
@@ -48,15 +50,20 @@ class PendingRequest:
 
 
 class Scheduler:
-    """Continuous batching on the engine's own thread. Before every step the requests waiting in the
-    queue join the running batch, in arrival order, while it holds fewer than `max_rows` rows and
-    `max_batch` requests (so a big request waits its turn but is never overtaken); one forward pass
-    then serves every running request, whatever it asked for, and each one leaves with its answer at
-    the step it is done. A cancelled or timed-out request's rows stop at the next step."""
+    """Continuous batching on the engine's own thread. Before every step waiting requests join the
+    running batch while it holds fewer than `max_rows` rows and `max_batch` requests; one forward
+    pass then serves every running request, whatever it asked for, and each one leaves with its
+    answer at the step it is done. A cancelled or timed-out request's rows stop at the next step.
+
+    Which waiting request joins first (`admission`): "shortest" takes the cheapest first (rows x
+    tokens, so a one-row chat answer is not queued behind searches that decode dozens of rows), but
+    a request overtaken `max_batch` times by later ones goes first, in arrival order: a long request
+    waits for at most one batch's worth of shorter ones. "arrival" is first come, first served."""
 
     def __init__(self, engine: Engine, config: ServerConfig, metrics: Metrics) -> None:
         self.engine, self.config, self.metrics = engine, config, metrics
-        self.pending: queue.Queue[PendingRequest] = queue.Queue(maxsize=config.queue_size)
+        self.waiting: list[PendingRequest] = []  # in arrival order; at most queue_size
+        self.arrived = threading.Condition()
         self.driver = Driver(engine)
         self.running: dict[Method, PendingRequest] = {}
         metrics.watch(waiting=self.depth, running=lambda: len(self.running),
@@ -65,51 +72,54 @@ class Scheduler:
         self.thread.start()
 
     def submit(self, request: PendingRequest) -> None:
-        try:
-            self.pending.put_nowait(request)
-        except queue.Full:
-            raise ApiError(429, f"the server is busy: {self.config.queue_size} requests are queued; retry later",
-                           "rate_limit_exceeded") from None
+        with self.arrived:
+            if len(self.waiting) >= self.config.queue_size:
+                raise ApiError(429, f"the server is busy: {self.config.queue_size} requests are queued; retry later",
+                               "rate_limit_exceeded")
+            self.waiting.append(request)
+            self.arrived.notify()
 
     def depth(self) -> int:
-        return self.pending.qsize()
+        return len(self.waiting)
 
     def _run(self) -> None:
         while True:
-            first = None
             if not self.running:
-                if self.pending.empty():
+                if not self.waiting:
                     release_memory()  # idle: hand the last batch's memory back
-                first = self.pending.get()
-            self._admit(first)
+                with self.arrived:
+                    self.arrived.wait_for(lambda: self.waiting)
+            self._admit()
             if self.running:
                 self._step()
 
-    def _admit(self, first: PendingRequest | None = None) -> None:
-        """Take requests from the queue (after `first`, already taken) while the running batch has
-        room; the others stay queued, so the queue's bound, and its 429, hold while the engine is busy."""
+    def _admit(self) -> None:
+        """Let waiting requests join while the running batch has room, in admission order; the
+        others stay waiting (and count against the queue's bound, so its 429 holds while the engine
+        is busy)."""
         if self.config.batching == "static" and self.running:
             return  # static batching: the next wave starts when this one is done
+        with self.arrived:
+            waiting = list(self.waiting)
+        gone = [r for r in waiting if r.cancelled.is_set() or not self._prepare(r)]
+        candidates = self._admission_order([r for r in waiting if r not in gone])
         joining: dict[Method, PendingRequest] = {}
         rows = self.driver.batch.size if self.driver.batch is not None else 0
-        while len(self.running) + len(joining) < self.config.max_batch and (
-                rows < self.config.max_rows or not (self.running or joining)):
-            if first is not None:
-                request, first = first, None
-            else:
-                try:
-                    request = self.pending.get_nowait()
-                except queue.Empty:
-                    break
-            if request.cancelled.is_set():
-                continue
-            try:
-                method = start(request.decoding, request.publish, lambda _, r=request: r.cancelled.is_set())
-            except Exception as exc:
-                request.settle(_api_error(exc))
-                continue
-            joining[method] = request
-            rows += method.rows_per_prompt() * len(method.job.prompts)
+        for request in candidates:
+            if not (len(self.running) + len(joining) < self.config.max_batch and (
+                    rows < self.config.max_rows or not (self.running or joining))):
+                break
+            joining[request.method] = request
+            rows += request.method.rows_per_prompt() * len(request.method.job.prompts)
+        admitted = list(joining.values())
+        later = len(admitted)
+        for request in waiting:  # each admitted request overtook those that arrived before it and still wait
+            if request in admitted:
+                later -= 1
+            elif request not in gone:
+                request.overtaken += later
+        with self.arrived:
+            self.waiting = [r for r in self.waiting if r not in gone and r not in admitted]
         if not joining:
             return
         try:
@@ -127,6 +137,30 @@ class Scheduler:
                 self.running[method] = request
             else:  # answered or failed as it joined
                 self._answer(method, request)
+
+    def _prepare(self, request: PendingRequest) -> bool:
+        """Build the request's step machine (once); False, with its error answered, if it cannot be."""
+        if request.method is None:
+            try:
+                request.method = start(request.decoding, request.publish,
+                                       lambda _, r=request: r.cancelled.is_set())
+            except Exception as exc:
+                request.settle(_api_error(exc))
+                return False
+        return True
+
+    def _admission_order(self, waiting: list[PendingRequest]) -> list[PendingRequest]:
+        if self.config.admission == "arrival":
+            return waiting
+        limit = self.config.max_batch
+        order = itertools.count()  # sorted() is stable: ties keep arrival order
+
+        def key(request: PendingRequest) -> tuple:
+            if request.overtaken >= limit:  # overdue: first, by arrival
+                return (0, 0, next(order))
+            job = request.method.job
+            return (1, request.method.rows_per_prompt() * len(job.prompts) * job.max_new_tokens, next(order))
+        return sorted(waiting, key=key)
 
     def _step(self) -> None:
         started = time.perf_counter()
