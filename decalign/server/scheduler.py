@@ -22,7 +22,7 @@ from .metrics import Metrics
 from .schemas import ApiError
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: two requests alike are still two requests
 class PendingRequest:
     """One request waiting for, or in, the engine."""
 
