@@ -38,12 +38,13 @@ def plausible_set(logits: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def contrast_scores(logits: Sequence[torch.Tensor], weights: Sequence[float], *, head: int = 0,
-                    alpha: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+                    alpha: float = 0.1, plausible: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(score, plausible) for rows x vocab logits of each branch: the weighted sum of the branches'
-    logits on the head branch's plausible set, -inf outside it. Branches with weight 0 are skipped,
-    so a zero weight never turns an infinite logit into NaN."""
+    logits on the head branch's plausible set (given, or computed from `alpha`), -inf outside it.
+    Branches with weight 0 are skipped, so a zero weight never turns an infinite logit into NaN."""
     target = logits[head].float()
-    plausible = plausible_set(target, alpha)
+    if plausible is None:
+        plausible = plausible_set(target, alpha)
     score = None
     for weight, branch in zip(weights, logits):
         if weight == 0:
@@ -130,23 +131,25 @@ class Contrast(Method):
         primary, head = self.parts[0], self.parts[self.head]
         head_logits = head.batch.next_logits([head.rows[p] for p in self.live]).float()
         width = head_logits.shape[-1]
-        plausible = plausible_set(head_logits, self.config.alpha)
+        # one pass for the best two: the plausible set's bar, the head's own choice, and the gate's
+        # margin (a difference of log-probabilities is the same difference of logits)
+        top2 = head_logits.topk(min(2, width), dim=-1)
+        plausible = head_logits >= top2.values[:, :1] + math.log(self.config.alpha)
         score = head_logits.masked_fill(~plausible, float("-inf"))  # the head branch's own choice ...
         unsure = torch.ones(len(self.live), dtype=torch.bool, device=score.device)
-        if self.config.gate is not None:  # ... stands where it is sure: its two best tokens `gate` nats apart
-            top2 = head_logits.log_softmax(-1).topk(2, dim=-1).values
-            unsure = (top2[:, 0] - top2[:, 1]) < self.config.gate
+        if self.config.gate is not None and width > 1:  # ... stands where it is sure: its two best `gate` nats apart
+            unsure = (top2.values[:, 0] - top2.values[:, 1]) < self.config.gate
         if unsure.any():  # elsewhere the contrast decides
             self.catch_up()
             contrasted = [p for p, u in zip(self.live, unsure.tolist()) if u]
             logits = [_fit(b.batch.next_logits([b.rows[p] for p in contrasted]), width) for b in self.parts]
             score[unsure] = contrast_scores(logits, [b.weight for b in self.parts], head=self.head,
-                                            alpha=self.config.alpha)[0]
+                                            plausible=plausible[unsure])[0]
         primary_rows = [primary.rows[p] for p in self.live]
         score = primary.batch.mask_early_eos(primary_rows, score)
         chosen = choose_tokens(score, self.config.sampling,
                                [primary.batch.generators[r] for r in primary_rows]).tolist()
-        own = head_logits.argmax(-1).tolist()
+        own = top2.indices[:, 0].tolist()
         sizes = plausible.sum(-1).tolist()
         for i, p in enumerate(self.live):
             self.steps[p] += 1
