@@ -40,3 +40,40 @@ def test_pickled_adapter_is_refused(tiny_path, tmp_path):
     (adapter / "adapter_model.safetensors").rename(adapter / "adapter_model.bin")
     with pytest.raises(DecalignError, match="pickled adapters are refused"):
         Engine.load(str(tiny_path), adapter=str(adapter))
+
+
+def test_lean_lora_forward_gives_peft_numbers_and_defers_to_peft_elsewhere(tiny_path, tmp_path):
+    """The engine's lean LoRA forward gives exactly PEFT's logits: adapter on, row-gated (adapter and
+    base rows in one pass), disabled, and through PEFT's adapter_names route; and it is in use."""
+    from decalign.engine import BASE, adapters
+
+    adapter = save_adapter(tiny_path, tmp_path / "adapter")
+    engine = Engine.load(str(tiny_path), adapter=str(adapter))
+    lora = [m for m in engine.model.modules() if "forward" in vars(m) and hasattr(m, "lora_A")]
+    assert lora, "no LoRA module got the lean forward"
+    ids = [engine.render(t) for t in ("hi", "The answer is")]
+    calls = []
+
+    def run():
+        plain = engine.start(ids).logits
+        gated = engine.start(ids, adapters=["default", BASE]).logits
+        with engine.model.disable_adapter():
+            off = engine.start(ids).logits
+        engine.lora_gate.ok = False  # PEFT's adapter_names route
+        routed = engine.start(ids, adapters=["default", BASE]).logits
+        engine.lora_gate.ok = None
+        return plain, gated, off, routed
+
+    original = adapters._lean_lora_forward
+    counting = lambda self, x, *a, **k: calls.append(1) or original(self, x, *a, **k)  # noqa: E731
+    for module in lora:
+        module.forward = counting.__get__(module)
+    lean = run()
+    assert calls
+    for module in lora:
+        del module.forward  # PEFT's own forward
+    peft = run()
+    for mine, theirs in zip(lean, peft):
+        assert torch.equal(mine, theirs)
+    assert not torch.equal(lean[0][1], lean[1][1])  # the gate did switch the adapter off on row 1
+    assert torch.equal(lean[1][1], lean[2][1])

@@ -11,12 +11,12 @@
   `CutRule` (after one), `EntropyStop`, `MaxProbStop`, `PunctuationCut`.
 - `adapters`: PEFT specifics and model patches: `BASE`, `loaded_adapters`, `LoraRowGate` (per-row
   LoRA gating of mixed-adapter batches), `use_packed_linears` (oneDNN packed
-  weights for CPU decode steps).
+  weights for CPU decode steps), `use_lean_lora` (LoRA modules without PEFT's per-call Python).
 
 Imports run one way: core -> batch -> cache, stopping, adapters. Everything is re-exported here.
 """
 
-from .adapters import BASE, LoraRowGate, loaded_adapters, use_packed_linears
+from .adapters import BASE, LoraRowGate, loaded_adapters, use_lean_lora, use_packed_linears
 from .batch import FINISHED, Batch, BatchPrompt, Move, Sample, Segment, Work, Write
 from .core import Engine, Prompt, get_engine, validate_messages
 from .stopping import CutRule, EntropyStop, MaxProbStop, PunctuationCut, StepView, StopRule, TokenView
@@ -24,5 +24,5 @@ from .stopping import CutRule, EntropyStop, MaxProbStop, PunctuationCut, StepVie
 __all__ = [
     "BASE", "Batch", "BatchPrompt", "Move", "Sample", "Write", "get_engine", "CutRule", "Engine", "EntropyStop", "FINISHED", "LoraRowGate", "MaxProbStop", "Prompt",
     "PunctuationCut", "Segment", "StepView", "StopRule", "TokenView", "Work", "loaded_adapters",
-    "use_packed_linears", "validate_messages",
+    "use_lean_lora", "use_packed_linears", "validate_messages",
 ]

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import DecalignError
 from ..models import DEFAULT_MODEL, load_model
-from .adapters import BASE, LoraRowGate, loaded_adapters, use_packed_linears
+from .adapters import BASE, LoraRowGate, loaded_adapters, use_lean_lora, use_packed_linears
 from .batch import Batch, BatchPrompt
 
 Prompt = str | list[dict]
@@ -41,6 +41,7 @@ class Engine:
         self.lora_gate = LoraRowGate(model, self.device)  # per-row adapter gating for mixed batches
         if self.device.type == "cpu" and os.environ.get("DECALIGN_PACK_WEIGHTS", "1") != "0":
             use_packed_linears(model)  # DECALIGN_PACK_WEIGHTS=0 keeps torch's matmul and saves the copy
+        use_lean_lora(model)  # an adapter's LoRA modules without PEFT's per-call Python
 
     @classmethod
     def load(
