@@ -44,9 +44,13 @@ def main() -> None:
 
     engine = get_engine(args.model)
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+
+    def rendered(count: int) -> list[list[int]]:
+        return [engine.render(PROMPTS[i % len(PROMPTS)]) for i in range(count)]
+
     if args.rows_sweep:
         for rows in (int(r) for r in args.rows_sweep.split(",")):
-            batch = engine.start([engine.render(PROMPTS[i % len(PROMPTS)]) for i in range(rows)], seeds=list(range(rows)),
+            batch = engine.start(rendered(rows), seeds=list(range(rows)),
                                  max_new_tokens=args.fill + args.steps * args.repeats + 1,
                                  min_new_tokens=args.fill + args.steps * args.repeats)
             batch.extend(Sampling(temperature=1.0), max_tokens=args.fill)
@@ -60,8 +64,7 @@ def main() -> None:
             step = statistics.median(costs)
             print(f"{rows:5d} rows  {step:8.1f} ms / step  {step / rows:7.2f} ms / row", flush=True)
         return
-    prompts = [engine.render(PROMPTS[i % len(PROMPTS)]) for i in range(args.prompts)]
-    batch = engine.start(prompts, n=args.rows_per_prompt, seeds=list(range(args.prompts)),
+    batch = engine.start(rendered(args.prompts), n=args.rows_per_prompt, seeds=list(range(args.prompts)),
                          max_new_tokens=args.fill + args.steps * args.repeats * 4 + 1,
                          min_new_tokens=args.fill + args.steps * args.repeats * 4)  # no row ends early
     batch.extend(Sampling(temperature=1.0), max_tokens=args.fill)

@@ -96,8 +96,8 @@ class LoraRowGate:
 def _lean_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """PEFT's LoRA Linear forward for inference with plain LoRA adapters: base(x) + B(A(x)) * scale
     for each active adapter, the same operations in the same order (so the same numbers), without
-    its per-call checks and module calls (about 85 us of Python per module on this CPU, 18 ms a
-    decode step over SmolLM2's 210 modules). Anything else (training, gradients, adapter_names,
+    its per-call checks and module calls (one module call, one row, this CPU: 66 against 80 us, about
+    3 ms of a decode step over SmolLM2's 210 modules). Anything else (training, gradients, adapter_names,
     merged or disabled adapters, DoRA and other variants, a cast) takes PEFT's own forward."""
     active = [self.active_adapter] if isinstance(self.active_adapter, str) else self.active_adapter
     if args or kwargs or self.training or torch.is_grad_enabled() or self.disable_adapters or self.merged \

@@ -32,9 +32,12 @@ from .base import Job, Method, missing_adapter, param
 
 
 # ----- the shared step --------------------------------------------------------------------------
-def plausible_set(logits: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Per row, the tokens whose logit is within log(alpha) of the row's best."""
-    return logits >= math.log(alpha) + logits.max(-1, keepdim=True).values
+def plausible_set(logits: torch.Tensor, alpha: float, best: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row, the tokens whose logit is within log(alpha) of the row's best (`best`, rows x 1,
+    when the caller has it already)."""
+    if best is None:
+        best = logits.max(-1, keepdim=True).values
+    return logits >= math.log(alpha) + best
 
 
 def contrast_scores(logits: Sequence[torch.Tensor], weights: Sequence[float], *, head: int = 0,
@@ -134,7 +137,7 @@ class Contrast(Method):
         # one pass for the best two: the plausible set's bar, the head's own choice, and the gate's
         # margin (a difference of log-probabilities is the same difference of logits)
         top2 = head_logits.topk(min(2, width), dim=-1)
-        plausible = head_logits >= top2.values[:, :1] + math.log(self.config.alpha)
+        plausible = plausible_set(head_logits, self.config.alpha, best=top2.values[:, :1])
         score = head_logits.masked_fill(~plausible, float("-inf"))  # the head branch's own choice ...
         unsure = torch.ones(len(self.live), dtype=torch.bool, device=score.device)
         if self.config.gate is not None and width > 1:  # ... stands where it is sure: its two best `gate` nats apart

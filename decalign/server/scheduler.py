@@ -5,7 +5,6 @@ they are done (`Driver`: one forward pass per step for all of them)."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -110,7 +109,7 @@ class Scheduler:
                     rows < self.config.max_rows or not (self.running or joining))):
                 break
             joining[request.method] = request
-            rows += request.method.rows_per_prompt() * len(request.method.job.prompts)
+            rows += _rows(request.method)
         admitted = list(joining.values())
         later = len(admitted)
         for request in waiting:  # each admitted request overtook those that arrived before it and still wait
@@ -153,13 +152,11 @@ class Scheduler:
         if self.config.admission == "arrival":
             return waiting
         limit = self.config.max_batch
-        order = itertools.count()  # sorted() is stable: ties keep arrival order
 
-        def key(request: PendingRequest) -> tuple:
+        def key(request: PendingRequest) -> tuple[int, int]:  # sorted() is stable: ties keep arrival order
             if request.overtaken >= limit:  # overdue: first, by arrival
-                return (0, 0, next(order))
-            job = request.method.job
-            return (1, request.method.rows_per_prompt() * len(job.prompts) * job.max_new_tokens, next(order))
+                return (0, 0)
+            return (1, _rows(request.method) * request.method.job.max_new_tokens)
         return sorted(waiting, key=key)
 
     def _step(self) -> None:
@@ -190,6 +187,11 @@ class Scheduler:
                 request.settle(_api_error(exc))
                 return
         request.settle(list(method.results))  # one Result per choice
+
+
+def _rows(method: Method) -> int:
+    """The rows a request's method holds in the batch."""
+    return method.rows_per_prompt() * len(method.job.prompts)
 
 
 def _api_error(exc: Exception) -> ApiError:
