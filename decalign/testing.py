@@ -129,9 +129,9 @@ def make_tiny_adapter(model_path: str | Path, out: str | Path, *, seed: int = 0,
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    torch.manual_seed(seed)  # before PEFT draws A: the whole adapter follows the seed, not the global RNG's state
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_path),
                                 LoraConfig(r=4, lora_alpha=8, target_modules=list(targets)))
-    torch.manual_seed(seed)
     with torch.no_grad():  # LoRA B starts at zero (no effect); give the adapter something to say
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:

@@ -18,7 +18,8 @@ def save_adapter(model_path, out, seed=0, targets=("q_proj", "v_proj", "down_pro
 
 @pytest.fixture(scope="module")
 def adapter(tiny_path, tmp_path_factory):
-    return save_adapter(tiny_path, tmp_path_factory.mktemp("cold") / "adapter")
+    # seeded whole (A and B): on this one, the ungated contrast flips tokens in the first 12 steps
+    return save_adapter(tiny_path, tmp_path_factory.mktemp("cold") / "adapter", seed=2)
 
 
 @pytest.fixture(scope="module")
