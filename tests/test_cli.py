@@ -46,7 +46,7 @@ def test_generate_prints_an_answer_and_json(tiny_path):
     (["generate", "hi", "-p", "n"], "NAME=VALUE"),
     (["generate", "x " * 600], "context is 512"),
     (["serve", "-p", "n=4"], "name the method with --method"),
-    (["serve", "-m", "bon", "--max-rows", "0"], "--max-rows must be >= 1"),
+    (["serve", "-m", "bon", "--max-rows", "0"], "max_rows (--max-rows) must be >= 1"),
 ])
 def test_bad_input_gets_one_line(tiny_path, args, fragment):
     assert_one_line_error(run(*args, "--model", str(tiny_path)), fragment)

@@ -231,6 +231,28 @@ def test_bad_requests_get_clear_4xx(client, kwargs, status, fragment):
     assert fragment in info.value.response.json()["error"]["message"]
 
 
+def test_a_request_without_max_tokens_gets_the_default_capped_by_the_limit(client):
+    """The served limit (64) is below the default answer length (128): a request that names no
+    length is answered within the limit, not refused for a length it never asked for."""
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], temperature=0)
+    assert 1 <= reply.usage.completion_tokens <= 64
+
+
+@pytest.mark.parametrize("options, fragment", [
+    (dict(max_batch=0), "max_batch (--max-batch) must be >= 1, got 0"),
+    (dict(default_max_tokens=0), "default_max_tokens must be >= 1"),
+    (dict(timeout=0), "timeout (--timeout) must be > 0"),
+    (dict(batching="waves"), "batching (--batching) must be one of continuous, static, got 'waves'"),
+    (dict(admission="fifo"), "admission (--admission) must be one of shortest, arrival"),
+])
+def test_server_settings_are_checked_in_python_too(options, fragment):
+    from decalign.errors import DecalignError
+    from decalign.server import ServerConfig
+
+    with pytest.raises(DecalignError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        ServerConfig(**options)
+
+
 def test_malformed_json_and_unknown_route(served):
     reply = httpx.post(served + "/v1/chat/completions", content=b"{not json", timeout=10)
     assert reply.status_code == 400 and "not valid JSON" in reply.json()["error"]["message"]

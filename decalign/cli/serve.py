@@ -50,18 +50,14 @@ def serve(model, adapter, method, reward, params, host, port, api_key, max_token
         make_config(method, method_params)  # the server's defaults fail now, not on every request
     elif method_params:
         raise DecalignError("--param sets the default method's parameters: name the method with --method")
-    for name, value in (("--max-tokens-limit", max_tokens_limit), ("--queue-size", queue_size),
-                        ("--max-batch", max_batch), ("--max-rows", max_rows)):
-        if value < 1:
-            raise DecalignError(f"{name} must be >= 1, got {value}")
-    if reward is not None:
-        shared_reward(reward)  # loaded once, before the first request
-    quiet_transformers()
-    engine = get_engine(model, adapter, trust_remote_code=trust_remote_code)
     config = ServerConfig(model_name=model or DEFAULT_MODEL, method=method, reward=reward,
                           method_params=method_params, api_key=api_key, max_tokens_limit=max_tokens_limit,
                           queue_size=queue_size, timeout=timeout, max_batch=max_batch,
                           max_rows=max_rows, batching=batching, admission=admission)
+    if reward is not None:
+        shared_reward(reward)  # loaded once, before the first request
+    quiet_transformers()
+    engine = get_engine(model, adapter, trust_remote_code=trust_remote_code)
     default = method or "sample, greedy at temperature 0"
     click.echo(f"decalign serving {config.model_name} on http://{host}:{port}/v1 (method {default})", err=True)
     uvicorn.run(create_app(engine, config), host=host, port=port, log_level="warning")

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import DecalignError
+
+CHOICES = {"batching": ("continuous", "static"), "admission": ("shortest", "arrival")}
+SERVE_OPTIONS = {"max_tokens_limit", "queue_size", "timeout", "max_batch", "max_rows", "batching", "admission"}
+AT_LEAST_ONE = ("max_tokens_limit", "default_max_tokens", "max_request_bytes", "queue_size", "max_batch", "max_rows")
+
 
 @dataclass
 class ServerConfig:
@@ -21,3 +27,19 @@ class ServerConfig:
     max_rows: int = 256  # no request joins while the running batch has this many rows
     batching: str = "continuous"  # or "static": requests join only an idle engine (waves; for comparison)
     admission: str = "shortest"  # cheapest waiting request first, overtaken at most max_batch times; or "arrival"
+
+    def __post_init__(self) -> None:
+        """Settings are checked here, so the Python API refuses what the CLI refuses (one line each)."""
+        for name in AT_LEAST_ONE:
+            if getattr(self, name) < 1:
+                raise DecalignError(f"{_named(name)} must be >= 1, got {getattr(self, name)}")
+        if not self.timeout > 0:
+            raise DecalignError(f"{_named('timeout')} must be > 0, got {self.timeout}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise DecalignError(f"{_named(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+
+def _named(field_name: str) -> str:
+    """A setting as both its users know it: `max_rows (--max-rows)` where `decalign serve` has it."""
+    return f"{field_name} (--{field_name.replace('_', '-')})" if field_name in SERVE_OPTIONS else field_name

@@ -87,9 +87,10 @@ class GenerationOptions(BaseModel):
     @classmethod
     def pick_max_tokens(cls, body: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         """OpenAI's newer max_completion_tokens, when given, wins over max_tokens; null, 0 or neither
-        means the server's default."""
+        means the server's default (never above its limit)."""
         config: ServerConfig = info.context
-        chosen = body.get("max_completion_tokens", body.get("max_tokens")) or config.default_max_tokens
+        chosen = body.get("max_completion_tokens", body.get("max_tokens")) \
+            or min(config.default_max_tokens, config.max_tokens_limit)
         return {**body, "max_tokens": chosen}
 
     @field_validator("max_tokens", mode="before")
