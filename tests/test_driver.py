@@ -153,3 +153,32 @@ def test_a_join_that_fails_is_retried_without_asking_methods_again(engine, reque
         driver.step()
     for method, request in zip(methods, requests[1:3]):
         assert [r.tokens for r in method.results] == [r.tokens for r in run(request)]
+
+
+def test_a_running_batch_lets_go_of_answered_methods(engine):
+    """A busy server's batch lives as long as some request runs: the methods answered meanwhile, with
+    their results and every batch they ran in, must be freed once released (they were kept forever)."""
+    import gc
+    import weakref
+
+    from decalign.api import start
+    from decalign.methods import Driver
+
+    long_request = Request.build(prompts=["hi"], method="greedy", max_new_tokens=30, model=engine, seed=0)
+    driver = Driver(engine)
+    long = start(long_request)
+    driver.add([long])
+    answered = []
+    for i in range(3):
+        short = start(Request.build(prompts=["bread"], method="bon", params={"n": 2}, reward=length_reward,
+                                    max_new_tokens=3, model=engine, seed=i))
+        driver.add([short])
+        while not short.done:
+            driver.step()
+        answered.append(weakref.ref(short))
+        del short
+    gc.collect()
+    assert driver.live == [long] and all(ref() is None for ref in answered)
+    while driver.live:
+        driver.step()
+    assert long.closed and long.results[0].tokens == run(long_request)[0].tokens

@@ -303,6 +303,7 @@ class Method:
         self.job, self.config = job, config
         self.batch: Batch | None = None
         self.results: list[Result | None] = [None] * len(job.prompts)
+        self.closed = False  # close() has run (the Driver calls it once)
 
     def rows_per_prompt(self) -> int:
         return 1
@@ -396,10 +397,10 @@ class Driver:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.batch: Batch | None = None
-        self.owners: list[Method] = []  # batch prompt -> its method
+        self.owners: list[Method | None] = []  # batch prompt -> its method (None once released)
         self.live: list[Method] = []
         self.failed: dict[Method, Exception] = {}
-        self._closed: set[Method] = set()
+        self._prompts: dict[Method, range] = {}  # a joined method's batch prompts, until it is released
         self._planned: dict[Method, list[BatchPrompt]] = {}  # batch prompts of methods that failed to join
 
     def add(self, methods: Sequence[Method]) -> None:
@@ -411,7 +412,7 @@ class Driver:
         try:
             if self.batch is None:
                 batch, first_row = self.engine.open(prompts), 0
-                self.owners = []
+                self.owners, self._prompts = [], {}
                 batch.on_token = lambda row, _: _stream(self.owners[batch.prompt_of[row]], batch, row)
                 self.batch = batch
             else:
@@ -421,9 +422,10 @@ class Driver:
             raise
         if self.batch.cancelled is None and any(m.job.cancelled is not None for m in methods):
             # asked per row at every step, so only once some method can be cancelled
-            self.batch.cancelled = lambda q: self.owners[q].cancelled(q - self.owners[q].job.prompt_base)
+            self.batch.cancelled = self._cancelled
         for m, batch_prompts in zip(methods, wanted):
             m.job.prompt_base, m.batch = len(self.owners), self.batch
+            self._prompts[m] = range(len(self.owners), len(self.owners) + len(batch_prompts))
             self.owners += [m] * len(batch_prompts)
             rows = []
             for prompt in batch_prompts:
@@ -471,11 +473,19 @@ class Driver:
             for m in self.live:
                 m.remap(new_row)
 
+    def _cancelled(self, prompt: int) -> bool:
+        owner = self.owners[prompt]
+        return owner is not None and owner.cancelled(prompt - owner.job.prompt_base)
+
     def release(self, method: Method) -> None:
-        """Close a method once (it frees what it took, e.g. a loaded adapter)."""
+        """Close a method once (it frees what it took, e.g. a loaded adapter) and let go of it: a
+        long-running batch (a busy server's) must not keep every answered method, its results and the
+        batches it ran in alive."""
         self._planned.pop(method, None)
-        if method not in self._closed:
-            self._closed.add(method)
+        for prompt in self._prompts.pop(method, ()):
+            self.owners[prompt] = None
+        if not method.closed:
+            method.closed = True
             method.close()
 
 
