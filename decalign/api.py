@@ -133,7 +133,8 @@ class _Plan:
 
     def job(self, part: slice, listener: Callable | None = None, cancelled: Callable | None = None) -> Job:
         request = self.request
-        return Job(engine=self.engine, method=request.method, params=dict(request.params),
+        params = {name: getattr(request.config, name) for name in request.params}  # typed, as the method read them
+        return Job(engine=self.engine, method=request.method, params=params,
                    prompts=self.prompts[part], prompt_ids=self.encoded[part], seeds=self.seeds[part],
                    reward=request.scorer, max_new_tokens=request.max_new_tokens,
                    min_new_tokens=request.min_new_tokens, stop=tuple(request.stop), listener=listener,

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import random
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from tqdm import tqdm
 
@@ -47,33 +48,29 @@ def run_batch(input_path: str | Path, output_path: str | Path, request: Request)
                disable=None)  # shown on a terminal, silent in logs
 
     def flush(out) -> None:
-        if not pending:
+        batch, pending[:] = list(pending), []  # taken: a batch that fails is not run again
+        if not batch:
             return
-        prompts = [prompt for _, prompt in pending]
-        seeds = [derive_seed(base_seed, record_id) for record_id, _ in pending]
-        for (record_id, prompt), result in zip(pending, run(request.with_prompts(prompts, seeds, model=engine,
-                                                                                 adapter=None))):
+        prompts = [prompt for _, prompt in batch]
+        seeds = [derive_seed(base_seed, record_id) for record_id, _ in batch]
+        for (record_id, prompt), result in zip(batch, run(request.with_prompts(prompts, seeds, model=engine,
+                                                                               adapter=None))):
             append_record(out, answered(record_id, prompt, result))
             bar.update(1)
-        pending.clear()
 
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    with output_path.open("a", encoding="utf-8") as out:
-        try:
-            for number, record_id, prompt, _ in read_records(input_path):
-                if record_id in done:
-                    bar.update(1)
-                    continue
-                try:
-                    check_prompt(engine, request, prompt)
-                except DecalignError as exc:
-                    raise DecalignError(f"{input_path} line {number}: {exc}") from None
-                pending.append((record_id, prompt))
-                if len(pending) >= request.batch_size:
-                    flush(out)
-        finally:
-            flush(out)  # records before a bad line are finished and written
-            bar.close()
+    with output_path.open("a", encoding="utf-8") as out, _flushed_at_the_end(lambda: flush(out), bar):
+        for number, record_id, prompt, _ in read_records(input_path):
+            if record_id in done:
+                bar.update(1)
+                continue
+            try:
+                check_prompt(engine, request, prompt)
+            except DecalignError as exc:
+                raise DecalignError(f"{input_path} line {number}: {exc}") from None
+            pending.append((record_id, prompt))
+            if len(pending) >= request.batch_size:
+                flush(out)
 
 
 def run_score(input_path: str | Path, output_path: str | Path, reward: str, batch_size: int = 32) -> None:
@@ -89,23 +86,35 @@ def run_score(input_path: str | Path, output_path: str | Path, reward: str, batc
     bar = tqdm(total=total, unit="item", desc="score", file=sys.stderr, disable=None)
 
     def flush(out) -> None:
-        if pending:
-            values = scorer.score([p for _, p, _ in pending], [r for _, _, r in pending])
-            for (record_id, _, _), value in zip(pending, values):
+        batch, pending[:] = list(pending), []  # taken: a batch that fails is not scored again
+        if batch:
+            values = scorer.score([p for _, p, _ in batch], [r for _, _, r in batch])
+            for (record_id, _, _), value in zip(batch, values):
                 append_record(out, {"id": record_id, "score": value, "reward": scorer.name})
-            bar.update(len(pending))
-            pending.clear()
+            bar.update(len(batch))
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    with output.open("a", encoding="utf-8") as out:
-        try:
-            for _, record_id, prompt, record in read_records(source, with_response=True):
-                if record_id in done:
-                    bar.update(1)
-                    continue
-                pending.append((record_id, prompt, record["response"]))
-                if len(pending) >= batch_size:
-                    flush(out)
-        finally:
-            flush(out)
-            bar.close()
+    with output.open("a", encoding="utf-8") as out, _flushed_at_the_end(lambda: flush(out), bar):
+        for _, record_id, prompt, record in read_records(source, with_response=True):
+            if record_id in done:
+                bar.update(1)
+                continue
+            pending.append((record_id, prompt, record["response"]))
+            if len(pending) >= batch_size:
+                flush(out)
+
+
+@contextmanager
+def _flushed_at_the_end(flush: Callable[[], None], bar: tqdm) -> Iterator[None]:
+    """Run the last batch when the records end, or when a bad record stops the job (the records
+    before it are finished and written). Ctrl-C or a failing batch stops at once: the unfinished
+    batch is dropped, and a rerun resumes after the last record written."""
+    try:
+        yield
+    except DecalignError:
+        flush()
+        raise
+    else:
+        flush()
+    finally:
+        bar.close()

@@ -153,3 +153,29 @@ def test_train_reward_then_score_with_the_trained_head(tmp_path):
     assert_one_line_error(run("train-reward", str(pairs), "-o", str(tmp_path / "ce"), "--method", "lora",
                               "--validation", "0"), "validation must be above 0")
     assert (head / "head.safetensors").is_file() and not (tmp_path / "ce").exists()
+
+
+def test_ctrl_c_stops_a_batch_job_at_once_and_the_rerun_resumes(tiny_path, tmp_path, monkeypatch):
+    """Ctrl-C during a batch drops that batch (it ran the whole batch again before exiting), keeps
+    the batches written before it, and a rerun answers the rest."""
+    from decalign import batch_job
+    from decalign.request import Request
+
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_lines(source, [json.dumps({"prompt": p}) for p in ("hi", "bread", "The answer is", "Paris is", "ok")])
+    request = Request.build(model=str(tiny_path), method="greedy", max_new_tokens=4, seed=0, batch_size=2)
+    real, calls = batch_job.run, []
+
+    def interrupted_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(batch_job, "run", interrupted_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        batch_job.run_batch(source, out, request)
+    assert len(calls) == 2 and [r["id"] for r in read_records(out)] == [1, 2]
+    monkeypatch.setattr(batch_job, "run", real)
+    batch_job.run_batch(source, out, request)
+    assert [r["id"] for r in read_records(out)] == [1, 2, 3, 4, 5]

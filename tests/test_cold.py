@@ -209,6 +209,7 @@ def test_cli_cold_flags(tiny_path, adapter):
     assert by_param.exit_code == 0, by_param.output
     assert json.loads(by_param.stdout)["tokens"] == json.loads(by_flag.stdout)["tokens"]
     assert json.loads(by_flag.stdout)["params"] == {"alpha": 0.2, "beta": 0.7}
+    assert json.loads(by_param.stdout)["params"] == {"alpha": 0.2, "beta": 0.7}  # typed, however given
     bad = runner.invoke(cli, args + ["--cold-beta", "-1"])
     assert bad.exit_code != 0 and "beta must be >= 0" in str(bad.exception)
     for method in ("cold", "dexperts"):  # refused before any model is loaded: the model path is never read

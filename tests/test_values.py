@@ -290,3 +290,28 @@ def test_a_new_reward_reuses_the_sampled_answers_rescored(family_value, engine, 
     batch.extend(SAMPLE, max_tokens=2)
     scores = torch.tensor(value.score_rows(batch, range(batch.size)))
     assert scores[3:].min() > scores[:3].max(), scores  # the new reward's target: capitals up, bread down
+
+
+def test_a_rerun_on_other_prompts_recomputes_the_cached_features(engine, tiny_path, tmp_path):
+    """The features cache belongs to the prompts and answers it was computed from: a rerun into the
+    same folder with another prompt selection must not fit the old prompts' features."""
+    from safetensors import safe_open
+
+    from decalign.values.train import answers_fingerprint, train_value
+
+    train = _write_prompts(tmp_path / "train.jsonl", [f"{t} {i}" for i in range(2) for t in BREAD + CAPITALS])
+    common = dict(prompts=train, reward_spec=FamilyReward(), out=tmp_path / "v", model=str(tiny_path), n=2,
+                  max_new_tokens=6, temperature=1.0, top_k=0, batch_size=12, validation=0.25, progress=False,
+                  log=lambda line: None)
+    train_value(limit=8, **common)
+    before = (tmp_path / "v" / "features.safetensors").read_bytes()
+    train_value(offset=2, limit=8, **common)  # prompts 3-10: six of them sampled before, two new
+    from decalign.records import load_output
+
+    _, records = load_output(tmp_path / "v" / "samples.jsonl")
+    wanted = [r for r in records if r["prompt"] in {json.loads(line)["prompt"]
+                                                   for line in train.read_text().splitlines()[2:10]}]
+    with safe_open(str(tmp_path / "v" / "features.safetensors"), "pt") as handle:
+        assert handle.metadata()["answers"] == answers_fingerprint(wanted)
+        assert len(set(handle.get_tensor("prompt").tolist())) == 8
+    assert (tmp_path / "v" / "features.safetensors").read_bytes() != before

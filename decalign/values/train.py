@@ -12,6 +12,8 @@ figures are on prompts the head never saw.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
 import shutil
@@ -83,27 +85,38 @@ class PrefixTable:
         lasts = [torch.arange((k + position[l]) * h, (k + position[l] + 1) * h) for l in subset]
         return torch.cat(means + lasts + [torch.tensor([2 * k * h])])
 
-    def save(self, path: Path, records: int) -> None:
-        """Kept beside the samples, so that refitting does not run the policy again."""
+    def save(self, path: Path, answers: str) -> None:
+        """Kept beside the samples, so that refitting does not run the policy again; `answers` is the
+        fingerprint of the prompts and answers it was computed from (`answers_fingerprint`)."""
 
         save_file({"features": self.features, "target": self.target, "prompt": torch.tensor(self.prompt),
                    "answer": torch.tensor(self.answer), "length": torch.tensor(self.length)}, str(path),
                   metadata={"layers": ",".join(map(str, self.layers)), "hidden": str(self.hidden),
-                            "records": str(records)})
+                            "answers": answers})
 
     @classmethod
-    def load(cls, path: Path, layers: list[int], records: int) -> "PrefixTable | None":
-        """The saved table, if it holds these layers for this many prompts; else None."""
+    def load(cls, path: Path, layers: list[int], answers: str) -> "PrefixTable | None":
+        """The saved table, if it holds these layers for exactly these prompts and answers (a rerun
+        on other prompts into the same folder must not fit the old ones' features); else None."""
 
         if not path.is_file():
             return None
         with safe_open(str(path), "pt") as handle:
             meta = handle.metadata() or {}
-            if meta.get("layers") != ",".join(map(str, layers)) or meta.get("records") != str(records):
+            if meta.get("layers") != ",".join(map(str, layers)) or meta.get("answers") != answers:
                 return None
             t = {name: handle.get_tensor(name) for name in handle.keys()}
         return cls(t["features"], t["target"], t["prompt"].tolist(), t["answer"].tolist(),
                    t["length"].tolist(), list(layers), int(meta["hidden"]))
+
+
+def answers_fingerprint(records: list[dict]) -> str:
+    """A digest of the prompts and answer tokens (not the rewards: a table copied from another
+    reward's run of the same answers is still valid, its targets are read from the samples)."""
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(json.dumps([record["prompt"], [a["tokens"] for a in record["answers"]]]).encode())
+    return digest.hexdigest()
 
 
 def featurize(engine, records: list[dict], layers: list[int], *, progress: bool = True) -> PrefixTable:
@@ -309,10 +322,11 @@ def train_value(*, prompts: Path, reward_spec: "str | Reward", out: Path, model:
         _, source = load_output(samples_from / "samples.jsonl")
         if [r["id"] for r in source] == [r["id"] for r in records]:  # the same answers in the same order
             shutil.copyfile(samples_from / cached.name, cached)
-    table = PrefixTable.load(cached, layers, len(records))
+    fingerprint = answers_fingerprint(records)
+    table = PrefixTable.load(cached, layers, fingerprint)
     if table is None:
         table = featurize(engine, records, layers, progress=progress)
-        table.save(cached, len(records))
+        table.save(cached, fingerprint)
     # the targets are read from the samples, not the cache: a cache copied from another reward's run
     # holds that reward's scores
     finals = [a["reward"] for r in records for a in r["answers"]]
