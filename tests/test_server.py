@@ -221,6 +221,9 @@ def test_extra_body_chooses_the_method(client):
     (dict(temperature=-1), 400, "temperature"),
     (dict(top_logprobs=3), 400, "top_logprobs needs logprobs=true"),
     (dict(logprobs=True, top_logprobs=21), 400, "top_logprobs must be an integer from 0 to 20"),
+    (dict(max_tokens=True), 400, "max_tokens must be a positive integer"),
+    (dict(seed=True), 400, "seed must be an integer"),
+    (dict(extra_body={"stream": "false"}), 400, "stream must be true or false"),
 ])
 def test_bad_requests_get_clear_4xx(client, kwargs, status, fragment):
     request = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
@@ -229,6 +232,35 @@ def test_bad_requests_get_clear_4xx(client, kwargs, status, fragment):
         client.chat.completions.create(**request)
     assert info.value.status_code == status
     assert fragment in info.value.response.json()["error"]["message"]
+
+
+def test_committed_text_holds_back_what_later_tokens_can_change():
+    from decalign.server.app import committed
+
+    assert committed("Hello wor", ()) == "Hello wor"
+    assert committed("Smile \ufffd", ()) == "Smile "  # a multi-byte character still arriving
+    assert committed("a \ufffd b", ()) == "a \ufffd b"  # a settled replacement character stays
+    assert committed("The waves of the oc", ("ocean, a",)) == "The waves of the "
+    assert committed("say aa", ("aab", "x")) == "say "
+    assert committed("say ab", ("aab",)) == "say ab"
+    assert committed("done.", (".",)) == "done."  # a one-character stop is cut, never pending
+
+
+def test_streamed_text_with_a_stop_string_adds_up_to_the_answer(client):
+    """A stop string that starts mid-answer: the stream must not send the text it later cuts."""
+    request = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=16, temperature=0)
+    full = client.chat.completions.create(**request).choices[0].message.content
+    for stop in (full[4:12], full[9:16]):
+        whole = client.chat.completions.create(stop=stop, **request).choices[0].message.content
+        chunks = client.chat.completions.create(stop=stop, stream=True, **request)
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed == whole and len(whole) < len(full)
+
+
+def test_max_completion_tokens_null_leaves_max_tokens_standing(client):
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                           temperature=0, extra_body={"max_completion_tokens": None})
+    assert reply.usage.completion_tokens <= 3
 
 
 def test_a_request_without_max_tokens_gets_the_default_capped_by_the_limit(client):
@@ -256,6 +288,12 @@ def test_server_settings_are_checked_in_python_too(options, fragment):
 def test_malformed_json_and_unknown_route(served):
     reply = httpx.post(served + "/v1/chat/completions", content=b"{not json", timeout=10)
     assert reply.status_code == 400 and "not valid JSON" in reply.json()["error"]["message"]
+    deep = httpx.post(served + "/v1/chat/completions", content=b"[" * 100_000 + b"]" * 100_000, timeout=10)
+    assert deep.status_code == 400 and "nested too deeply" in deep.json()["error"]["message"]
+    for route, body in (("chat/completions", b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}'),
+                        ("completions", b'{"prompt": "hi \\ud800"}')):  # JSON escapes make a lone surrogate
+        reply = httpx.post(f"{served}/v1/{route}", content=body, timeout=10)
+        assert reply.status_code == 400 and "not valid Unicode text" in reply.json()["error"]["message"]
     assert httpx.get(served + "/v1/nothing", timeout=10).status_code == 404
 
 

@@ -62,6 +62,7 @@ class Engine:
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise DecalignError("empty prompt")
+            _check_unicode(prompt, "the prompt")
             use_chat = self.has_chat_template if chat is None else chat
             if not use_chat:
                 if system:
@@ -192,4 +193,15 @@ def validate_messages(messages: object) -> list[dict]:
             raise DecalignError(f"message {i} must be an object with a role and a string content")
     if not any(m["content"].strip() for m in messages):
         raise DecalignError("empty prompt: every message is empty")
+    for i, message in enumerate(messages):
+        _check_unicode(message["content"], f"message {i}")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _check_unicode(text: str, what: str) -> None:
+    """Text the tokenizer can take: JSON's \\ud800-style escapes can make a lone surrogate, which no
+    encoding holds."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DecalignError(f"{what} is not valid Unicode text: {exc.reason} at character {exc.start}") from None

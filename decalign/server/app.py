@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Sequence
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -143,6 +143,8 @@ async def read_body(request: Request, config: ServerConfig) -> dict:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "the body is not valid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
     return body
@@ -223,8 +225,11 @@ async def stream_events(request: Request, state: ServerState, pending: PendingRe
     arrived = time.monotonic()
     deadline = arrived + state.config.timeout
 
-    def grown(index: int, text: str) -> str | None:
-        """The chunk adding what `text` holds beyond what choice `index` was sent (None if nothing)."""
+    def grown(index: int, text: str, final: bool = False) -> str | None:
+        """The chunk adding what `text` holds beyond what choice `index` was sent (None if nothing);
+        of a text still growing, only what no later token can change is sent."""
+        if not final:
+            text = committed(text, pending.decoding.stop)
         if not (text.startswith(sent[index]) and len(text) > len(sent[index])):
             return None
         if not any(sent):
@@ -253,7 +258,7 @@ async def stream_events(request: Request, state: ServerState, pending: PendingRe
             yield event(exc.body())
             return
         for index, result in enumerate(results):
-            if (piece := grown(index, result.text)) is not None:
+            if (piece := grown(index, result.text, final=True)) is not None:
                 yield piece
         if logprobs:
             for index, scores in enumerate(choice_logprobs(state.engine, pending, results, offset)):
@@ -266,6 +271,16 @@ async def stream_events(request: Request, state: ServerState, pending: PendingRe
     finally:
         if not pending.future.done():
             pending.cancelled.set()
+
+
+def committed(text: str, stops: Sequence[str]) -> str:
+    """The part of a growing answer that later tokens cannot change: without a trailing incomplete
+    character (a multi-byte character decodes as U+FFFD until its last byte comes) and without an
+    ending that may still grow into a stop string (which would cut the answer before it)."""
+    text = text.rstrip("\ufffd")
+    hold = max((k for stop in stops for k in range(1, min(len(stop) - 1, len(text)) + 1)
+                if text.endswith(stop[:k])), default=0)
+    return text[:len(text) - hold]
 
 
 def event(payload: dict) -> str:

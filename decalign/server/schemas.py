@@ -89,7 +89,7 @@ class GenerationOptions(BaseModel):
         """OpenAI's newer max_completion_tokens, when given, wins over max_tokens; null, 0 or neither
         means the server's default (never above its limit)."""
         config: ServerConfig = info.context
-        chosen = body.get("max_completion_tokens", body.get("max_tokens")) \
+        chosen = body.get("max_completion_tokens") or body.get("max_tokens") \
             or min(config.default_max_tokens, config.max_tokens_limit)
         return {**body, "max_tokens": chosen}
 
@@ -97,7 +97,7 @@ class GenerationOptions(BaseModel):
     @classmethod
     def within_limit(cls, max_tokens: Any, info: ValidationInfo) -> Any:
         limit = info.context.max_tokens_limit
-        if not isinstance(max_tokens, int) or max_tokens < 1:
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise ValueError("max_tokens must be a positive integer")
         if max_tokens > limit:
             raise ValueError(f"max_tokens {max_tokens} is over this server's limit of {limit}")
@@ -123,7 +123,7 @@ class GenerationOptions(BaseModel):
     @field_validator("seed", mode="before")
     @classmethod
     def integer_seed(cls, seed: Any) -> Any:
-        if seed is not None and not isinstance(seed, int):
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise ValueError("seed must be an integer")
         return seed
 
@@ -138,6 +138,8 @@ class GenerationOptions(BaseModel):
     @field_validator("stream", mode="before")
     @classmethod
     def truthy(cls, stream: Any) -> bool:
+        if stream is not None and not isinstance(stream, bool):  # "false" is a true string
+            raise ValueError("stream must be true or false")
         return bool(stream)
 
 
