@@ -370,22 +370,54 @@ def test_the_queue_bound_holds_while_the_engine_is_busy(engine):
         server.should_exit = True
 
 
-def test_a_disconnected_stream_stops_its_work(engine):
+@pytest.mark.parametrize("streamed", [True, False])
+def test_a_client_that_hangs_up_stops_its_work(engine, streamed):
+    """Streaming or not, a request whose client hangs up stops its rows at the next step (a
+    non-streaming one ran to its end while the server's middleware hid the disconnect)."""
     server, url = start(engine, max_tokens_limit=200)
     try:
         request = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "temperature": 0}
+        started = time.perf_counter()
         full = httpx.post(url + "/v1/chat/completions", json=request, timeout=60).json()
+        took = time.perf_counter() - started
         assert full["usage"]["completion_tokens"] > 100  # left alone, this answer is long
-        with httpx.stream("POST", url + "/v1/chat/completions", timeout=30,
-                          json={**request, "stream": True}) as reply:
-            for line in reply.iter_lines():
-                if line.startswith("data: ") and "content" in line:
-                    break  # hang up after the first token
-        time.sleep(1.0)
+        if streamed:
+            with httpx.stream("POST", url + "/v1/chat/completions", timeout=30,
+                              json={**request, "stream": True}) as reply:
+                for line in reply.iter_lines():
+                    if line.startswith("data: ") and "content" in line:
+                        break  # hang up after the first token
+        else:
+            with pytest.raises(httpx.TimeoutException):
+                httpx.post(url + "/v1/chat/completions", json=request, timeout=min(0.1, took / 10))
+        time.sleep(max(1.0, took))
         metrics = httpx.get(url + "/metrics", timeout=10).text
         tokens = int(float(next(line.split()[-1] for line in metrics.splitlines()
                                 if line.startswith("decalign_generated_tokens_total"))))
         assert tokens - full["usage"]["completion_tokens"] < full["usage"]["completion_tokens"] / 2
+        if not streamed:
+            assert 'decalign_requests_total{endpoint="/v1/chat/completions",status="499"} 1.0' in metrics
+    finally:
+        server.should_exit = True
+
+
+def test_an_unexpected_error_is_a_counted_500_without_a_traceback(engine, monkeypatch, caplog):
+    from decalign.server import app as app_module
+
+    def broken(**kwargs):
+        raise TypeError("a bug")
+
+    server, url = start(engine)
+    try:
+        monkeypatch.setattr(app_module, "ModelList", broken)
+        with caplog.at_level("ERROR"):
+            reply = httpx.get(url + "/v1/models", timeout=10)
+        assert reply.status_code == 500 and reply.json()["error"]["message"] == "internal error: TypeError"
+        assert "Traceback" not in caplog.text and "internal error on GET /v1/models: TypeError: a bug" in caplog.text
+        httpx.get(url + "/v1/no/such/route", timeout=10)
+        metrics = httpx.get(url + "/metrics", timeout=10).text
+        assert 'decalign_requests_total{endpoint="/v1/models",status="500"} 1.0' in metrics
+        assert 'endpoint="other",status="404"' in metrics and "/v1/no/such/route" not in metrics
     finally:
         server.should_exit = True
 

@@ -7,10 +7,11 @@ A single worker thread (the Scheduler) owns the engine and batches companions; t
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Sequence
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -40,6 +41,7 @@ class ServerState:
     config: ServerConfig
     scheduler: Scheduler
     metrics: Metrics
+    routes: set[str] = field(default_factory=set)  # the app's paths (metric labels; anything else is "other")
 
 
 def server_state(request: Request) -> ServerState:
@@ -48,6 +50,7 @@ def server_state(request: Request) -> ServerState:
 
 State = Annotated[ServerState, Depends(server_state)]
 router = APIRouter()
+LOG = logging.getLogger("decalign.server")
 
 
 def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
@@ -57,9 +60,9 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     app.state.server = ServerState(engine, config, Scheduler(engine, config, metrics), metrics)
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(Exception, unexpected)
-    app.middleware("http")(guard)
+    app.add_middleware(Guard)
     app.include_router(router)
+    app.state.server.routes = {route.path for route in router.routes}
     return app
 
 
@@ -72,28 +75,46 @@ async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return JSONResponse(ApiError(exc.status_code, str(exc.detail), kind).body(), status_code=exc.status_code)
 
 
-async def unexpected(_: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse(ApiError(500, f"internal error: {type(exc).__name__}", "server_error").body(), status_code=500)
+class Guard:
+    """Checks the API key and the declared body size before a /v1/ route runs, counts /v1/ requests
+    by route and status (unknown paths under one label), and answers any unexpected error with a 500
+    in OpenAI's shape and one log line, never a traceback. Plain ASGI, not Starlette's BaseHTTPMiddleware,
+    which hides a client's disconnect from the route (a non-streaming request then ran to its end)."""
 
+    def __init__(self, app: Any) -> None:
+        self.app = app
 
-async def guard(request: Request, call_next) -> Response:
-    """The API key and the declared body size are checked before a /v1/ route runs; /v1/ requests are counted."""
-    state: ServerState = request.app.state.server
-    config = state.config
-    started = time.perf_counter()
-    try:
-        if request.url.path.startswith("/v1/"):
-            if config.api_key and request.headers.get("authorization") != f"Bearer {config.api_key}":
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state: ServerState = scope["app"].state.server
+        config, started, status, api = state.config, time.perf_counter(), [0], scope["path"].startswith("/v1/")
+
+        async def sent(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+        size = headers.get("content-length", "")
+        try:
+            if api and config.api_key and headers.get("authorization") != f"Bearer {config.api_key}":
                 raise ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error")
-            size = request.headers.get("content-length")
-            if size and size.isdigit() and int(size) > config.max_request_bytes:
+            if api and size.isdigit() and int(size) > config.max_request_bytes:
                 raise ApiError(413, f"request body over {config.max_request_bytes} bytes")
-        response = await call_next(request)
-    except ApiError as exc:
-        response = JSONResponse(exc.body(), status_code=exc.status)
-    if request.url.path.startswith("/v1/"):
-        state.metrics.observe(request.url.path, response.status_code, time.perf_counter() - started)
-    return response
+            await self.app(scope, receive, sent)
+        except ApiError as exc:
+            await JSONResponse(exc.body(), status_code=exc.status)(scope, receive, sent)
+        except Exception as exc:  # noqa: BLE001 - a bug answers 500 and leaves one log line, not a traceback
+            LOG.error("internal error on %s %s: %s: %s", scope["method"], scope["path"], type(exc).__name__, exc)
+            if not status[0]:
+                body = ApiError(500, f"internal error: {type(exc).__name__}", "server_error").body()
+                await JSONResponse(body, status_code=500)(scope, receive, sent)
+        finally:
+            if api:
+                route = scope["path"] if scope["path"] in state.routes else "other"
+                state.metrics.observe(route, status[0] or 500, time.perf_counter() - started)
 
 
 @router.post("/v1/chat/completions")
