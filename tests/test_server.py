@@ -592,3 +592,13 @@ def test_lm_eval_harness_local_chat_completions_runs_against_the_server_unchange
                                               max_tokens=6, temperature=0).choices[0].message.content
         assert sample["resps"][0][0] == ours.split("\n\n")[0], question
     assert "exact_match,none" in results["results"]["decalign_questions"]
+
+
+def test_logprob_bytes_are_each_tokens_own_bytes(engine):
+    """A character split over tokens decodes to U+FFFD token by token; the tokens' bytes joined must
+    give the text back (what OpenAI's `bytes` field is for)."""
+    from decalign.server.app import token_bytes
+
+    for text in ("🎉🔥 party", "晨走走, 我们", "plain words, é ü"):
+        ids = engine.tokenizer.encode(text, add_special_tokens=False)
+        assert b"".join(token_bytes(engine, token) for token in ids).decode("utf-8") == text

@@ -8,6 +8,7 @@ A single worker thread (the Scheduler) owns the engine and batches companions; t
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -316,6 +317,30 @@ def answer_usage(engine: Engine, pending: PendingRequest, results: list[Result])
                  total_tokens=prompt_tokens + completion_tokens)
 
 
+def token_bytes(engine: Engine, token: int) -> bytes:
+    """A token's own bytes (OpenAI's `bytes`: a character split over tokens is rebuilt by joining
+    them, where each token's text shows only U+FFFD): byte-level BPE maps each byte to one character,
+    SentencePiece names a lone byte <0xNN>; other tokens give their text's UTF-8."""
+    piece = engine.tokenizer.convert_ids_to_tokens(token)
+    backend = getattr(engine.tokenizer, "backend_tokenizer", None)
+    if type(getattr(backend, "decoder", None)).__name__ == "ByteLevel" and all(c in BYTE_OF_CHAR for c in piece):
+        return bytes(BYTE_OF_CHAR[c] for c in piece)
+    if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+        return bytes([int(piece[3:5], 16)])
+    return token_text(engine, token).encode("utf-8")
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's): printable bytes stand for themselves, the others for
+    the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+
+
+BYTE_OF_CHAR = _byte_level_alphabet()
+
+
 def token_text(engine: Engine, token: int) -> str:
     return engine.tokenizer.convert_tokens_to_string([engine.tokenizer.convert_ids_to_tokens(token)])
 
@@ -335,8 +360,7 @@ def token_logprobs(engine: Engine, result: Result, top: list[list[tuple[int, flo
     log-probability of it (the model's own distribution, before temperature or top-k), with the
     most likely tokens at its position when top_logprobs asked for them."""
     def entry(token: int, logprob: float) -> dict:
-        text = token_text(engine, token)
-        return dict(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
+        return dict(token=token_text(engine, token), logprob=logprob, bytes=list(token_bytes(engine, token)))
 
     top = top or [[] for _ in result.tokens]
     return ChoiceLogprobs(content=[
