@@ -400,7 +400,6 @@ class Driver:
         self.owners: list[Method | None] = []  # batch prompt -> its method (None once released)
         self.live: list[Method] = []
         self.failed: dict[Method, Exception] = {}
-        self._prompts: dict[Method, range] = {}  # a joined method's batch prompts, until it is released
         self._planned: dict[Method, list[BatchPrompt]] = {}  # batch prompts of methods that failed to join
 
     def add(self, methods: Sequence[Method]) -> None:
@@ -412,7 +411,7 @@ class Driver:
         try:
             if self.batch is None:
                 batch, first_row = self.engine.open(prompts), 0
-                self.owners, self._prompts = [], {}
+                self.owners = []
                 batch.on_token = lambda row, _: _stream(self.owners[batch.prompt_of[row]], batch, row)
                 self.batch = batch
             else:
@@ -425,7 +424,6 @@ class Driver:
             self.batch.cancelled = self._cancelled
         for m, batch_prompts in zip(methods, wanted):
             m.job.prompt_base, m.batch = len(self.owners), self.batch
-            self._prompts[m] = range(len(self.owners), len(self.owners) + len(batch_prompts))
             self.owners += [m] * len(batch_prompts)
             rows = []
             for prompt in batch_prompts:
@@ -482,8 +480,10 @@ class Driver:
         long-running batch (a busy server's) must not keep every answered method, its results and the
         batches it ran in alive."""
         self._planned.pop(method, None)
-        for prompt in self._prompts.pop(method, ()):
+        prompt = method.job.prompt_base  # its batch prompts follow on from there (none if it never joined)
+        while prompt < len(self.owners) and self.owners[prompt] is method:
             self.owners[prompt] = None
+            prompt += 1
         if not method.closed:
             method.closed = True
             method.close()
