@@ -77,3 +77,27 @@ def test_lean_lora_forward_gives_peft_numbers_and_defers_to_peft_elsewhere(tiny_
         assert torch.equal(mine, theirs)
     assert not torch.equal(lean[0][1], lean[1][1])  # the gate did switch the adapter off on row 1
     assert torch.equal(lean[1][1], lean[2][1])
+
+
+def test_lean_lora_forward_casts_like_peft_under_a_bfloat16_model(tiny_path, tmp_path, monkeypatch):
+    """PEFT keeps adapter weights in float32 under a bfloat16 model (autocast_adapter_dtype): the lean
+    forward casts as PEFT does, with PEFT's numbers, instead of falling back to PEFT's forward."""
+    from peft import PeftModel
+    from peft.tuners.lora.layer import Linear as LoraLinear
+    from transformers import AutoModelForCausalLM
+
+    from decalign.engine import adapters
+
+    adapter = save_adapter(tiny_path, tmp_path / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.bfloat16)
+    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    layers = [m for m in model.modules() if type(m) is LoraLinear]
+    assert layers and layers[0].lora_A["default"].weight.dtype == torch.float32
+    assert layers[0].base_layer.weight.dtype == torch.bfloat16
+    x = torch.randn(3, layers[0].in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.no_grad():
+        theirs = LoraLinear.forward(layers[0], x)
+        monkeypatch.setattr(LoraLinear, "forward", lambda *a, **k: pytest.fail("fell back to PEFT's forward"))
+        mine = adapters._lean_lora_forward(layers[0], x)
+    assert mine.dtype == torch.bfloat16
+    assert torch.equal(mine, theirs)
