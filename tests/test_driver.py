@@ -182,3 +182,35 @@ def test_a_running_batch_lets_go_of_answered_methods(engine):
     while driver.live:
         driver.step()
     assert long.closed and long.results[0].tokens == run(long_request)[0].tokens
+
+
+def test_a_running_batch_forgets_the_prompts_of_answered_methods(engine, requests):
+    """A batch that never empties must not keep every prompt it admitted (their token ids and work
+    counters grew with every request a busy server answered); renumbering the prompts that stay
+    changes no answer and no request's counted work."""
+    from decalign.api import start
+    from decalign.methods import Driver
+
+    long_request = Request.build(prompts=["hi"], method="greedy", max_new_tokens=400, min_new_tokens=400,
+                                 model=engine, seed=0)
+    alone = [run(request) for request in [long_request, *requests]]
+    driver = Driver(engine)
+    methods = [start(long_request)]
+    driver.add(methods[:1])
+    most = 0
+    for round_ in range(2):
+        for request in requests:
+            method = start(request)
+            methods.append(method)
+            driver.add([method])
+            while not method.done and driver.live:
+                driver.step()
+                most = max(most, len(driver.batch.prompts) if driver.batch is not None else 0)
+        assert driver.live == methods[:1], "the long request outlives every short one"
+    while driver.live:
+        driver.step()
+    admitted = 1 + 2 * sum(len(r.prompts) for r in requests)
+    assert most < admitted // 3, (most, admitted)
+    for method, theirs in zip(methods, alone + alone[1:]):
+        assert [r.tokens for r in method.results] == [r.tokens for r in theirs]
+        assert [r.stats["forward_passes"] for r in method.results] == [r.stats["forward_passes"] for r in theirs]

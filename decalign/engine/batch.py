@@ -537,6 +537,16 @@ class Batch:
         self.finish = [self.finish[r] for r in indices]
         self.compact()
 
+    def keep_prompts(self, prompts: Sequence[int]) -> dict[int, int]:
+        """Forget every prompt not in `prompts` (no row may still belong to one), so a batch that never
+        empties (a busy server's) does not keep every prompt it ever admitted; returns old -> new numbers."""
+        new = {old: i for i, old in enumerate(prompts)}
+        self.prompt_of = [new[q] for q in self.prompt_of]
+        for name in ("prompts", "prompt_lengths", "work"):
+            values = getattr(self, name)
+            setattr(self, name, [values[q] for q in prompts])
+        return new
+
     def admit(self, prompts: Sequence[BatchPrompt]) -> int:
         """Add prompts to this running batch (continuous batching) and return the first of their rows.
 

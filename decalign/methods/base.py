@@ -391,8 +391,8 @@ class Driver:
     steps (continuous batching): their prompts are encoded and their rows join the running batch.
 
     A method whose own code fails (its reward raises, say) leaves with the error in `failed`; the
-    others go on. Rows of finished methods leave the batch once a quarter of the rows are idle, and
-    the batch itself is let go when no method is left."""
+    others go on. Rows of finished methods leave the batch once a quarter of the rows are idle (and
+    their prompts with them), and the batch itself is let go when no method is left."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -470,6 +470,11 @@ class Driver:
             self.batch.select(needed)
             for m in self.live:
                 m.remap(new_row)
+            owned = [q for q, owner in enumerate(self.owners) if owner is not None]  # released methods' go
+            new_prompt = self.batch.keep_prompts(owned)
+            self.owners = [self.owners[q] for q in owned]
+            for m in self.live:
+                m.job.prompt_base = new_prompt[m.job.prompt_base]
 
     def _cancelled(self, prompt: int) -> bool:
         owner = self.owners[prompt]
