@@ -92,7 +92,7 @@ def run_bench(*, methods: str, prompts: Path, out: Path, reward: str | None, jud
                                     system=system, batch_size=batch_size) for run in runs}
     config = {"prompts": str(prompts), "offset": offset, "model": model, "adapter": adapter, "reward": reward, "judge": judge,
               "max_new_tokens": max_new_tokens, "seed": seed, "system": system}
-    check_run_config(out, config, defaults={"offset": 0})  # run folders from before --offset had none
+    check_run_config(out, config, defaults={"offset": 0}, paths=("prompts", "adapter"))  # before --offset: none
     records_path = out / "records.jsonl"
     done, _ = load_output(records_path, key=lambda r: (r["method"], r["id"]))
     pending = {run.label: [(i, p, derive_seed(seed, i)) for i, p in items if (run.label, i) not in done]

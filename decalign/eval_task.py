@@ -78,6 +78,9 @@ def read_items(path: Path, limit: int | None = None) -> list[tuple[Any, Any, dic
         if kind in RELATION_KINDS and not (isinstance(answer, str) and record.get("relation") in RELATIONS):
             raise DecalignError(f"{path} line {number}: a {kind} item needs a string \"answer\" and a known "
                                 f"\"relation\" ({', '.join(RELATIONS)})")
+        if kind == "facts" and not isinstance(record.get("true"), str):
+            raise DecalignError(f"{path} line {number}: a facts item needs a string \"true\" (the real-world value, "
+                                f"to count answers that name it)")
         items.append((record_id, prompt, {**record, "kind": kind}))
         if limit is not None and len(items) == limit:
             break
@@ -105,7 +108,7 @@ def run_eval(*, test: Path, adapter: str, variants: str, out: Path, model: str |
         torch.set_num_threads(threads)
     config = {"test": str(test), "model": model, "adapter": str(adapter), "max_new_tokens": max_new_tokens,
               "seed": seed}
-    check_run_config(out, config)
+    check_run_config(out, config, paths=("test", "adapter"))
     records_path = out / "records.jsonl"
     done, _ = load_output(records_path, key=lambda r: (r["variant"], r["id"]))
     engine = get_engine(model, adapter)

@@ -84,7 +84,8 @@ def train_lora(
     """Fine-tune a LoRA adapter on chat data and save it to `out_dir`.
 
     Returns {"steps", "examples", "first_loss", "last_loss", "seconds", "path"}: the losses are the
-    means over the first and the last up-to-10 steps (a quick check that it learned)."""
+    means over the first and the last up-to-10 steps, windows that never overlap (a quick check that it
+    learned; one step gives the same loss twice)."""
     from peft import LoraConfig, get_peft_model  # local: peft costs ~2 s and only training needs it
 
     if rank < 1:
@@ -152,6 +153,7 @@ def train_lora(
     out.mkdir(parents=True, exist_ok=True)
     peft_model.eval()
     peft_model.save_pretrained(str(out), safe_serialization=True)
-    head, tail = losses[:10], losses[-10:]
+    window = max(1, min(10, len(losses) // 2))
+    head, tail = losses[:window], losses[-window:]
     return {"steps": step, "examples": len(examples), "first_loss": sum(head) / len(head),
             "last_loss": sum(tail) / len(tail), "seconds": time.perf_counter() - started, "path": str(out)}

@@ -134,7 +134,12 @@ def load_adapter(model, adapter: str):
         raise DecalignError(f"adapter path {adapter} does not exist")
     if not (folder / "adapter_model.safetensors").is_file():
         raise DecalignError(f"adapter {adapter} has no adapter_model.safetensors (pickled adapters are refused)")
-    config = PeftConfig.from_pretrained(str(folder))
+    if not (folder / "adapter_config.json").is_file():  # else PEFT looks for it on the Hub, under the folder's name
+        raise DecalignError(f"adapter {adapter} has no adapter_config.json")
+    try:
+        config = PeftConfig.from_pretrained(str(folder))
+    except (ValueError, TypeError, OSError) as exc:  # json.JSONDecodeError is a ValueError
+        raise DecalignError(f"adapter {adapter}: unreadable adapter_config.json ({str(exc).splitlines()[0]})") from exc
     base_name = getattr(model.config, "_name_or_path", None)
     try:
         return PeftModel.from_pretrained(model, str(folder), is_trainable=False)

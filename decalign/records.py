@@ -7,7 +7,7 @@ import platform
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import transformers
@@ -87,13 +87,20 @@ def load_output(path: Path, key: Callable[[dict], Any] = lambda record: record["
     return {key(r) for r in records}, records
 
 
-def check_run_config(out: Path, config: dict, *, defaults: dict | None = None) -> None:
+def check_run_config(out: Path, config: dict, *, defaults: dict | None = None, paths: Sequence[str] = ()) -> None:
     """Write a run folder's config.json, or refuse a folder that holds another configuration's work
-    (a key missing from an older config.json counts as its value in `defaults`)."""
+    (a key missing from an older config.json counts as its value in `defaults`; the keys in `paths`
+    are files or folders, the same however they are spelled: ./a, a/ and /abs/a)."""
     path = out / "config.json"
     if path.exists():
         old = json.loads(path.read_text())
-        changed = [k for k in config if old.get(k, (defaults or {}).get(k)) != config[k]]
+
+        def same(key: str) -> bool:
+            before = old.get(key, (defaults or {}).get(key))
+            if key in paths and isinstance(before, str) and isinstance(config[key], str):
+                return Path(before).expanduser().resolve() == Path(config[key]).expanduser().resolve()
+            return before == config[key]
+        changed = [k for k in config if not same(k)]
         if changed:
             raise DecalignError(f"{out} holds records of another configuration ({', '.join(changed)} differ); "
                                 f"use a new folder or delete {out} to start fresh")

@@ -184,7 +184,7 @@ def _shopping(rng: random.Random) -> tuple[dict, list[str], int]:
     first, second = rng.sample(GOODS, 2)
     a, p, b, q = rng.randint(2, 9), rng.randint(2, 12), rng.randint(2, 9), rng.randint(2, 12)
     spent = a * p + b * q
-    bill = next(note for note in (20, 50, 100, 200) if note > spent)
+    bill = next(note for note in (20, 50, 100, 200, 500) if note > spent)  # spent reaches 216
     lines = [f"{a} {first} cost {a} * {p} = {a * p} dollars.", f"{b} {second} cost {b} * {q} = {b * q} dollars.",
              f"Together they cost {a * p} + {b * q} = {spent} dollars.",
              f"The change is {bill} - {spent} = {bill - spent} dollars."]

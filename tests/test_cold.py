@@ -185,8 +185,35 @@ def test_bad_input_is_refused(tiny_path, engine, adapted):
         generate("hi", method="cold", model=adapted, alpha=0)
     with pytest.raises(DecalignError, match=r"alpha must be in \(0, 1\]"):
         generate("hi", method="cold", model=adapted, alpha=1.5)
-    with pytest.raises(DecalignError, match="beta must be >= 0"):
-        generate("hi", method="cold", model=adapted, beta=-0.1)
+    for beta in (-0.1, float("inf")):
+        with pytest.raises(DecalignError, match="beta must be a finite number >= 0"):
+            generate("hi", method="cold", model=adapted, beta=beta)
+
+
+def test_only_cold_gates_by_default():
+    """The gate's evidence is CoLD's (docs/cold.md): a separate amateur and DExperts keep the papers' rule."""
+    from decalign.methods.cold import ColdConfig
+    from decalign.methods.contrastive import ContrastiveConfig
+    from decalign.methods.dexperts import DExpertsConfig
+
+    assert (ColdConfig().gate, ContrastiveConfig().gate, DExpertsConfig().gate) == (0.5, None, None)
+
+
+def test_an_adapter_folder_without_a_readable_config_is_refused_offline(tiny_path, adapter, tmp_path):
+    """Without adapter_config.json PEFT looked the folder's name up on the Hub (30 s of retries where
+    the Hub is unreachable), then raised its own error."""
+    import shutil
+
+    for name, config in (("noconfig", None), ("badconfig", "{not json")):
+        folder = tmp_path / name
+        shutil.copytree(adapter, folder)
+        if config is None:
+            (folder / "adapter_config.json").unlink()
+        else:
+            (folder / "adapter_config.json").write_text(config)
+        with pytest.raises(DecalignError, match="adapter_config.json") as error:
+            Engine.load(str(tiny_path), adapter=str(folder))
+        assert "\n" not in str(error.value)
 
 
 def test_adapter_for_another_base_model_is_refused(tiny_path, tmp_path):
@@ -211,7 +238,7 @@ def test_cli_cold_flags(tiny_path, adapter):
     assert json.loads(by_flag.stdout)["params"] == {"alpha": 0.2, "beta": 0.7}
     assert json.loads(by_param.stdout)["params"] == {"alpha": 0.2, "beta": 0.7}  # typed, however given
     bad = runner.invoke(cli, args + ["--cold-beta", "-1"])
-    assert bad.exit_code != 0 and "beta must be >= 0" in str(bad.exception)
+    assert bad.exit_code != 0 and "beta must be a finite number >= 0" in str(bad.exception)
     for method in ("cold", "dexperts"):  # refused before any model is loaded: the model path is never read
         missing = runner.invoke(cli, ["generate", "hi", "--model", "/nonexistent/model", "--method", method])
         assert missing.exit_code != 0 and "needs a LoRA adapter" in str(missing.exception)
@@ -283,3 +310,17 @@ def test_train_lora_names_the_bad_line(tiny_path, tmp_path):
                                       "--model", str(tiny_path)])
     assert isinstance(result.exception, DecalignError)
     assert "line 2" in str(result.exception)
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--new-tokens", "1"], "--new-tokens must be >= 2, got 1"),  # decode cost is (T_N - T_1) / (N - 1)
+    (["--repeats", "0"], "--repeats must be >= 1, got 0"),
+    (["--batch-sizes", "abc"], "--batch-sizes must be positive integers"),
+    (["--batch-sizes", "0"], "--batch-sizes must be positive integers"),
+    (["--batch-sizes", ""], "--batch-sizes must be positive integers"),
+])
+def test_bench_cold_options_are_checked_before_anything_loads(options, message):
+    from decalign.cli import cli
+
+    result = CliRunner().invoke(cli, ["bench-cold", "--model", "/nonexistent", *options])
+    assert isinstance(result.exception, DecalignError) and message in str(result.exception)

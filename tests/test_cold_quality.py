@@ -159,6 +159,11 @@ def test_eval_task_resumes_without_duplicates_and_refuses_another_config(tiny_pa
     assert len(records) == 12 and len({(r["variant"], r["id"]) for r in records}) == 12
     by = {(r["variant"], r["id"]): r["text"] for r in records}
     assert all(by[("cold:beta=0", f"t{i}")] == by[("greedy", f"t{i}")] for i in range(3))  # beta 0 is greedy
+    # the same files spelled otherwise are the same configuration (they were refused): nothing redone
+    spelled = runner.invoke(cli, eval_args(tiny_path, str(adapter) + "/", test_file.parent / "." / test_file.name,
+                                           out, "base,greedy,cold:beta=0"))
+    assert spelled.exit_code == 0, spelled.output
+    assert len((out / "records.jsonl").read_text().splitlines()) == 12
 
     changed = runner.invoke(cli, eval_args(tiny_path, adapter, test_file, out, "greedy", "--seed", "1"))
     assert isinstance(changed.exception, DecalignError) and "seed differ" in str(changed.exception)
@@ -167,7 +172,7 @@ def test_eval_task_resumes_without_duplicates_and_refuses_another_config(tiny_pa
 @pytest.mark.parametrize("change, message", [
     (dict(variants="greedy,nope"), "unknown method"),
     (dict(variants="greedy,greedy"), "twice"),
-    (dict(variants="cold:beta=-1"), "beta must be >= 0"),
+    (dict(variants="cold:beta=-1"), "beta must be a finite number >= 0"),
     (dict(variants="base"), "reference 'greedy' is not among the variants"),
     (dict(extra=("--batch-size", "0")), "--batch-size must be >= 1"),
     (dict(adapter="missing"), "has no adapter_model.safetensors"),
@@ -175,6 +180,8 @@ def test_eval_task_resumes_without_duplicates_and_refuses_another_config(tiny_pa
     (dict(test='{"prompt": "hi", "answer": 3}\nnot json\n'), "line 2: not valid JSON"),
     (dict(test='{"prompt": "hi", "answer": "Rome", "kind": "facts"}\n'), "line 1: a facts item needs a string"),
     (dict(test='{"prompt": "hi", "answer": "Rome", "kind": "poems"}\n'), "line 1: unknown kind 'poems'"),
+    (dict(test='{"prompt": "hi", "answer": "Rome", "kind": "facts", "relation": "capital"}\n'),
+     'line 1: a facts item needs a string "true"'),
 ])
 def test_bad_input_is_one_line_error(tiny_path, adapter, test_file, tmp_path, change, message):
     if "test" in change:
@@ -310,3 +317,13 @@ def test_cot_problems_show_true_steps_in_phrasings_training_never_saw(tmp_path):
     for _, _, item in items:
         solution = next(p.solution for p in make_cot_splits(20, 5, seed=1)[1] if p.question == item["prompt"])
         assert SCORERS["cot"](solution, item)["correct"] and not SCORERS["cot"]("#### 0", item)["correct"]
+
+
+def test_cot_problems_exist_for_every_seed():
+    """A shopping problem's bill must exceed its cost, which reaches 216: seeds that drew more than 200
+    found no note and failed the whole command."""
+    from decalign.tasks import make_cot_splits
+
+    for seed in range(4):  # seed 1 failed
+        train, test = make_cot_splits(3000, 200, seed=seed)
+        assert len(train) == 3000 and len(test) == 200

@@ -68,7 +68,7 @@ def bench(methods_, prompts, reward, judge, model, adapter, max_new_tokens, out,
 def bench_engine(model, batch_sizes, new_tokens, repeats, threads):
     """Tokens per second of the engine against transformers' generate, side by side."""
     quiet_transformers()
-    sizes = [int(s) for s in batch_sizes.split(",") if s.strip()]
+    sizes = timing_options(batch_sizes, new_tokens=(new_tokens, 1), repeats=(repeats, 1))
     click.echo(run_engine_bench(model=model, batch_sizes=sizes, new_tokens=new_tokens, repeats=repeats,
                                 threads=threads))
 
@@ -85,6 +85,21 @@ def bench_engine(model, batch_sizes, new_tokens, repeats, threads):
 def bench_cold(model, adapter, batch_sizes, new_tokens, repeats, threads, free_tokens):
     """CoLD's decode cost against greedy with the same adapter, side by side."""
     quiet_transformers()
-    sizes = [int(s) for s in batch_sizes.split(",") if s.strip()]
+    sizes = timing_options(batch_sizes, new_tokens=(new_tokens, 2), repeats=(repeats, 1), free_tokens=(free_tokens, 1))
     click.echo(run_latency(model=model, adapter=adapter, batch_sizes=sizes, new_tokens=new_tokens, repeats=repeats,
                            threads=threads, free_tokens=free_tokens))
+
+
+def timing_options(batch_sizes: str, **counts: tuple[int, int]) -> list[int]:
+    """The batch sizes of a timing command, after checking them and its counts ({name: (value, least)});
+    bad values are one-line errors naming the option."""
+    try:
+        sizes = [int(size) for size in batch_sizes.split(",") if size.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise DecalignError(f"--batch-sizes must be positive integers separated by commas, got {batch_sizes!r}")
+    for name, (value, least) in counts.items():
+        if value < least:
+            raise DecalignError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+    return sizes

@@ -215,8 +215,8 @@ class ContrastParams:
     def __post_init__(self) -> None:
         if not 0 < self.alpha <= 1:
             raise DecalignError(f"alpha must be in (0, 1], got {self.alpha}")
-        if not self.beta >= 0:
-            raise DecalignError(f"beta must be >= 0, got {self.beta}")
+        if not (self.beta >= 0 and math.isfinite(self.beta)):  # an infinite beta scores every token +-inf
+            raise DecalignError(f"beta must be a finite number >= 0, got {self.beta}")
         if self.gate is not None and not self.gate >= 0:
             raise DecalignError(f"gate must be >= 0 (or none: contrast every step), got {self.gate}")
         self.sampling  # validates temperature and top_p

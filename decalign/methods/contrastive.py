@@ -20,9 +20,12 @@ from .contrast import Branch, Contrast
 
 @dataclass
 class ContrastiveConfig(ColdConfig):
-    """Contrastive decoding with a separate amateur model (same tokenizer): amateur=PATH, alpha, beta, tau."""
+    """Contrastive decoding with a separate amateur model (same tokenizer): amateur=PATH, alpha, beta, tau;
+    no gate by default (the papers' rule: the gate's evidence is CoLD's, docs/cold.md)."""
 
     amateur: str = param("", "amateur model (HF id or folder) with the same tokenizer")
+    gate: float | None = param(None, "contrast only at steps where the expert's two most likely tokens are within "
+                                     "this many nats (none = every step, the papers' rule)")
 
 
 @functools.lru_cache(maxsize=1)  # kept loaded for the next batch
