@@ -41,6 +41,8 @@ def run_batch(input_path: str | Path, output_path: str | Path, request: Request)
     input_path, output_path = Path(input_path), Path(output_path)
     done, _ = load_output(output_path)
     total = count_lines(input_path)
+    if total == 0 and input_path.is_file():
+        raise DecalignError(f"{input_path} holds no prompts")
     base_seed = random.randrange(2**62) if request.seed is None else request.seed
     engine = get_engine(request.model, request.adapter, trust_remote_code=request.trust_remote_code)
     pending: list[tuple[Any, Any]] = []
@@ -82,6 +84,8 @@ def run_score(input_path: str | Path, output_path: str | Path, reward: str, batc
     source, output = Path(input_path), Path(output_path)
     done, _ = load_output(output)
     total = count_lines(source)
+    if total == 0 and source.is_file():
+        raise DecalignError(f"{source} holds no records to score")
     pending: list[tuple[Any, Any, str]] = []
     bar = tqdm(total=total, unit="item", desc="score", file=sys.stderr, disable=None)
 

@@ -79,10 +79,12 @@ def run_bench(*, methods: str, prompts: Path, out: Path, reward: str | None, jud
         raise DecalignError(f"--limit must be >= 1, got {limit}")
     if offset < 0:
         raise DecalignError(f"--offset must be >= 0, got {offset}")
-    items = [(record_id, prompt) for _, record_id, prompt, _ in read_records(prompts)][offset:]
-    items = items[:limit] if limit is not None else items
-    if not items:
+    every = [(record_id, prompt) for _, record_id, prompt, _ in read_records(prompts)]
+    if not every:
         raise DecalignError(f"{prompts} holds no prompts")
+    if offset >= len(every):
+        raise DecalignError(f"--offset {offset} skips all {len(every)} prompts of {prompts}")
+    items = every[offset:offset + limit] if limit is not None else every[offset:]
     steer = load_reward(reward)
     scorer = load_reward(judge) if judge else None
     needs = [r.label for r in runs if get_method(r.name).needs_reward]

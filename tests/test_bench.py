@@ -59,6 +59,8 @@ def test_bad_bench_input(tiny_path, tmp_path):
     empty.write_text("")
     with pytest.raises(DecalignError, match="holds no prompts"):
         run_bench(methods="greedy", **{**common, "prompts": empty})
+    with pytest.raises(DecalignError, match="--offset 9 skips all .* prompts of"):
+        run_bench(methods="greedy", **{**common, "offset": 9})
     with pytest.raises(DecalignError, match="--reward is needed by bon"):
         run_bench(methods="bon", **{**common, "reward": None})
 

@@ -179,3 +179,18 @@ def test_ctrl_c_stops_a_batch_job_at_once_and_the_rerun_resumes(tiny_path, tmp_p
     monkeypatch.setattr(batch_job, "run", real)
     batch_job.run_batch(source, out, request)
     assert [r["id"] for r in read_records(out)] == [1, 2, 3, 4, 5]
+
+
+def test_an_empty_input_file_is_refused_not_answered_with_nothing(tiny_path, tmp_path):
+    """`generate --input` and `score` on an empty file exited 0 with an empty output, where `bench` refused it."""
+    from decalign import DecalignError
+    from decalign.batch_job import run_batch, run_score
+    from decalign.request import Request
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DecalignError, match="empty.jsonl holds no prompts"):
+        run_batch(empty, tmp_path / "out.jsonl", Request(model=str(tiny_path), max_new_tokens=2))
+    with pytest.raises(DecalignError, match="empty.jsonl holds no records to score"):
+        run_score(empty, tmp_path / "scores.jsonl", "sentiment")
+    assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "scores.jsonl").exists()

@@ -94,6 +94,10 @@ def test_method_specs_parse_and_validate():
         parse_method_spec("bon:m=3")
     with pytest.raises(DecalignError, match="parameter n must be int"):
         parse_method_spec("bon:n=many")
+    for method, name, value in (("args", "w", "nan"), ("cards", "tau_u", "nan"), ("cards", "margin", "nan"),
+                                ("blockwise", "temperature", "inf"), ("smc", "beta", "inf"), ("args", "w", float("inf"))):
+        with pytest.raises(DecalignError, match=f"parameter {name} must be a finite number"):
+            make_config(method, {name: value})  # nan passed every "must be > x" check these configs make
     assert {"greedy", "sample", "bon"} <= set(method_names())
 
 

@@ -15,6 +15,7 @@ serve the Python API, the CLI (`--param n=8`), inline specs (`bon:n=8`) and the 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import types
 import typing
@@ -128,6 +129,9 @@ def make_config(method: str, params: dict[str, Any]) -> Any:
             hint = f" (a prefix value is taken by: {takers})"
         raise DecalignError(f"method {method} has no parameter {', '.join(unknown)}; its parameters: {choices}{hint}")
     values = {name: _convert(method, name, hints[name], value) for name, value in params.items()}
+    for name, value in values.items():  # nan slips through every "must be > x" check; inf makes nonsense
+        if isinstance(value, float) and not math.isfinite(value):
+            raise DecalignError(f"method {method}: parameter {name} must be a finite number, got {value}")
     try:
         return spec.config(**values)
     except (TypeError, ValueError) as exc:
@@ -146,7 +150,7 @@ def parse_method_spec(text: str) -> tuple[str, dict[str, str]]:
 class SamplingParams:
     """The sampling knobs shared by every sampling method."""
 
-    temperature: float = param(1.0, "sampling temperature (> 0)")
+    temperature: float = param(1.0, "sampling temperature (>= 0; 0 = the most likely token)")
     top_k: int = param(0, "keep the k most likely tokens (0 = off)")
     top_p: float = param(1.0, "nucleus: keep the most likely tokens up to this probability mass (1 = off)")
 
