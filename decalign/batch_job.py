@@ -15,7 +15,7 @@ from tqdm import tqdm
 from .api import run
 from .engine import get_engine
 from .errors import DecalignError
-from .records import append_record, count_lines, load_output, read_records
+from .records import append_record, check_job_config, count_lines, load_output, read_records
 from .request import Request
 from .rewards import load_reward
 from .sampling import derive_seed
@@ -33,6 +33,18 @@ def answered(record_id: Any, prompt: Any, result) -> dict:
     return {"id": record_id, "prompt" if isinstance(prompt, str) else "messages": prompt, **result.to_dict()}
 
 
+def job_config(input_path: Path, request: Request) -> dict:
+    """What a `generate --input` job's answers depend on: a rerun into the same output must ask the same."""
+    model = request.model if request.model is None or isinstance(request.model, str) else getattr(request.model, "name", "")
+    return {"input": str(input_path), "model": model, "adapter": request.adapter, "method": request.method,
+            "params": request.params, "reward": request.scorer.name if request.scorer is not None else None,
+            "value": request.value, "max_new_tokens": request.max_new_tokens, "min_new_tokens": request.min_new_tokens,
+            "seed": request.seed, "system": request.system, "chat": request.chat, "stop": request.stop}
+
+
+JOB_PATHS = ("input", "model", "adapter")  # compared resolved, however they are spelled
+
+
 def run_batch(input_path: str | Path, output_path: str | Path, request: Request) -> None:
     """Answer every {id?, prompt} or {id?, messages} record of `input_path` with the decoding of
     `request` (a validated Request without prompts), appending {id, prompt | messages, **result} to
@@ -43,6 +55,7 @@ def run_batch(input_path: str | Path, output_path: str | Path, request: Request)
     total = count_lines(input_path)
     if total == 0 and input_path.is_file():
         raise DecalignError(f"{input_path} holds no prompts")
+    check_job_config(output_path, job_config(input_path, request), paths=JOB_PATHS)
     base_seed = random.randrange(2**62) if request.seed is None else request.seed
     engine = get_engine(request.model, request.adapter, trust_remote_code=request.trust_remote_code)
     pending: list[tuple[Any, Any]] = []
@@ -86,6 +99,7 @@ def run_score(input_path: str | Path, output_path: str | Path, reward: str, batc
     total = count_lines(source)
     if total == 0 and source.is_file():
         raise DecalignError(f"{source} holds no records to score")
+    check_job_config(output, {"input": str(source), "reward": scorer.name}, paths=("input",))
     pending: list[tuple[Any, Any, str]] = []
     bar = tqdm(total=total, unit="item", desc="score", file=sys.stderr, disable=None)
 

@@ -22,8 +22,9 @@ from typing import Any, Iterator
 
 from tqdm import tqdm
 
+from .batch_job import JOB_PATHS, job_config
 from .errors import DecalignError
-from .records import append_record, load_output, read_records
+from .records import append_record, check_job_config, load_output, read_records
 from .request import Request
 from .sampling import derive_seed
 
@@ -208,7 +209,9 @@ def run_batch_ray(input_path: str | Path, output_path: str | Path, request: Requ
     if replicas < 1:
         raise DecalignError(f"--replicas must be >= 1, got {replicas}")
     input_path, output_path = Path(input_path), Path(output_path)
+    fields = _portable(request)  # a request the replicas cannot rebuild is refused first
     done, _ = load_output(output_path)
+    check_job_config(output_path, job_config(input_path, request), paths=JOB_PATHS)
     base_seed = random.randrange(2**62) if request.seed is None else request.seed
     items, malformed = [], None
     try:
@@ -224,7 +227,7 @@ def run_batch_ray(input_path: str | Path, output_path: str | Path, request: Requ
     if items:
         output_path.parent.mkdir(parents=True, exist_ok=True)
         with output_path.open("a", encoding="utf-8") as out:
-            for row in _pool_rows(items, Replica, {"fields": _portable(request)}, replicas=replicas, address=address,
+            for row in _pool_rows(items, Replica, {"fields": fields}, replicas=replicas, address=address,
                                   batch_size=request.batch_size):
                 if row["error"]:
                     refused.append((int(row["line"]), str(row["error"])))

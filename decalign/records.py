@@ -30,8 +30,13 @@ def json_objects(path: Path, what: str = "input file") -> Iterator[tuple[int, di
     """(line number, object) for each non-blank line; a line that is not a JSON object raises, naming it."""
     if not path.is_file():
         raise DecalignError(f"{what} {path} does not exist")
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:  # decoded line by line, so a bad byte is reported with its line
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DecalignError(f"{path} line {number}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at "
+                                    f"column {exc.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -50,6 +55,8 @@ def read_records(path: Path, *, with_response: bool = False) -> Iterator[tuple[i
     reader reaches it, so a job can first finish and write the records before it."""
     seen: set = set()
     for number, record in json_objects(path):
+        if "messages" in record and not isinstance(record["messages"], list):
+            raise DecalignError(f"{path} line {number}: \"messages\" must be a list of chat messages")
         prompt = record.get("messages", record.get("prompt"))
         if not (isinstance(prompt, str) and prompt.strip()) and not (isinstance(prompt, list) and prompt):
             raise DecalignError(f"{path} line {number}: needs a non-empty \"prompt\" string or \"messages\" list")
@@ -63,7 +70,11 @@ def read_records(path: Path, *, with_response: bool = False) -> Iterator[tuple[i
 
 
 def count_lines(path: Path) -> int:
-    return sum(1 for line in path.open(encoding="utf-8") if line.strip()) if path.is_file() else 0
+    """Non-blank lines (read as bytes: a line that is not UTF-8 is reported when a reader reaches it)."""
+    if not path.is_file():
+        return 0
+    with path.open("rb") as handle:
+        return sum(1 for line in handle if line.strip())
 
 
 def load_output(path: Path, key: Callable[[dict], Any] = lambda record: record["id"]) -> tuple[set, list[dict]]:
@@ -91,9 +102,31 @@ def check_run_config(out: Path, config: dict, *, defaults: dict | None = None, p
     """Write a run folder's config.json, or refuse a folder that holds another configuration's work
     (a key missing from an older config.json counts as its value in `defaults`; the keys in `paths`
     are files or folders, the same however they are spelled: ./a, a/ and /abs/a)."""
-    path = out / "config.json"
+    _check_config(out / "config.json", config, defaults=defaults, paths=paths,
+                  refusal=lambda changed: f"{out} holds records of another configuration ({changed} differ); "
+                                          f"use a new folder or delete {out} to start fresh")
+
+
+def check_job_config(output: Path, config: dict, *, paths: Sequence[str] = ()) -> None:
+    """The same for a resumable job writing one JSONL (`generate --input`, `score`): its configuration
+    is kept beside it, in OUTPUT.config.json, so that a rerun with another method or reward is refused
+    instead of skipping every id as done. An output without records starts afresh."""
+    sidecar = output.with_name(output.name + ".config.json")
+    if sidecar.exists() and not count_lines(output):
+        sidecar.unlink()
+    _check_config(sidecar, config, paths=paths,
+                  refusal=lambda changed: f"{output} holds answers of another configuration ({changed} differ); "
+                                          f"use a new output file, or delete {output} and {sidecar.name} to start fresh")
+
+
+def _check_config(path: Path, config: dict, *, refusal: Callable[[str], str], defaults: dict | None = None,
+                  paths: Sequence[str] = ()) -> None:
+    config = json.loads(json.dumps(config, default=str))  # compared as it is stored
     if path.exists():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise DecalignError(f"{path} is not a decalign configuration; delete it to start fresh") from None
 
         def same(key: str) -> bool:
             before = old.get(key, (defaults or {}).get(key))
@@ -102,10 +135,9 @@ def check_run_config(out: Path, config: dict, *, defaults: dict | None = None, p
             return before == config[key]
         changed = [k for k in config if not same(k)]
         if changed:
-            raise DecalignError(f"{out} holds records of another configuration ({', '.join(changed)} differ); "
-                                f"use a new folder or delete {out} to start fresh")
+            raise DecalignError(refusal(", ".join(changed)))
     else:
-        out.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(config, indent=2))
 
 

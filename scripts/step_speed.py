@@ -14,7 +14,9 @@ little more for every variant alike.
 
 `--rows-sweep`: instead, the cost of a sampled step of every row against the batch's row count (a
 batch of each size in turn, `fill` tokens first): what a step costs whatever it computes, and what
-each row adds. docs/cards.md reads CARDS' time against Best-of-N's from it.
+each row adds. docs/cards.md reads CARDS' time against Best-of-N's from it. With `--decoders`, each
+repeat times the same batch's steps through the engine's decoder and through transformers' forward,
+interleaved (the README's "A decoder without transformers' per-call machinery").
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", default=None, help="model spec (default: the embedded model)")
     parser.add_argument("--rows-sweep", default=None, help="comma-separated row counts: step cost against rows")
+    parser.add_argument("--decoders", action="store_true",
+                        help="with --rows-sweep: the engine's decoder against transformers' forward, interleaved")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from decalign.bench_cold import PROMPTS
@@ -49,20 +53,25 @@ def main() -> None:
         return [engine.render(PROMPTS[i % len(PROMPTS)]) for i in range(count)]
 
     if args.rows_sweep:
+        decoders = {"decoder": engine.decoder, "transformers": None} if args.decoders else {"": engine.decoder}
+        steps = args.steps * args.repeats * len(decoders)
         for rows in (int(r) for r in args.rows_sweep.split(",")):
-            batch = engine.start(rendered(rows), seeds=list(range(rows)),
-                                 max_new_tokens=args.fill + args.steps * args.repeats + 1,
-                                 min_new_tokens=args.fill + args.steps * args.repeats)
+            batch = engine.start(rendered(rows), seeds=list(range(rows)), max_new_tokens=args.fill + steps + 1,
+                                 min_new_tokens=args.fill + steps)
             batch.extend(Sampling(temperature=1.0), max_tokens=args.fill)
-            costs = []
+            costs: dict[str, list[float]] = {name: [] for name in decoders}
             for _ in range(args.repeats):
-                sync()
-                start = time.perf_counter()
-                batch.extend(Sampling(temperature=1.0), max_tokens=args.steps)
-                sync()
-                costs.append((time.perf_counter() - start) / args.steps * 1000)
-            step = statistics.median(costs)
-            print(f"{rows:5d} rows  {step:8.1f} ms / step  {step / rows:7.2f} ms / row", flush=True)
+                for name, decoder in decoders.items():
+                    engine.decoder = decoder
+                    sync()
+                    start = time.perf_counter()
+                    batch.extend(Sampling(temperature=1.0), max_tokens=args.steps)
+                    sync()
+                    costs[name].append((time.perf_counter() - start) / args.steps * 1000)
+            engine.decoder = decoders[next(iter(decoders))]
+            line = "  ".join(f"{name} {statistics.median(c):8.1f} ms / step {statistics.median(c) / rows:7.2f} ms / row"
+                             for name, c in costs.items())
+            print(f"{rows:5d} rows  {line}", flush=True)
         return
     batch = engine.start(rendered(args.prompts), n=args.rows_per_prompt, seeds=list(range(args.prompts)),
                          max_new_tokens=args.fill + args.steps * args.repeats * 4 + 1,

@@ -149,6 +149,7 @@ def test_train_reward_then_score_with_the_trained_head(tmp_path):
     assert run("score", str(answers), "-r", f"harmless:{head}", "-o", str(out)).returncode == 0
     safe, unsafe = (r["score"] for r in read_records(out))
     assert safe > unsafe
+    assert {r["reward"] for r in read_records(out)} == {f"harmless:{head}"}  # not the shipped reward's name
     assert_one_line_error(run("train-reward", str(tmp_path / "missing.jsonl"), "-o", str(head)), "does not exist")
     assert_one_line_error(run("train-reward", str(pairs), "-o", str(tmp_path / "ce"), "--method", "lora",
                               "--validation", "0"), "validation must be above 0")
@@ -194,3 +195,59 @@ def test_an_empty_input_file_is_refused_not_answered_with_nothing(tiny_path, tmp
     with pytest.raises(DecalignError, match="empty.jsonl holds no records to score"):
         run_score(empty, tmp_path / "scores.jsonl", "sentiment")
     assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "scores.jsonl").exists()
+
+
+def test_a_byte_that_is_not_utf8_is_named_with_its_line_and_earlier_records_are_answered(tiny_path, tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b'{"id": 1, "prompt": "hi"}\n{"id": 2, "prompt": "caf\xe9"}\n')
+    out = tmp_path / "out.jsonl"
+    proc = run("generate", "--input", str(source), "--output", str(out), "--model", str(tiny_path),
+               "--max-new-tokens", "3")
+    assert_one_line_error(proc, "line 2: not UTF-8 text (byte 0xe9")
+    assert [r["id"] for r in read_records(out)] == [1]
+    answers = tmp_path / "answers.jsonl"
+    answers.write_bytes(b'{"prompt": "q", "response": "caf\xe9"}\n')
+    assert_one_line_error(run("score", str(answers), "-r", "sentiment", "-o", str(tmp_path / "s.jsonl")),
+                          "line 1: not UTF-8 text")
+
+
+def test_a_rerun_into_an_output_of_another_configuration_is_refused_not_skipped(tiny_path, tmp_path):
+    """A rerun resumes the same job; one that asks for another method or reward into the same output
+    would find every id done and silently keep the old answers."""
+    source = tmp_path / "in.jsonl"
+    write_lines(source, [json.dumps({"id": "q", "prompt": "hi"})])
+    out = tmp_path / "out.jsonl"
+    base = ["generate", "--input", str(source), "--output", str(out), "--model", str(tiny_path), "--max-new-tokens", "3"]
+    assert run(*base).returncode == 0
+    assert run(*base[:2], f"./{source.relative_to(tmp_path)}", *base[3:], cwd=tmp_path).returncode == 0  # same job
+    assert_one_line_error(run(*base, "-m", "bon", "-r", "sentiment", "--n", "2"),
+                          "holds answers of another configuration (method, params, reward differ)")
+    assert [r["method"] for r in read_records(out)] == ["greedy"]
+    out.unlink()  # a fresh output starts afresh, whatever the old configuration file says
+    assert run(*base, "-m", "bon", "-r", "sentiment", "--n", "2").returncode == 0
+    assert [r["method"] for r in read_records(out)] == ["bon"]
+    answers = tmp_path / "answers.jsonl"
+    write_lines(answers, [json.dumps({"id": "a", "prompt": "q", "response": "Lovely, thank you."})])
+    scores = tmp_path / "scores.jsonl"
+    assert run("score", str(answers), "-r", "sentiment", "-o", str(scores)).returncode == 0
+    assert_one_line_error(run("score", str(answers), "-r", "length:target=4", "-o", str(scores)), "(reward differ)")
+
+
+def test_pairs_with_malformed_messages_are_refused_with_their_line(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    good = [json.dumps({"messages": [{"role": "user", "content": f"q{i}"}], "chosen": "Sure.", "rejected": "No."})
+            for i in range(4)]
+    for bad, fragment in ((json.dumps({"messages": [{"role": "user", "content": 5}], "chosen": "a", "rejected": "b"}),
+                           "line 3: message 0 must be an object with a role and a string content"),
+                          (json.dumps({"messages": "x", "chosen": "a", "rejected": "b"}),
+                           "line 3: \"messages\" must be a list of chat messages")):
+        write_lines(pairs, good[:2] + [bad] + good[2:])
+        assert_one_line_error(run("train-reward", str(pairs), "-o", str(tmp_path / "o")), fragment)
+    write_lines(pairs, [json.dumps({"prompt": "How do I cook?", "chosen": f"Carefully {i}.", "rejected": f"No {i}."})
+                        for i in range(6)])
+    assert_one_line_error(run("train-reward", str(pairs), "-o", str(tmp_path / "o"), "--holdout", "0.01"),
+                          "the split is by prompt, and the 6 pairs have 1 distinct prompt(s)")
+    source = tmp_path / "in.jsonl"
+    write_lines(source, [json.dumps({"messages": "hi"})])
+    assert_one_line_error(run("generate", "--input", str(source), "--output", str(tmp_path / "g.jsonl")),
+                          "line 1: \"messages\" must be a list of chat messages")

@@ -37,14 +37,17 @@ def requests(engine):
 
 
 def count_forward_passes(engine, monkeypatch) -> list[int]:
+    """Forward passes of the policy, through the engine's decoder or transformers' forward alike."""
+    from decalign.engine.batch import Batch
+
     calls = [0]
-    forward = engine.model.forward
+    forward = Batch._forward
 
     def counted(*args, **kwargs):
         calls[0] += 1
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(engine.model, "forward", counted)
+    monkeypatch.setattr(Batch, "_forward", counted)
     return calls
 
 

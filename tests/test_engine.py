@@ -22,14 +22,18 @@ def room_never_read(monkeypatch):
     monkeypatch.setattr(cache_module, "new_buffer", lambda like, shape: like.new_full(shape, math.nan))
 
 
-@pytest.fixture(scope="module", params=["torch matmul", "packed weights", "fed rows alone"])
+@pytest.fixture(scope="module", params=["torch matmul", "packed weights", "fed rows alone", "transformers' forward"])
 def engine(request, tiny_path):
-    """Every exactness test runs three times: with torch's own matmul; with every Linear layer of
+    """Every exactness test runs four times: with torch's own matmul; with every Linear layer of
     the tiny model packed for oneDNN (the real model's large layers are; the tiny ones would not
-    be); and with every decode step run over the rows that take a token only."""
+    be); with every decode step run over the rows that take a token only; and through
+    transformers' own forward instead of the engine's decoder."""
     from decalign import Engine
 
     engine = Engine.load(str(tiny_path))
+    assert engine.decoder is not None
+    if request.param == "transformers' forward":
+        engine.decoder = None
     if request.param == "packed weights":
         assert use_packed_linears(engine.model, min_weights=0) > 0
     if request.param == "fed rows alone":
@@ -378,3 +382,95 @@ def test_packed_linear_gives_torch_numbers(shape):
 
 def test_small_layers_stay_unpacked():
     assert use_packed_linears(torch.nn.Linear(64, 64)) == 0
+
+
+def tiny_causal_lm(kind: str, dtype=torch.float32):
+    """(model, tokenizer) of a random 2-layer causal LM of the given architecture."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+    from decalign.testing import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    shape = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    config = {
+        "llama": lambda: LlamaConfig(**shape),
+        "llama3 rope": lambda: LlamaConfig(**shape, rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                                  "original_max_position_embeddings": 64}),
+        "qwen2": lambda: Qwen2Config(**shape),  # biases on q, k, v
+        "mistral": lambda: MistralConfig(**shape, sliding_window=None),
+        "mistral, sliding window": lambda: MistralConfig(**shape, sliding_window=8),
+        "llama, gelu": lambda: LlamaConfig(**shape, hidden_act="gelu"),
+    }[kind]()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    with torch.no_grad():  # biases are zero at init: give them something to do
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0.0, 0.5)
+    return model, tokenizer
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama3 rope", "qwen2", "mistral"])
+def test_the_engines_decoder_equals_transformers_forward(kind, prompt_texts):
+    """The engine's own decode forward gives transformers' logits and hidden states: left-padded
+    prompts, sampled steps, steps over some rows only, every tracked layer (embeddings to the normed
+    output)."""
+    from decalign import Engine
+
+    model, tokenizer = tiny_causal_lm(kind)
+    runs = []
+    for lean in (True, False):
+        engine = Engine(model, tokenizer)
+        assert engine.decoder is not None
+        if not lean:
+            engine.decoder = None
+        engine.subset_share = 0.9
+        prompts = [engine.render(t) for t in prompt_texts]
+        batch = engine.start(prompts, n=2, seeds=[1, 2, 3], max_new_tokens=30, state_layers=[0, 1, 2])
+        batch.extend(SAMPLE, max_tokens=6)
+        batch.extend(SAMPLE, stop_rule=EntropyStop(threshold=1.0, min_tokens=2))  # idle rows: subset steps
+        batch.extend(SAMPLE, max_tokens=6)
+        runs.append(batch)
+    mine, theirs = runs
+    assert mine.tokens == theirs.tokens
+    for row in range(mine.size):
+        assert torch.allclose(torch.tensor(mine.logprobs[row]), torch.tensor(theirs.logprobs[row]), atol=1e-5)
+    live = mine.live_rows()
+    assert torch.allclose(mine.logits[live], theirs.logits[live], atol=1e-4)
+    rows = range(mine.size)
+    assert torch.allclose(mine.state_means(rows), theirs.state_means(rows), atol=1e-5)
+    assert torch.allclose(mine.last_states(rows), theirs.last_states(rows), atol=1e-5)
+
+
+def test_the_decoder_in_bfloat16_rounds_as_transformers_does(prompt_texts):
+    """On a GPU the engine runs in bfloat16: the decoder's norms round as transformers' do, so its
+    logits stay within bfloat16's rounding of transformers' (here on the CPU)."""
+    from decalign import Engine
+    from decalign.engine.cache import row_cache
+
+    model, tokenizer = tiny_causal_lm("llama", torch.bfloat16)
+    engine = Engine(model, tokenizer)
+    ids = torch.tensor([engine.render(prompt_texts[1])])
+    mask = torch.ones_like(ids)
+    positions = torch.arange(ids.shape[1])[None]
+    with torch.no_grad():
+        logits, states = engine.decoder(ids, mask, positions, row_cache(model.config), [1, 2])
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True)
+    assert logits.dtype == torch.bfloat16
+    assert (logits.float() - out.logits[:, -1].float()).abs().max() < 0.05
+    assert (states.float() - torch.cat(out.hidden_states[1:3], -1).float()).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("kind", ["mistral, sliding window", "llama, gelu"])
+def test_the_decoder_leaves_architectures_it_does_not_reproduce_to_transformers(kind, monkeypatch):
+    from decalign.engine.decoder import Decoder
+
+    model, _ = tiny_causal_lm(kind)
+    assert Decoder.build(model) is None
+    llama, _ = tiny_causal_lm("llama")
+    assert Decoder.build(llama) is not None
+    monkeypatch.setenv("DECALIGN_LEAN_DECODER", "0")
+    assert Decoder.build(llama) is None

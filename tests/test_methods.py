@@ -101,6 +101,21 @@ def test_method_specs_parse_and_validate():
     assert {"greedy", "sample", "bon"} <= set(method_names())
 
 
+def test_parameters_given_as_values_must_have_their_type(tiny):
+    """From Python or a JSON body, a value of the wrong type is refused up front, not met as a raw
+    TypeError once decoding runs (n=2.5) or silently read as something else (n=True as 1)."""
+    for method, name, value, kind in (("bon", "n", 2.5, "int"), ("bon", "n", True, "int"), ("args", "k", 2.5, "int"),
+                                      ("rs", "top_k", "2.5", "int"), ("cards", "r_star", "x", "float"),
+                                      ("cards", "trace", 1, "bool"), ("bon", "temperature", [1], "float")):
+        with pytest.raises(DecalignError, match=f"parameter {name} must be {kind}, got"):
+            make_config(method, {name: value})
+    config = make_config("bon", {"n": 4.0, "temperature": 1})  # a whole float for an int, an int for a float
+    assert (config.n, config.temperature) == (4, 1.0) and type(config.n) is int and type(config.temperature) is float
+    assert make_config("cards", {"temperature": None}).temperature is None
+    with pytest.raises(DecalignError, match="parameter n must be int, got 2.5"):
+        generate("hi", method="bon", model=tiny, reward="length", n=2.5, max_new_tokens=3)
+
+
 def test_reward_errors_name_the_reward(tiny):
     def broken(prompts, responses):
         raise RuntimeError("model exploded")

@@ -120,7 +120,7 @@ def test_bad_pairs_and_options_get_one_line_errors(tmp_path):
     with pytest.raises(DecalignError, match=r"line 2: empty chosen answer"):
         train_reward_model(bad, tmp_path / "out")
     bad.write_text(good + "\n" + json.dumps({"messages": [], "chosen": "a", "rejected": "b"}) + "\n")
-    with pytest.raises(DecalignError, match=r"line 2: empty prompt"):
+    with pytest.raises(DecalignError, match=r"line 2: messages must be a non-empty list"):
         train_reward_model(bad, tmp_path / "out")
     pairs = write_pairs(tmp_path / "pairs.jsonl", n=8)
     with pytest.raises(DecalignError, match="method must be one of"):

@@ -7,13 +7,15 @@
   `Sample` / `Write`, `Segment`, `Work`, `FINISHED`.
 - `cache`: `RowLayer`, the KV cache layer that writes steps into spare room instead of copying
   the cache, and runs a step over the rows that take a token only (`row_cache`, `only_rows`).
+- `decoder`: `Decoder`, the forward pass for Llama-family models without transformers' per-call
+  machinery (same logits and hidden states; other architectures keep transformers' forward).
 - `stopping`: segment rules and what they see: `StepView`/`StopRule` (before a token), `TokenView`/
   `CutRule` (after one), `EntropyStop`, `MaxProbStop`, `PunctuationCut`.
 - `adapters`: PEFT specifics and model patches: `BASE`, `loaded_adapters`, `LoraRowGate` (per-row
   LoRA gating of mixed-adapter batches), `use_packed_linears` (oneDNN packed
   weights for CPU decode steps), `use_lean_lora` (LoRA modules without PEFT's per-call Python).
 
-Imports run one way: core -> batch -> cache, stopping, adapters. Everything is re-exported here.
+Imports run one way: core -> batch, decoder -> cache, stopping, adapters. Everything is re-exported here.
 """
 
 from .adapters import BASE, LoraRowGate, loaded_adapters, use_lean_lora, use_packed_linears

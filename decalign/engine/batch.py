@@ -253,7 +253,11 @@ class Batch:
         positions = (mask.cumsum(-1) - 1).clamp_(min=0)[:, -input_ids.shape[1]:]
         adapters = self.adapters if self.adapters is None or rows is None else [self.adapters[r] for r in rows.tolist()]
         context, extra = self.engine.adapter_route(adapters) if adapters is not None else (nullcontext(), {})
+        decoder = self.engine.decoder if not extra else None  # extra: PEFT's own per-row route
         with context, (only_rows(self.cache, rows) if rows is not None else nullcontext()):
+            if decoder is not None:
+                logits, states = decoder(input_ids, mask, positions, self.cache, self.state_layers)
+                return logits.float(), states
             out = self.engine.model(
                 input_ids=input_ids,
                 attention_mask=mask,

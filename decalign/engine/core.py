@@ -13,6 +13,7 @@ from ..errors import DecalignError
 from ..models import DEFAULT_MODEL, load_model
 from .adapters import BASE, LoraRowGate, loaded_adapters, use_lean_lora, use_packed_linears
 from .batch import Batch, BatchPrompt
+from .decoder import Decoder
 
 Prompt = str | list[dict]
 
@@ -42,6 +43,8 @@ class Engine:
         if self.device.type == "cpu" and os.environ.get("DECALIGN_PACK_WEIGHTS", "1") != "0":
             use_packed_linears(model)  # DECALIGN_PACK_WEIGHTS=0 keeps torch's matmul and saves the copy
         use_lean_lora(model)  # an adapter's LoRA modules without PEFT's per-call Python
+        # the decode forward without transformers' per-call machinery, where it is exact (else None)
+        self.decoder = Decoder.build(model)
 
     @classmethod
     def load(

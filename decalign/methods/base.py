@@ -95,16 +95,16 @@ def get_method(name: str) -> MethodSpec:
 
 
 def _convert(method: str, name: str, kind: Any, value: Any) -> Any:
-    """A parameter given as text (CLI, inline spec) in its field's type; 'none' for optional ones."""
-    if not isinstance(value, str):
-        return value
+    """A parameter in its field's type: given as text (CLI, inline spec; 'none' for optional ones), or
+    as a Python or JSON value of that type (an int for a float; a whole float such as 8.0 for an int)."""
     options = typing.get_args(kind) if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union \
         else (kind,)
-    if type(None) in options and value.strip().lower() == "none":
-        return None
+    optional = type(None) in options
     kind = next(option for option in options if option is not type(None))
-    if kind is str:
-        return value
+    if not isinstance(value, str) or kind is str:
+        return _typed(method, name, kind, value, optional)
+    if optional and value.strip().lower() == "none":
+        return None
     try:
         if kind is bool:
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
@@ -113,6 +113,18 @@ def _convert(method: str, name: str, kind: Any, value: Any) -> Any:
         return kind(value)
     except ValueError:
         raise DecalignError(f"method {method}: parameter {name} must be {kind.__name__}, got {value!r}") from None
+
+
+def _typed(method: str, name: str, kind: Any, value: Any, optional: bool) -> Any:
+    if value is None and optional or kind not in (int, float, bool, str):
+        return value
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise DecalignError(f"method {method}: parameter {name} must be {kind.__name__}, got {value!r}")
+    return value
 
 
 def make_config(method: str, params: dict[str, Any]) -> Any:

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from ..errors import DecalignError
-from ..records import staged_folder
+from ..records import prompt_key, staged_folder
 from .cross_encoder import ANSWER_BUDGET, FORMAT, MAX_LENGTH, PairEncoder, base_model, load_model, score_ids
 from .harmless_training import read_pairs, split_by_prompt
 
@@ -105,8 +105,9 @@ def train_reward_model(
     rows = read_pairs(pairs_path, allow_empty_answers=allow_empty_answers)
     train_idx, val_idx, held_idx = split_by_prompt(rows, holdout, validation, seed)
     if len(train_idx) < 2 or not val_idx:
-        raise DecalignError(f"{len(rows)} pairs leave too few for training and validation at "
-                            f"holdout={holdout}, validation={validation}")
+        prompts = len({prompt_key(row["prompt"]) for row in rows})
+        raise DecalignError(f"{len(rows)} pairs leave too few for training and validation at holdout={holdout}, "
+                            f"validation={validation}: the split is by prompt, and they have {prompts} distinct prompt(s)")
     lr = lr if lr is not None else DEFAULT_LR[method]
     out = Path(out_dir)
     started = time.perf_counter()

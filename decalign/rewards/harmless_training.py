@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ..engine.core import validate_messages
 from ..errors import DecalignError
 from ..records import json_objects, prompt_key, staged_folder
 from .base import Prompt
@@ -45,10 +46,14 @@ def read_pairs(pairs_path: str | os.PathLike, *, allow_empty_answers: bool = Fal
         if missing:
             raise DecalignError(f"{path} line {number}: missing key(s) {', '.join(missing)}")
         prompt = row.get("messages", row.get("prompt"))
-        if not isinstance(prompt, (str, list)) or (
-            isinstance(prompt, list) and not all(isinstance(m, dict) and "content" in m for m in prompt)
-        ):
-            raise DecalignError(f"{path} line {number}: messages must be a list of {{role, content}} or a prompt string")
+        if "messages" in row and not isinstance(row["messages"], list) or not isinstance(prompt, (str, list)):
+            raise DecalignError(f"{path} line {number}: \"messages\" must be a list of chat messages "
+                                "(or give a \"prompt\" string)")
+        if isinstance(prompt, list):
+            try:
+                validate_messages(prompt)
+            except DecalignError as exc:
+                raise DecalignError(f"{path} line {number}: {exc}") from None
         if not isinstance(row["chosen"], str) or not isinstance(row["rejected"], str):
             raise DecalignError(f"{path} line {number}: chosen and rejected must be strings")
         if not (prompt.strip() if isinstance(prompt, str) else prompt):
@@ -212,7 +217,9 @@ def train_reward(
     train_idx, _, held_idx = split_by_prompt(rows, holdout, 0.0, seed)
     n_held = len(held_idx)
     if len(train_idx) < 2:
-        raise DecalignError(f"only {len(train_idx)} training pairs left after holdout={holdout}")
+        prompts = len({prompt_key(row["prompt"]) for row in rows})
+        raise DecalignError(f"only {len(train_idx)} training pairs left after holdout={holdout}: the split is by "
+                            f"prompt, and the {len(rows)} pairs have {prompts} distinct prompt(s)")
 
     start = time.perf_counter()
     embedder = get_embedder()

@@ -43,7 +43,10 @@ def _harmless(path: str) -> Reward:
     folder = Path(path) if path else WEIGHTS_DIR
     if (folder / "reward.json").is_file():
         return CrossEncoderReward(folder, name="harmless" if not path else f"harmless:{path}")
-    return HarmlessReward(path=path or None)
+    reward = HarmlessReward(path=path or None)
+    if path:
+        reward.name = f"harmless:{path}"  # scores say which head made them
+    return reward
 
 
 _BUILTIN: dict[str, Callable[[str], Reward]] = {"sentiment": _sentiment, "vader": _sentiment, "json": _json,
