@@ -44,6 +44,7 @@ def test_generate_prints_an_answer_and_json(tiny_path):
     (["generate", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["generate", "hi", "-m", "bon"], "needs a reward"),
     (["generate", "hi", "-p", "n"], "NAME=VALUE"),
+    (["generate", "hi", "-m", "bon", "-r", "length", "-p", "n=4", "--n", "2"], "--n 2 and --param n=4 disagree"),
     (["generate", "x " * 600], "context is 512"),
     (["serve", "-p", "n=4"], "name the method with --method"),
     (["serve", "-m", "bon", "--max-rows", "0"], "max_rows (--max-rows) must be >= 1"),

@@ -56,6 +56,9 @@ def generate(prompt, method, model, adapter, reward, max_new_tokens, min_new_tok
     for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("n", n),
                         ("alpha", cold_alpha), ("beta", cold_beta)):
         if value is not None:
+            option = {"alpha": "--cold-alpha", "beta": "--cold-beta"}.get(name, f"--{name.replace('_', '-')}")
+            if name in method_params and not _same_number(method_params[name], value):
+                raise DecalignError(f"{option} {value} and --param {name}={method_params[name]} disagree; give one")
             method_params[name] = value
     if (prompt is None) == (input_path is None):
         raise DecalignError("give either a PROMPT or --input FILE")
@@ -114,3 +117,10 @@ def methods(verbose: bool) -> None:
         if verbose:
             for param, about in spec.describe().items():
                 click.echo(f"{'':12s}{param} ({about['type']}, default {about['default']}): {about['help']}")
+
+
+def _same_number(text: str, value: float) -> bool:
+    try:
+        return float(text) == float(value)
+    except ValueError:
+        return False
