@@ -15,7 +15,7 @@ from tqdm import tqdm
 from .api import run
 from .engine import get_engine
 from .errors import DecalignError
-from .records import append_record, check_job_config, count_lines, load_output, read_records
+from .records import append_record, check_job_config, count_lines, load_output, read_records, response_of
 from .request import Request
 from .rewards import load_reward
 from .sampling import derive_seed
@@ -117,7 +117,7 @@ def run_score(input_path: str | Path, output_path: str | Path, reward: str, batc
             if record_id in done:
                 bar.update(1)
                 continue
-            pending.append((record_id, prompt, record["response"]))
+            pending.append((record_id, prompt, response_of(record)))
             if len(pending) >= batch_size:
                 flush(out)
 

@@ -49,7 +49,7 @@ def json_objects(path: Path, what: str = "input file") -> Iterator[tuple[int, di
 
 
 def read_records(path: Path, *, with_response: bool = False) -> Iterator[tuple[int, Any, Any, dict]]:
-    """(line number, id, prompt, record) per record of {id?, prompt | messages[, response]}.
+    """(line number, id, prompt, record) per record of {id?, prompt | messages[, response | text]}.
 
     A record without an id gets its line number. A malformed line raises, naming it, when the
     reader reaches it, so a job can first finish and write the records before it."""
@@ -63,10 +63,17 @@ def read_records(path: Path, *, with_response: bool = False) -> Iterator[tuple[i
         record_id = record.get("id", number)
         if not isinstance(record_id, (str, int)) or record_id in seen:
             raise DecalignError(f"{path} line {number}: id {record_id!r} is not a unique string or integer")
-        if with_response and not isinstance(record.get("response"), str):
-            raise DecalignError(f"{path} line {number}: needs a \"response\" string")
+        if with_response and not isinstance(response_of(record), str):
+            raise DecalignError(f"{path} line {number}: needs a \"response\" string (or the \"text\" of "
+                                "`decalign generate --output`)")
         seen.add(record_id)
         yield number, record_id, prompt, record
+
+
+def response_of(record: dict) -> Any:
+    """The answer a record holds: its "response", else the "text" that `generate --output` writes,
+    so that generate's output can be scored as it is."""
+    return record["response"] if "response" in record else record.get("text")
 
 
 def count_lines(path: Path) -> int:

@@ -227,6 +227,9 @@ def test_a_rerun_into_an_output_of_another_configuration_is_refused_not_skipped(
     out.unlink()  # a fresh output starts afresh, whatever the old configuration file says
     assert run(*base, "-m", "bon", "-r", "sentiment", "--n", "2").returncode == 0
     assert [r["method"] for r in read_records(out)] == ["bon"]
+    generated = tmp_path / "generated-scores.jsonl"  # generate's output scores as it is (its "text")
+    assert run("score", str(out), "-r", "length:target=4", "-o", str(generated)).returncode == 0
+    assert [r["id"] for r in read_records(generated)] == ["q"]
     answers = tmp_path / "answers.jsonl"
     write_lines(answers, [json.dumps({"id": "a", "prompt": "q", "response": "Lovely, thank you."})])
     scores = tmp_path / "scores.jsonl"
