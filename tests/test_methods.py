@@ -164,6 +164,8 @@ def test_listener_streams_final_text_and_cancel_stops_work(tiny, method, params)
 def test_optional_parameters_parse_from_text():
     config = make_config("cards", {"r_star": "0.5", "temperature": "none", "trace": "true", "proposals": "2"})
     assert (config.r_star, config.temperature, config.trace, config.proposals) == (0.5, None, True, 2)
+    assert make_config("cards", {"value": "None"}).value is None  # optional text fields too
+    assert make_config("cards", {"anchor": "none"}).anchor == make_config("cards", {}).anchor
     assert parse_method_spec("cards:r_star=0.5:beta=0.1")[1] == {"r_star": "0.5", "beta": "0.1"}
     with pytest.raises(DecalignError, match="parameter r_star must be float, got 'high'"):
         make_config("cards", {"r_star": "high"})

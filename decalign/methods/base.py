@@ -101,10 +101,10 @@ def _convert(method: str, name: str, kind: Any, value: Any) -> Any:
         else (kind,)
     optional = type(None) in options
     kind = next(option for option in options if option is not type(None))
+    if optional and isinstance(value, str) and value.strip().lower() == "none":
+        return None
     if not isinstance(value, str) or kind is str:
         return _typed(method, name, kind, value, optional)
-    if optional and value.strip().lower() == "none":
-        return None
     try:
         if kind is bool:
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
@@ -116,6 +116,7 @@ def _convert(method: str, name: str, kind: Any, value: Any) -> Any:
 
 
 def _typed(method: str, name: str, kind: Any, value: Any, optional: bool) -> Any:
+    """A parameter given as a value, checked against (and for numbers converted to) its field's type."""
     if value is None and optional or kind not in (int, float, bool, str):
         return value
     if kind is int and isinstance(value, float) and value.is_integer():
