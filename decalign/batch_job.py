@@ -55,7 +55,7 @@ def run_batch(input_path: str | Path, output_path: str | Path, request: Request)
     total = count_lines(input_path)
     if total == 0 and input_path.is_file():
         raise DecalignError(f"{input_path} holds no prompts")
-    check_job_config(output_path, job_config(input_path, request), paths=JOB_PATHS)
+    check_job_config(output_path, job_config(input_path, request), written=bool(done), paths=JOB_PATHS)
     base_seed = random.randrange(2**62) if request.seed is None else request.seed
     engine = get_engine(request.model, request.adapter, trust_remote_code=request.trust_remote_code)
     pending: list[tuple[Any, Any]] = []
@@ -99,7 +99,7 @@ def run_score(input_path: str | Path, output_path: str | Path, reward: str, batc
     total = count_lines(source)
     if total == 0 and source.is_file():
         raise DecalignError(f"{source} holds no records to score")
-    check_job_config(output, {"input": str(source), "reward": scorer.name}, paths=("input",))
+    check_job_config(output, {"input": str(source), "reward": scorer.name}, written=bool(done), paths=("input",))
     pending: list[tuple[Any, Any, str]] = []
     bar = tqdm(total=total, unit="item", desc="score", file=sys.stderr, disable=None)
 

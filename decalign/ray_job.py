@@ -211,7 +211,7 @@ def run_batch_ray(input_path: str | Path, output_path: str | Path, request: Requ
     input_path, output_path = Path(input_path), Path(output_path)
     fields = _portable(request)  # a request the replicas cannot rebuild is refused first
     done, _ = load_output(output_path)
-    check_job_config(output_path, job_config(input_path, request), paths=JOB_PATHS)
+    check_job_config(output_path, job_config(input_path, request), written=bool(done), paths=JOB_PATHS)
     base_seed = random.randrange(2**62) if request.seed is None else request.seed
     items, malformed = [], None
     try:

@@ -114,12 +114,13 @@ def check_run_config(out: Path, config: dict, *, defaults: dict | None = None, p
                                           f"use a new folder or delete {out} to start fresh")
 
 
-def check_job_config(output: Path, config: dict, *, paths: Sequence[str] = ()) -> None:
+def check_job_config(output: Path, config: dict, *, written: bool, paths: Sequence[str] = ()) -> None:
     """The same for a resumable job writing one JSONL (`generate --input`, `score`): its configuration
     is kept beside it, in OUTPUT.config.json, so that a rerun with another method or reward is refused
-    instead of skipping every id as done. An output without records starts afresh."""
+    instead of skipping every id as done. An output without records (`written` False: what
+    `load_output` found) starts afresh."""
     sidecar = output.with_name(output.name + ".config.json")
-    if sidecar.exists() and not count_lines(output):
+    if sidecar.exists() and not written:
         sidecar.unlink()
     _check_config(sidecar, config, paths=paths,
                   refusal=lambda changed: f"{output} holds answers of another configuration ({changed} differ); "

@@ -104,13 +104,11 @@ def attention_bias(mask: torch.Tensor, new: int, dtype: torch.dtype) -> torch.Te
 
 
 def rms_norm(norm, hidden: torch.Tensor) -> torch.Tensor:
-    """The model's RMSNorm: in float32 as one fused call; other dtypes as transformers computes it
-    (normalised in float32, cast back, then scaled), so the rounding is the same."""
+    """The model's RMSNorm: in float32 as one fused call (same numbers); in other dtypes the module
+    itself, whose casts set the rounding."""
     if hidden.dtype == torch.float32 and norm.weight.dtype == torch.float32:
         return F.rms_norm(hidden, (hidden.shape[-1],), norm.weight, norm.variance_epsilon)
-    wide = hidden.float()
-    wide = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * wide.to(hidden.dtype)
+    return norm(hidden)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
