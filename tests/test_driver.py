@@ -100,6 +100,35 @@ def test_requests_joining_a_running_batch_answer_as_they_do_alone(engine, reques
         assert [r.reward for r in method.results] == pytest.approx([r.reward for r in theirs])
 
 
+def test_a_joining_request_is_encoded_in_the_running_steps_pass(engine, monkeypatch):
+    """A request added to a running batch is checked at once, costs no forward pass of its own (its
+    prompt is encoded in the next step's pass, beside the running rows' tokens), and begins there."""
+    from decalign.api import start
+    from decalign.methods import Driver
+
+    driver = Driver(engine)
+    running = start(Request.build(prompts=["hi"], method="greedy", max_new_tokens=20, model=engine, seed=0))
+    driver.add([running])
+    driver.step()
+    passes = []
+    run_parts = engine.decoder.run
+    monkeypatch.setattr(engine.decoder, "run", lambda parts: passes.append(len(parts)) or run_parts(parts))
+    request = Request.build(prompts=["bread"], method="bon", params={"n": 2}, reward=length_reward,
+                            max_new_tokens=5, model=engine, seed=1)
+    joining = start(request)
+    with pytest.raises(DecalignError, match="tokens; the model's context"):
+        driver.add([start(Request.build(prompts=["bread " * 400], method="greedy", model=engine))])
+    driver.add([joining])
+    assert passes == [] and driver.is_running(joining) and joining not in driver.live
+    driver.step()
+    assert passes == [2] and joining in driver.live and joining.batch is running.batch
+    while driver.live:
+        driver.step()
+    assert passes[1:] == [1] * (len(passes) - 1)
+    monkeypatch.undo()
+    assert joining.results[0].tokens == run(request)[0].tokens
+
+
 def test_a_failing_method_leaves_alone(engine):
     """One request's reward raising stops that request only; the others in the batch are answered."""
     from decalign.api import start
@@ -144,11 +173,11 @@ def test_a_join_that_fails_is_retried_without_asking_methods_again(engine, reque
             return made()
 
         method.batch_prompts = counted
-    admit = Batch.admit
-    monkeypatch.setattr(Batch, "admit", lambda self, prompts: (_ for _ in ()).throw(RuntimeError("no room")))
+    prepare_join = Batch.prepare_join
+    monkeypatch.setattr(Batch, "prepare_join", lambda self, prompts: (_ for _ in ()).throw(RuntimeError("no room")))
     with pytest.raises(RuntimeError, match="no room"):
         driver.add(methods)
-    monkeypatch.setattr(Batch, "admit", admit)
+    monkeypatch.setattr(Batch, "prepare_join", prepare_join)
     for method in methods:
         driver.add([method])
     assert list(asked.values()) == [1, 1]

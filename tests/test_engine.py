@@ -340,14 +340,29 @@ def test_force_rewrites_an_earlier_segment_exactly(engine, prompts):
         assert_row_matches_recompute(engine, batch, row, prompts[row])
 
 
-def test_admitted_prompts_join_a_running_batch_exactly(engine, prompts):
+@pytest.mark.parametrize("join", ["admitted at once", "in the next step's pass"])
+def test_admitted_prompts_join_a_running_batch_exactly(engine, prompts, join, monkeypatch):
     """Continuous batching: prompts admitted into a batch that has already written tokens decode as
     they do alone (cache, logits, random streams), the rows already there are not disturbed, and
-    hidden states are kept for the union of both sides' layers."""
+    hidden states are kept for the union of both sides' layers; whether they are encoded in a pass
+    of their own or beside the running rows' next tokens in one pass of the engine's decoder."""
+    from decalign.engine.batch import Sample
+
     running = engine.start([prompts[0]], n=2, seeds=[5], max_new_tokens=20, state_layers=[1])
     running.extend(SAMPLE, max_tokens=7)
-    first = running.admit([BatchPrompt(ids=prompts[1], seed=6, rows=2, max_new_tokens=12, state_layers=(2,)),
-                           BatchPrompt(ids=prompts[2], seed=7, max_new_tokens=12)])
+    joining = [BatchPrompt(ids=prompts[1], seed=6, rows=2, max_new_tokens=12, state_layers=(2,)),
+               BatchPrompt(ids=prompts[2], seed=7, max_new_tokens=12)]
+    if join == "admitted at once":
+        first = running.admit(joining)
+    else:
+        passes = []
+        if engine.decoder is not None:  # one pass of two parts: the running rows' and the joiners'
+            run = engine.decoder.run
+            monkeypatch.setattr(engine.decoder, "run", lambda parts: passes.append(len(parts)) or run(parts))
+        first = running.advance([Sample(running.open_segments(running.live_rows()), SAMPLE)],
+                                joining=running.prepare_join(joining))
+        monkeypatch.undo()
+        assert passes == ([2] if engine.decoder is not None else [])
     assert first == 2 and running.prompt_of == [0, 0, 1, 1, 2] and running.state_layers == (1, 2)
     running.extend(SAMPLE)
     for seed, prompt, rows, n, limit, layers in ((5, prompts[0], [0, 1], 2, 20, [1]), (6, prompts[1], [2, 3], 2, 12, [2]),
@@ -360,6 +375,42 @@ def test_admitted_prompts_join_a_running_batch_exactly(engine, prompts):
         if layers:
             assert torch.allclose(running.state_means(rows, layers), alone.state_means([0, 1][:n], layers), atol=1e-5)
             assert torch.allclose(running.last_states(rows, layers), alone.last_states([0, 1][:n], layers), atol=1e-5)
+
+
+def test_packed_passes_meet_few_token_counts():
+    """Joins encoded beside a step are padded to a few token counts: the CPU's matmul library keeps
+    a compiled kernel per shape, and a busy server would otherwise meet a new one at every join."""
+    from decalign.engine.decoder import padded_tokens
+
+    for tokens in range(1, 4097):
+        padded = padded_tokens(tokens)
+        assert padded >= tokens and (padded - tokens < 16 if tokens < 512 else padded - tokens <= tokens / 16)
+    assert len({padded_tokens(t) for t in range(1, 512)}) == 32
+    assert len({padded_tokens(t) for t in range(513, 2049)}) == 32  # 16 per doubling
+
+
+def test_rows_join_and_leave_in_place_once_a_batch_has_grown(engine, prompts):
+    """A batch's first join gives its cache rows to spare; a later join is written into them, and a
+    selection that keeps the first rows where they are moves only the rows after them: no new
+    buffer, no copy of the whole cache (a busy server's joins and leaves), and every row still
+    decodes exactly."""
+    batch = engine.start([prompts[1]], n=2, seeds=[1], max_new_tokens=30)
+    batch.extend(SAMPLE, max_tokens=6)
+    batch.admit([BatchPrompt(ids=prompts[0], seed=2, max_new_tokens=30)])
+    layers = [layer for layer in batch.cache.layers]
+    assert all(layer.row_capacity > batch.size for layer in layers)
+    buffers = [layer._buffers[name].data_ptr() for layer in layers for name in ("keys", "values")]
+    batch.extend(SAMPLE, max_tokens=6)
+    batch.admit([BatchPrompt(ids=prompts[2], seed=3, max_new_tokens=30)])
+    batch.extend(SAMPLE, max_tokens=2)
+    batch.select([0, 2, 3])  # the second row leaves: the two after it move up
+    assert [layer._buffers[name].data_ptr() for layer in layers for name in ("keys", "values")] == buffers
+    batch.extend(SAMPLE)
+    for row, prompt in enumerate([prompts[1], prompts[0], prompts[2]]):
+        assert_row_matches_recompute(engine, batch, row, prompt)
+    alone = engine.start([prompts[2]], seeds=[3], max_new_tokens=30)
+    alone.extend(SAMPLE)
+    assert batch.tokens[2] == alone.tokens[0]
 
 
 @pytest.mark.parametrize("shape", [(1, 512), (2, 512), (3, 5, 512), (40, 512)])

@@ -115,11 +115,11 @@ def test_search_methods_never_keep_more_rows_than_their_budget(engine, monkeypat
     most: dict[str, int] = {}
     advance = Batch.advance
 
-    def counted(batch, moves):
+    def counted(batch, moves, **kwargs):
         rows = Counter(batch.prompt_of[s.row] for move in moves for s in getattr(move, "segments", []))
         rows.update(batch.prompt_of[r] for move in moves for r in getattr(move, "tokens", {}))
         most[method] = max([most.get(method, 0), *rows.values()])
-        return advance(batch, moves)
+        return advance(batch, moves, **kwargs)
 
     monkeypatch.setattr(Batch, "advance", counted)
     for method, params in [("smc", {"block": 3}), ("treebon", {"children": 2, "segment": 3}),

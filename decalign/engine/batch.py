@@ -25,6 +25,7 @@ from ..errors import DecalignError
 from ..sampling import Sampling, choose_tokens, derive_seed, make_generator
 from .adapters import BASE
 from .cache import RowLayer, only_rows, reserve_room, row_cache, steps_subsets
+from .decoder import Part
 from .stopping import CutRule, StepView, StopRule, TokenView
 
 if TYPE_CHECKING:
@@ -97,7 +98,10 @@ Move = Sample | Write
 class Batch:
     """Live rows of one or more prompts in one KV cache. Row i belongs to prompt `prompt_of[i]`."""
 
-    def __init__(self, engine: Engine, prompts: Sequence[BatchPrompt]) -> None:
+    def __init__(self, engine: Engine, prompts: Sequence[BatchPrompt], *, joins: bool = False) -> None:
+        """joins=True: rows to join another batch (`prepare_join`): the prompts are checked now and
+        encoded later, in that batch's next pass (`advance(..., joining=)`) or one of their own, and
+        no cache room is reserved, since the rows are copied into the other batch's cache."""
         if not prompts:
             raise DecalignError("no prompts given")
         for i, prompt in enumerate(prompts):
@@ -140,14 +144,35 @@ class Batch:
             mask[i, width - len(prompt.ids):] = 1
         self.cache = row_cache(engine.model.config)
         self.mask = mask[:, :0]
-        self.logits, states = self._forward(input_ids, mask)
+        self.unencoded: tuple[torch.Tensor, torch.Tensor] | None = (input_ids, mask)  # its prompts, until encoded
+        self.joins = joins
+        if not joins:
+            self._encode()
+
+    def _encode(self) -> None:
+        """Encode the prompts in a forward pass of their own."""
+        self._encoded(*self._forward(*self.unencoded))
+
+    def _prompt_part(self) -> Part:
+        """The prompts as a part of another batch's forward pass (see `_forward`)."""
+        input_ids, mask = self.unencoded
+        return Part(input_ids, *self._inputs(input_ids, mask, None), self.cache, self.state_layers)
+
+    def _encoded(self, logits: torch.Tensor, states: torch.Tensor | None) -> None:
+        """Start the rows from the prompts' encoding: fork each prompt's rows, reserve the cache's
+        room, set up the per-row state."""
+        prompts, device = self.prompts, self.engine.device
+        width = self.unencoded[1].shape[1]
+        self.unencoded = None
+        self.logits = logits
         for work in self.work:
             work.forward_passes += 1
         self.prompt_states = states[:, -1] if states is not None else None
         self.prompt_of = [q for q, prompt in enumerate(prompts) for _ in range(prompt.rows)]
         rows = len(self.prompt_of)
         longest = max(p.max_new_tokens for p in prompts)
-        reserve_room(self.cache, width + longest)  # before forking: the forks keep the room, no step grows it
+        if not self.joins:  # before forking: the forks keep the room, no step grows it
+            reserve_room(self.cache, width + longest)
         if rows > len(prompts):  # fork: every candidate shares its prompt's encoding
             index = torch.tensor(self.prompt_of, dtype=torch.long, device=device)
             self.cache.batch_select_indices(index)
@@ -241,22 +266,38 @@ class Batch:
         return torch.where((fed > 0)[:, None], latest, self.prompt_states[index])[:, columns]
 
     # ----- the model call ---------------------------------------------------------------------
+    def _inputs(self, input_ids: torch.Tensor, new_mask: torch.Tensor, rows: torch.Tensor | None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the new positions to the mask; the attention mask and position ids of a pass feeding
+        `input_ids` on every row or on `rows`."""
+        self.mask = torch.cat([self.mask, new_mask], dim=1)
+        mask = self.mask if rows is None else self.mask[rows]
+        return mask, (mask.cumsum(-1) - 1).clamp_(min=0)[:, -input_ids.shape[1]:]
+
     @torch.no_grad()
     def _forward(self, input_ids: torch.Tensor, new_mask: torch.Tensor, rows: torch.Tensor | None = None,
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 joining: "Batch | None" = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run new tokens through the policy on every row, or on `rows` only (`input_ids` then has
         their tokens; the other rows' new positions are masked holes); return last-position logits
         and, when states are tracked, the tracked layers' states at every new position (rows x new x
-        features)."""
-        self.mask = torch.cat([self.mask, new_mask], dim=1)
-        mask = self.mask if rows is None else self.mask[rows]
-        positions = (mask.cumsum(-1) - 1).clamp_(min=0)[:, -input_ids.shape[1]:]
+        features). `joining`: an unencoded batch whose prompts are encoded in the same pass where
+        the engine's decoder runs both without adapters (one read of the weights for both), in a
+        pass of their own otherwise."""
+        mask, positions = self._inputs(input_ids, new_mask, rows)
         adapters = self.adapters if self.adapters is None or rows is None else [self.adapters[r] for r in rows.tolist()]
         context, extra = self.engine.adapter_route(adapters) if adapters is not None else (nullcontext(), {})
         decoder = self.engine.decoder if not extra else None  # extra: PEFT's own per-row route
+        if joining is not None and (decoder is None or adapters is not None or joining.adapters is not None):
+            joining._encode()
+            joining = None
         with context, (only_rows(self.cache, rows) if rows is not None else nullcontext()):
             if decoder is not None:
-                logits, states = decoder(input_ids, mask, positions, self.cache, self.state_layers)
+                parts = [Part(input_ids, mask, positions, self.cache, self.state_layers)]
+                if joining is not None:
+                    parts.append(joining._prompt_part())
+                (logits, states), *theirs = decoder.run(parts)
+                if joining is not None:
+                    joining._encoded(theirs[0][0].float(), theirs[0][1])
                 return logits.float(), states
             out = self.engine.model(
                 input_ids=input_ids,
@@ -272,23 +313,25 @@ class Batch:
             if self.state_layers else None
         return out.logits[:, -1, :].float(), states
 
-    def _forward_rows(self, input_ids: torch.Tensor, new_mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+    def _forward_rows(self, input_ids: torch.Tensor, new_mask: torch.Tensor, rows: torch.Tensor,
+                      joining: "Batch | None" = None) -> torch.Tensor | None:
         """A forward pass that feeds `rows` (`input_ids` and `new_mask` cover every row; the others
         hold masked padding): refresh their logits and return their states, in that order. When few
-        rows are fed, only they run through the model."""
+        rows are fed, only they run through the model. `joining`: see `_forward`."""
         if len(rows) < self.engine.subset_share * self.size and steps_subsets(self.cache):
-            logits, states = self._forward(input_ids[rows], new_mask, rows)
+            logits, states = self._forward(input_ids[rows], new_mask, rows, joining)
             self.logits[rows] = logits
             return states
-        logits, states = self._forward(input_ids, new_mask)
+        logits, states = self._forward(input_ids, new_mask, joining=joining)
         if len(rows) == self.size:  # every row fed: the new logits are the batch's, no copy
             self.logits = logits
         else:
             self.logits[rows] = logits[rows]
         return states[rows] if states is not None else None
 
-    def _feed(self, tokens: dict[int, int]) -> None:
-        """Write one token on each given row (others get a masked hole) and refresh their logits."""
+    def _feed(self, tokens: dict[int, int], joining: "Batch | None" = None) -> None:
+        """Write one token on each given row (others get a masked hole) and refresh their logits
+        (`joining`: see `_forward`)."""
         device = self.mask.device
         rows = torch.tensor(list(tokens), dtype=torch.long, device=device)
         positions = torch.tensor([self.fed[r] for r in tokens], dtype=torch.long, device=device)
@@ -298,7 +341,7 @@ class Batch:
         input_ids[rows, 0] = torch.tensor(list(tokens.values()), dtype=torch.long, device=device)
         for row in tokens:
             self.fed[row] += 1
-        states = self._forward_rows(input_ids, fed.long().unsqueeze(1), rows)
+        states = self._forward_rows(input_ids, fed.long().unsqueeze(1), rows, joining)
         if states is not None:
             self.answer_states[rows, positions] = states[:, 0]
             self.state_sums[rows] += states[:, 0]
@@ -401,10 +444,14 @@ class Batch:
             self._feed(to_feed)
         return reasons
 
-    def advance(self, moves: Sequence[Move]) -> None:
+    def advance(self, moves: Sequence[Move], joining: "Batch | None" = None) -> int | None:
         """Make every move (sampled or chosen tokens, each on its own rows) and feed all the new
         tokens in one forward pass: how methods sharing a batch step together. The sampled moves'
-        rows share one distribution and one trip to the host, however many moves there are."""
+        rows share one distribution and one trip to the host, however many moves there are.
+
+        `joining` (from `prepare_join`): prompts that join at this
+        step (continuous batching), encoded in the same forward pass; their rows come after the
+        existing ones, and the first of them is returned (None without `joining`)."""
         to_feed: dict[int, int] = {}
         samples = [move for move in moves if isinstance(move, Sample)]
         if samples:
@@ -413,7 +460,12 @@ class Batch:
         if written:
             self._write(written, to_feed)
         if to_feed:
-            self._feed(to_feed)
+            self._feed(to_feed, joining)
+        if joining is None:
+            return None
+        if joining.unencoded is not None:  # nothing was fed, or it could not share the pass
+            joining._encode()
+        return self._join(joining)
 
     def _sample(self, moves: Sequence[Sample], to_feed: dict[int, int]) -> None:
         running = {s.row: (s, k) for k, move in enumerate(moves) for s in move.segments if not s.reason}
@@ -552,13 +604,22 @@ class Batch:
         return new
 
     def admit(self, prompts: Sequence[BatchPrompt]) -> int:
-        """Add prompts to this running batch (continuous batching) and return the first of their rows.
+        """Add prompts to this running batch now (continuous batching), encoded in a forward pass of
+        their own, and return the first of their rows. (`advance(moves, joining=)` encodes them in
+        the next step's pass instead.)"""
+        joining = self.prepare_join(prompts)
+        joining._encode()
+        return self._join(joining)
 
-        They are encoded in a forward pass of their own, then their rows join the cache after the
-        existing ones, both left-padded to one width (padding is masked, and positions count only
-        unmasked tokens, so no row's logits change). The new prompts are numbered after the existing
-        ones; hidden states are kept for the union of both sides' layers."""
-        joining = Batch(self.engine, prompts)
+    def prepare_join(self, prompts: Sequence[BatchPrompt]) -> "Batch":
+        """Prompts to join this batch at a later `advance`, checked now (a bad prompt fails here)."""
+        return Batch(self.engine, prompts, joins=True)
+
+    def _join(self, joining: "Batch") -> int:
+        """Add an encoded batch's rows to the cache after the existing ones, both left-padded to one
+        width (padding is masked, and positions count only unmasked tokens, so no row's logits
+        change); its prompts are numbered after the existing ones, and hidden states are kept for the
+        union of both sides' layers. Returns the first of its rows."""
         first, base = self.size, len(self.prompts)
         width = max(self.mask.shape[1], joining.mask.shape[1])
         room = width + max(self.remaining_tokens(), joining.remaining_tokens())

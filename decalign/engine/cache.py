@@ -8,6 +8,11 @@ step over a subset of rows: they read their own keys and values, and the other r
 stays a hole that the attention mask hides. A batch reserves room for its longest answer when it
 starts, and forking, selecting, compacting and joining rows keep that room, so a batch whose steps
 stay within it never reallocates its cache (each reallocation copies all of it).
+
+Rows have room too, once a batch has grown (continuous batching): rows that join, or rows added
+after the existing ones (a look-ahead's forks), are written into spare rows, and a selection that
+keeps its first rows in place moves only the rows after them, so a busy server's batch does not copy
+its whole cache each time a request joins or leaves.
 """
 
 from __future__ import annotations
@@ -26,23 +31,32 @@ def spare_positions(filled: int) -> int:
     return max(16, filled // 8)
 
 
+def spare_rows(rows: int) -> int:
+    """Rows of room added when a layer's rows grow past their room: a quarter more."""
+    return max(4, rows // 4)
+
+
 class RowLayer(DynamicLayer):
-    """A `DynamicLayer` whose keys and values live in a buffer with spare positions. `keys` and
-    `values` are views of the filled part; assigning either replaces the buffer."""
+    """A `DynamicLayer` whose keys and values live in a buffer with spare positions (and, once it
+    has grown, spare rows). `keys` and `values` are views of the used rows' filled part; assigning
+    either replaces the buffer."""
 
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor | None] = {"keys": None, "values": None}
-        self._filled = {"keys": 0, "values": 0}  # apart, so that keys and values are assigned one by one
+        # apart, so that keys and values are assigned one by one
+        self._filled = {"keys": 0, "values": 0}
+        self._used = {"keys": 0, "values": 0}
         self.rows: torch.Tensor | None = None  # when set, a step runs over these rows only
         super().__init__()
 
     def _view(self, name: str) -> torch.Tensor | None:
         buffer = self._buffers[name]
-        return None if buffer is None else buffer[:, :, :self._filled[name]]
+        return None if buffer is None else buffer[:self._used[name], :, :self._filled[name]]
 
     def _assign(self, name: str, tensor: torch.Tensor | None) -> None:
         self._buffers[name] = tensor
         self._filled[name] = 0 if tensor is None or tensor.dim() < 3 else tensor.shape[2]
+        self._used[name] = 0 if tensor is None or tensor.dim() < 3 else tensor.shape[0]
 
     keys = property(lambda self: self._view("keys"), lambda self, t: self._assign("keys", t))
     values = property(lambda self: self._view("values"), lambda self, t: self._assign("values", t))
@@ -69,7 +83,7 @@ class RowLayer(DynamicLayer):
         if end > self.capacity:
             self.reserve(end + spare_positions(end))
         for name, new in (("keys", key_states), ("values", value_states)):
-            buffer = self._buffers[name]
+            buffer = self._buffers[name][:self._used[name]]
             if self.rows is None:
                 buffer[:, :, start:end] = new
             else:  # the other rows' new positions are holes: zero them, as a buffer's room is never cleared
@@ -84,41 +98,73 @@ class RowLayer(DynamicLayer):
     def reserve(self, positions: int) -> None:
         """Room for `positions` positions in all, so that steps up to there write in place."""
         if self.is_initialized and positions > self.capacity:
-            self._rebuild(lambda name, view, out: out.copy_(view), self.keys.shape[0], self.length, positions)
+            self._rebuild(lambda name, view, out: out.copy_(view), self.keys.shape[0], self.length, positions,
+                          self.row_capacity)
+
+    @property
+    def row_capacity(self) -> int:
+        buffer = self._buffers["keys"]
+        return 0 if buffer is None else buffer.shape[0]
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep (or repeat) the rows in `indices`, keeping the room."""
+        """Keep (or repeat) the rows in `indices`, keeping the room. Where the rows fit the room (fewer
+        rows, or forks added after rows that have shrunk before), the leading rows that stay where
+        they are are not touched; only the rows after them are written."""
         if self.length == 0:
             return
-        self._rebuild(lambda name, view, out: torch.index_select(view, 0, indices, out=out), len(indices),
-                      self.length)
+        used, rows = self._used["keys"], len(indices)
+        if rows <= self.row_capacity:
+            order = indices.tolist()
+            kept = next((i for i, row in enumerate(order) if row != i or i >= used), rows)
+            moved = indices[kept:]
+            for name in ("keys", "values"):
+                if kept < rows:
+                    # copied out first: a moved row may be read from a place another is written to
+                    self._buffers[name][kept:rows, :, :self.length] = self._view(name).index_select(0, moved)
+                self._used[name] = rows
+            return
+        self._rebuild(lambda name, view, out: torch.index_select(view, 0, indices, out=out), rows, self.length)
 
     def gather_positions(self, index: torch.Tensor) -> None:
         """Keep, per row, the positions in `index` (rows x width), in that order, keeping the room."""
         self._rebuild(lambda name, view, out: torch.gather(view, 2, index[:, None, :, None].expand_as(out), out=out),
-                      index.shape[0], index.shape[1])
+                      index.shape[0], index.shape[1], rows=self.row_capacity)
 
     def append_rows(self, other: "RowLayer", width: int, capacity: int) -> None:
-        """Add `other`'s rows after this layer's, both left-padded with zeros to `width` positions."""
-        mine = self.keys.shape[0]
+        """Add `other`'s rows after this layer's, both left-padded with zeros to `width` positions:
+        written into spare rows where there are enough and the width is this layer's, else into new
+        buffers of `capacity` positions with rows to spare. (Written in place, the rows get no more
+        room for positions: the layer grows when a step needs it, by `spare_positions` at a time,
+        where reserving a join's whole answer would copy the cache at nearly every join.)"""
+        mine, total = self.keys.shape[0], self.keys.shape[0] + other.keys.shape[0]
+
+        def pad_into(part: torch.Tensor, out: torch.Tensor) -> None:
+            pad = width - part.shape[2]
+            out[:, :, :pad] = 0
+            out[:, :, pad:] = part
+
+        if width == self.length and total <= self.row_capacity:
+            for name in ("keys", "values"):
+                pad_into(getattr(other, name), self._buffers[name][mine:total, :, :width])
+                self._used[name] = total
+            return
 
         def fill(name: str, view: torch.Tensor, out: torch.Tensor) -> None:
-            for part, rows in ((view, slice(0, mine)), (getattr(other, name), slice(mine, None))):
-                pad = width - part.shape[2]
-                out[rows, :, :pad] = 0
-                out[rows, :, pad:] = part
-        self._rebuild(fill, mine + other.keys.shape[0], width, capacity)
+            pad_into(view, out[:mine])
+            pad_into(getattr(other, name), out[mine:])
+        self._rebuild(fill, total, width, capacity, rows=total + spare_rows(total))
 
-    def _rebuild(self, fill: Callable[[str, torch.Tensor, torch.Tensor], object], rows: int, filled: int,
-                 capacity: int = 0) -> None:
-        """New buffers of `rows` rows and max(capacity, the present room) positions, whose first
-        `filled` positions `fill(name, old filled view, new filled view)` writes: one copy of the cache."""
-        capacity = max(capacity, self.capacity, filled)
+    def _rebuild(self, fill: Callable[[str, torch.Tensor, torch.Tensor], object], used: int, filled: int,
+                 capacity: int = 0, rows: int = 0) -> None:
+        """New buffers of max(rows, used) rows and max(capacity, the present room) positions, whose
+        first `used` rows' first `filled` positions `fill(name, old view, new view)` writes: one copy
+        of the cache."""
+        capacity, rows = max(capacity, self.capacity, filled), max(rows, used)
         for name in ("keys", "values"):
             view = self._view(name)
             buffer = new_buffer(view, (rows, view.shape[1], capacity, view.shape[3]))
-            fill(name, view, buffer[:, :, :filled])
-            self._buffers[name], self._filled[name] = buffer, filled
+            fill(name, view, buffer[:used, :, :filled])
+            self._buffers[name], self._filled[name], self._used[name] = buffer, filled, used
 
 
 def new_buffer(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

@@ -16,6 +16,8 @@ otherwise, and the engine keeps transformers' forward); `DECALIGN_LEAN_DECODER=0
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from itertools import accumulate
 from typing import Sequence
 
 import torch
@@ -61,35 +63,96 @@ class Decoder:
 
     def __call__(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache,
                  layers: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
-        rows, new = input_ids.shape
-        hidden = self.inner.embed_tokens(input_ids)
-        cos, sin = self.inner.rotary_emb(hidden, positions)
-        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
-        bias = attention_bias(mask, new, hidden.dtype)
+        return self.run([Part(input_ids, mask, positions, cache, tuple(layers))])[0]
+
+    def run(self, parts: Sequence["Part"]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Several batches' new tokens in one pass: each part has its own rows, cache and mask, and
+        they share every weight read (the linear layers run over all parts' tokens at once; only
+        attention is per part). How a running batch's decode step and the prompts joining it are
+        computed together. One (logits, states) per part, as `__call__` returns them.
+
+        Several parts' tokens are padded to `padded_tokens` (the padding is computed and dropped):
+        the CPU's matmul library compiles and keeps a kernel per shape it meets, and a busy server's
+        decode rows plus joining prompts would otherwise be a new shape at almost every join."""
+        shapes = [tuple(part.input_ids.shape) for part in parts]
+        counts = [rows * new for rows, new in shapes]
+        if len(parts) == 1:  # rows x new x width: a LoRA row gate (rows x 1 x 1) broadcasts over it
+            hidden = self.inner.embed_tokens(parts[0].input_ids)
+        else:  # every token on one axis (1 x tokens x width); the engine gates no adapter here
+            padding = padded_tokens(sum(counts)) - sum(counts)
+            ids = [part.input_ids.reshape(-1) for part in parts]
+            hidden = self.inner.embed_tokens(torch.cat(ids + [ids[0].new_zeros(padding)]))[None]
+            counts.append(padding)
+        rotations, biases = [], []
+        for part, (rows, new) in zip(parts, shapes):
+            cos, sin = self.inner.rotary_emb(hidden, part.positions)
+            rotations.append((cos[:, None], sin[:, None]))  # broadcast over heads
+            biases.append(attention_bias(part.mask, new, hidden.dtype))
+        wanted = {layer for part in parts for layer in part.layers}
         last = len(self.layers)
-        kept = {0: hidden} if 0 in layers else {}
+        kept = {0: hidden} if 0 in wanted else {}
         for index, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             x = rms_norm(layer.input_layernorm, hidden)
-            shape = (rows, new, -1, attn.head_dim)
-            query = rotate(attn.q_proj(x).view(shape).transpose(1, 2), cos, sin)
-            key = rotate(attn.k_proj(x).view(shape).transpose(1, 2), cos, sin)
-            value = attn.v_proj(x).view(shape).transpose(1, 2)
-            key, value = cache.layers[index].update(key, value)
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=attn.scaling,
-                                                 enable_gqa=key.shape[1] != query.shape[1])
-            hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(rows, new, -1))
+            projected = [flat(attn.q_proj(x)).split(counts), flat(attn.k_proj(x)).split(counts),
+                         flat(attn.v_proj(x)).split(counts)]
+            outs = []
+            for i, (part, (rows, new), (cos, sin)) in enumerate(zip(parts, shapes, rotations)):
+                query, key, value = (t[i].view(rows, new, -1, attn.head_dim).transpose(1, 2) for t in projected)
+                key, value = part.cache.layers[index].update(rotate(key, cos, sin), value)
+                out = F.scaled_dot_product_attention(rotate(query, cos, sin), key, value, attn_mask=biases[i],
+                                                     scale=attn.scaling, enable_gqa=key.shape[1] != query.shape[1])
+                outs.append(out.transpose(1, 2).reshape(rows * new, -1))
+            if len(counts) > len(parts):  # the padding's attention output
+                outs.append(outs[0].new_zeros(counts[-1], outs[0].shape[1]))
+            joined = outs[0] if len(outs) == 1 else torch.cat(outs)
+            hidden = hidden + attn.o_proj(joined.view(*hidden.shape[:2], -1))
             x = rms_norm(layer.post_attention_layernorm, hidden)
             hidden = hidden + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
-            if index + 1 in layers and index + 1 < last:
+            if index + 1 in wanted and index + 1 < last:
                 kept[index + 1] = hidden
-        if last in layers:
+        # each row's last position (rows are right-aligned: a row's newest token is its part's last column)
+        ends = torch.cat([start + torch.arange(1, rows + 1, device=hidden.device) * new - 1
+                          for start, (rows, new) in zip(accumulate([0] + counts[:-1]), shapes)])
+        if last in wanted:
             hidden = kept[last] = rms_norm(self.inner.norm, hidden)
+            ends_hidden = flat(hidden)[ends]
         else:
-            hidden = rms_norm(self.inner.norm, hidden[:, -1:])
-        logits = self.model.lm_head(hidden[:, -1])
-        states = torch.cat([kept[layer] for layer in layers], dim=-1) if layers else None
-        return logits, states
+            ends_hidden = rms_norm(self.inner.norm, flat(hidden)[ends])
+        logits = self.model.lm_head(ends_hidden).split([rows for rows, _ in shapes])
+        out = []
+        for i, (part, (rows, new), start) in enumerate(zip(parts, shapes, accumulate([0] + counts[:-1]))):
+            states = None
+            if part.layers:
+                states = torch.cat([flat(kept[layer])[start:start + rows * new] for layer in part.layers], dim=-1)
+                states = states.view(rows, new, -1)
+            out.append((logits[i], states))
+        return out
+
+
+@dataclass(frozen=True)
+class Part:
+    """One batch's share of a `Decoder.run` pass: its new tokens (rows x new), attention mask over
+    its cache and the new tokens, position ids (rows x new), cache, and the layers whose states it wants."""
+
+    input_ids: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    cache: object
+    layers: tuple[int, ...] = ()
+
+
+def padded_tokens(tokens: int) -> int:
+    """`tokens` rounded up to a multiple of 16, or from 512 on of 1/32 of the power of two above it:
+    at most 15 tokens more below 512 (where a pass costs about its weight reads), at most a sixteenth
+    more from there, and at most 32 shapes below 512 and 16 per doubling above."""
+    step = 1 << max(4, tokens.bit_length() - 5)
+    return -(-tokens // step) * step
+
+
+def flat(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor's positions on one axis (a view): tokens x features."""
+    return tensor.reshape(-1, tensor.shape[-1])
 
 
 def attention_bias(mask: torch.Tensor, new: int, dtype: torch.dtype) -> torch.Tensor:

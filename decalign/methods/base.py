@@ -405,7 +405,8 @@ class Search(Method):
 
 class Driver:
     """Runs methods side by side on one batch, one forward pass per step. Methods may join between
-    steps (continuous batching): their prompts are encoded and their rows join the running batch.
+    steps (continuous batching): their prompts are checked when they are added, encoded in the next
+    step's forward pass (beside the running rows' tokens), and their rows join the batch there.
 
     A method whose own code fails (its reward raises, say) leaves with the error in `failed`; the
     others go on. Rows of finished methods leave the batch once a quarter of the rows are idle (and
@@ -418,24 +419,39 @@ class Driver:
         self.live: list[Method] = []
         self.failed: dict[Method, Exception] = {}
         self._planned: dict[Method, list[BatchPrompt]] = {}  # batch prompts of methods that failed to join
+        self.joining: dict[Method, list[BatchPrompt]] = {}  # added since the last step, with their batch prompts
 
     def add(self, methods: Sequence[Method]) -> None:
-        """Start methods: their rows take part from the next step on. If their prompts cannot join,
-        nothing changes and a later `add` of the same methods reuses their batch prompts (asking a
-        method twice could, e.g., load its adapters twice)."""
+        """Start methods: with no batch running, at once; otherwise their rows join at the next step.
+        If their prompts cannot join, nothing changes and a later `add` of the same methods reuses
+        their batch prompts (asking a method twice could, e.g., load its adapters twice)."""
         wanted = [self._planned.pop(m) if m in self._planned else m.batch_prompts() for m in methods]
         prompts = [prompt for batch_prompts in wanted for prompt in batch_prompts]
         try:
-            if self.batch is None:
-                batch, first_row = self.engine.open(prompts), 0
-                self.owners = []
-                batch.on_token = lambda row, _: _stream(self.owners[batch.prompt_of[row]], batch, row)
-                self.batch = batch
-            else:
-                first_row = self.batch.admit(prompts)
+            if self.batch is not None:
+                self.batch.prepare_join(prompts)  # a prompt that cannot join fails here, alone
+                self.joining.update(zip(methods, wanted))
+                return
+            batch = self.engine.open(prompts)
         except BaseException:
             self._planned.update(zip(methods, wanted))
             raise
+        self.owners = []
+        batch.on_token = lambda row, _: _stream(self.owners[batch.prompt_of[row]], batch, row)
+        self.batch = batch
+        self._begin(methods, wanted, 0)
+        for m in methods:
+            if m.done or m in self.failed:
+                self.release(m)
+            else:
+                self.live.append(m)
+
+    def is_running(self, method: Method) -> bool:
+        """Whether `method` decodes in the batch or joins it at the next step."""
+        return method in self.live or method in self.joining
+
+    def _begin(self, methods: Sequence[Method], wanted: list[list[BatchPrompt]], first_row: int) -> None:
+        """Hand joined methods their rows (their batch prompts' rows follow on from `first_row`)."""
         if self.batch.cancelled is None and any(m.job.cancelled is not None for m in methods):
             # asked per row at every step, so only once some method can be cancelled
             self.batch.cancelled = self._cancelled
@@ -447,22 +463,24 @@ class Driver:
                 rows.append(list(range(first_row, first_row + prompt.rows)))
                 first_row += prompt.rows
             self._guarded(m, m.begin, self.batch, rows)
-        for m in methods:
-            if m.done or m in self.failed:
-                self.release(m)
-            else:
-                self.live.append(m)
 
     def step(self) -> list[Method]:
-        """One forward pass for every live method, then each reacts; returns those that left (done or
+        """One forward pass for every live method and the prompts of methods added since the last
+        step, then each live method reacts and the added ones begin; returns those that left (done or
         failed), closed."""
         moves = []
         for m in self.live:
             moves += self._guarded(m, m.moves) or []
-        self.batch.advance(moves)
+        methods, wanted = list(self.joining), list(self.joining.values())
+        self.joining = {}
+        prompts = [prompt for batch_prompts in wanted for prompt in batch_prompts]
+        first_row = self.batch.advance(moves, joining=self.batch.prepare_join(prompts) if prompts else None)
         for m in self.live:
             if m not in self.failed:
                 self._guarded(m, m.react)
+        if methods:
+            self._begin(methods, wanted, first_row)
+            self.live += methods
         left = [m for m in self.live if m.done or m in self.failed]
         self.live = [m for m in self.live if m not in left]
         for m in left:
@@ -502,6 +520,7 @@ class Driver:
         long-running batch (a busy server's) must not keep every answered method, its results and the
         batches it ran in alive."""
         self._planned.pop(method, None)
+        self.joining.pop(method, None)
         prompt = method.job.prompt_base  # its batch prompts follow on from there (none if it never joined)
         while prompt < len(self.owners) and self.owners[prompt] is method:
             self.owners[prompt] = None

@@ -132,7 +132,7 @@ class Scheduler:
                     request.settle(_api_error(exc))
                     del joining[method]
         for method, request in joining.items():
-            if method in self.driver.live:
+            if self.driver.is_running(method):
                 self.running[method] = request
             else:  # answered or failed as it joined
                 self._answer(method, request)
