@@ -10,8 +10,10 @@
    with that value on all prompts batched, and a latency run (one prompt at a time).
 3. `decalign bench-cold` at `--search-size`: CoLD's decode step against greedy with the same adapter.
 4. `tests`: the CUDA tests (tests/test_device.py); `subset`: scripts/step_speed.py at `--search-size`
-   (a step over the fed rows alone against one over every row); `load`: scripts/load_test.py on
-   servers of the `--search-size` policy, continuous and static batching side by side.
+   (a step over the fed rows alone against one over every row); `join`: scripts/join_speed.py at
+   `--search-size` (what a request joining a running batch adds to a step, in a pass of its own or
+   in the step's); `load`: scripts/load_test.py on servers of the `--search-size` policy, continuous
+   and static batching side by side.
 Rewards of a random-weight policy mean little; the times and decode tokens are what this measures.
 Each step's table is printed and written under OUT (engine-SIZE.md, search.md, latency.md, cold.md).
 `--sizes tiny --search-size tiny --quick` rehearses the whole script on a CPU in a few minutes.
@@ -103,7 +105,7 @@ def main() -> None:
     parser.add_argument("--search-size", default="0.5b")
     parser.add_argument("--work", type=Path, default=Path("/tmp/decalign-gpu"))
     parser.add_argument("--steps", default="engine,search,latency,cold",
-                        help="which of tests, engine, subset, load, search, latency (one prompt at a time), "
+                        help="which of tests, engine, subset, join, load, search, latency (one prompt at a time), "
                              "cold to run")
     parser.add_argument("--max-batch", default="64", help="the load test servers' cap on live rows")
     parser.add_argument("--quick", action="store_true", help="small counts, for a rehearsal on a CPU")
@@ -141,6 +143,12 @@ def main() -> None:
         table = args.out / "subset.txt"
         logged([sys.executable, str(scripts / "step_speed.py"), "--model", str(policy), "--prompts", "48",
                 "--rows-per-prompt", "8"], "step_speed.py", table, timeout=120)
+        print(table.read_text(), flush=True)
+    if "join" in steps:  # what a joining request adds to a step: a pass of its own, or within the step's
+        table = args.out / "join.txt"
+        for rows in ("16", "128"):
+            logged([sys.executable, str(scripts / "join_speed.py"), "--model", str(policy), "--rows", rows,
+                    "--repeats", "3" if args.quick else "15"], f"join_speed.py --rows {rows}", table, timeout=120)
         print(table.read_text(), flush=True)
     if "load" in steps:  # continuous against static batching, same load, one run
         report = args.out / "load.txt"

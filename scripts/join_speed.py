@@ -38,6 +38,7 @@ def main() -> None:
     from decalign.sampling import Sampling
 
     engine = Engine.load(args.model)
+    on_gpu = engine.device.type == "cuda"
     sampling = Sampling(temperature=1.0)
     prompt = engine.render(PROMPT)
     joining = [BatchPrompt(ids=prompt, seed=10 + i, max_new_tokens=50) for i in range(args.joiners)]
@@ -62,8 +63,12 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, variant in variants.items():
             batch = running()
+            if on_gpu:
+                torch.cuda.synchronize()
             began = time.perf_counter()
             variant(batch)
+            if on_gpu:  # kernels run after the call returns: wait for them
+                torch.cuda.synchronize()
             times[name].append(1000 * (time.perf_counter() - began))
     medians = {name: statistics.median(values) for name, values in times.items()}
     print(f"{args.rows + 1} running rows, {args.joiners} joining prompt(s) of {len(prompt)} tokens, "

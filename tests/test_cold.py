@@ -325,3 +325,26 @@ def test_bench_cold_options_are_checked_before_anything_loads(options, message):
 
     result = CliRunner().invoke(cli, ["bench-cold", "--model", "/nonexistent", *options])
     assert isinstance(result.exception, DecalignError) and message in str(result.exception)
+
+
+def test_cold_and_plain_requests_join_each_others_running_batch(adapted):
+    """Continuous batching across adapters: a CoLD request (rows with and without the adapter)
+    joining a running plain request's batch, and a plain request joining a running CoLD batch, are
+    encoded in passes of their own (the shared pass gates no adapter) and answer as they do alone."""
+    from decalign.api import run, start
+    from decalign.methods import Driver
+    from decalign.request import Request
+
+    cold = Request.build(prompts=["Tell me how to bake bread"], method="cold", max_new_tokens=10, model=adapted)
+    plain = Request.build(prompts=["The answer is"], method="sample", params={"temperature": 0.8},
+                          max_new_tokens=14, model=adapted, seed=3)
+    for first, second in ((plain, cold), (cold, plain)):
+        driver = Driver(adapted)
+        methods = [start(first), start(second)]
+        driver.add(methods[:1])
+        driver.step()
+        driver.add(methods[1:])
+        while driver.live:
+            driver.step()
+        for method, request in zip(methods, (first, second)):
+            assert method.results[0].tokens == run(request)[0].tokens
