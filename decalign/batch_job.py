@@ -23,9 +23,7 @@ from .sampling import derive_seed
 
 def check_prompt(engine, request: Request, prompt: Any) -> None:
     """Refuse a prompt the engine cannot render, or one that fills the model's context."""
-    length = len(engine.render(prompt, system=request.system, chat=request.chat))
-    if engine.context_length and length >= engine.context_length:
-        raise DecalignError(f"the prompt has {length} tokens; the model's context is {engine.context_length}")
+    engine.check_fits(engine.render(prompt, system=request.system, chat=request.chat))
 
 
 def answered(record_id: Any, prompt: Any, result) -> dict:

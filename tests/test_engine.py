@@ -377,6 +377,25 @@ def test_admitted_prompts_join_a_running_batch_exactly(engine, prompts, join, mo
             assert torch.allclose(running.last_states(rows, layers), alone.last_states([0, 1][:n], layers), atol=1e-5)
 
 
+def test_a_join_after_the_longest_answer_left_keeps_every_rows_states(engine, prompts):
+    """Rows that joined a batch keep their hidden states exactly, also after the prompt whose
+    answers were the longest has left (the tracked states stay as wide as that prompt made them;
+    a join used to size them by the prompts left and fail)."""
+    batch = engine.open([BatchPrompt(ids=prompts[0], seed=1, max_new_tokens=40, state_layers=(1,)),
+                         BatchPrompt(ids=prompts[1], seed=2, max_new_tokens=20, state_layers=(1,))])
+    batch.extend(SAMPLE, max_tokens=3)
+    batch.select([1])
+    batch.keep_prompts([1])
+    batch.admit([BatchPrompt(ids=prompts[2], seed=3, max_new_tokens=10, state_layers=(1,))])
+    batch.extend(SAMPLE)
+    alone = engine.start([prompts[2]], seeds=[3], max_new_tokens=10, state_layers=[1])
+    alone.extend(SAMPLE)
+    assert batch.tokens[1] == alone.tokens[0]
+    assert torch.allclose(batch.state_means([1]), alone.state_means([0]), atol=1e-5)
+    assert torch.allclose(batch.last_states([1]), alone.last_states([0]), atol=1e-5)
+    assert_row_matches_recompute(engine, batch, 0, prompts[1])
+
+
 def test_packed_passes_meet_few_token_counts():
     """Joins encoded beside a step are padded to a few token counts: the CPU's matmul library keeps
     a compiled kernel per shape, and a busy server would otherwise meet a new one at every join."""

@@ -422,6 +422,36 @@ def test_an_unexpected_error_is_a_counted_500_without_a_traceback(engine, monkey
         server.should_exit = True
 
 
+def test_a_prompt_over_the_context_is_a_400_streamed_or_not(served):
+    """The prompt's length is checked before the request waits in line: a streamed request gets its
+    400 before the stream begins (it used to get a 200 stream holding an error event)."""
+    body = {"messages": [{"role": "user", "content": "The quick brown fox. " * 200}], "max_tokens": 4}
+    for stream in (False, True):
+        reply = httpx.post(served + "/v1/chat/completions", json={**body, "stream": stream}, timeout=30)
+        assert reply.status_code == 400 and "the model's context is 512" in reply.json()["error"]["message"]
+
+
+def test_a_failed_step_answers_500_and_leaves_one_log_line(engine, monkeypatch, caplog):
+    """When a decoding step itself fails, every running request gets a 500 in OpenAI's shape, the
+    log gets one line naming the error (no traceback), and the server goes on answering."""
+    from decalign.methods import Driver
+
+    server, url = start(engine)
+    try:
+        def broken(self):
+            raise RuntimeError("the step broke")
+
+        monkeypatch.setattr(Driver, "step", broken)
+        with caplog.at_level("ERROR"):
+            reply = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 4}, timeout=30)
+        assert reply.status_code == 500 and reply.json()["error"]["message"] == "decoding failed: RuntimeError"
+        assert "decoding step failed: RuntimeError: the step broke" in caplog.text and "Traceback" not in caplog.text
+        monkeypatch.undo()
+        assert httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 4}, timeout=30).status_code == 200
+    finally:
+        server.should_exit = True
+
+
 def test_requests_of_different_methods_share_a_batch(engine):
     """A greedy, a Best-of-N and a CARDS request that arrive together are decoded in one batch (fewer
     steps than one after another), and each answers as it does alone."""

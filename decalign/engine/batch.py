@@ -113,11 +113,7 @@ class Batch:
                 raise DecalignError(f"min_new_tokens must be between 0 and max_new_tokens, got {prompt.min_new_tokens}")
             if not prompt.ids:
                 raise DecalignError(f"prompt {i} encodes to no tokens")
-            if engine.context_length and len(prompt.ids) >= engine.context_length:
-                which = "the prompt" if len(prompts) == 1 else f"prompt {i}"
-                raise DecalignError(
-                    f"{which} has {len(prompt.ids)} tokens; the model's context is {engine.context_length}"
-                )
+            engine.check_fits(prompt.ids, "the prompt" if len(prompts) == 1 else f"prompt {i}")
         adapters = None
         if any(prompt.adapter is not None for prompt in prompts):
             adapters = [engine.active_adapter() if p.adapter is None else p.adapter for p in prompts]
@@ -653,7 +649,11 @@ class Batch:
         layers = tuple(dict.fromkeys(self.state_layers + joining.state_layers))
         if not layers:
             return
-        hidden, longest = self.engine.hidden_size, max(p.max_new_tokens for p in self.prompts + joining.prompts)
+        # room for every row's answer: the prompts' limits, or more where the rows of a prompt that
+        # has since left the batch made it wider
+        longest = max([p.max_new_tokens for p in self.prompts + joining.prompts]
+                      + [b.answer_states.shape[1] for b in (self, joining) if b.answer_states is not None])
+        hidden = self.engine.hidden_size
         like = self.state_sums if self.state_sums is not None else joining.state_sums
         parts: dict[str, list[torch.Tensor]] = {"prompt_states": [], "answer_states": [], "state_sums": []}
         for batch in (self, joining):

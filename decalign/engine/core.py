@@ -59,6 +59,11 @@ class Engine:
         return cls(policy.to(where), tokenizer, name=model or DEFAULT_MODEL, adapter=adapter)
 
     # ----- text <-> tokens -------------------------------------------------------------------
+    def check_fits(self, ids: Sequence[int], which: str = "the prompt") -> None:
+        """Refuse a prompt that fills the model's context (no room left for an answer token)."""
+        if self.context_length and len(ids) >= self.context_length:
+            raise DecalignError(f"{which} has {len(ids)} tokens; the model's context is {self.context_length}")
+
     def render(self, prompt: Prompt, *, system: str | None = None, chat: bool | None = None) -> list[int]:
         """Token ids of a prompt. Message lists always go through the chat template; a string does
         when the model has one (chat=None) or chat=True, else it is encoded as raw text."""

@@ -176,7 +176,8 @@ def pending_request(state: ServerState, body: GenerationOptions, prompt: Prompt,
     """The request to queue; its decoding and prompt are checked first, so bad ones never wait in line."""
     try:
         decoding = decoding_request(body, state.config, state.engine, prompt, chat)
-        state.engine.render(prompt, chat=chat)  # empty or malformed prompts fail here
+        # empty, malformed and too long prompts fail here, before a streamed answer has begun
+        state.engine.check_fits(state.engine.render(prompt, chat=chat))
     except DecalignError as exc:
         raise ApiError(400, str(exc)) from None
     loop = asyncio.get_running_loop()

@@ -5,6 +5,7 @@ they are done (`Driver`: one forward pass per step for all of them)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from ..request import Request
 from .config import ServerConfig
 from .metrics import Metrics
 from .schemas import ApiError
+
+LOG = logging.getLogger("decalign.server")
 
 
 @dataclass(eq=False)  # compared by identity: two requests alike are still two requests
@@ -164,6 +167,7 @@ class Scheduler:
         try:
             left = self.driver.step()
         except Exception as exc:  # the forward pass itself failed: every running request fails with it
+            LOG.error("decoding step failed: %s: %s", type(exc).__name__, exc)  # one line, no traceback
             for method, request in self.running.items():
                 self.driver.release(method)
                 request.settle(_api_error(exc))
