@@ -327,10 +327,10 @@ def test_bench_cold_options_are_checked_before_anything_loads(options, message):
     assert isinstance(result.exception, DecalignError) and message in str(result.exception)
 
 
-def test_cold_and_plain_requests_join_each_others_running_batch(adapted):
+def test_cold_and_plain_requests_join_each_others_running_batch(adapted, monkeypatch):
     """Continuous batching across adapters: a CoLD request (rows with and without the adapter)
     joining a running plain request's batch, and a plain request joining a running CoLD batch, are
-    encoded in passes of their own (the shared pass gates no adapter) and answer as they do alone."""
+    encoded in the running step's pass (the LoRA gate set per token) and answer as they do alone."""
     from decalign.api import run, start
     from decalign.methods import Driver
     from decalign.request import Request
@@ -344,6 +344,12 @@ def test_cold_and_plain_requests_join_each_others_running_batch(adapted):
         driver.add(methods[:1])
         driver.step()
         driver.add(methods[1:])
+        passes = []
+        run_parts = adapted.decoder.run
+        monkeypatch.setattr(adapted.decoder, "run", lambda parts: passes.append(len(parts)) or run_parts(parts))
+        driver.step()
+        monkeypatch.undo()
+        assert passes == [2]
         while driver.live:
             driver.step()
         for method, request in zip(methods, (first, second)):

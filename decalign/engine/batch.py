@@ -15,7 +15,7 @@ alone (`cache.RowLayer`); the others' new position is a hole.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -25,7 +25,7 @@ from ..errors import DecalignError
 from ..sampling import Sampling, choose_tokens, derive_seed, make_generator
 from .adapters import BASE
 from .cache import RowLayer, only_rows, reserve_room, row_cache, steps_subsets
-from .decoder import Part
+from .decoder import Part, padded_tokens
 from .stopping import CutRule, StepView, StopRule, TokenView
 
 if TYPE_CHECKING:
@@ -276,16 +276,20 @@ class Batch:
         """Run new tokens through the policy on every row, or on `rows` only (`input_ids` then has
         their tokens; the other rows' new positions are masked holes); return last-position logits
         and, when states are tracked, the tracked layers' states at every new position (rows x new x
-        features). `joining`: an unencoded batch whose prompts are encoded in the same pass where
-        the engine's decoder runs both without adapters (one read of the weights for both), in a
-        pass of their own otherwise."""
+        features). `joining`: an unencoded batch whose prompts are encoded in the same pass (one
+        read of the weights for both) where the engine's decoder runs and the LoRA row gate covers
+        both sides' adapters, in a pass of their own otherwise."""
         mask, positions = self._inputs(input_ids, new_mask, rows)
         adapters = self.adapters if self.adapters is None or rows is None else [self.adapters[r] for r in rows.tolist()]
         context, extra = self.engine.adapter_route(adapters) if adapters is not None else (nullcontext(), {})
         decoder = self.engine.decoder if not extra else None  # extra: PEFT's own per-row route
-        if joining is not None and (decoder is None or adapters is not None or joining.adapters is not None):
-            joining._encode()
-            joining = None
+        if joining is not None:
+            shared = self._shared_gate(adapters, input_ids.shape, joining) if decoder is not None else None
+            if shared is None:
+                joining._encode()
+                joining = None
+            else:
+                context = shared
         with context, (only_rows(self.cache, rows) if rows is not None else nullcontext()):
             if decoder is not None:
                 parts = [Part(input_ids, mask, positions, self.cache, self.state_layers)]
@@ -308,6 +312,23 @@ class Batch:
         states = torch.cat([out.hidden_states[layer] for layer in self.state_layers], dim=-1) \
             if self.state_layers else None
         return out.logits[:, -1, :].float(), states
+
+    def _shared_gate(self, adapters: list[str] | None, shape: torch.Size, joining: "Batch"
+                     ) -> AbstractContextManager | None:
+        """The adapter context of one decoder pass over this batch's new tokens (`shape`: rows x new,
+        with `adapters` per row or None) and a joining batch's prompts: none needed without adapters;
+        with them, a 0/1 LoRA factor per token (the pass puts every token on one axis); None where the
+        row gate cannot serve them (the joiners then get a pass of their own)."""
+        if adapters is None and joining.adapters is None:
+            return nullcontext()
+        loaded = self.engine.active_adapter()
+        rows, new = shape
+        width = joining.unencoded[0].shape[1]
+        tokens = [a for a in adapters or [loaded] * rows for _ in range(new)]
+        tokens += [a for a in joining.adapters or [loaded] * len(joining.prompts) for _ in range(width)]
+        tokens += [BASE] * (padded_tokens(len(tokens)) - len(tokens))  # the pass's padding (Decoder.run)
+        gate = self.engine.lora_gate.row_gate(tokens)
+        return None if gate is None else self.engine.lora_gate.gated(gate.view(1, -1, 1))
 
     def _forward_rows(self, input_ids: torch.Tensor, new_mask: torch.Tensor, rows: torch.Tensor,
                       joining: "Batch | None" = None) -> torch.Tensor | None:
