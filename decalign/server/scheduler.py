@@ -14,7 +14,7 @@ from typing import Any
 from ..api import start
 from ..engine import Engine, Prompt
 from ..errors import DecalignError
-from ..memory import release_memory
+from ..memory import map_large_blocks, release_memory
 from ..methods import Driver, Method
 from ..request import Request
 from .config import ServerConfig
@@ -64,6 +64,7 @@ class Scheduler:
 
     def __init__(self, engine: Engine, config: ServerConfig, metrics: Metrics) -> None:
         self.engine, self.config, self.metrics = engine, config, metrics
+        map_large_blocks()  # a long-running process: what a load frees goes back to the OS
         self.waiting: list[PendingRequest] = []  # in arrival order; at most queue_size
         self.arrived = threading.Condition()
         self.driver = Driver(engine)
