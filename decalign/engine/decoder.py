@@ -78,7 +78,7 @@ class Decoder:
         counts = [rows * new for rows, new in shapes]
         if len(parts) == 1:  # rows x new x width: a LoRA row gate (rows x 1 x 1) broadcasts over it
             hidden = self.inner.embed_tokens(parts[0].input_ids)
-        else:  # every token on one axis (1 x tokens x width); the engine gates no adapter here
+        else:  # every token on one axis (1 x tokens x width): a LoRA gate is then one factor per token
             padding = padded_tokens(sum(counts)) - sum(counts)
             ids = [part.input_ids.reshape(-1) for part in parts]
             hidden = self.inner.embed_tokens(torch.cat(ids + [ids[0].new_zeros(padding)]))[None]
