@@ -173,11 +173,12 @@ def test_a_join_that_fails_is_retried_without_asking_methods_again(engine, reque
             return made()
 
         method.batch_prompts = counted
-    prepare_join = Batch.prepare_join
-    monkeypatch.setattr(Batch, "prepare_join", lambda self, prompts: (_ for _ in ()).throw(RuntimeError("no room")))
+    check_prompts = Batch.__dict__["check_prompts"]
+    monkeypatch.setattr(Batch, "check_prompts",
+                        staticmethod(lambda engine, prompts: (_ for _ in ()).throw(RuntimeError("no room"))))
     with pytest.raises(RuntimeError, match="no room"):
         driver.add(methods)
-    monkeypatch.setattr(Batch, "prepare_join", prepare_join)
+    monkeypatch.setattr(Batch, "check_prompts", check_prompts)
     for method in methods:
         driver.add([method])
     assert list(asked.values()) == [1, 1]

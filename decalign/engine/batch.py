@@ -102,6 +102,31 @@ class Batch:
         """joins=True: rows to join another batch (`prepare_join`): the prompts are checked now and
         encoded later, in that batch's next pass (`advance(..., joining=)`) or one of their own, and
         no cache room is reserved, since the rows are copied into the other batch's cache."""
+        # per-row PEFT adapter names, or None: every row runs the model as loaded
+        self.adapters, self.state_layers = self.check_prompts(engine, prompts)
+        self.engine = engine
+        self.prompts = list(prompts)
+        self.prompt_lengths = [len(p.ids) for p in prompts]
+        self.work = [Work(prefill_tokens=len(p.ids)) for p in prompts]
+        device = engine.device
+
+        width = max(self.prompt_lengths)
+        input_ids = torch.full((len(prompts), width), engine.pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+        for i, prompt in enumerate(prompts):
+            input_ids[i, width - len(prompt.ids):] = torch.tensor(list(prompt.ids), dtype=torch.long)
+            mask[i, width - len(prompt.ids):] = 1
+        self.cache = row_cache(engine.model.config)
+        self.mask = mask[:, :0]
+        self.unencoded: tuple[torch.Tensor, torch.Tensor] | None = (input_ids, mask)  # its prompts, until encoded
+        self.joins = joins
+        if not joins:
+            self._encode()
+
+    @staticmethod
+    def check_prompts(engine: Engine, prompts: Sequence[BatchPrompt]) -> tuple[list[str] | None, tuple[int, ...]]:
+        """Refuse prompts a batch cannot take (bad limits, empty or too long, unknown adapters, state
+        layers out of range); return their adapter names (None: all as loaded) and state layers."""
         if not prompts:
             raise DecalignError("no prompts given")
         for i, prompt in enumerate(prompts):
@@ -121,29 +146,10 @@ class Batch:
             if unknown:
                 loaded = ", ".join(engine.adapter_names()) or "none"
                 raise DecalignError(f"no adapter named {', '.join(unknown)} on the model (loaded: {loaded})")
-        self.state_layers = tuple(dict.fromkeys(layer for p in prompts for layer in p.state_layers))
-        if any(not 0 <= layer <= engine.num_layers for layer in self.state_layers):
-            raise DecalignError(f"state layers must lie in 0..{engine.num_layers}, got {list(self.state_layers)}")
-        # per-row PEFT adapter names, or None: every row runs the model as loaded
-        self.adapters: list[str] | None = adapters
-        self.engine = engine
-        self.prompts = list(prompts)
-        self.prompt_lengths = [len(p.ids) for p in prompts]
-        self.work = [Work(prefill_tokens=len(p.ids)) for p in prompts]
-        device = engine.device
-
-        width = max(self.prompt_lengths)
-        input_ids = torch.full((len(prompts), width), engine.pad_id, dtype=torch.long, device=device)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
-        for i, prompt in enumerate(prompts):
-            input_ids[i, width - len(prompt.ids):] = torch.tensor(list(prompt.ids), dtype=torch.long)
-            mask[i, width - len(prompt.ids):] = 1
-        self.cache = row_cache(engine.model.config)
-        self.mask = mask[:, :0]
-        self.unencoded: tuple[torch.Tensor, torch.Tensor] | None = (input_ids, mask)  # its prompts, until encoded
-        self.joins = joins
-        if not joins:
-            self._encode()
+        layers = tuple(dict.fromkeys(layer for p in prompts for layer in p.state_layers))
+        if any(not 0 <= layer <= engine.num_layers for layer in layers):
+            raise DecalignError(f"state layers must lie in 0..{engine.num_layers}, got {list(layers)}")
+        return adapters, layers
 
     def _encode(self) -> None:
         """Encode the prompts in a forward pass of their own."""

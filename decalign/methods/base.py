@@ -429,7 +429,7 @@ class Driver:
         prompts = [prompt for batch_prompts in wanted for prompt in batch_prompts]
         try:
             if self.batch is not None:
-                self.batch.prepare_join(prompts)  # a prompt that cannot join fails here, alone
+                Batch.check_prompts(self.engine, prompts)  # a prompt that cannot join fails here, alone
                 self.joining.update(zip(methods, wanted))
                 return
             batch = self.engine.open(prompts)
