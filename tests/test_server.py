@@ -360,8 +360,7 @@ def test_the_queue_bound_holds_while_the_engine_is_busy(engine):
         long = threading.Thread(target=lambda: httpx.post(url + "/v1/chat/completions", timeout=60, json={
             "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "temperature": 0}))
         long.start()
-        while running_requests(url) < 1:
-            time.sleep(0.01)
+        wait_until(lambda: running_requests(url) >= 1, "the long answer to start")
         statuses = concurrently(lambda i: httpx.post(url + "/v1/completions", timeout=60, json={
             "prompt": f"hi {i}", "max_tokens": 2}).status_code, list(range(5)))
         long.join()
@@ -496,8 +495,7 @@ def test_a_short_request_is_not_held_back_by_a_long_one(engine):
 
         long_thread = threading.Thread(target=ask, args=("long", long_body))
         long_thread.start()
-        while running_requests(url) < 1:
-            time.sleep(0.01)
+        wait_until(lambda: running_requests(url) >= 1, "the long answer to start")
         ask("short", short_body)
         long_thread.join()
         assert finished["short"][0]["choices"][0]["text"] == short_alone["choices"][0]["text"]
@@ -509,11 +507,17 @@ def test_a_short_request_is_not_held_back_by_a_long_one(engine):
 
 @pytest.mark.parametrize("admission, order", [("shortest", ["small 1", "big", "small 2"]),
                                               ("arrival", ["big", "small 1", "small 2"])])
-def test_admission_takes_the_cheapest_first_but_overtakes_a_request_at_most_max_batch_times(engine, admission, order):
+def test_admission_takes_the_cheapest_first_but_overtakes_a_request_at_most_max_batch_times(engine, admission, order,
+                                                                                           monkeypatch):
     """With one request at a time: behind a running long answer wait a Best-of-4 (four rows of 40
     tokens), then two greedy answers of 4 tokens. Shortest-first lets the first small one go ahead;
     the Best-of-4, overtaken once (max_batch), then goes before the second. First come, first
-    served keeps arrival order."""
+    served keeps arrival order. The engine's steps are held until all three wait, so the long
+    answer cannot end before they are queued, however slow the machine."""
+    from decalign.methods import Driver
+
+    steps_may_run, driver_step = threading.Event(), Driver.step
+    monkeypatch.setattr(Driver, "step", lambda self: steps_may_run.wait(60) and driver_step(self))
     server, url = start(engine, max_batch=1, max_tokens_limit=200, admission=admission)
     bodies = {"big": {"max_tokens": 40, "seed": 1, "alignment": {"method": "bon", "n": 4, "reward": "sentiment"}},
               "small 1": {"max_tokens": 4, "temperature": 0}, "small 2": {"max_tokens": 4, "temperature": 0}}
@@ -524,20 +528,28 @@ def test_admission_takes_the_cheapest_first_but_overtakes_a_request_at_most_max_
             assert reply.status_code == 200, reply.text
             finished.append(name)
 
-        threads = [threading.Thread(target=ask, args=("long", {"max_tokens": 200, "temperature": 0}))]
+        threads = [threading.Thread(target=ask, args=("long", {"max_tokens": 20, "temperature": 0}))]
         threads[0].start()
-        while running_requests(url) < 1:
-            time.sleep(0.01)
+        wait_until(lambda: running_requests(url) == 1, "the long answer to start")
         for depth, (name, body) in enumerate(bodies.items(), start=1):
             threads.append(threading.Thread(target=ask, args=(name, body)))
             threads[-1].start()
-            while metric(url, "decalign_queue_depth") < depth:  # arrival order is the order sent
-                time.sleep(0.01)
+            wait_until(lambda: metric(url, "decalign_queue_depth") == depth, f"{depth} queued requests")
+        steps_may_run.set()
         for thread in threads:
             thread.join()
         assert finished == ["long", *order]
     finally:
+        steps_may_run.set()
         server.should_exit = True
+
+
+def wait_until(condition, what: str, seconds: float = 60) -> None:
+    """Poll the server until `condition` holds; a test that raced fails with a message instead of hanging."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {seconds} s for {what}"
+        time.sleep(0.01)
 
 
 def concurrently(call, items):
