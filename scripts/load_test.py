@@ -1,6 +1,6 @@
 """Load test for `decalign serve` on servers it starts on loopback, bounded in requests and time.
 
-For each batching mode (continuous and static by default, side by side in one run) it starts a
+For each batching mode (continuous, grouped and static by default, side by side in one run) it starts a
 server on a free 127.0.0.1 port, measures an idle server's time to first token, then runs
 --clients concurrent clients that send --requests requests in all: a mix of methods (greedy,
 sampling, Best-of-N, CARDS, blockwise search, SMC), some four times longer, some streamed, some whose client hangs up
@@ -72,7 +72,7 @@ class Server:
         command = [sys.executable, "-m", "decalign.cli", "serve", "--port", str(port),
                    "--reward", "sentiment", "--queue-size", str(args.queue_size), "--max-batch",
                    str(args.max_batch), "--batching", batching,
-                   "--admission", admission or ("arrival" if batching == "static" else "shortest")]
+                   "--admission", admission or ("shortest" if batching == "continuous" else "arrival")]
         if args.model:
             command += ["--model", args.model]
         self.log = tempfile.TemporaryFile(mode="w+")
@@ -224,9 +224,11 @@ def load_round(args: argparse.Namespace, url: str, body, server: Server, memory_
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model for the started servers")
-    parser.add_argument("--batching", default="continuous,static",
-                        help="modes to run, side by side: continuous or static, optionally /shortest or /arrival "
-                             "(admission order; default shortest for continuous, arrival for static, the old way)")
+    parser.add_argument("--batching", default="continuous,grouped,static",
+                        help="modes to run, side by side: continuous, grouped (the scheduler before continuous "
+                             "batching: waves of one decoding) or static (waves of any mix), optionally /shortest "
+                             "or /arrival (admission order; default shortest for continuous, arrival for the "
+                             "others, as they were)")
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=32)

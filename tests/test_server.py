@@ -274,7 +274,7 @@ def test_a_request_without_max_tokens_gets_the_default_capped_by_the_limit(clien
     (dict(max_batch=0), "max_batch (--max-batch) must be >= 1, got 0"),
     (dict(default_max_tokens=0), "default_max_tokens must be >= 1"),
     (dict(timeout=0), "timeout (--timeout) must be > 0"),
-    (dict(batching="waves"), "batching (--batching) must be one of continuous, static, got 'waves'"),
+    (dict(batching="waves"), "batching (--batching) must be one of continuous, static, grouped, got 'waves'"),
     (dict(admission="fifo"), "admission (--admission) must be one of shortest, arrival"),
 ])
 def test_server_settings_are_checked_in_python_too(options, fragment):
@@ -508,16 +508,11 @@ def test_a_short_request_is_not_held_back_by_a_long_one(engine):
 @pytest.mark.parametrize("admission, order", [("shortest", ["small 1", "big", "small 2"]),
                                               ("arrival", ["big", "small 1", "small 2"])])
 def test_admission_takes_the_cheapest_first_but_overtakes_a_request_at_most_max_batch_times(engine, admission, order,
-                                                                                           monkeypatch):
+                                                                                           held_steps):
     """With one request at a time: behind a running long answer wait a Best-of-4 (four rows of 40
     tokens), then two greedy answers of 4 tokens. Shortest-first lets the first small one go ahead;
     the Best-of-4, overtaken once (max_batch), then goes before the second. First come, first
-    served keeps arrival order. The engine's steps are held until all three wait, so the long
-    answer cannot end before they are queued, however slow the machine."""
-    from decalign.methods import Driver
-
-    steps_may_run, driver_step = threading.Event(), Driver.step
-    monkeypatch.setattr(Driver, "step", lambda self: steps_may_run.wait(60) and driver_step(self))
+    served keeps arrival order."""
     server, url = start(engine, max_batch=1, max_tokens_limit=200, admission=admission)
     bodies = {"big": {"max_tokens": 40, "seed": 1, "alignment": {"method": "bon", "n": 4, "reward": "sentiment"}},
               "small 1": {"max_tokens": 4, "temperature": 0}, "small 2": {"max_tokens": 4, "temperature": 0}}
@@ -535,13 +530,57 @@ def test_admission_takes_the_cheapest_first_but_overtakes_a_request_at_most_max_
             threads.append(threading.Thread(target=ask, args=(name, body)))
             threads[-1].start()
             wait_until(lambda: metric(url, "decalign_queue_depth") == depth, f"{depth} queued requests")
-        steps_may_run.set()
+        held_steps.set()
         for thread in threads:
             thread.join()
         assert finished == ["long", *order]
     finally:
-        steps_may_run.set()
+        held_steps.set()
         server.should_exit = True
+
+
+@pytest.mark.parametrize("batching", ["static", "grouped"])
+def test_waves_of_the_schedulers_kept_to_compare_against(engine, batching, held_steps):
+    """Neither joins a running batch. Behind a running greedy answer wait a Best-of-4, a greedy
+    answer like the running one, and a second Best-of-4: static batching runs all three in the next
+    wave (the short greedy answer ends first); grouped batching, the scheduler before continuous
+    batching, runs the two Best-of-4 together (the first waiting request's decoding), then the greedy one."""
+    server, url = start(engine, max_batch=4, max_tokens_limit=200, batching=batching, admission="arrival")
+    greedy = {"max_tokens": 4, "temperature": 0}
+    best_of_4 = {"max_tokens": 30, "alignment": {"method": "bon", "n": 4, "reward": "sentiment"}}
+    finished = []
+    try:
+        def ask(name, body):
+            reply = httpx.post(url + "/v1/completions", timeout=120, json={"prompt": "The answer is", **body})
+            assert reply.status_code == 200, reply.text
+            finished.append(name)
+
+        threads = [threading.Thread(target=ask, args=("running", greedy))]
+        threads[0].start()
+        wait_until(lambda: running_requests(url) == 1, "the first answer to start")
+        for depth, (name, body) in enumerate({"bon 1": best_of_4, "greedy": greedy, "bon 2": best_of_4}.items(), 1):
+            threads.append(threading.Thread(target=ask, args=(name, body)))
+            threads[-1].start()
+            wait_until(lambda: metric(url, "decalign_queue_depth") == depth, f"{depth} queued requests")
+        held_steps.set()
+        for thread in threads:
+            thread.join()
+        expected = ["greedy", "bon", "bon"] if batching == "static" else ["bon", "bon", "greedy"]
+        assert [name.split()[0] for name in finished] == ["running", *expected]
+    finally:
+        held_steps.set()
+        server.should_exit = True
+
+
+@pytest.fixture
+def held_steps(monkeypatch):
+    """An event: the server's decoding steps wait until it is set, so a test can queue requests
+    behind a running one however slow the machine."""
+    from decalign.methods import Driver
+
+    event, driver_step = threading.Event(), Driver.step
+    monkeypatch.setattr(Driver, "step", lambda self: event.wait(60) and driver_step(self))
+    return event
 
 
 def wait_until(condition, what: str, seconds: float = 60) -> None:

@@ -30,9 +30,11 @@ from ..options import parse_options
               help="Requests in the running batch (continuous batching: others wait in the queue).")
 @click.option("--max-rows", default=256, show_default=True, type=int,
               help="No request joins the running batch while it has this many rows (candidates, particles).")
-@click.option("--batching", type=click.Choice(["continuous", "static"]), default="continuous", show_default=True,
-              help="continuous: requests join the running batch at the next step; static: only an idle engine "
-                   "(the old way, kept to compare against).")
+@click.option("--batching", type=click.Choice(["continuous", "static", "grouped"]), default="continuous",
+              show_default=True,
+              help="continuous: requests join the running batch at the next step. To compare against: static, "
+                   "requests join only an idle engine (waves of any mix); grouped, waves of requests that ask "
+                   "for the same decoding (the scheduler before continuous batching).")
 @click.option("--admission", type=click.Choice(["shortest", "arrival"]), default="shortest", show_default=True,
               help="Which waiting request joins first: shortest = fewest rows x tokens (a request overtaken "
                    "--max-batch times goes first); arrival = first come, first served.")

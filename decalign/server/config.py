@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from ..errors import DecalignError
 
-CHOICES = {"batching": ("continuous", "static"), "admission": ("shortest", "arrival")}
+CHOICES = {"batching": ("continuous", "static", "grouped"), "admission": ("shortest", "arrival")}
 SERVE_OPTIONS = {"max_tokens_limit", "queue_size", "timeout", "max_batch", "max_rows", "batching", "admission"}
 AT_LEAST_ONE = ("max_tokens_limit", "default_max_tokens", "max_request_bytes", "queue_size", "max_batch", "max_rows")
 
@@ -25,7 +25,8 @@ class ServerConfig:
     timeout: float = 300.0  # seconds from arrival to answer
     max_batch: int = 16  # requests in the running batch
     max_rows: int = 256  # no request joins while the running batch has this many rows
-    batching: str = "continuous"  # or "static": requests join only an idle engine (waves; for comparison)
+    batching: str = "continuous"  # or, to compare against: "static" (requests join only an idle engine, in
+    # waves of any mix) or "grouped" (the scheduler before continuous batching: waves of one decoding each)
     admission: str = "shortest"  # cheapest waiting request first, overtaken at most max_batch times; or "arrival"
 
     def __post_init__(self) -> None:

@@ -5,6 +5,7 @@ they are done (`Driver`: one forward pass per step for all of them)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -100,12 +101,14 @@ class Scheduler:
         """Let waiting requests join while the running batch has room, in admission order; the
         others stay waiting (and count against the queue's bound, so its 429 holds while the engine
         is busy)."""
-        if self.config.batching == "static" and self.running:
-            return  # static batching: the next wave starts when this one is done
+        if self.config.batching != "continuous" and self.running:
+            return  # static and grouped batching: the next wave starts when this one is done
         with self.arrived:
             waiting = list(self.waiting)
         gone = [r for r in waiting if r.cancelled.is_set() or not self._prepare(r)]
         candidates = self._admission_order([r for r in waiting if r not in gone])
+        if self.config.batching == "grouped" and candidates:  # a wave asks for one decoding, as the first
+            candidates = [r for r in candidates if _decoding_key(r) == _decoding_key(candidates[0])]
         joining: dict[Method, PendingRequest] = {}
         rows = self.driver.batch.size if self.driver.batch is not None else 0
         for request in candidates:
@@ -197,6 +200,14 @@ class Scheduler:
 def _rows(method: Method) -> int:
     """The rows a request's method holds in the batch."""
     return method.rows_per_prompt() * len(method.job.prompts)
+
+
+def _decoding_key(request: PendingRequest) -> str:
+    """What the scheduler before continuous batching grouped requests by: everything but the prompt
+    and the seed."""
+    d = request.decoding
+    return json.dumps([request.chat, d.method, d.params, str(d.reward), d.value, d.max_new_tokens,
+                       d.min_new_tokens, d.stop, d.system], sort_keys=True, default=str)
 
 
 def _api_error(exc: Exception) -> ApiError:
