@@ -31,6 +31,19 @@ def answered(record_id: Any, prompt: Any, result) -> dict:
     return {"id": record_id, "prompt" if isinstance(prompt, str) else "messages": prompt, **result.to_dict()}
 
 
+def answered_prompts(written: list[dict]) -> dict:
+    """Each answered id's prompt, as its output record holds it."""
+    return {record["id"]: record.get("prompt", record.get("messages")) for record in written}
+
+
+def check_same_prompt(asked: dict, record_id: Any, prompt: Any, where: str, output_path: Path) -> None:
+    """Refuse to skip an id as done when its prompt changed since it was answered (an input edited
+    under the same path), instead of leaving the old answer as this prompt's."""
+    if asked[record_id] != prompt:
+        raise DecalignError(f"{where}: id {record_id!r} was answered in {output_path} for another prompt; "
+                            "use a new output file")
+
+
 def job_config(input_path: Path, request: Request) -> dict:
     """What a `generate --input` job's answers depend on: a rerun into the same output must ask the same."""
     model = request.model if request.model is None or isinstance(request.model, str) else getattr(request.model, "name", "")
@@ -49,7 +62,8 @@ def run_batch(input_path: str | Path, output_path: str | Path, request: Request)
     `output_path` batch by batch; ids already there are skipped. Each record's seed derives from the
     request's seed and the record's id, so an answer does not depend on the batch it landed in."""
     input_path, output_path = Path(input_path), Path(output_path)
-    done, _ = load_output(output_path)
+    done, written = load_output(output_path)
+    asked = answered_prompts(written)
     total = count_lines(input_path)
     if total == 0 and input_path.is_file():
         raise DecalignError(f"{input_path} holds no prompts")
@@ -75,6 +89,7 @@ def run_batch(input_path: str | Path, output_path: str | Path, request: Request)
     with output_path.open("a", encoding="utf-8") as out, _flushed_at_the_end(lambda: flush(out), bar):
         for number, record_id, prompt, _ in read_records(input_path):
             if record_id in done:
+                check_same_prompt(asked, record_id, prompt, f"{input_path} line {number}", output_path)
                 bar.update(1)
                 continue
             try:

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 from tqdm import tqdm
 
-from .batch_job import JOB_PATHS, job_config
+from .batch_job import JOB_PATHS, answered_prompts, check_same_prompt, job_config
 from .errors import DecalignError
 from .records import append_record, check_job_config, load_output, read_records
 from .request import Request
@@ -210,13 +210,16 @@ def run_batch_ray(input_path: str | Path, output_path: str | Path, request: Requ
         raise DecalignError(f"--replicas must be >= 1, got {replicas}")
     input_path, output_path = Path(input_path), Path(output_path)
     fields = _portable(request)  # a request the replicas cannot rebuild is refused first
-    done, _ = load_output(output_path)
+    done, written = load_output(output_path)
     check_job_config(output_path, job_config(input_path, request), written=bool(done), paths=JOB_PATHS)
+    asked = answered_prompts(written)
     base_seed = random.randrange(2**62) if request.seed is None else request.seed
     items, malformed = [], None
     try:
         for number, record_id, prompt, _ in read_records(input_path):
-            if record_id not in done:
+            if record_id in done:
+                check_same_prompt(asked, record_id, prompt, f"{input_path} line {number}", output_path)
+            else:
                 items.append({"line": number, "id": json.dumps(record_id), "prompt": json.dumps(prompt),
                               "seed": derive_seed(base_seed, record_id)})
     except DecalignError as exc:  # the records before a malformed line are answered first

@@ -87,6 +87,10 @@ def test_batch_mode_writes_each_record_once_and_resumes(tiny_path, tmp_path):
     assert [r["text"] for r in resumed] == [r["text"] for r in records]  # per-record seeds: same answers
     third = run(*args)
     assert read_records(out) == resumed and third.returncode == 0
+    # the input edited under the same path: an answered id whose prompt changed is refused, not skipped
+    write_lines(source, [json.dumps({"id": "a", "prompt": "hello"}), json.dumps({"id": "d", "prompt": "new"})])
+    assert_one_line_error(run(*args), "line 1: id 'a' was answered")
+    assert read_records(out) == resumed
 
 
 def test_malformed_line_is_named_and_finished_records_stay(tiny_path, tmp_path):
