@@ -572,15 +572,89 @@ def test_waves_of_the_schedulers_kept_to_compare_against(engine, batching, held_
         server.should_exit = True
 
 
+class StepGate:
+    """The server's decoding steps run only as the test allows: `allow(n)` lets n more run, `set()`
+    lets every later one run; so a test can queue requests behind a running one however slow the machine."""
+
+    def __init__(self) -> None:
+        self.permits = threading.Semaphore(0)
+
+    def allow(self, steps: int = 1) -> None:
+        self.permits.release(steps)
+
+    def set(self) -> None:
+        self.allow(1_000_000)
+
+
 @pytest.fixture
 def held_steps(monkeypatch):
-    """An event: the server's decoding steps wait until it is set, so a test can queue requests
-    behind a running one however slow the machine."""
     from decalign.methods import Driver
 
-    event, driver_step = threading.Event(), Driver.step
-    monkeypatch.setattr(Driver, "step", lambda self: event.wait(60) and driver_step(self))
-    return event
+    gate, driver_step = StepGate(), Driver.step
+    monkeypatch.setattr(Driver, "step", lambda self: gate.permits.acquire(timeout=60) and driver_step(self))
+    return gate
+
+
+@pytest.mark.parametrize("batching", ["continuous", "static", "grouped"])
+def test_a_request_given_up_while_queued_leaves_the_queue(engine, batching, held_steps):
+    """A queued request whose client hangs up leaves the queue at the next step, in every batching
+    mode (the wave schedulers kept it, and its place in the bounded queue, until their wave ended)."""
+    server, url = start(engine, queue_size=1, max_batch=1, max_tokens_limit=200, batching=batching)
+    try:
+        def ask(body, timeout=60):
+            return httpx.post(url + "/v1/completions", timeout=timeout, json={"prompt": "The answer is", **body})
+
+        running = threading.Thread(target=ask, args=({"max_tokens": 200, "temperature": 0},))
+        running.start()
+        wait_until(lambda: running_requests(url) == 1, "the first answer to start")
+        with pytest.raises(httpx.ReadTimeout):
+            ask({"max_tokens": 4}, timeout=0.5)  # queued, then its client hangs up
+
+        def left() -> bool:  # one more step each time it is asked, until the server has seen the hang-up
+            held_steps.allow(1)
+            return metric(url, "decalign_queue_depth") == 0
+        wait_until(left, "the abandoned request to leave", seconds=10)
+        assert running_requests(url) == 1  # the first answer is still being written
+        late = []
+        thread = threading.Thread(target=lambda: late.append(ask({"max_tokens": 4, "temperature": 0})))
+        thread.start()
+        wait_until(lambda: metric(url, "decalign_queue_depth") == 1 or late, "the next request to queue")
+        held_steps.set()
+        thread.join()
+        running.join()
+        assert late[0].status_code == 200, late[0].text
+    finally:
+        held_steps.set()
+        server.should_exit = True
+
+
+def test_past_its_deadline_a_request_gets_504_streamed_or_not(engine, held_steps):
+    """A request past the server's timeout gets OpenAI's error JSON with status 504, streamed or not
+    (a stream's status goes with its first text, so an error before it gets its own status; the
+    same for a request that fails before its first text: 400); each is counted under its status; and
+    their rows are gone once the engine steps again."""
+    server, url = start(engine, timeout=0.5)
+    try:
+        bodies = [{"prompt": "hi", "max_tokens": 8}, {"prompt": "hi", "max_tokens": 8, "stream": True},
+                  {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "stream": True}]
+        for body in bodies:
+            route = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+            reply = httpx.post(url + route, json=body, timeout=30)
+            assert reply.status_code == 504 and reply.json()["error"]["type"] == "timeout", reply.text
+        held_steps.set()
+        wait_until(lambda: metric(url, "decalign_live_rows") == 0, "the timed-out rows to leave")
+        refused = httpx.post(url + "/v1/completions", timeout=30, json={
+            "prompt": "hi", "max_tokens": 4, "stream": True, "alignment": {"method": "contrastive"}})
+        assert refused.status_code == 400 and "amateur" in refused.json()["error"]["message"], refused.text
+        metrics = httpx.get(url + "/metrics", timeout=10).text
+        assert 'endpoint="/v1/completions",status="504"} 2.0' in metrics
+        assert 'endpoint="/v1/chat/completions",status="504"} 1.0' in metrics
+        assert 'endpoint="/v1/completions",status="400"} 1.0' in metrics
+        answer = httpx.post(url + "/v1/completions", timeout=30, json={"prompt": "hi", "max_tokens": 4})
+        assert answer.status_code == 200
+    finally:
+        held_steps.set()
+        server.should_exit = True
 
 
 def wait_until(condition, what: str, seconds: float = 60) -> None:

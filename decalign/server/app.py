@@ -76,6 +76,9 @@ async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return JSONResponse(ApiError(exc.status_code, str(exc.detail), kind).body(), status_code=exc.status_code)
 
 
+OUTCOME = "decalign.status"  # the scope key of the status a request is counted under
+
+
 class Guard:
     """Checks the API key and the declared body size before a /v1/ route runs, counts /v1/ requests
     by route and status (unknown paths under one label), and answers any unexpected error with a 500
@@ -91,6 +94,7 @@ class Guard:
             return
         state: ServerState = scope["app"].state.server
         config, started, status, api = state.config, time.perf_counter(), [0], scope["path"].startswith("/v1/")
+        scope[OUTCOME] = status  # a stream that ends in an error event is counted under that error's status
 
         async def sent(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -192,11 +196,13 @@ async def respond(request: Request, state: ServerState, body: GenerationOptions,
     created = int(time.time())
     wants_logprobs = bool(body.logprobs) if chat else body.logprobs is not None
     offset = 0 if chat else len(prompt)  # where the legacy form's text offsets count from
-    if body.stream:
-        return StreamingResponse(stream_events(request, state, pending, ident, created,
+    deadline = time.monotonic() + state.config.timeout
+    if body.stream:  # the status is sent with the first text: an error before it gets its own
+        first = await first_update(request, pending, deadline)
+        return StreamingResponse(stream_events(request, state, pending, ident, created, deadline, first,
                                                logprobs=wants_logprobs, offset=offset),
                                  media_type="text/event-stream")
-    results = await wait(request, pending, state.config.timeout)
+    results = await wait(request, pending, deadline)
     head = dict(id=ident, created=created, model=state.config.model_name)
     usage, alignment = answer_usage(state.engine, pending, results), alignment_info(results[0])
     scores = choice_logprobs(state.engine, pending, results, offset) if wants_logprobs else [None] * len(results)
@@ -209,22 +215,40 @@ async def respond(request: Request, state: ServerState, body: GenerationOptions,
     return Completion(**head, choices=choices, usage=usage, alignment=alignment)
 
 
-async def wait(request: Request, pending: PendingRequest, timeout: float) -> list[Result]:
-    """The results (one per choice), or 499 once the client hangs up, or 504 past the deadline; either stops the rows."""
-    deadline = time.monotonic() + timeout
+async def wait(request: Request, pending: PendingRequest, deadline: float) -> list[Result]:
+    """The results (one per choice), or 499 once the client hangs up, or 504 past the deadline."""
     while not pending.future.done():
-        if await request.is_disconnected():
-            pending.cancelled.set()
-            raise ApiError(499, "client closed the request")
-        if time.monotonic() > deadline:
-            pending.cancelled.set()
-            raise ApiError(504, f"no answer within {timeout:g} s", "timeout")
+        await give_up_if_gone(request, pending, deadline)
         await asyncio.wait([pending.future], timeout=0.1)
     return pending.future.result()
 
 
-async def stream_events(request: Request, state: ServerState, pending: PendingRequest, ident: str,
-                        created: int, *, logprobs: bool = False, offset: int = 0) -> AsyncIterator[str]:
+async def first_update(request: Request, pending: PendingRequest, deadline: float) -> tuple[int, str] | None:
+    """A stream's first (choice, text), or None once its answer is settled without one; a request
+    that fails, times out or is abandoned before it raises its error here, before any byte is sent."""
+    while not pending.future.done():
+        await give_up_if_gone(request, pending, deadline)
+        update = asyncio.ensure_future(pending.updates.get())
+        await asyncio.wait([pending.future, update], timeout=0.1, return_when=asyncio.FIRST_COMPLETED)
+        if not update.cancel():  # it had its item (a cancelled get leaves the item in the queue)
+            return update.result()
+    pending.future.result()  # raises the request's error
+    return None
+
+
+async def give_up_if_gone(request: Request, pending: PendingRequest, deadline: float) -> None:
+    """499 once the client hangs up, 504 past the deadline; either stops the request's rows at the next step."""
+    if await request.is_disconnected():
+        pending.cancelled.set()
+        raise ApiError(499, "client closed the request")
+    if time.monotonic() > deadline:
+        pending.cancelled.set()
+        raise ApiError(504, "no answer within the server's timeout (--timeout)", "timeout")
+
+
+async def stream_events(request: Request, state: ServerState, pending: PendingRequest, ident: str, created: int,
+                        deadline: float, first: tuple[int, str] | None, *, logprobs: bool = False,
+                        offset: int = 0) -> AsyncIterator[str]:
     """Server-sent events: the committed text as it grows, then the finish reason, usage and alignment.
 
     With `logprobs`, each choice's token log-probabilities come in one chunk of their own once its
@@ -245,8 +269,7 @@ async def stream_events(request: Request, state: ServerState, pending: PendingRe
             opening = ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))
             yield event(ChatCompletionChunk(**head, choices=[opening]).model_dump(mode="json"))
     sent = [""] * choices
-    arrived = time.monotonic()
-    deadline = arrived + state.config.timeout
+    arrived = deadline - state.config.timeout
 
     def grown(index: int, text: str, final: bool = False) -> str | None:
         """The chunk adding what `text` holds beyond what choice `index` was sent (None if nothing);
@@ -260,14 +283,18 @@ async def stream_events(request: Request, state: ServerState, pending: PendingRe
         piece, sent[index] = text[len(sent[index]):], text
         return chunk(index, piece)
 
+    def failed(error: ApiError) -> str:
+        request.scope[OUTCOME][0] = error.status  # counted as the error it ended in, not as the 200 it began as
+        return event(error.body())  # (one a client that hung up never reads)
+
     try:
+        if first is not None and (piece := grown(*first)) is not None:
+            yield piece
         while not pending.future.done():
-            if await request.is_disconnected():
-                pending.cancelled.set()
-                return
-            if time.monotonic() > deadline:
-                pending.cancelled.set()
-                yield event(ApiError(504, "timed out", "timeout").body())
+            try:
+                await give_up_if_gone(request, pending, deadline)
+            except ApiError as exc:
+                yield failed(exc)
                 return
             try:
                 index, text = await asyncio.wait_for(pending.updates.get(), timeout=0.1)
@@ -278,7 +305,7 @@ async def stream_events(request: Request, state: ServerState, pending: PendingRe
         try:
             results = pending.future.result()
         except ApiError as exc:
-            yield event(exc.body())
+            yield failed(exc)
             return
         for index, result in enumerate(results):
             if (piece := grown(index, result.text, final=True)) is not None:

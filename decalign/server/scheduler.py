@@ -101,11 +101,12 @@ class Scheduler:
         """Let waiting requests join while the running batch has room, in admission order; the
         others stay waiting (and count against the queue's bound, so its 429 holds while the engine
         is busy)."""
+        with self.arrived:  # requests given up on (hung up, timed out) leave the queue and its bound
+            self.waiting = [r for r in self.waiting if not r.cancelled.is_set()]
+            waiting = list(self.waiting)  # a snapshot: requests may arrive while these are prepared
         if self.config.batching != "continuous" and self.running:
             return  # static and grouped batching: the next wave starts when this one is done
-        with self.arrived:
-            waiting = list(self.waiting)
-        gone = [r for r in waiting if r.cancelled.is_set() or not self._prepare(r)]
+        gone = [r for r in waiting if not self._prepare(r)]
         candidates = self._admission_order([r for r in waiting if r not in gone])
         if self.config.batching == "grouped" and candidates:  # a wave asks for one decoding, as the first
             candidates = [r for r in candidates if _decoding_key(r) == _decoding_key(candidates[0])]
