@@ -514,29 +514,37 @@ def test_admission_takes_the_cheapest_first_but_overtakes_a_request_at_most_max_
     the Best-of-4, overtaken once (max_batch), then goes before the second. First come, first
     served keeps arrival order."""
     server, url = start(engine, max_batch=1, max_tokens_limit=200, admission=admission)
-    bodies = {"big": {"max_tokens": 40, "seed": 1, "alignment": {"method": "bon", "n": 4, "reward": "sentiment"}},
+    queued = {"big": {"max_tokens": 40, "seed": 1, "alignment": {"method": "bon", "n": 4, "reward": "sentiment"}},
               "small 1": {"max_tokens": 4, "temperature": 0}, "small 2": {"max_tokens": 4, "temperature": 0}}
-    finished = []
     try:
-        def ask(name, body):
-            reply = httpx.post(url + "/v1/completions", timeout=120, json={"prompt": "The answer is", **body})
-            assert reply.status_code == 200, reply.text
-            finished.append(name)
-
-        threads = [threading.Thread(target=ask, args=("long", {"max_tokens": 20, "temperature": 0}))]
-        threads[0].start()
-        wait_until(lambda: running_requests(url) == 1, "the long answer to start")
-        for depth, (name, body) in enumerate(bodies.items(), start=1):
-            threads.append(threading.Thread(target=ask, args=(name, body)))
-            threads[-1].start()
-            wait_until(lambda: metric(url, "decalign_queue_depth") == depth, f"{depth} queued requests")
-        held_steps.set()
-        for thread in threads:
-            thread.join()
-        assert finished == ["long", *order]
+        finished = finish_order(url, held_steps, {"max_tokens": 20, "temperature": 0}, queued)
+        assert finished == ["running", *order]
     finally:
         held_steps.set()
         server.should_exit = True
+
+
+def finish_order(url: str, held_steps, running: dict, queued: dict[str, dict]) -> list[str]:
+    """With the engine's steps held: start the request `running`, queue the `queued` ones in their
+    order behind it, then let the engine run; the order in which their answers came back."""
+    finished = []
+
+    def ask(name, body):
+        reply = httpx.post(url + "/v1/completions", timeout=120, json={"prompt": "The answer is", **body})
+        assert reply.status_code == 200, reply.text
+        finished.append(name)
+
+    threads = [threading.Thread(target=ask, args=("running", running))]
+    threads[0].start()
+    wait_until(lambda: running_requests(url) == 1, "the first answer to start")
+    for depth, (name, body) in enumerate(queued.items(), start=1):
+        threads.append(threading.Thread(target=ask, args=(name, body)))
+        threads[-1].start()
+        wait_until(lambda: metric(url, "decalign_queue_depth") == depth, f"{depth} queued requests")
+    held_steps.set()
+    for thread in threads:
+        thread.join()
+    return finished
 
 
 @pytest.mark.parametrize("batching", ["static", "grouped"])
@@ -548,23 +556,8 @@ def test_waves_of_the_schedulers_kept_to_compare_against(engine, batching, held_
     server, url = start(engine, max_batch=4, max_tokens_limit=200, batching=batching, admission="arrival")
     greedy = {"max_tokens": 4, "temperature": 0}
     best_of_4 = {"max_tokens": 30, "alignment": {"method": "bon", "n": 4, "reward": "sentiment"}}
-    finished = []
     try:
-        def ask(name, body):
-            reply = httpx.post(url + "/v1/completions", timeout=120, json={"prompt": "The answer is", **body})
-            assert reply.status_code == 200, reply.text
-            finished.append(name)
-
-        threads = [threading.Thread(target=ask, args=("running", greedy))]
-        threads[0].start()
-        wait_until(lambda: running_requests(url) == 1, "the first answer to start")
-        for depth, (name, body) in enumerate({"bon 1": best_of_4, "greedy": greedy, "bon 2": best_of_4}.items(), 1):
-            threads.append(threading.Thread(target=ask, args=(name, body)))
-            threads[-1].start()
-            wait_until(lambda: metric(url, "decalign_queue_depth") == depth, f"{depth} queued requests")
-        held_steps.set()
-        for thread in threads:
-            thread.join()
+        finished = finish_order(url, held_steps, greedy, {"bon 1": best_of_4, "greedy": greedy, "bon 2": best_of_4})
         expected = ["greedy", "bon", "bon"] if batching == "static" else ["bon", "bon", "greedy"]
         assert [name.split()[0] for name in finished] == ["running", *expected]
     finally:
