@@ -61,15 +61,18 @@ SHAPES = {
 
 def random_model(*, seed: int = 0, layers: int = 2, hidden: int = 64, intermediate: int | None = None,
                  heads: int = 4, kv_heads: int = 2, context: int = 512, logit_scale: float = 4.0, tokenizer=None,
-                 device: str = "cpu", dtype: str = "float32"):
+                 device: str = "cpu", dtype: str = "float32", sliding_window: int | None = None):
     """(model, tokenizer): a random-weight Llama causal LM. The defaults give a 2-layer toy for tests;
     `**SHAPES["8b"]` with device="cuda", dtype="bfloat16" gives one of a real model's size, built on
-    the GPU (it takes minutes on a CPU)."""
+    the GPU (it takes minutes on a CPU). With `sliding_window`, a Qwen2 of the same shape whose second
+    half of layers attends to that many tokens only (full and sliding-window layers mixed, as Gemma's)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     tokenizer = tokenizer or make_tokenizer()
-    config = LlamaConfig(
+    window = {} if sliding_window is None else dict(use_sliding_window=True, sliding_window=sliding_window,
+                                                    max_window_layers=layers // 2)
+    config = (LlamaConfig if sliding_window is None else Qwen2Config)(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=intermediate or hidden * 2,
@@ -81,10 +84,11 @@ def random_model(*, seed: int = 0, layers: int = 2, hidden: int = 64, intermedia
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        **window,
     )
     torch.manual_seed(seed)
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
     with torch.no_grad():  # default init gives near-uniform next-token distributions; sharpen them
         model.lm_head.weight.normal_(0.0, logit_scale / hidden**0.5)
     model.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -22,14 +22,21 @@ def room_never_read(monkeypatch):
     monkeypatch.setattr(cache_module, "new_buffer", lambda like, shape: like.new_full(shape, math.nan))
 
 
-@pytest.fixture(scope="module", params=["torch matmul", "packed weights", "fed rows alone", "transformers' forward"])
-def engine(request, tiny_path):
-    """Every exactness test runs four times: with torch's own matmul; with every Linear layer of
+@pytest.fixture(scope="module", params=["torch matmul", "packed weights", "fed rows alone", "transformers' forward",
+                                        "sliding window"])
+def engine(request, tiny_path, tmp_path_factory):
+    """Every exactness test runs five times: with torch's own matmul; with every Linear layer of
     the tiny model packed for oneDNN (the real model's large layers are; the tiny ones would not
-    be); with every decode step run over the rows that take a token only; and through
-    transformers' own forward instead of the engine's decoder."""
+    be); with every decode step run over the rows that take a token only; through transformers' own
+    forward instead of the engine's decoder; and on a model whose second layer attends to its last
+    5 tokens only (transformers' forward, the window applied by the engine's masks in token positions)."""
     from decalign import Engine
+    from decalign.testing import make_tiny_model
 
+    if request.param == "sliding window":
+        engine = Engine.load(str(make_tiny_model(tmp_path_factory.mktemp("sliding") / "model", sliding_window=5)))
+        assert engine.decoder is None and engine.windows == {"full_attention": None, "sliding_attention": 5}
+        return engine
     engine = Engine.load(str(tiny_path))
     assert engine.decoder is not None
     if request.param == "transformers' forward":
@@ -546,3 +553,20 @@ def test_the_decoder_leaves_architectures_it_does_not_reproduce_to_transformers(
     assert Decoder.build(llama) is not None
     monkeypatch.setenv("DECALIGN_LEAN_DECODER", "0")
     assert Decoder.build(llama) is None
+
+
+def test_a_model_whose_cache_holds_more_than_keys_and_values_is_refused_at_load(tmp_path):
+    """A recurrent model (Mamba) cannot be cropped, forked or joined as the engine does: one clear
+    error when it loads, not wrong answers (greedy went astray from its second token) or a traceback."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from decalign import Engine
+    from decalign.errors import DecalignError
+    from decalign.testing import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    MambaForCausalLM(MambaConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, state_size=4)
+                     ).save_pretrained(tmp_path, safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(DecalignError, match="recurrent"):
+        Engine.load(str(tmp_path))

@@ -24,8 +24,8 @@ import torch
 from ..errors import DecalignError
 from ..sampling import Sampling, choose_tokens, derive_seed, make_generator
 from .adapters import BASE
-from .cache import RowLayer, only_rows, reserve_room, row_cache, steps_subsets
-from .decoder import Part, padded_tokens
+from .cache import only_rows, reserve_room, row_cache, window_bias
+from .decoder import Part, attention_bias, padded_tokens
 from .stopping import CutRule, StepView, StopRule, TokenView
 
 if TYPE_CHECKING:
@@ -305,6 +305,9 @@ class Batch:
                 if joining is not None:
                     joining._encoded(theirs[0][0].float(), theirs[0][1])
                 return logits.float(), states
+            if self.engine.windows is not None:  # the window counted in tokens, over a cache that keeps every position
+                mask = window_bias(attention_bias(mask, input_ids.shape[1], self.engine.model.dtype), mask,
+                                   self.engine.windows)
             out = self.engine.model(
                 input_ids=input_ids,
                 attention_mask=mask,
@@ -341,7 +344,7 @@ class Batch:
         """A forward pass that feeds `rows` (`input_ids` and `new_mask` cover every row; the others
         hold masked padding): refresh their logits and return their states, in that order. When few
         rows are fed, only they run through the model. `joining`: see `_forward`."""
-        if len(rows) < self.engine.subset_share * self.size and steps_subsets(self.cache):
+        if len(rows) < self.engine.subset_share * self.size:
             logits, states = self._forward(input_ids[rows], new_mask, rows, joining)
             self.logits[rows] = logits
             return states
@@ -647,11 +650,7 @@ class Batch:
         width = max(self.mask.shape[1], joining.mask.shape[1])
         room = width + max(self.remaining_tokens(), joining.remaining_tokens())
         for mine, theirs in zip(self.cache.layers, joining.cache.layers):
-            if isinstance(mine, RowLayer):
-                mine.append_rows(theirs, width, room)
-            else:
-                mine.keys = torch.cat([_left_pad(mine.keys, width, 2), _left_pad(theirs.keys, width, 2)])
-                mine.values = torch.cat([_left_pad(mine.values, width, 2), _left_pad(theirs.values, width, 2)])
+            mine.append_rows(theirs, width, room)
         self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(joining.mask, width, 1)])
         self.logits = torch.cat([self.logits, joining.logits])
         self._join_states(joining)
@@ -795,12 +794,7 @@ class Batch:
         order = torch.argsort(self.mask, dim=1, stable=True)[:, -width:]
         self.mask = self.mask.gather(1, order)
         for layer in self.cache.layers:
-            if isinstance(layer, RowLayer):
-                layer.gather_positions(order)
-                continue
-            index = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
-            layer.keys = layer.keys.gather(2, index)
-            layer.values = layer.values.gather(2, index)
+            layer.gather_positions(order)
 
 
 def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:

@@ -22,7 +22,9 @@ from typing import Callable, Iterator
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+from ..errors import DecalignError
 
 
 def spare_positions(filled: int) -> int:
@@ -173,23 +175,55 @@ def new_buffer(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def row_cache(config) -> DynamicCache:
-    """A `DynamicCache` for `config` whose plain layers are `RowLayer`s (sliding-window and other
-    special layers are kept as transformers makes them)."""
+    """A `DynamicCache` for `config` whose layers are all `RowLayer`s. A sliding-window layer
+    becomes one too: transformers' keeps only the window's last positions, which a crop, a join or a
+    compaction of the batch's columns cannot follow, so every position is kept and the window is
+    applied by the attention mask instead, in token positions (`window_bias`). A model whose cache
+    holds anything but keys and values (a recurrent state, layers without attention) is refused."""
     cache = DynamicCache(config=config)
-    cache.layers = [RowLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    for layer in cache.layers:
+        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
+            raise DecalignError(f"the model's cache has {type(layer).__name__} layers (a recurrent or shared "
+                                "state): decalign's engine needs attention layers with keys and values")
+    cache.layers = [RowLayer() for _ in cache.layers]
     return cache
 
 
+def attention_windows(config) -> dict[str, int | None] | None:
+    """For a model with sliding-window layers, each of its layer kinds (transformers' `layer_types`)
+    and its window in tokens (None: the whole context); None for a model whose layers all read the
+    whole context."""
+    config = config.get_text_config(decoder=True)
+    window = getattr(config, "sliding_window", None)
+    kinds = set(getattr(config, "layer_types", None) or
+                ["sliding_attention" if window and getattr(config, "use_sliding_window", True) else "full_attention"])
+    if kinds - {"full_attention", "sliding_attention"}:
+        raise DecalignError(f"the model has {', '.join(sorted(kinds - {'full_attention', 'sliding_attention'}))} "
+                            "layers: decalign's engine runs full and sliding-window attention only")
+    if "sliding_attention" not in kinds:
+        return None
+    return {kind: window if kind == "sliding_attention" else None for kind in kinds}
+
+
+def window_bias(bias: torch.Tensor, mask: torch.Tensor, windows: dict[str, int | None]) -> torch.Tensor | dict:
+    """The attention biases of a pass (`bias`: rows x 1 x new x width, every layer's causal bias over
+    the batch's columns) for each layer kind of `attention_windows`: a sliding-window layer also hides
+    the keys `window` tokens or more before the query, counted in tokens (`mask`'s set columns), not
+    in columns, which left padding and cropped holes add. One tensor when every layer is of one kind
+    (what any model takes), else transformers' mapping of kind to mask."""
+    positions = mask.cumsum(-1) - 1  # each column's token position in its row
+    new = bias.shape[2]
+    distance = positions[:, None, -new:, None] - positions[:, None, None, :]  # rows x 1 x new x width
+    lowest = torch.finfo(bias.dtype).min
+    biases = {kind: bias if window is None else bias.masked_fill(distance >= window, lowest)
+              for kind, window in windows.items()}
+    return next(iter(biases.values())) if len(biases) == 1 else biases
+
+
 def reserve_room(cache: DynamicCache, positions: int) -> None:
-    """Room for `positions` positions in every row layer (others grow as transformers grows them)."""
+    """Room for `positions` positions in every layer."""
     for layer in cache.layers:
-        if isinstance(layer, RowLayer):
-            layer.reserve(positions)
-
-
-def steps_subsets(cache: DynamicCache) -> bool:
-    """Whether a step of this cache can run over a subset of its rows."""
-    return all(isinstance(layer, RowLayer) for layer in cache.layers)
+        layer.reserve(positions)
 
 
 @contextmanager

@@ -13,6 +13,7 @@ from ..errors import DecalignError
 from ..models import DEFAULT_MODEL, load_model
 from .adapters import BASE, LoraRowGate, loaded_adapters, use_lean_lora, use_packed_linears
 from .batch import Batch, BatchPrompt
+from .cache import attention_windows, row_cache
 from .decoder import Decoder
 
 Prompt = str | list[dict]
@@ -45,6 +46,8 @@ class Engine:
         use_lean_lora(model)  # an adapter's LoRA modules without PEFT's per-call Python
         # the decode forward without transformers' per-call machinery, where it is exact (else None)
         self.decoder = Decoder.build(model)
+        row_cache(config)  # refuses, at load, a model whose cache the engine cannot keep
+        self.windows = attention_windows(config)  # sliding-window layers: masks in token positions
 
     @classmethod
     def load(
