@@ -74,6 +74,15 @@ def default_model_path() -> Path:
     return target
 
 
+def local_or_id(spec: str | None) -> str | None:
+    """A local file or folder as its absolute path (the same name however it was spelled: ./m, m/,
+    /abs/m), anything else (a hub id, a built-in name) as given."""
+    if spec is None:
+        return None
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
+
+
 def resolve_model_path(spec: str | None) -> str:
     """Map a --model value to something from_pretrained accepts, with a clear error if it cannot be."""
     if spec is None or spec in _DEFAULT_ALIASES:

@@ -78,6 +78,21 @@ def test_judge_is_yes_minus_no_log_odds(tiny_path):
         assert score == pytest.approx(float(logp[judge.yes] - logp[judge.no]), abs=1e-4)
 
 
+def test_a_judge_cuts_what_its_model_cannot_read_from_the_left(tmp_path):
+    """A judge whose model reads 64 positions scores a longer conversation from its last 64 tokens
+    (the rubric and the question stay), instead of failing past the model's positions."""
+    from decalign.testing import make_tiny_model
+
+    judge = load_reward(f"judge:{make_tiny_model(tmp_path / 'short', context=64)}")
+    long_answer = "word " * 200
+    (score,) = judge.score(["hi"], [long_answer])
+    (text,) = judge._texts(["hi"], [long_answer])
+    ids = judge.tokenizer(text, add_special_tokens=False)["input_ids"][-64:]
+    with torch.no_grad():
+        logp = judge.model(torch.tensor([ids])).logits[0, -1].log_softmax(-1)
+    assert judge.max_length == 64 and score == pytest.approx(float(logp[judge.yes] - logp[judge.no]), abs=1e-4)
+
+
 def test_weighted_sum_arithmetic(classifier):
     combined = load_reward(f"sentiment + 0.5*hf:{classifier} + -2*length:target=4")
     parts = [load_reward("sentiment"), load_reward(f"hf:{classifier}"), load_reward("length:target=4")]

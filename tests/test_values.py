@@ -315,3 +315,36 @@ def test_a_rerun_on_other_prompts_recomputes_the_cached_features(engine, tiny_pa
         assert handle.metadata()["answers"] == answers_fingerprint(wanted)
         assert len(set(handle.get_tensor("prompt").tolist())) == 8
     assert (tmp_path / "v" / "features.safetensors").read_bytes() != before
+
+
+def test_a_value_names_its_policy_the_same_however_its_folder_is_spelled(tiny_path, monkeypatch):
+    """A value trained with --model DIR is the policy's whatever the next command calls DIR (DIR/,
+    a relative path): the engine names a local model by its absolute path, and a card naming a
+    relative one is read from where it is used."""
+    from decalign import Engine
+    from decalign.values import ValueHead, policy_signature
+
+    monkeypatch.chdir(tiny_path.parent)
+    spelled = [Engine.load(f"{tiny_path}/"), Engine.load(tiny_path.name)]
+    assert {engine.name for engine in spelled} == {str(tiny_path.resolve())}
+    card = {"policy": {**policy_signature(spelled[0]), "model": f"./{tiny_path.name}"}}
+    ValueHead(name="v", layers=[1], weight=torch.zeros(1), bias=0.0, card=card).check_engine(spelled[1])
+
+
+def test_train_value_refuses_a_model_whose_layers_differ_in_width(tmp_path):
+    """OPT projects its last layer to its embedding width: refused before any sampling, in one line,
+    where it failed with an IndexError after all the sampling."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from decalign.testing import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=32, word_embed_proj_dim=16, ffn_dim=64,
+                             num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=128)
+                   ).save_pretrained(tmp_path / "opt", safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path / "opt")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(4)))
+    with pytest.raises(DecalignError, match=r"hidden states \[16, 32\] wide"):
+        train_value(prompts=prompts, reward_spec="length:target=5", out=tmp_path / "value", model=str(tmp_path / "opt"),
+                    progress=False, log=lambda line: None)

@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 
 from ..errors import DecalignError
-from ..models import DEFAULT_MODEL, load_model
+from ..models import DEFAULT_MODEL, load_model, local_or_id
 from .adapters import BASE, LoraRowGate, loaded_adapters, use_lean_lora, use_packed_linears
 from .batch import Batch, BatchPrompt
 from .cache import attention_windows, row_cache
@@ -26,7 +26,7 @@ class Engine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
-        self.adapter = adapter  # the adapter loaded with --adapter, as given
+        self.adapter = adapter  # the adapter loaded with --adapter (a local one by its absolute path)
         self.device = next(model.parameters()).device
         config = model.config
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -59,7 +59,7 @@ class Engine:
         where = pick_device(device)
         dtype = "bfloat16" if where.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
         policy, tokenizer = load_model(model, adapter, trust_remote_code=trust_remote_code, dtype=dtype)
-        return cls(policy.to(where), tokenizer, name=model or DEFAULT_MODEL, adapter=adapter)
+        return cls(policy.to(where), tokenizer, name=local_or_id(model) or DEFAULT_MODEL, adapter=local_or_id(adapter))
 
     # ----- text <-> tokens -------------------------------------------------------------------
     def check_fits(self, ids: Sequence[int], which: str = "the prompt") -> None:

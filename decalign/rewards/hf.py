@@ -79,7 +79,7 @@ class ClassifierReward(_ModelReward):
         super().__init__()
         self.name = f"hf:{path}"
         self.model, self.tokenizer = _load(path, "classifier", dtype, trust_remote_code)
-        self.max_length = min(max_length, getattr(self.tokenizer, "model_max_length", max_length) or max_length)
+        self.max_length = _fitted_length(self.model, self.tokenizer, max_length)
         self.batch_size = batch_size
         self.plus, self.minus = self._pick_labels(label)
 
@@ -126,7 +126,8 @@ class JudgeReward(_ModelReward):
         self.name = f"judge:{path or 'smollm2'}"
         self.model, self.tokenizer = _load(path or "smollm2", "judge", dtype, trust_remote_code)
         self.tokenizer.padding_side = "left"
-        self.rubric, self.max_length, self.batch_size = rubric, max_length, batch_size
+        self.rubric, self.batch_size = rubric, batch_size
+        self.max_length = _fitted_length(self.model, self.tokenizer, max_length)
         self.yes = self._first_token("Yes")
         self.no = self._first_token("No")
 
@@ -151,6 +152,13 @@ class JudgeReward(_ModelReward):
     def _values(self, encoded) -> torch.Tensor:
         logits = self.model(**encoded, logits_to_keep=1).logits[:, -1].float().log_softmax(-1)
         return logits[:, self.yes] - logits[:, self.no]
+
+
+def _fitted_length(model, tokenizer, wanted: int) -> int:
+    """`wanted` tokens, or fewer where the model reads fewer positions or its tokenizer allows fewer
+    (inputs are cut from the left, so the oldest context goes first)."""
+    limits = (wanted, getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None))
+    return min(limit for limit in limits if isinstance(limit, int) and limit > 0)
 
 
 def _split_options(kind: str, text: str, allowed: set[str], example: str) -> tuple[str, dict[str, str]]:

@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import DecalignError
+from ..models import local_or_id
 
 SHIPPED = Path(__file__).resolve().parent / "weights"
 FORMAT = "decalign-value-1"
@@ -56,7 +57,8 @@ class ValueHead:
     def check_engine(self, engine) -> None:
         """A one-line error when the value was trained for another policy."""
         policy = self.card.get("policy", {})
-        mine = (policy.get("model"), policy.get("adapter"), policy.get("hidden_size"), policy.get("num_layers"))
+        mine = (local_or_id(policy.get("model")), local_or_id(policy.get("adapter")), policy.get("hidden_size"),
+                policy.get("num_layers"))  # a card of a relative path: as seen from here
         theirs = policy_signature(engine)
         if mine != (theirs["model"], theirs["adapter"], theirs["hidden_size"], theirs["num_layers"]):
             raise DecalignError(

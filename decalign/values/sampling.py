@@ -93,7 +93,7 @@ def sample_answers(engine, reward, items: Sequence[tuple[Any, Any]], out: Path, 
         raise DecalignError(f"--batch-size must be >= 1, got {batch_size}")
     config = {"model": engine.name, "adapter": engine.adapter, "reward": reward.name, "n": n,
               "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "seed": seed}
-    check_run_config(out.parent, config)
+    check_run_config(out.parent, config, paths=("model", "adapter"))
     if samples_from is not None:
         rescore_samples(samples_from, reward, items, out, config, progress=progress)
     done, records = load_output(out)

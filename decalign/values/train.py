@@ -40,6 +40,18 @@ CHECK_LENGTHS = (4, 8, 16, 32, 64)  # where values are judged (value-check uses 
 PENALTIES = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)  # ridge penalty, times the training rows
 
 
+def check_state_widths(engine) -> None:
+    """A value reads every layer's states as the model's hidden size wide; refuse, before any sampling,
+    a model whose layers report other widths (OPT's last layer, projected to its embedding width)."""
+    with torch.no_grad():
+        out = engine.model(input_ids=torch.tensor([[engine.pad_id]], device=engine.device), output_hidden_states=True,
+                           logits_to_keep=1)
+    widths = sorted({state.shape[-1] for state in out.hidden_states})
+    if widths != [engine.hidden_size]:
+        raise DecalignError(f"model {engine.name} reports hidden states {widths} wide; a value needs every "
+                            f"layer's {engine.hidden_size} wide")
+
+
 def length_grid(answer_tokens: int) -> list[int]:
     """Prefix lengths a training answer contributes: dense early, sparser later, and the whole answer."""
     grid = [0, 1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128, 192, 256, 384, 512]
@@ -309,6 +321,7 @@ def train_value(*, prompts: Path, reward_spec: "str | Reward", out: Path, model:
     reward = load_reward(reward_spec)
     items = read_prompts(prompts, exclude=exclude, limit=limit, offset=offset)
     engine = get_engine(model, adapter)
+    check_state_widths(engine)
     samples = samples or out / "samples.jsonl"
     started = time.perf_counter()
     records = sample_answers(engine, reward, items, samples, n=n, max_new_tokens=max_new_tokens,
