@@ -72,15 +72,17 @@ def run(
     cancelled: Callable[[int], bool] | None = None,
 ) -> list[Result]:
     """Decode a validated request with prompts, `batch_size` prompts at a time; see `generate` for
-    the callbacks."""
+    the callbacks. Calls on one model from several threads run one after another (each answers as
+    alone); `decalign serve` is the way to decode concurrent requests together."""
     plan = _Plan(request)
     results: list[Result] = []
-    for start in range(0, len(plan.prompts), request.batch_size):
-        job = plan.job(slice(start, start + request.batch_size), _shifted(listener, start),
-                       _shifted(cancelled, start))
-        results.extend(request.spec.run(job, request.config))
-        if progress is not None:
-            progress(len(results))
+    with plan.engine.lock:  # calls from other threads on this model wait for this one
+        for start in range(0, len(plan.prompts), request.batch_size):
+            job = plan.job(slice(start, start + request.batch_size), _shifted(listener, start),
+                           _shifted(cancelled, start))
+            results.extend(request.spec.run(job, request.config))
+            if progress is not None:
+                progress(len(results))
     return results
 
 
@@ -98,7 +100,8 @@ def run_together(
     methods = [start(request, listener, cancel) for request, listener, cancel in zip(requests, listeners, cancelled)]
     if len({id(m.job.engine) for m in methods}) > 1:
         raise DecalignError("requests decoded together must use the same model and adapter")
-    return drive(methods[0].job.engine, methods)
+    with methods[0].job.engine.lock:
+        return drive(methods[0].job.engine, methods)
 
 
 def start(

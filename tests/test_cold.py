@@ -354,3 +354,25 @@ def test_cold_and_plain_requests_join_each_others_running_batch(adapted, monkeyp
             driver.step()
         for method, request in zip(methods, (first, second)):
             assert method.results[0].tokens == run(request)[0].tokens
+
+
+def test_calls_from_several_threads_on_one_adapter_model_answer_as_alone(adapted):
+    """A pass sets the adapters' row gates on the shared model, so concurrent calls used to read each
+    other's gates (size errors, or rows silently decoded without their adapter); they now take turns."""
+    import threading
+
+    prompts = ["Tell me about bread.", "Say something kind."]
+
+    def call(method: str) -> list[str]:
+        extra = {"gate": None} if method == "cold" else {}
+        return [r.text for r in generate(prompts, model=adapted, method=method, max_new_tokens=12, **extra)]
+
+    alone = {method: call(method) for method in ("greedy", "cold")}
+    together: dict[str, list[str]] = {}
+    threads = [threading.Thread(target=lambda m=method, i=i: together.__setitem__(f"{m} {i}", call(m)))
+               for i in range(3) for method in ("greedy", "cold")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert together == {f"{method} {i}": alone[method] for i in range(3) for method in ("greedy", "cold")}

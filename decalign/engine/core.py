@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from contextlib import AbstractContextManager
 from typing import Sequence
 
@@ -46,6 +47,9 @@ class Engine:
         use_lean_lora(model)  # an adapter's LoRA modules without PEFT's per-call Python
         # the decode forward without transformers' per-call machinery, where it is exact (else None)
         self.decoder = Decoder.build(model)
+        # one decoding at a time: a pass sets the adapters' row gates, and a method may load an adapter
+        # of its own, on the model that every caller shares (`decalign.run` holds it; reentrant)
+        self.lock = threading.RLock()
         row_cache(config)  # refuses, at load, a model whose cache the engine cannot keep
         self.windows = attention_windows(config)  # sliding-window layers: masks in token positions
 
