@@ -44,6 +44,9 @@ def test_callable_and_subclass_rewards():
     assert load_reward(reward) is reward
     with pytest.raises(DecalignError, match="returned 1 scores for 2"):
         CallableReward(lambda p, r: [0.0]).score(["a", "b"], ["x", "y"])
+    for iterable in ("12", {0: 1.0, 1: 2.0}):  # as many items as responses, but not numbers per response
+        with pytest.raises(DecalignError, match=f"returned a {type(iterable).__name__}; it must return one number"):
+            CallableReward(lambda p, r, it=iterable: it).score(["a", "b"], ["x", "y"])
 
 
 def test_a_failing_reward_names_itself_and_the_item():

@@ -53,7 +53,11 @@ class Reward:
             return []
         start = time.perf_counter()
         try:
-            scores = [float(s) for s in scorer(prompts, responses)]
+            returned = scorer(prompts, responses)
+            if isinstance(returned, (str, bytes, dict)):  # iterable, but not one number per response
+                raise DecalignError(f"reward {self.name} returned a {type(returned).__name__}; "
+                                    "it must return one number per response")
+            scores = [float(s) for s in returned]
         except DecalignError:
             raise
         except Exception as exc:  # a user's scorer: name it and the item, never a bare traceback
