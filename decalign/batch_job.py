@@ -31,6 +31,14 @@ def answered(record_id: Any, prompt: Any, result) -> dict:
     return {"id": record_id, "prompt" if isinstance(prompt, str) else "messages": prompt, **result.to_dict()}
 
 
+def count_prompts(input_path: Path) -> int:
+    """The input's records (blank lines aside); an input file that holds none is refused."""
+    total = count_lines(input_path)
+    if total == 0 and input_path.is_file():
+        raise DecalignError(f"{input_path} holds no prompts")
+    return total
+
+
 def answered_prompts(written: list[dict]) -> dict:
     """Each answered id's prompt, as its output record holds it."""
     return {record["id"]: record.get("prompt", record.get("messages")) for record in written}
@@ -64,9 +72,7 @@ def run_batch(input_path: str | Path, output_path: str | Path, request: Request)
     input_path, output_path = Path(input_path), Path(output_path)
     done, written = load_output(output_path)
     asked = answered_prompts(written)
-    total = count_lines(input_path)
-    if total == 0 and input_path.is_file():
-        raise DecalignError(f"{input_path} holds no prompts")
+    total = count_prompts(input_path)
     check_job_config(output_path, job_config(input_path, request), written=bool(done), paths=JOB_PATHS)
     base_seed = random.randrange(2**62) if request.seed is None else request.seed
     engine = get_engine(request.model, request.adapter, trust_remote_code=request.trust_remote_code)

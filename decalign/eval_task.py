@@ -71,11 +71,12 @@ def read_items(path: Path, limit: int | None = None) -> list[tuple[Any, Any, dic
     items = []
     for number, record_id, prompt, record in read_records(path):
         kind, answer = record.get("kind", "arithmetic"), record.get("answer")
-        if kind not in SCORERS:
+        if not isinstance(kind, str) or kind not in SCORERS:
             raise DecalignError(f"{path} line {number}: unknown kind {kind!r}; choose from: {', '.join(SCORERS)}")
         if kind in INTEGER_KINDS and (isinstance(answer, bool) or not isinstance(answer, int)):
             raise DecalignError(f"{path} line {number}: needs an integer \"answer\"")
-        if kind in RELATION_KINDS and not (isinstance(answer, str) and record.get("relation") in RELATIONS):
+        relation = record.get("relation")
+        if kind in RELATION_KINDS and not (isinstance(answer, str) and isinstance(relation, str) and relation in RELATIONS):
             raise DecalignError(f"{path} line {number}: a {kind} item needs a string \"answer\" and a known "
                                 f"\"relation\" ({', '.join(RELATIONS)})")
         if kind == "facts" and not isinstance(record.get("true"), str):

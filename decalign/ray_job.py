@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 from tqdm import tqdm
 
-from .batch_job import JOB_PATHS, answered_prompts, check_same_prompt, job_config
+from .batch_job import JOB_PATHS, answered_prompts, check_same_prompt, count_prompts, job_config
 from .errors import DecalignError
 from .records import append_record, check_job_config, load_output, read_records
 from .request import Request
@@ -100,7 +100,17 @@ def _portable(request: Request) -> dict:
     spec (not the loaded model), and the policy must be a name or path each replica can load."""
     if not (request.model is None or isinstance(request.model, str)):
         raise DecalignError("with --ray, give the model as a name or path (each replica loads its own)")
-    return {name: getattr(request, name) for name in type(request).model_fields}
+    fields = {name: getattr(request, name) for name in type(request).model_fields}
+    try:
+        from ray import cloudpickle  # how Ray ships it
+    except ImportError:
+        raise DecalignError("--ray needs Ray Data: pip install 'decalign[ray]'") from None
+    try:
+        cloudpickle.dumps(fields)
+    except Exception as exc:  # noqa: BLE001 - whatever pickling raises, the request cannot travel
+        raise DecalignError(f"with --ray, the request must travel to each replica, and it cannot: {type(exc).__name__}: "
+                            f"{exc} (give the reward as a spec string, e.g. python:module:function)") from None
+    return fields
 
 
 def _pool_rows(items: list[dict], replica: type, kwargs: dict, *, replicas: int, address: str | None,
@@ -210,6 +220,7 @@ def run_batch_ray(input_path: str | Path, output_path: str | Path, request: Requ
         raise DecalignError(f"--replicas must be >= 1, got {replicas}")
     input_path, output_path = Path(input_path), Path(output_path)
     fields = _portable(request)  # a request the replicas cannot rebuild is refused first
+    count_prompts(input_path)
     done, written = load_output(output_path)
     check_job_config(output_path, job_config(input_path, request), written=bool(done), paths=JOB_PATHS)
     asked = answered_prompts(written)

@@ -180,6 +180,9 @@ def test_eval_task_resumes_without_duplicates_and_refuses_another_config(tiny_pa
     (dict(test='{"prompt": "hi", "answer": 3}\nnot json\n'), "line 2: not valid JSON"),
     (dict(test='{"prompt": "hi", "answer": "Rome", "kind": "facts"}\n'), "line 1: a facts item needs a string"),
     (dict(test='{"prompt": "hi", "answer": "Rome", "kind": "poems"}\n'), "line 1: unknown kind 'poems'"),
+    (dict(test='{"prompt": "hi", "answer": 2, "kind": ["arithmetic"]}\n'), "line 1: unknown kind ['arithmetic']"),
+    (dict(test='{"prompt": "hi", "answer": "Rome", "kind": "facts", "relation": ["capital"], "true": "x"}\n'),
+     "line 1: a facts item needs a string"),
     (dict(test='{"prompt": "hi", "answer": "Rome", "kind": "facts", "relation": "capital"}\n'),
      'line 1: a facts item needs a string "true"'),
 ])

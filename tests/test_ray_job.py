@@ -133,3 +133,29 @@ def test_bench_on_ray_writes_the_single_process_records_and_resumes(local_ray, t
         assert on_ray["methods"][label]["reward"] == figures["reward"]
         assert on_ray["methods"][label]["decode_tokens"] == figures["decode_tokens"]
     assert "on Ray, 2 replicas" in on_ray["header"]
+
+
+def test_what_cannot_run_on_ray_is_refused_before_ray_starts(tiny_path, tmp_path):
+    """An empty input (it returned without a word and left a config file) and a request whose reward
+    cannot travel to the replicas (Ray's long serialisation dump, after starting) are one-line errors
+    before any replica starts, leaving no output behind."""
+    import threading
+
+    from decalign.ray_job import run_batch_ray
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DecalignError, match="empty.jsonl holds no prompts"):
+        run_batch_ray(empty, tmp_path / "out.jsonl", request(tiny_path))
+
+    class Locked:
+        def __init__(self):
+            self.lock = threading.Lock()
+
+        def __call__(self, prompts, responses):
+            return [float(len(r)) for r in responses]
+
+    prompts = write_records(tmp_path / "in.jsonl", PROMPTS[:2])
+    with pytest.raises(DecalignError, match="cannot pickle '_thread.lock'"):
+        run_batch_ray(prompts, tmp_path / "out.jsonl", request(tiny_path, reward=Locked()))
+    assert list(tmp_path.glob("out.jsonl*")) == []
