@@ -31,11 +31,12 @@ def answered(record_id: Any, prompt: Any, result) -> dict:
     return {"id": record_id, "prompt" if isinstance(prompt, str) else "messages": prompt, **result.to_dict()}
 
 
-def count_prompts(input_path: Path) -> int:
-    """The input's records (blank lines aside); an input file that holds none is refused."""
+def count_records(input_path: Path, what: str = "prompts") -> int:
+    """The input's records (blank lines aside); an input file that holds none is refused, naming
+    `what` it should hold."""
     total = count_lines(input_path)
     if total == 0 and input_path.is_file():
-        raise DecalignError(f"{input_path} holds no prompts")
+        raise DecalignError(f"{input_path} holds no {what}")
     return total
 
 
@@ -72,7 +73,7 @@ def run_batch(input_path: str | Path, output_path: str | Path, request: Request)
     input_path, output_path = Path(input_path), Path(output_path)
     done, written = load_output(output_path)
     asked = answered_prompts(written)
-    total = count_prompts(input_path)
+    total = count_records(input_path)
     check_job_config(output_path, job_config(input_path, request), written=bool(done), paths=JOB_PATHS)
     base_seed = random.randrange(2**62) if request.seed is None else request.seed
     engine = get_engine(request.model, request.adapter, trust_remote_code=request.trust_remote_code)
@@ -115,9 +116,7 @@ def run_score(input_path: str | Path, output_path: str | Path, reward: str, batc
     scorer = load_reward(reward)
     source, output = Path(input_path), Path(output_path)
     done, _ = load_output(output)
-    total = count_lines(source)
-    if total == 0 and source.is_file():
-        raise DecalignError(f"{source} holds no records to score")
+    total = count_records(source, "records to score")
     check_job_config(output, {"input": str(source), "reward": scorer.name}, written=bool(done), paths=("input",))
     pending: list[tuple[Any, Any, str]] = []
     bar = tqdm(total=total, unit="item", desc="score", file=sys.stderr, disable=None)

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 from tqdm import tqdm
 
-from .batch_job import JOB_PATHS, answered_prompts, check_same_prompt, count_prompts, job_config
+from .batch_job import JOB_PATHS, answered_prompts, check_same_prompt, count_records, job_config
 from .errors import DecalignError
 from .records import append_record, check_job_config, load_output, read_records
 from .request import Request
@@ -65,12 +65,18 @@ class Replica:
                 "error": [""] * len(records) + [message for _, message in errors]}
 
 
-def _start_ray(address: str | None, replicas: int):
+def _import_ray():
+    """Ray, with Ray Data loaded, or a one-line error saying how to install it."""
     try:
         import ray
         import ray.data
     except ImportError:
         raise DecalignError("--ray needs Ray Data: pip install 'decalign[ray]'") from None
+    return ray
+
+
+def _start_ray(address: str | None, replicas: int):
+    ray = _import_ray()
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # its notices would interleave with our progress bar
     if not ray.is_initialized():
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # the core's own stderr notices, likewise
@@ -101,10 +107,7 @@ def _portable(request: Request) -> dict:
     if not (request.model is None or isinstance(request.model, str)):
         raise DecalignError("with --ray, give the model as a name or path (each replica loads its own)")
     fields = {name: getattr(request, name) for name in type(request).model_fields}
-    try:
-        from ray import cloudpickle  # how Ray ships it
-    except ImportError:
-        raise DecalignError("--ray needs Ray Data: pip install 'decalign[ray]'") from None
+    cloudpickle = _import_ray().cloudpickle  # how Ray ships it
     try:
         cloudpickle.dumps(fields)
     except Exception as exc:  # noqa: BLE001 - whatever pickling raises, the request cannot travel
@@ -220,7 +223,7 @@ def run_batch_ray(input_path: str | Path, output_path: str | Path, request: Requ
         raise DecalignError(f"--replicas must be >= 1, got {replicas}")
     input_path, output_path = Path(input_path), Path(output_path)
     fields = _portable(request)  # a request the replicas cannot rebuild is refused first
-    count_prompts(input_path)
+    count_records(input_path)
     done, written = load_output(output_path)
     check_job_config(output_path, job_config(input_path, request), written=bool(done), paths=JOB_PATHS)
     asked = answered_prompts(written)
