@@ -12,8 +12,8 @@
 4. `tests`: the CUDA tests (tests/test_device.py); `subset`: scripts/step_speed.py at `--search-size`
    (a step over the fed rows alone against one over every row); `join`: scripts/join_speed.py at
    `--search-size` (what a request joining a running batch adds to a step, in a pass of its own or
-   in the step's); `load`: scripts/load_test.py on servers of the `--search-size` policy, continuous
-   and static batching side by side.
+   in the step's); `load`: scripts/load_test.py on servers of the `--search-size` policy, continuous,
+   grouped and static batching side by side.
 Rewards of a random-weight policy mean little; the times and decode tokens are what this measures.
 Each step's table is printed and written under OUT (engine-SIZE.md, search.md, latency.md, cold.md).
 `--sizes tiny --search-size tiny --quick` rehearses the whole script on a CPU in a few minutes.
@@ -150,13 +150,13 @@ def main() -> None:
             logged([sys.executable, str(scripts / "join_speed.py"), "--model", str(policy), "--rows", rows,
                     "--repeats", "3" if args.quick else "15"], f"join_speed.py --rows {rows}", table, timeout=120)
         print(table.read_text(), flush=True)
-    if "load" in steps:  # continuous against static batching, same load, one run
+    if "load" in steps:  # continuous against grouped and static batching, same load, one run
         report = args.out / "load.txt"
         load = ["--requests", "32", "--clients", "16", "--max-tokens", "8"] if args.quick else \
             ["--requests", "128", "--clients", "64", "--max-tokens", "32", "--time-limit", "150",
              "--max-batch", args.max_batch]
         logged([sys.executable, str(scripts / "load_test.py"), "--model", str(policy), *load], "load_test.py",
-               report, timeout=420)
+               report, timeout=540)  # three servers, --time-limit each
         print(report.read_text()[-6000:], flush=True)
     if "cold" in steps:  # CoLD's decode cost against greedy with the same (random) adapter
         table = args.out / "cold.md"
