@@ -9,7 +9,9 @@
    value for that random policy, then `decalign bench --frontier` runs greedy, Best-of-8 and CARDS
    with that value on all prompts batched, and a latency run (one prompt at a time).
 3. `decalign bench-cold` at `--search-size`: CoLD's decode step against greedy with the same adapter.
-4. `tests`: the CUDA tests (tests/test_device.py); `subset`: scripts/step_speed.py at `--search-size`
+4. `tests`: the CUDA tests (tests/test_device.py); `attention`: scripts/step_speed.py's row sweep (every
+   step a new cache width) with the engine's attention kernels and with PyTorch's own choice (cuDNN's
+   first on Hopper); `subset`: scripts/step_speed.py at `--search-size`
    (a step over the fed rows alone against one over every row); `join`: scripts/join_speed.py at
    `--search-size` (what a request joining a running batch adds to a step, in a pass of its own or
    in the step's); `load`: scripts/load_test.py on servers of the `--search-size` policy, continuous,
@@ -50,15 +52,17 @@ def decalign(*args: str, log: Path, timeout: int) -> bool:
     return logged([sys.executable, "-m", "decalign.cli", *args], "decalign " + " ".join(args), log, timeout)
 
 
-def logged(command: list[str], title: str, log: Path, timeout: int) -> bool:
-    """Run a command, its output appended to the log; False when it failed or ran out of time."""
+def logged(command: list[str], title: str, log: Path, timeout: int, env: dict[str, str] | None = None) -> bool:
+    """Run a command (with `env` added to the environment), its output appended to the log; False when
+    it failed or ran out of time."""
     print("$ " + title, flush=True)
     start = time.perf_counter()
     with log.open("a") as handle:
         handle.write("$ " + title + "\n")
         handle.flush()
         try:
-            code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, timeout=timeout,
+                                  env={**os.environ, **(env or {})}).returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
     print(f"  -> exit {code} in {time.perf_counter() - start:.0f} s", flush=True)
@@ -105,7 +109,7 @@ def main() -> None:
     parser.add_argument("--search-size", default="0.5b")
     parser.add_argument("--work", type=Path, default=Path("/tmp/decalign-gpu"))
     parser.add_argument("--steps", default="engine,search,latency,cold",
-                        help="which of tests, engine, subset, join, load, search, latency (one prompt at a time), "
+                        help="which of tests, engine, attention, subset, join, load, search, latency (one prompt at a time), "
                              "cold to run")
     parser.add_argument("--max-batch", default="64", help="the load test servers' cap on live rows")
     parser.add_argument("--quick", action="store_true", help="small counts, for a rehearsal on a CPU")
@@ -143,6 +147,14 @@ def main() -> None:
         table = args.out / "subset.txt"
         logged([sys.executable, str(scripts / "step_speed.py"), "--model", str(policy), "--prompts", "48",
                 "--rows-per-prompt", "8"], "step_speed.py", table, timeout=120)
+        print(table.read_text(), flush=True)
+    if "attention" in steps:  # a step's cost over ever-new widths, without cuDNN attention and with it
+        table = args.out / "attention.txt"
+        for cudnn in ("0", "1"):
+            logged([sys.executable, str(scripts / "step_speed.py"), "--model", str(policy), "--rows-sweep",
+                    "1,16,64,256", "--fill", "8", "--steps", "16", "--repeats", "1" if args.quick else "3"],
+                   f"step_speed.py --rows-sweep, DECALIGN_CUDNN_ATTENTION={cudnn}", table, timeout=120,
+                   env={"DECALIGN_CUDNN_ATTENTION": cudnn})
         print(table.read_text(), flush=True)
     if "join" in steps:  # what a joining request adds to a step: a pass of its own, or within the step's
         table = args.out / "join.txt"

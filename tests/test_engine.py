@@ -543,6 +543,41 @@ def test_the_decoder_in_bfloat16_rounds_as_transformers_does(prompt_texts):
     assert (mine.state_means(range(3)).float() - theirs.state_means(range(3)).float()).abs().max() < 0.1
 
 
+@pytest.mark.parametrize("lean", [True, False], ids=["engine's decoder", "transformers' forward"])
+def test_every_forward_pass_keeps_cudnn_attention_out(lean, prompt_texts, monkeypatch):
+    """cuDNN's attention plans each new shape (a decode step's keys are one wider each step): every
+    attention call of the engine's passes (prefill, decode steps, a join, teacher-forced logprobs and
+    value features) runs with it off, and the caller's setting is back afterwards."""
+    from decalign import Engine
+    from decalign.values import teacher_forced_features
+
+    model, tokenizer = tiny_causal_lm("llama")
+    engine = Engine(model, tokenizer)
+    if not lean:
+        engine.decoder = None
+    seen: list[bool] = []
+    attention = torch.nn.functional.scaled_dot_product_attention
+
+    def recorded(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return attention(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recorded)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    prompts = [engine.render(t) for t in prompt_texts]
+    batch = engine.start(prompts[:2], max_new_tokens=8)
+    batch.extend(SAMPLE, max_tokens=3)
+    batch.admit([BatchPrompt(ids=prompts[2], seed=5, max_new_tokens=8)])
+    batch.extend(SAMPLE, max_tokens=3)
+    engine.top_tokens(prompts[0], batch.tokens[0], k=2)
+    teacher_forced_features(engine, prompts[0], [batch.tokens[0]], [1, 2], [[2]])
+    assert len(seen) > 10 and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    monkeypatch.setenv("DECALIGN_CUDNN_ATTENTION", "1")  # PyTorch's own choice, for side-by-side timings
+    engine.top_tokens(prompts[0], batch.tokens[0], k=2)
+    assert seen[-1]
+
+
 @pytest.mark.parametrize("kind", ["mistral, sliding window", "llama, gelu"])
 def test_the_decoder_leaves_architectures_it_does_not_reproduce_to_transformers(kind, monkeypatch):
     from decalign.engine.decoder import Decoder

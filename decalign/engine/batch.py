@@ -25,7 +25,7 @@ from ..errors import DecalignError
 from ..sampling import Sampling, choose_tokens, derive_seed, make_generator
 from .adapters import BASE
 from .cache import only_rows, reserve_room, row_cache, window_bias
-from .decoder import Part, attention_bias, padded_tokens
+from .decoder import Part, attention_bias, padded_tokens, planless_attention
 from .stopping import CutRule, StepView, StopRule, TokenView
 
 if TYPE_CHECKING:
@@ -296,7 +296,7 @@ class Batch:
                 joining = None
             else:
                 context = shared
-        with context, (only_rows(self.cache, rows) if rows is not None else nullcontext()):
+        with context, planless_attention(), (only_rows(self.cache, rows) if rows is not None else nullcontext()):
             if decoder is not None:
                 parts = [Part(input_ids, mask, positions, self.cache, self.state_layers)]
                 if joining is not None:

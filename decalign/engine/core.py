@@ -15,7 +15,7 @@ from ..models import DEFAULT_MODEL, load_model, local_or_id
 from .adapters import BASE, LoraRowGate, loaded_adapters, use_lean_lora, use_packed_linears
 from .batch import Batch, BatchPrompt
 from .cache import attention_windows, row_cache
-from .decoder import Decoder
+from .decoder import Decoder, planless_attention
 
 Prompt = str | list[dict]
 
@@ -139,7 +139,8 @@ class Engine:
             return [[] for _ in answer]
         ids = torch.tensor([list(prompt_ids) + list(answer)], dtype=torch.long, device=self.device)
         positions = torch.arange(len(prompt_ids) - 1, ids.shape[1] - 1, device=self.device)
-        logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=positions).logits[0]
+        with planless_attention():
+            logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=positions).logits[0]
         values, indices = logits.float().log_softmax(-1).topk(min(k, logits.shape[-1]), dim=-1)
         return [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
 

@@ -16,12 +16,14 @@ otherwise, and the engine keeps transformers' forward); `DECALIGN_LEAN_DECODER=0
 from __future__ import annotations
 
 import os
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # the causal LMs whose forward is: embed; per layer x += attn(rms(x)); x += mlp(rms(x)); rms; head
 # (Llama's; Qwen2 adds biases inside its linear layers, Mistral a sliding window we refuse below)
@@ -140,6 +142,24 @@ class Part:
     positions: torch.Tensor
     cache: object
     layers: tuple[int, ...] = ()
+
+
+# every attention kernel but cuDNN's (see planless_attention)
+PLANLESS_KERNELS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+
+
+def planless_attention() -> AbstractContextManager:
+    """The engine's forward passes run inside this: attention by kernels that take any shape as it
+    comes. PyTorch's CUDA 13 builds try cuDNN's attention first on Hopper and Blackwell GPUs, and cuDNN
+    builds (then caches) an execution graph per shape of query, keys and mask. A decode step's keys are
+    one position wider than the last step's, so nearly every step met a shape never seen and paid a
+    build: on one H100 a 0.45B model's sampled step cost 70-97 ms the first time its shapes came and
+    20-25 ms when the same shapes came again, as a build per shape would. Flash and memory-efficient
+    attention need no plan. On a CPU nothing changes (its kernels are flash and math, both allowed).
+    `DECALIGN_CUDNN_ATTENTION=1` lets PyTorch choose as it would (for side-by-side timings)."""
+    if os.environ.get("DECALIGN_CUDNN_ATTENTION") == "1":
+        return nullcontext()
+    return sdpa_kernel(list(PLANLESS_KERNELS))
 
 
 def padded_tokens(tokens: int) -> int:

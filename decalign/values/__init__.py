@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..engine.decoder import planless_attention
 from ..errors import DecalignError
 from ..models import local_or_id
 
@@ -127,8 +128,9 @@ def teacher_forced_features(engine, prompt_ids: Sequence[int], answers: Sequence
         sequence = list(prompt_ids) + list(answer)
         ids[k, :len(sequence)] = torch.tensor(sequence)
         mask[k, :len(sequence)] = 1
-    out = engine.model(input_ids=ids.to(engine.device), attention_mask=mask.to(engine.device),
-                       output_hidden_states=True, use_cache=False, logits_to_keep=1)
+    with planless_attention():
+        out = engine.model(input_ids=ids.to(engine.device), attention_mask=mask.to(engine.device),
+                           output_hidden_states=True, use_cache=False, logits_to_keep=1)
     states = torch.cat([out.hidden_states[layer] for layer in layers], dim=-1)  # answers x width x F
     start = len(prompt_ids)
     rows = []
