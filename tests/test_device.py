@@ -50,6 +50,30 @@ def test_on_cuda_batched_answers_equal_single_ones(tiny_path):
         assert alone.tokens == answer.tokens
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_the_decoder_equals_transformers_forward_with_grouped_heads(tiny_path):
+    """On a GPU the decoder repeats grouped key heads for the planless kernels: its logits over a
+    padded batch of prompts and a few steps still equal transformers' forward (float32)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from decalign import Engine
+    from decalign.sampling import GREEDY
+
+    batches = []
+    for lean in (True, False):
+        model = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32).to("cuda")
+        engine = Engine(model, AutoTokenizer.from_pretrained(tiny_path))
+        assert engine.decoder is not None and model.config.num_key_value_heads < model.config.num_attention_heads
+        if not lean:
+            engine.decoder = None
+        batch = engine.start([engine.render(t) for t in ("hi", "The answer is", "bread and butter")], max_new_tokens=8)
+        batch.extend(GREEDY, max_tokens=5)
+        batches.append(batch)
+    mine, theirs = batches
+    assert mine.tokens == theirs.tokens
+    assert torch.allclose(mine.logits, theirs.logits, atol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def cuda_value(tmp_path_factory, tiny_path):
     """A value trained on CUDA for the tiny policy (a length reward: any value will do here)."""

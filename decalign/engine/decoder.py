@@ -101,7 +101,8 @@ class Decoder:
             outs = []
             for i, (part, (rows, new), (cos, sin)) in enumerate(zip(parts, shapes, rotations)):
                 query, key, value = (t[i].view(rows, new, -1, attn.head_dim).transpose(1, 2) for t in projected)
-                key, value = part.cache.layers[index].update(rotate(key, cos, sin), value)
+                key, value = grouped_heads(*part.cache.layers[index].update(rotate(key, cos, sin), value),
+                                           query.shape[1])
                 out = F.scaled_dot_product_attention(rotate(query, cos, sin), key, value, attn_mask=biases[i],
                                                      scale=attn.scaling, enable_gqa=key.shape[1] != query.shape[1])
                 outs.append(out.transpose(1, 2).reshape(rows * new, -1))
@@ -160,6 +161,18 @@ def planless_attention() -> AbstractContextManager:
     if os.environ.get("DECALIGN_CUDNN_ATTENTION") == "1":
         return nullcontext()
     return sdpa_kernel(list(PLANLESS_KERNELS))
+
+
+def grouped_heads(key: torch.Tensor, value: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values for `heads` query heads. On a GPU, grouped-query keys are repeated to one head
+    per query head, as transformers does under a mask: memory-efficient attention, the planless kernel
+    that takes a mask, took equal head counts only until mid-2026 (PyTorch 2.11, on our GPU machine,
+    among them), and the math kernel it would fall to holds a prompt's whole score matrix. On a CPU the
+    kernels share the heads themselves."""
+    if key.device.type == "cpu" or key.shape[1] == heads:
+        return key, value
+    groups = heads // key.shape[1]
+    return key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
 
 
 def padded_tokens(tokens: int) -> int:
