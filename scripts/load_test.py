@@ -6,8 +6,9 @@ server on a free 127.0.0.1 port, measures an idle server's time to first token, 
 sampling, Best-of-N, CARDS, blockwise search, SMC), some four times longer, some streamed, some whose client hangs up
 mid-answer, some with bad bodies. It reports throughput, p50/p95 latency per method, time to first
 token, status codes, the server's memory before (after one request of every kind), at peak and
-after each of --rounds rounds of the same load, and whether any response or log line held a
-traceback. The latency and status figures are the first round's.
+after each of --rounds rounds of the same load, whether any response or log line held a
+traceback, and what the server's /metrics saw (its steps, their mean cost, the mean wait in the
+queue before joining). The latency, status and server figures are the first round's.
 
     python scripts/load_test.py --requests 128 --clients 64 --max-tokens 32
 """
@@ -138,8 +139,10 @@ def run(args: argparse.Namespace, batching: str) -> dict:
     idle_first = [first_token_seconds(url, body(i, MIX[0]), 120)[1] for i in range(3)]
     memory_before = server.memory()
     rounds, memory_after_rounds = [], []
+    counted = [histograms(url)]
     for _ in range(args.rounds):
         rounds.append(load_round(args, url, body, server, memory_before))
+        counted.append(histograms(url))
         time.sleep(3)
         memory_after_rounds.append(server.memory())
     alive = httpx.get(url + "/health", timeout=10).status_code == 200
@@ -157,10 +160,29 @@ def run(args: argparse.Namespace, batching: str) -> dict:
                                  for m, v in latencies.items() if v},
         "greedy_first_token_s": {"idle": round(statistics.median(idle_first), 3),
                                  "under_load_p50": round(quantile(greedy_first, 0.5), 3)},
+        "server": server_side(*counted[:2]),
         "memory_mib": {"before": round(memory_before), "peak": round(peak),
                        "after": [round(m) for m in memory_after_rounds]},
         "tracebacks": tracebacks + sum(r[3] for r in rounds[1:]) + log.count("Traceback"), "server_alive": alive,
     }
+
+
+def histograms(url: str) -> dict[str, float]:
+    """The server's histogram sums and counts (`/metrics`), to difference across a round."""
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return {name: float(value) for name, value in (line.split() for line in text.splitlines()
+                                                   if line.startswith("decalign_") and line.split()[0].endswith(("_sum", "_count")))}
+
+
+def server_side(before: dict[str, float], after: dict[str, float]) -> dict:
+    """What the server saw of the first round: its steps and their mean, and the mean wait in the
+    queue before joining (where a first token under load goes)."""
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    steps, joined = delta("decalign_step_seconds_count"), delta("decalign_request_queue_seconds_count")
+    return {"steps": int(steps), "step_ms_mean": round(1000 * delta("decalign_step_seconds_sum") / steps, 1) if steps else None,
+            "queue_s_mean": round(delta("decalign_request_queue_seconds_sum") / joined, 3) if joined else None}
 
 
 def load_round(args: argparse.Namespace, url: str, body, server: Server, memory_before: float) -> tuple:

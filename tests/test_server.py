@@ -300,9 +300,12 @@ def test_malformed_json_and_unknown_route(served):
 def test_models_health_metrics(client, served):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     assert httpx.get(served + "/health", timeout=10).json()["status"] == "ok"
+    joined = metric(served, "decalign_request_queue_seconds_count")
+    client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     text = httpx.get(served + "/metrics", timeout=10).text
     assert 'decalign_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
     assert "decalign_queue_depth 0" in text
+    assert metric(served, "decalign_request_queue_seconds_count") == joined + 1
 
 
 def test_methods_endpoint_serves_the_parameters_help(served):
@@ -519,6 +522,7 @@ def test_admission_takes_the_cheapest_first_but_overtakes_a_request_at_most_max_
     try:
         finished = finish_order(url, held_steps, {"max_tokens": 20, "temperature": 0}, queued)
         assert finished == ["running", *order]
+        assert metric(url, "decalign_request_queue_seconds_count") == 4  # each timed once, as it joined
     finally:
         held_steps.set()
         server.should_exit = True

@@ -39,6 +39,7 @@ class PendingRequest:
     top_tokens: list[list[list[tuple[int, float]]]] | None = None  # per choice, per token: (id, logprob)
     method: Method | None = None  # its step machine, built on the engine's thread while it waits
     overtaken: int = 0  # requests that arrived after it and joined before it
+    queued_at: float = field(default_factory=time.monotonic)
 
     @property
     def prompt(self) -> Prompt:
@@ -119,6 +120,9 @@ class Scheduler:
             joining[request.method] = request
             rows += _rows(request.method)
         admitted = list(joining.values())
+        joined = time.monotonic()
+        for request in admitted:
+            self.metrics.queue_time.observe(joined - request.queued_at)
         later = len(admitted)
         for request in waiting:  # each admitted request overtook those that arrived before it and still wait
             if request in admitted:
