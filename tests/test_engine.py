@@ -403,16 +403,31 @@ def test_a_join_after_the_longest_answer_left_keeps_every_rows_states(engine, pr
     assert_row_matches_recompute(engine, batch, 0, prompts[1])
 
 
-def test_packed_passes_meet_few_token_counts():
-    """Joins encoded beside a step are padded to a few token counts: the CPU's matmul library keeps
-    a compiled kernel per shape, and a busy server would otherwise meet a new one at every join."""
-    from decalign.engine.decoder import padded_tokens
+def test_packed_layers_meet_few_row_counts(monkeypatch):
+    """A packed layer rounds the rows it computes up to a few counts (exact up to 16, then 8 per
+    doubling, at most 12.5% more): oneDNN keeps a compiled kernel per shape, and a busy server meets
+    a new row count at almost every join and every finished row. The rounding changes no number."""
+    from decalign.engine.adapters import packed_rows
 
-    for tokens in range(1, 4097):
-        padded = padded_tokens(tokens)
-        assert padded >= tokens and (padded - tokens < 16 if tokens < 512 else padded - tokens <= tokens / 16)
-    assert len({padded_tokens(t) for t in range(1, 512)}) == 32
-    assert len({padded_tokens(t) for t in range(513, 2049)}) == 32  # 16 per doubling
+    for rows in range(1, 4097):
+        padded = packed_rows(rows)
+        assert padded >= rows and padded - rows <= rows / 8 and packed_rows(padded) == padded
+    assert [packed_rows(r) for r in range(1, 17)] == list(range(1, 17))
+    assert len({packed_rows(r) for r in range(17, 4097)}) == 8 * 8
+    torch.manual_seed(0)
+    layer, reference = torch.nn.Linear(512, 640), torch.nn.Linear(512, 640)
+    reference.load_state_dict(layer.state_dict())
+    assert use_packed_linears(layer) == 1
+    seen = []
+    packed = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda x, *a: seen.append(x.shape[0]) or packed(x, *a))
+    with torch.no_grad():
+        for rows in range(2, 70):
+            x = torch.randn(rows, 512)
+            assert torch.allclose(layer(x), reference(x), atol=1e-4)
+        x = torch.randn(1, 23, 512)  # a shared pass: every token on one axis
+        assert layer(x).shape == (1, 23, 640) and torch.allclose(layer(x), reference(x), atol=1e-4)
+    assert len(set(seen)) == 15 + 8 + 8 + 1 and set(seen) >= {24, 72}  # 2-16, to 32, to 64, 72
 
 
 def test_rows_join_and_leave_in_place_once_a_batch_has_grown(engine, prompts):

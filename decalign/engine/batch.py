@@ -25,7 +25,7 @@ from ..errors import DecalignError
 from ..sampling import Sampling, choose_tokens, derive_seed, make_generator
 from .adapters import BASE
 from .cache import only_rows, reserve_room, row_cache, window_bias
-from .decoder import Part, attention_bias, padded_tokens, planless_attention
+from .decoder import Part, attention_bias, planless_attention
 from .stopping import CutRule, StepView, StopRule, TokenView
 
 if TYPE_CHECKING:
@@ -335,7 +335,6 @@ class Batch:
         width = joining.unencoded[0].shape[1]
         tokens = [a for a in adapters or [loaded] * rows for _ in range(new)]
         tokens += [a for a in joining.adapters or [loaded] * len(joining.prompts) for _ in range(width)]
-        tokens += [BASE] * (padded_tokens(len(tokens)) - len(tokens))  # the pass's padding (Decoder.run)
         gate = self.engine.lora_gate.row_gate(tokens)
         return None if gate is None else self.engine.lora_gate.gated(gate.view(1, -1, 1))
 

@@ -71,20 +71,13 @@ class Decoder:
         """Several batches' new tokens in one pass: each part has its own rows, cache and mask, and
         they share every weight read (the linear layers run over all parts' tokens at once; only
         attention is per part). How a running batch's decode step and the prompts joining it are
-        computed together. One (logits, states) per part, as `__call__` returns them.
-
-        Several parts' tokens are padded to `padded_tokens` (the padding is computed and dropped):
-        the CPU's matmul library compiles and keeps a kernel per shape it meets, and a busy server's
-        decode rows plus joining prompts would otherwise be a new shape at almost every join."""
+        computed together. One (logits, states) per part, as `__call__` returns them."""
         shapes = [tuple(part.input_ids.shape) for part in parts]
         counts = [rows * new for rows, new in shapes]
         if len(parts) == 1:  # rows x new x width: a LoRA row gate (rows x 1 x 1) broadcasts over it
             hidden = self.inner.embed_tokens(parts[0].input_ids)
         else:  # every token on one axis (1 x tokens x width): a LoRA gate is then one factor per token
-            padding = padded_tokens(sum(counts)) - sum(counts)
-            ids = [part.input_ids.reshape(-1) for part in parts]
-            hidden = self.inner.embed_tokens(torch.cat(ids + [ids[0].new_zeros(padding)]))[None]
-            counts.append(padding)
+            hidden = self.inner.embed_tokens(torch.cat([part.input_ids.reshape(-1) for part in parts]))[None]
         rotations, biases = [], []
         for part, (rows, new) in zip(parts, shapes):
             cos, sin = self.inner.rotary_emb(hidden, part.positions)
@@ -106,8 +99,6 @@ class Decoder:
                 out = F.scaled_dot_product_attention(rotate(query, cos, sin), key, value, attn_mask=biases[i],
                                                      scale=attn.scaling, enable_gqa=key.shape[1] != query.shape[1])
                 outs.append(out.transpose(1, 2).reshape(rows * new, -1))
-            if len(counts) > len(parts):  # the padding's attention output
-                outs.append(outs[0].new_zeros(counts[-1], outs[0].shape[1]))
             joined = outs[0] if len(outs) == 1 else torch.cat(outs)
             hidden = hidden + attn.o_proj(joined.view(*hidden.shape[:2], -1))
             x = rms_norm(layer.post_attention_layernorm, hidden)
@@ -173,14 +164,6 @@ def grouped_heads(key: torch.Tensor, value: torch.Tensor, heads: int) -> tuple[t
         return key, value
     groups = heads // key.shape[1]
     return key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-
-
-def padded_tokens(tokens: int) -> int:
-    """`tokens` rounded up to a multiple of 16, or from 512 on of 1/32 of the power of two above it:
-    at most 15 tokens more below 512 (where a pass costs about its weight reads), at most a sixteenth
-    more from there, and at most 32 shapes below 512 and 16 per doubling above."""
-    step = 1 << max(4, tokens.bit_length() - 5)
-    return -(-tokens // step) * step
 
 
 def flat(tensor: torch.Tensor) -> torch.Tensor:
