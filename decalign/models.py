@@ -125,13 +125,30 @@ def load_model(
     except DecalignError:
         raise
     except (OSError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DecalignError(f"cannot load model {spec!r}: {first_line}") from exc
+        raise _cannot_load(spec, exc) from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if adapter is not None:
         model = load_adapter(model, adapter)
     return model.eval(), tokenizer
+
+
+def check_loadable(spec: str | None, *, trust_remote_code: bool = False) -> None:
+    """Refuse here, in load_model's words, a model whose config cannot be read (a hub id that is
+    not cached offline, say): before a job hands it to worker processes that would each fail to load
+    it, with their own tracebacks."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(spec)
+    try:
+        AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _cannot_load(spec, exc) from exc
+
+
+def _cannot_load(spec: str | None, exc: Exception) -> DecalignError:
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return DecalignError(f"cannot load model {spec!r}: {first_line}")
 
 
 def load_adapter(model, adapter: str):

@@ -16,7 +16,10 @@ import json
 import logging
 import os
 import random
+import socket
 import sys
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -24,6 +27,7 @@ from tqdm import tqdm
 
 from .batch_job import JOB_PATHS, answered_prompts, check_same_prompt, count_records, job_config
 from .errors import DecalignError
+from .models import check_loadable
 from .records import append_record, check_job_config, load_output, read_records
 from .request import Request
 from .sampling import derive_seed
@@ -75,9 +79,25 @@ def _import_ray():
     return ray
 
 
+def _check_ready(request: Request, address: str | None) -> None:
+    """What would otherwise fail only once Ray runs, refused first in one line: a cluster address
+    that is malformed or that nothing answers at (Ray would retry it for minutes), and a model the
+    replicas could not load (each would fail with its own traceback)."""
+    if address and address != "auto":
+        host, colon, port = address.removeprefix("ray://").rpartition(":")
+        if not (host and colon and port.isdigit()):
+            raise DecalignError(f"--ray-address must be HOST:PORT, ray://HOST:PORT or auto, got {address!r}")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+        except OSError as exc:
+            raise DecalignError(f"cannot reach a Ray cluster at {address}: {exc.strerror or exc}") from None
+    check_loadable(request.model, trust_remote_code=request.trust_remote_code)
+
+
 def _start_ray(address: str | None, replicas: int):
     ray = _import_ray()
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # its notices would interleave with our progress bar
+    warnings.filterwarnings("ignore", category=UserWarning, module="ray")  # e.g. fewer inputs than replicas
     if not ray.is_initialized():
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # the core's own stderr notices, likewise
         options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR,
@@ -86,11 +106,32 @@ def _start_ray(address: str | None, replicas: int):
             options["address"] = address
         else:
             options["num_cpus"] = os.cpu_count() or replicas
-        ray.init(**options)
+        try:
+            with _stderr_discarded():  # the core still announces the level it was given, in a line of its own
+                ray.init(**options)
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            where = f" at {address}" if address else ""
+            hint = (" (a cluster that asks for token authentication, as `ray start --head` does in Ray 2.60, "
+                    "needs RAY_AUTH_MODE=token here too)") if address and isinstance(exc, ConnectionError) else ""
+            raise DecalignError(f"cannot start or join Ray{where}: {str(exc).strip().splitlines()[0]}{hint}") from None
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # ours counts written records
     context.print_on_execution_start = False
     return ray
+
+
+@contextmanager
+def _stderr_discarded() -> Iterator[None]:
+    """This process's standard error (the file descriptor, which native code writes to) to /dev/null."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _device_options() -> dict:
@@ -209,6 +250,7 @@ def bench_on_ray(pending: dict[str, list[tuple[Any, Any, int]]], jobs: dict[str,
     if not items:
         return
     portable = {label: (params, {**_portable(request), "reward": reward}) for label, (params, request) in jobs.items()}
+    _check_ready(next(iter(jobs.values()))[1], address)
     size = batch_size or max(map(len, pending.values()))  # default: a method's prompts all together, as in one process
     kwargs = {"jobs": portable, "reward": reward, "judge": judge}
     for row in _pool_rows(items, BenchReplica, kwargs, replicas=replicas, address=address, batch_size=size):
@@ -224,6 +266,7 @@ def run_batch_ray(input_path: str | Path, output_path: str | Path, request: Requ
     input_path, output_path = Path(input_path), Path(output_path)
     fields = _portable(request)  # a request the replicas cannot rebuild is refused first
     count_records(input_path)
+    _check_ready(request, address)
     done, written = load_output(output_path)
     check_job_config(output_path, job_config(input_path, request), written=bool(done), paths=JOB_PATHS)
     asked = answered_prompts(written)

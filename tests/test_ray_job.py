@@ -159,3 +159,25 @@ def test_what_cannot_run_on_ray_is_refused_before_ray_starts(tiny_path, tmp_path
     with pytest.raises(DecalignError, match="cannot pickle '_thread.lock'"):
         run_batch_ray(prompts, tmp_path / "out.jsonl", request(tiny_path, reward=Locked()))
     assert list(tmp_path.glob("out.jsonl*")) == []
+
+
+def test_a_cluster_or_model_the_replicas_cannot_reach_is_refused_before_ray_starts(tiny_path, tmp_path, monkeypatch):
+    """A --ray-address nothing answers at (Ray retried it for minutes, printing core warnings), one
+    that is not an address (an 'unexpected ValueError'), and a model the replicas could not load (a
+    Ray traceback dump from every replica) are one-line errors before Ray starts, leaving no output."""
+    import socket
+
+    from decalign.ray_job import run_batch_ray
+
+    prompts = write_records(tmp_path / "in.jsonl", PROMPTS[:2])
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(DecalignError, match=f"cannot reach a Ray cluster at 127.0.0.1:{port}"):
+        run_batch_ray(prompts, tmp_path / "out.jsonl", request(tiny_path), address=f"127.0.0.1:{port}")
+    with pytest.raises(DecalignError, match="--ray-address must be HOST:PORT"):
+        run_batch_ray(prompts, tmp_path / "out.jsonl", request(tiny_path), address="garbage")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # the hub id below: the cache alone
+    with pytest.raises(DecalignError, match="cannot load model 'nobody/no-such-model'"):
+        run_batch_ray(prompts, tmp_path / "out.jsonl", request(tiny_path, model="nobody/no-such-model"))
+    assert list(tmp_path.glob("out.jsonl*")) == []
