@@ -15,7 +15,8 @@ from tqdm import tqdm
 from .api import run
 from .engine import get_engine
 from .errors import DecalignError
-from .records import append_record, check_job_config, count_lines, load_output, read_records, response_of
+from .records import (append_record, check_job_config, count_lines, held_output, load_output, read_records,
+                      response_of)
 from .request import Request
 from .rewards import load_reward
 from .sampling import derive_seed
@@ -71,41 +72,41 @@ def run_batch(input_path: str | Path, output_path: str | Path, request: Request)
     `output_path` batch by batch; ids already there are skipped. Each record's seed derives from the
     request's seed and the record's id, so an answer does not depend on the batch it landed in."""
     input_path, output_path = Path(input_path), Path(output_path)
-    done, written = load_output(output_path)
-    asked = answered_prompts(written)
     total = count_records(input_path)
-    check_job_config(output_path, job_config(input_path, request), written=bool(done), paths=JOB_PATHS)
-    base_seed = random.randrange(2**62) if request.seed is None else request.seed
-    engine = get_engine(request.model, request.adapter, trust_remote_code=request.trust_remote_code)
-    pending: list[tuple[Any, Any]] = []
-    bar = tqdm(total=total, unit="prompt", desc="generate", file=sys.stderr, dynamic_ncols=True,
-               disable=None)  # shown on a terminal, silent in logs
+    with held_output(output_path):  # a second job on the same output is refused, not run twice
+        done, written = load_output(output_path)
+        asked = answered_prompts(written)
+        check_job_config(output_path, job_config(input_path, request), written=bool(done), paths=JOB_PATHS)
+        base_seed = random.randrange(2**62) if request.seed is None else request.seed
+        engine = get_engine(request.model, request.adapter, trust_remote_code=request.trust_remote_code)
+        pending: list[tuple[Any, Any]] = []
+        bar = tqdm(total=total, unit="prompt", desc="generate", file=sys.stderr, dynamic_ncols=True,
+                   disable=None)  # shown on a terminal, silent in logs
 
-    def flush(out) -> None:
-        batch, pending[:] = list(pending), []  # taken: a batch that fails is not run again
-        if not batch:
-            return
-        prompts = [prompt for _, prompt in batch]
-        seeds = [derive_seed(base_seed, record_id) for record_id, _ in batch]
-        for (record_id, prompt), result in zip(batch, run(request.with_prompts(prompts, seeds, model=engine,
-                                                                               adapter=None))):
-            append_record(out, answered(record_id, prompt, result))
-            bar.update(1)
-
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    with output_path.open("a", encoding="utf-8") as out, _flushed_at_the_end(lambda: flush(out), bar):
-        for number, record_id, prompt, _ in read_records(input_path):
-            if record_id in done:
-                check_same_prompt(asked, record_id, prompt, f"{input_path} line {number}", output_path)
+        def flush(out) -> None:
+            batch, pending[:] = list(pending), []  # taken: a batch that fails is not run again
+            if not batch:
+                return
+            prompts = [prompt for _, prompt in batch]
+            seeds = [derive_seed(base_seed, record_id) for record_id, _ in batch]
+            for (record_id, prompt), result in zip(batch, run(request.with_prompts(prompts, seeds, model=engine,
+                                                                                   adapter=None))):
+                append_record(out, answered(record_id, prompt, result))
                 bar.update(1)
-                continue
-            try:
-                check_prompt(engine, request, prompt)
-            except DecalignError as exc:
-                raise DecalignError(f"{input_path} line {number}: {exc}") from None
-            pending.append((record_id, prompt))
-            if len(pending) >= request.batch_size:
-                flush(out)
+
+        with output_path.open("a", encoding="utf-8") as out, _flushed_at_the_end(lambda: flush(out), bar):
+            for number, record_id, prompt, _ in read_records(input_path):
+                if record_id in done:
+                    check_same_prompt(asked, record_id, prompt, f"{input_path} line {number}", output_path)
+                    bar.update(1)
+                    continue
+                try:
+                    check_prompt(engine, request, prompt)
+                except DecalignError as exc:
+                    raise DecalignError(f"{input_path} line {number}: {exc}") from None
+                pending.append((record_id, prompt))
+                if len(pending) >= request.batch_size:
+                    flush(out)
 
 
 def run_score(input_path: str | Path, output_path: str | Path, reward: str, batch_size: int = 32) -> None:
@@ -115,29 +116,29 @@ def run_score(input_path: str | Path, output_path: str | Path, reward: str, batc
         raise DecalignError(f"--batch-size must be >= 1, got {batch_size}")
     scorer = load_reward(reward)
     source, output = Path(input_path), Path(output_path)
-    done, _ = load_output(output)
     total = count_records(source, "records to score")
-    check_job_config(output, {"input": str(source), "reward": scorer.name}, written=bool(done), paths=("input",))
-    pending: list[tuple[Any, Any, str]] = []
-    bar = tqdm(total=total, unit="item", desc="score", file=sys.stderr, disable=None)
+    with held_output(output):
+        done, _ = load_output(output)
+        check_job_config(output, {"input": str(source), "reward": scorer.name}, written=bool(done), paths=("input",))
+        pending: list[tuple[Any, Any, str]] = []
+        bar = tqdm(total=total, unit="item", desc="score", file=sys.stderr, disable=None)
 
-    def flush(out) -> None:
-        batch, pending[:] = list(pending), []  # taken: a batch that fails is not scored again
-        if batch:
-            values = scorer.score([p for _, p, _ in batch], [r for _, _, r in batch])
-            for (record_id, _, _), value in zip(batch, values):
-                append_record(out, {"id": record_id, "score": value, "reward": scorer.name})
-            bar.update(len(batch))
+        def flush(out) -> None:
+            batch, pending[:] = list(pending), []  # taken: a batch that fails is not scored again
+            if batch:
+                values = scorer.score([p for _, p, _ in batch], [r for _, _, r in batch])
+                for (record_id, _, _), value in zip(batch, values):
+                    append_record(out, {"id": record_id, "score": value, "reward": scorer.name})
+                bar.update(len(batch))
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with output.open("a", encoding="utf-8") as out, _flushed_at_the_end(lambda: flush(out), bar):
-        for _, record_id, prompt, record in read_records(source, with_response=True):
-            if record_id in done:
-                bar.update(1)
-                continue
-            pending.append((record_id, prompt, response_of(record)))
-            if len(pending) >= batch_size:
-                flush(out)
+        with output.open("a", encoding="utf-8") as out, _flushed_at_the_end(lambda: flush(out), bar):
+            for _, record_id, prompt, record in read_records(source, with_response=True):
+                if record_id in done:
+                    bar.update(1)
+                    continue
+                pending.append((record_id, prompt, response_of(record)))
+                if len(pending) >= batch_size:
+                    flush(out)
 
 
 @contextmanager

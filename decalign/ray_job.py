@@ -28,7 +28,7 @@ from tqdm import tqdm
 from .batch_job import JOB_PATHS, answered_prompts, check_same_prompt, count_records, job_config
 from .errors import DecalignError
 from .models import check_loadable
-from .records import append_record, check_job_config, load_output, read_records
+from .records import append_record, check_job_config, held_output, load_output, read_records
 from .request import Request
 from .sampling import derive_seed
 
@@ -267,34 +267,34 @@ def run_batch_ray(input_path: str | Path, output_path: str | Path, request: Requ
     fields = _portable(request)  # a request the replicas cannot rebuild is refused first
     count_records(input_path)
     _check_ready(request, address)
-    done, written = load_output(output_path)
-    check_job_config(output_path, job_config(input_path, request), written=bool(done), paths=JOB_PATHS)
-    asked = answered_prompts(written)
-    base_seed = random.randrange(2**62) if request.seed is None else request.seed
-    items, malformed = [], None
-    try:
-        for number, record_id, prompt, _ in read_records(input_path):
-            if record_id in done:
-                check_same_prompt(asked, record_id, prompt, f"{input_path} line {number}", output_path)
-            else:
-                items.append({"line": number, "id": json.dumps(record_id), "prompt": json.dumps(prompt),
-                              "seed": derive_seed(base_seed, record_id)})
-    except DecalignError as exc:  # the records before a malformed line are answered first
-        malformed = exc
-    bar = tqdm(total=len(done) + len(items), initial=len(done), unit="prompt", desc="generate", file=sys.stderr,
-               dynamic_ncols=True, disable=None)
-    refused: list[tuple[int, str]] = []
-    if items:
-        output_path.parent.mkdir(parents=True, exist_ok=True)
-        with output_path.open("a", encoding="utf-8") as out:
-            for row in _pool_rows(items, Replica, {"fields": fields}, replicas=replicas, address=address,
-                                  batch_size=request.batch_size):
-                if row["error"]:
-                    refused.append((int(row["line"]), str(row["error"])))
+    with held_output(output_path):  # a second job on the same output is refused, not run twice
+        done, written = load_output(output_path)
+        check_job_config(output_path, job_config(input_path, request), written=bool(done), paths=JOB_PATHS)
+        asked = answered_prompts(written)
+        base_seed = random.randrange(2**62) if request.seed is None else request.seed
+        items, malformed = [], None
+        try:
+            for number, record_id, prompt, _ in read_records(input_path):
+                if record_id in done:
+                    check_same_prompt(asked, record_id, prompt, f"{input_path} line {number}", output_path)
                 else:
-                    append_record(out, json.loads(row["record"]))
-                bar.update(1)
-    bar.close()
+                    items.append({"line": number, "id": json.dumps(record_id), "prompt": json.dumps(prompt),
+                                  "seed": derive_seed(base_seed, record_id)})
+        except DecalignError as exc:  # the records before a malformed line are answered first
+            malformed = exc
+        bar = tqdm(total=len(done) + len(items), initial=len(done), unit="prompt", desc="generate", file=sys.stderr,
+                   dynamic_ncols=True, disable=None)
+        refused: list[tuple[int, str]] = []
+        if items:
+            with output_path.open("a", encoding="utf-8") as out:
+                for row in _pool_rows(items, Replica, {"fields": fields}, replicas=replicas, address=address,
+                                      batch_size=request.batch_size):
+                    if row["error"]:
+                        refused.append((int(row["line"]), str(row["error"])))
+                    else:
+                        append_record(out, json.loads(row["record"]))
+                    bar.update(1)
+        bar.close()
     if refused:
         line, message = min(refused)
         more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""

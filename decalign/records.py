@@ -15,6 +15,11 @@ import transformers
 from . import __version__
 from .errors import DecalignError
 
+try:
+    import fcntl
+except ImportError:  # not on Windows: jobs there do not guard their output
+    fcntl = None
+
 
 def prompt_key(prompt: Any) -> str:
     """The first user turn, stripped: how prompts are matched across files (--exclude, and the prompt splits of training)."""
@@ -122,6 +127,9 @@ def check_job_config(output: Path, config: dict, *, written: bool, paths: Sequen
     sidecar = output.with_name(output.name + ".config.json")
     if sidecar.exists() and not written:
         sidecar.unlink()
+    if written and not sidecar.exists():  # e.g. the input given as the output, or another tool's file
+        raise DecalignError(f"{output} holds records but no {sidecar.name}, so no decalign job of this kind "
+                            f"wrote them; use a new output file, or delete {output} to start fresh")
     _check_config(sidecar, config, paths=paths,
                   refusal=lambda changed: f"{output} holds answers of another configuration ({changed} differ); "
                                           f"use a new output file, or delete {output} and {sidecar.name} to start fresh")
@@ -147,6 +155,21 @@ def _check_config(path: Path, config: dict, *, refusal: Callable[[str], str], de
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(config, indent=2))
+
+
+@contextmanager
+def held_output(path: Path) -> Iterator[None]:
+    """A job's claim on its output file while it runs (an advisory lock, where the system has one): a
+    second job on the same output is refused in one line, instead of answering every id again."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as handle:
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise DecalignError(f"{path} is being written by another job; wait for it to end, "
+                                    "or give another output") from None
+        yield
 
 
 def append_record(handle, record: dict) -> None:

@@ -241,6 +241,28 @@ def test_a_rerun_into_an_output_of_another_configuration_is_refused_not_skipped(
     assert_one_line_error(run("score", str(answers), "-r", "length:target=4", "-o", str(scores)), "(reward differ)")
 
 
+def test_an_output_that_no_such_job_wrote_or_that_another_job_holds_is_refused(tiny_path, tmp_path):
+    """Records without the job's configuration file (the input given as the output, another tool's
+    file) were taken for finished answers: nothing was generated, exit 0. A second job on an output
+    that a running job writes answered every id again beside it."""
+    from decalign.records import held_output
+
+    source = tmp_path / "in.jsonl"
+    write_lines(source, [json.dumps({"id": "q", "prompt": "hi"})])
+    base = ["--model", str(tiny_path), "--max-new-tokens", "3"]
+    assert_one_line_error(run("generate", "--input", str(source), "--output", str(source), *base),
+                          "holds records but no in.jsonl.config.json")
+    assert not (tmp_path / "in.jsonl.config.json").exists()
+    out = tmp_path / "out.jsonl"
+    with held_output(out):  # as a running job holds it
+        assert_one_line_error(run("generate", "--input", str(source), "--output", str(out), *base),
+                              "is being written by another job")
+        assert_one_line_error(run("score", str(source), "-r", "length:target=4", "-o", str(out)),
+                              "is being written by another job")
+    assert run("generate", "--input", str(source), "--output", str(out), *base).returncode == 0
+    assert [r["id"] for r in read_records(out)] == ["q"]
+
+
 def test_pairs_with_malformed_messages_are_refused_with_their_line(tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     good = [json.dumps({"messages": [{"role": "user", "content": f"q{i}"}], "chosen": "Sure.", "rejected": "No."})

@@ -53,6 +53,7 @@ def test_ray_job_answers_as_the_single_process_job_and_resumes(local_ray, tiny_p
     # a job killed after 4 records: the rerun on Ray answers only the other 8
     one, _ = read_by_id(tmp_path / "one.jsonl")
     (tmp_path / "ray.jsonl").write_text("".join(json.dumps(one[i]) + "\n" for i in range(4)))
+    (tmp_path / "ray.jsonl.config.json").write_text((tmp_path / "one.jsonl.config.json").read_text())  # the job's
     run_batch_ray(source, tmp_path / "ray.jsonl", request(tiny_path), replicas=2)
     answers, count = read_by_id(tmp_path / "ray.jsonl")
     assert count == len(PROMPTS) and sorted(answers) == list(range(len(PROMPTS)))
