@@ -161,8 +161,12 @@ def _check_config(path: Path, config: dict, *, refusal: Callable[[str], str], de
 def held_output(path: Path) -> Iterator[None]:
     """A job's claim on its output file while it runs (an advisory lock, where the system has one): a
     second job on the same output is refused in one line, instead of answering every id again."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as handle:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = path.open("a", encoding="utf-8")
+    except OSError as exc:  # a read-only file or folder, a file where a folder should be
+        raise DecalignError(f"cannot write {path}: {exc.strerror or exc}") from None
+    with handle:
         if fcntl is not None:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

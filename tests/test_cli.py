@@ -261,6 +261,8 @@ def test_an_output_that_no_such_job_wrote_or_that_another_job_holds_is_refused(t
                               "is being written by another job")
     assert run("generate", "--input", str(source), "--output", str(out), *base).returncode == 0
     assert [r["id"] for r in read_records(out)] == ["q"]
+    assert_one_line_error(run("generate", "--input", str(source), "--output", str(out / "x.jsonl"), *base),
+                          f"cannot write {out / 'x.jsonl'}")  # an output that cannot be written: before the model loads
 
 
 def test_pairs_with_malformed_messages_are_refused_with_their_line(tmp_path):
