@@ -73,7 +73,7 @@ def run_batch(input_path: str | Path, output_path: str | Path, request: Request)
     request's seed and the record's id, so an answer does not depend on the batch it landed in."""
     input_path, output_path = Path(input_path), Path(output_path)
     total = count_records(input_path)
-    with held_output(output_path):  # a second job on the same output is refused, not run twice
+    with held_output(output_path) as out:  # a second job on the same output is refused, not run twice
         done, written = load_output(output_path)
         asked = answered_prompts(written)
         check_job_config(output_path, job_config(input_path, request), written=bool(done), paths=JOB_PATHS)
@@ -94,7 +94,7 @@ def run_batch(input_path: str | Path, output_path: str | Path, request: Request)
                 append_record(out, answered(record_id, prompt, result))
                 bar.update(1)
 
-        with output_path.open("a", encoding="utf-8") as out, _flushed_at_the_end(lambda: flush(out), bar):
+        with _flushed_at_the_end(lambda: flush(out), bar):
             for number, record_id, prompt, _ in read_records(input_path):
                 if record_id in done:
                     check_same_prompt(asked, record_id, prompt, f"{input_path} line {number}", output_path)
@@ -117,7 +117,7 @@ def run_score(input_path: str | Path, output_path: str | Path, reward: str, batc
     scorer = load_reward(reward)
     source, output = Path(input_path), Path(output_path)
     total = count_records(source, "records to score")
-    with held_output(output):
+    with held_output(output) as out:
         done, _ = load_output(output)
         check_job_config(output, {"input": str(source), "reward": scorer.name}, written=bool(done), paths=("input",))
         pending: list[tuple[Any, Any, str]] = []
@@ -131,7 +131,7 @@ def run_score(input_path: str | Path, output_path: str | Path, reward: str, batc
                     append_record(out, {"id": record_id, "score": value, "reward": scorer.name})
                 bar.update(len(batch))
 
-        with output.open("a", encoding="utf-8") as out, _flushed_at_the_end(lambda: flush(out), bar):
+        with _flushed_at_the_end(lambda: flush(out), bar):
             for _, record_id, prompt, record in read_records(source, with_response=True):
                 if record_id in done:
                     bar.update(1)

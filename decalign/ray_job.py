@@ -267,7 +267,7 @@ def run_batch_ray(input_path: str | Path, output_path: str | Path, request: Requ
     fields = _portable(request)  # a request the replicas cannot rebuild is refused first
     count_records(input_path)
     _check_ready(request, address)
-    with held_output(output_path):  # a second job on the same output is refused, not run twice
+    with held_output(output_path) as out:  # a second job on the same output is refused, not run twice
         done, written = load_output(output_path)
         check_job_config(output_path, job_config(input_path, request), written=bool(done), paths=JOB_PATHS)
         asked = answered_prompts(written)
@@ -286,14 +286,13 @@ def run_batch_ray(input_path: str | Path, output_path: str | Path, request: Requ
                    dynamic_ncols=True, disable=None)
         refused: list[tuple[int, str]] = []
         if items:
-            with output_path.open("a", encoding="utf-8") as out:
-                for row in _pool_rows(items, Replica, {"fields": fields}, replicas=replicas, address=address,
-                                      batch_size=request.batch_size):
-                    if row["error"]:
-                        refused.append((int(row["line"]), str(row["error"])))
-                    else:
-                        append_record(out, json.loads(row["record"]))
-                    bar.update(1)
+            for row in _pool_rows(items, Replica, {"fields": fields}, replicas=replicas, address=address,
+                                  batch_size=request.batch_size):
+                if row["error"]:
+                    refused.append((int(row["line"]), str(row["error"])))
+                else:
+                    append_record(out, json.loads(row["record"]))
+                bar.update(1)
         bar.close()
     if refused:
         line, message = min(refused)

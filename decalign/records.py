@@ -7,7 +7,7 @@ import platform
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TextIO
 
 import torch
 import transformers
@@ -158,9 +158,10 @@ def _check_config(path: Path, config: dict, *, refusal: Callable[[str], str], de
 
 
 @contextmanager
-def held_output(path: Path) -> Iterator[None]:
-    """A job's claim on its output file while it runs (an advisory lock, where the system has one): a
-    second job on the same output is refused in one line, instead of answering every id again."""
+def held_output(path: Path) -> Iterator[TextIO]:
+    """A job's output, open to append, and its claim on it while the job runs (an advisory lock, where
+    the system has one): a second job on the same output is refused in one line, instead of answering
+    every id again."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = path.open("a", encoding="utf-8")
@@ -173,7 +174,7 @@ def held_output(path: Path) -> Iterator[None]:
             except OSError:
                 raise DecalignError(f"{path} is being written by another job; wait for it to end, "
                                     "or give another output") from None
-        yield
+        yield handle
 
 
 def append_record(handle, record: dict) -> None:
