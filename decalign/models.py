@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .errors import DecalignError
+from .errors import DecalignError, first_line
 
 DEFAULT_MODEL = "smollm2"
 _DEFAULT_ALIASES = {DEFAULT_MODEL, "default", "SmolLM2-135M-Instruct"}
@@ -147,8 +147,7 @@ def check_loadable(spec: str | None, *, trust_remote_code: bool = False) -> None
 
 
 def _cannot_load(spec: str | None, exc: Exception) -> DecalignError:
-    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return DecalignError(f"cannot load model {spec!r}: {first_line}")
+    return DecalignError(f"cannot load model {spec!r}: {first_line(exc)}")
 
 
 def load_adapter(model, adapter: str):
@@ -165,12 +164,12 @@ def load_adapter(model, adapter: str):
     try:
         config = PeftConfig.from_pretrained(str(folder))
     except (ValueError, TypeError, OSError) as exc:  # json.JSONDecodeError is a ValueError
-        raise DecalignError(f"adapter {adapter}: unreadable adapter_config.json ({str(exc).splitlines()[0]})") from exc
+        raise DecalignError(f"adapter {adapter}: unreadable adapter_config.json ({first_line(exc)})") from exc
     base_name = getattr(model.config, "_name_or_path", None)
     try:
         return PeftModel.from_pretrained(model, str(folder), is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as exc:
         raise DecalignError(
             f"adapter {adapter} does not fit model {base_name} "
-            f"(it was trained on {config.base_model_name_or_path}): {str(exc).splitlines()[0]}"
+            f"(it was trained on {config.base_model_name_or_path}): {first_line(exc)}"
         ) from exc

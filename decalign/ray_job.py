@@ -26,7 +26,7 @@ from typing import Any, Iterator
 from tqdm import tqdm
 
 from .batch_job import JOB_PATHS, answered_prompts, check_same_prompt, count_records, job_config
-from .errors import DecalignError
+from .errors import DecalignError, first_line
 from .models import check_loadable
 from .records import append_record, check_job_config, held_output, load_output, read_records
 from .request import Request
@@ -113,7 +113,7 @@ def _start_ray(address: str | None, replicas: int):
             where = f" at {address}" if address else ""
             hint = (" (a cluster that asks for token authentication, as `ray start --head` does in Ray 2.60, "
                     "needs RAY_AUTH_MODE=token here too)") if address and isinstance(exc, ConnectionError) else ""
-            raise DecalignError(f"cannot start or join Ray{where}: {str(exc).strip().splitlines()[0]}{hint}") from None
+            raise DecalignError(f"cannot start or join Ray{where}: {first_line(exc)}{hint}") from None
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # ours counts written records
     context.print_on_execution_start = False

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..engine import BASE
-from ..errors import DecalignError
+from ..errors import DecalignError, first_line
 from .base import param, register
 from .contrast import Branch, Contrast, ContrastParams, active_adapter
 
@@ -47,7 +47,7 @@ class DExperts(Contrast):
             model.load_adapter(str(folder), adapter_name=ANTI, is_trainable=False)
         except (RuntimeError, ValueError, KeyError) as exc:
             raise DecalignError(f"anti_adapter {config.anti_adapter} does not fit the model: "
-                                f"{str(exc).splitlines()[0]}") from exc
+                                f"{first_line(exc)}") from exc
         model.set_adapter(expert)
         self.loaded = True
         return [Branch(1.0, BASE), Branch(config.beta, expert), Branch(-config.beta, ANTI)]

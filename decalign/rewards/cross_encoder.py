@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from ..errors import DecalignError
+from ..errors import DecalignError, first_line
 from .base import Prompt, Reward
 from .harmless import embedder_folder, padded_batches
 
@@ -98,7 +98,7 @@ def load_model(folder: str | os.PathLike):
         try:
             model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()  # merged: plain BERT speed
         except (OSError, ValueError, RuntimeError) as exc:
-            raise DecalignError(f"cannot load the adapter in {folder}: {str(exc).strip().splitlines()[0]}") from None
+            raise DecalignError(f"cannot load the adapter in {folder}: {first_line(exc)}") from None
     else:
         from safetensors.torch import load_file
 

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file
 from transformers.utils import logging as hf_logging
 
-from ..errors import DecalignError
+from ..errors import DecalignError, first_line
 from .base import Prompt, Reward
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "harmless"
@@ -235,7 +235,7 @@ def load_head(path: str | os.PathLike) -> tuple[torch.nn.Sequential, dict]:
     try:
         head.load_state_dict(load_file(str(weights_path)))
     except RuntimeError as exc:
-        raise DecalignError(f"{weights_path} does not match the head in config.json: {str(exc).splitlines()[0]}") from exc
+        raise DecalignError(f"{weights_path} does not match the head in config.json: {first_line(exc)}") from exc
     return head.eval(), config
 
 

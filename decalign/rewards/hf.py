@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from ..errors import DecalignError
+from ..errors import DecalignError, first_line
 from ..models import resolve_model_path
 from ..options import parse_options, split_spec
 from .base import Prompt, Reward
@@ -39,7 +39,7 @@ def _load(path: str, kind: str, dtype: str, trust_remote_code: bool):
         model = auto.from_pretrained(location, dtype=getattr(torch, dtype), use_safetensors=True,
                                      trust_remote_code=trust_remote_code).eval()
     except (OSError, ValueError, AttributeError) as exc:
-        raise DecalignError(f"cannot load {kind} {path!r}: {str(exc).strip().splitlines()[0]}") from exc
+        raise DecalignError(f"cannot load {kind} {path!r}: {first_line(exc)}") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if getattr(model.config, "pad_token_id", None) is None:
