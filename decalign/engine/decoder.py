@@ -145,7 +145,7 @@ def planless_attention() -> AbstractContextManager:
     comes. PyTorch's CUDA 13 builds try cuDNN's attention first on Hopper and Blackwell GPUs, and cuDNN
     builds (then caches) an execution graph per shape of query, keys and mask. A decode step's keys are
     one position wider than the last step's, so nearly every step met a shape never seen and paid a
-    build: on one H100 a 0.45B model's sampled step cost 70-97 ms the first time its shapes came and
+    build: on one H100 a 0.45B model's sampled step cost 77-145 ms the first time its shapes came and
     20-25 ms when the same shapes came again, as a build per shape would. Flash and memory-efficient
     attention need no plan. On a CPU nothing changes (its kernels are flash and math, both allowed).
     `DECALIGN_CUDNN_ATTENTION=1` lets PyTorch choose as it would (for side-by-side timings)."""
