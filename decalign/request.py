@@ -90,7 +90,8 @@ class Request(BaseModel):
     def _resolve(self) -> "Request":
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise RequestError("min_new_tokens",
-                               f"{{field}} must be between 0 and max_new_tokens, got {self.min_new_tokens}")
+                               f"{{field}} must be from 0 to the answer's maximum length ({self.max_new_tokens} "
+                               f"tokens), got {self.min_new_tokens}")
         self._spec = get_method(self.method)
         params = dict(self.params)
         if self.value is not None:

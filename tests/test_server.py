@@ -1,6 +1,7 @@
 """decalign serve: the real `openai` client against a server on a free loopback port, tiny model."""
 
 import json
+import signal
 import socket
 import threading
 import time
@@ -223,6 +224,8 @@ def test_extra_body_chooses_the_method(client):
     (dict(logprobs=True, top_logprobs=21), 400, "top_logprobs must be an integer from 0 to 20"),
     (dict(max_tokens=True), 400, "max_tokens must be a positive integer"),
     (dict(seed=True), 400, "seed must be an integer"),
+    (dict(extra_body={"min_tokens": 8}), 400, "min_tokens must be from 0 to the answer's maximum length (4 tokens)"),
+    (dict(extra_body={"min_tokens": -1}), 400, "min_tokens must be a non-negative integer"),
     (dict(extra_body={"stream": "false"}), 400, "stream must be true or false"),
 ])
 def test_bad_requests_get_clear_4xx(client, kwargs, status, fragment):
@@ -754,3 +757,57 @@ def test_logprob_bytes_are_each_tokens_own_bytes(engine):
     for text in ("🎉🔥 party", "晨走走, 我们", "plain words, é ü"):
         ids = engine.tokenizer.encode(text, add_special_tokens=False)
         assert b"".join(token_bytes(engine, token) for token in ids).decode("utf-8") == text
+
+
+@pytest.mark.parametrize("grace, signals, status", [(60, 1, 200), (60, 2, 503), (0, 1, 503)])
+def test_a_signal_gives_requests_in_flight_the_grace_then_503_and_ends_the_engine_thread(engine, held_steps, grace,
+                                                                                          signals, status):
+    """On Ctrl-C or SIGTERM the requests in flight get --shutdown-grace seconds to finish; past it, or
+    at a second signal, each is answered 503 in OpenAI's shape (a stream in an error event), and the
+    engine's thread ends. (uvicorn alone waited for them up to --timeout, then on a second Ctrl-C
+    dropped them with tracebacks while a forward pass ran, and the process aborted.)"""
+    from decalign.server import ServerConfig, create_app
+    from decalign.server.shutdown import GracefulServer
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    app = create_app(engine, ServerConfig(model_name="tiny", max_tokens_limit=64))
+    server = GracefulServer(app, host="127.0.0.1", port=port, grace=grace, log_level="error")
+    serving = threading.Thread(target=server.serve_until_stopped)
+    serving.start()
+    wait_until(lambda: server.started, "the server to start")
+    body = {"prompt": "hi", "max_tokens": 32, "min_tokens": 32}  # exactly 32 tokens: in flight until let go
+    events: list[str] = []
+    replies: list[httpx.Response] = []
+
+    def streamed() -> None:
+        with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as reply:
+            events.extend(line[6:] for line in reply.iter_lines() if line.startswith("data: "))
+
+    clients = [threading.Thread(target=streamed),
+               threading.Thread(target=lambda: replies.append(httpx.post(url + "/v1/completions", json=body,
+                                                                         timeout=60)))]
+    clients[0].start()
+    wait_until(lambda: running_requests(url) == 1, "the stream to join the batch")
+    clients[1].start()
+    wait_until(lambda: server.scheduler.depth() == 1, "the second request to queue")
+    held_steps.allow(1)  # the stream's first token; the other request joins before the next step
+    wait_until(lambda: running_requests(url) == 2, "both requests to be in flight")
+    for _ in range(signals):
+        server.handle_exit(signal.SIGINT, None)
+    if status == 503:
+        wait_until(lambda: server.scheduler.closed, "the scheduler to close")
+    held_steps.set()
+    for thread in (*clients, serving):
+        thread.join(timeout=60)
+    assert not serving.is_alive() and not server.scheduler.thread.is_alive()
+    (reply,) = replies
+    assert reply.status_code == status, reply.text
+    if status == 200:
+        assert reply.json()["usage"]["completion_tokens"] == 32
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["usage"]["completion_tokens"] == 32
+    else:
+        assert reply.json()["error"]["type"] == "server_error" and "shutting down" in reply.text
+        assert "shutting down" in json.loads(events[-1])["error"]["message"]
+    with pytest.raises(httpx.ConnectError):
+        httpx.post(url + "/v1/completions", json=body, timeout=10)

@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from ..errors import DecalignError
+from ..errors import DecalignError, first_line
 from . import bench, generate, serve, tasks, train, values
 
 EXIT_USER_ERROR = 2
@@ -56,7 +56,6 @@ def main() -> None:
     except Exception as exc:  # never a traceback to a user; DECALIGN_DEBUG=1 shows it
         if os.environ.get("DECALIGN_DEBUG"):
             raise
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        click.echo(f"error: unexpected {type(exc).__name__}: {message} (DECALIGN_DEBUG=1 shows the traceback)",
+        click.echo(f"error: unexpected {type(exc).__name__}: {first_line(exc)} (DECALIGN_DEBUG=1 shows the traceback)",
                    err=True)
         sys.exit(1)

@@ -38,14 +38,15 @@ from ..options import parse_options
 @click.option("--admission", type=click.Choice(["shortest", "arrival"]), default="shortest", show_default=True,
               help="Which waiting request joins first: shortest = fewest rows x tokens (a request overtaken "
                    "--max-batch times goes first); arrival = first come, first served.")
+@click.option("--shutdown-grace", default=10.0, show_default=True, type=click.FloatRange(min=0),
+              help="On Ctrl-C or SIGTERM, seconds the requests in flight get to finish before they are "
+                   "answered 503 (a second Ctrl-C answers them at once).")
 @click.option("--trust-remote-code", is_flag=True)
 def serve(model, adapter, method, reward, params, host, port, api_key, max_tokens_limit, queue_size, timeout,
-          max_batch, max_rows, batching, admission, trust_remote_code):
+          max_batch, max_rows, batching, admission, shutdown_grace, trust_remote_code):
     """An OpenAI-compatible server (/v1/chat/completions, /v1/completions) that aligns as it decodes."""
-    # Local: fastapi (through decalign.server) and uvicorn add ~0.2 s that only this command needs.
-    import uvicorn
-
-    from ..server import ServerConfig, create_app, shared_reward
+    # Local: fastapi and uvicorn (through decalign.server) add ~0.2 s that only this command needs.
+    from ..server import ServerConfig, create_app, serve_app, shared_reward
 
     method_params = parse_options(params, what="--param", example="--param NAME=VALUE", strip=True)
     if method is not None:
@@ -62,4 +63,4 @@ def serve(model, adapter, method, reward, params, host, port, api_key, max_token
     engine = get_engine(model, adapter, trust_remote_code=trust_remote_code)
     default = method or "sample, greedy at temperature 0"
     click.echo(f"decalign serving {config.model_name} on http://{host}:{port}/v1 (method {default})", err=True)
-    uvicorn.run(create_app(engine, config), host=host, port=port, log_level="warning")
+    serve_app(create_app(engine, config), host=host, port=port, grace=shutdown_grace)

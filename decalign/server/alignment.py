@@ -16,7 +16,7 @@ from .config import ServerConfig
 from .schemas import ApiError, GenerationOptions
 
 OPENAI_SAMPLING = ("temperature", "top_p")
-FIELD_NAMES = {"max_new_tokens": "max_tokens", "reward": "alignment.reward", "value": "alignment.value",
+FIELD_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "reward": "alignment.reward", "value": "alignment.value",
                "seed": "seed", "stop": "stop"}
 
 
@@ -51,7 +51,7 @@ def decoding_request(body: GenerationOptions, config: ServerConfig, engine: Engi
     try:
         return Request.build(prompts=[prompt] * body.n, method=method, params=params,
                              reward=shared_reward(reward) if reward is not None else None, value=value,
-                             max_new_tokens=body.max_tokens, seed=seeds, chat=chat, stop=list(body.stop),
+                             max_new_tokens=body.max_tokens, min_new_tokens=body.min_tokens, seed=seeds, chat=chat, stop=list(body.stop),
                              model=engine)
     except RequestError as exc:
         raise ApiError(400, str(exc.spelled(FIELD_NAMES)), param=FIELD_NAMES.get(exc.field or "")) from None

@@ -23,6 +23,7 @@ from .metrics import Metrics
 from .schemas import ApiError
 
 LOG = logging.getLogger("decalign.server")
+SHUTTING_DOWN = "the server is shutting down; retry on another server or once it is back"
 
 
 @dataclass(eq=False)  # compared by identity: two requests alike are still two requests
@@ -71,6 +72,7 @@ class Scheduler:
         self.arrived = threading.Condition()
         self.driver = Driver(engine)
         self.running: dict[Method, PendingRequest] = {}
+        self.closed = False  # shutting down: what is in flight is answered 503 and the thread ends
         metrics.watch(waiting=self.depth, running=lambda: len(self.running),
                       rows=lambda: self.driver.batch.size if self.driver.batch is not None else 0)
         self.thread = threading.Thread(target=self._run, name="decalign-engine", daemon=True)
@@ -78,6 +80,8 @@ class Scheduler:
 
     def submit(self, request: PendingRequest) -> None:
         with self.arrived:
+            if self.closed:
+                raise ApiError(503, SHUTTING_DOWN, "server_error")
             if len(self.waiting) >= self.config.queue_size:
                 raise ApiError(429, f"the server is busy: {self.config.queue_size} requests are queued; retry later",
                                "rate_limit_exceeded")
@@ -87,16 +91,45 @@ class Scheduler:
     def depth(self) -> int:
         return len(self.waiting)
 
+    def in_flight(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def close(self) -> None:
+        """Shut down: at the next step every waiting and running request is answered 503, later
+        ones are refused, and the engine's thread ends. Safe from any thread."""
+        with self.arrived:
+            self.closed = True
+            self.arrived.notify()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Close, and wait (at most `timeout` seconds) for the engine's thread to end its step, so
+        that no forward pass is still running while the interpreter exits."""
+        self.close()
+        self.thread.join(timeout)
+
     def _run(self) -> None:
-        while True:
+        while not self.closed:
             if not self.running:
                 if not self.waiting:
                     release_memory()  # idle: hand the last batch's memory back
                 with self.arrived:
-                    self.arrived.wait_for(lambda: self.waiting)
+                    self.arrived.wait_for(lambda: self.waiting or self.closed)
+                if self.closed:
+                    break
             self._admit()
             if self.running:
                 self._step()
+        self._answer_shutdown()
+
+    def _answer_shutdown(self) -> None:
+        with self.arrived:
+            waiting, self.waiting = self.waiting, []
+        for method, request in self.running.items():
+            self.driver.release(method)
+            request.settle(ApiError(503, SHUTTING_DOWN, "server_error"))
+        for request in waiting:
+            request.settle(ApiError(503, SHUTTING_DOWN, "server_error"))
+        self.running = {}
 
     def _admit(self) -> None:
         """Let waiting requests join while the running batch has room, in admission order; the

@@ -74,6 +74,7 @@ class GenerationOptions(BaseModel):
     """
 
     max_tokens: int
+    min_tokens: int = 0  # vLLM's field: end-of-text is refused before this many tokens
     n: int = 1
     stop: tuple[str, ...] = ()
     seed: int | None = None
@@ -102,6 +103,14 @@ class GenerationOptions(BaseModel):
         if max_tokens > limit:
             raise ValueError(f"max_tokens {max_tokens} is over this server's limit of {limit}")
         return max_tokens
+
+    @field_validator("min_tokens", mode="before")
+    @classmethod
+    def whole_tokens(cls, min_tokens: Any) -> Any:
+        min_tokens = 0 if min_tokens is None else min_tokens
+        if not isinstance(min_tokens, int) or isinstance(min_tokens, bool) or min_tokens < 0:
+            raise ValueError("min_tokens must be a non-negative integer")
+        return min_tokens
 
     @field_validator("n", mode="before")
     @classmethod
