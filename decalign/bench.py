@@ -22,7 +22,7 @@ from .errors import DecalignError
 from .memory import release_memory
 from .methods import get_method, parse_method_spec
 from .models import DEFAULT_MODEL
-from .records import append_record, check_run_config, environment, load_output, read_records
+from .records import append_record, check_run_config, environment, held_output, load_output, read_records
 from .request import Request
 from .rewards import Reward, load_reward
 from .sampling import derive_seed
@@ -96,42 +96,42 @@ def run_bench(*, methods: str, prompts: Path, out: Path, reward: str | None, jud
               "max_new_tokens": max_new_tokens, "seed": seed, "system": system}
     check_run_config(out, config, defaults={"offset": 0}, paths=("prompts", "adapter"))  # before --offset: none
     records_path = out / "records.jsonl"
-    done, _ = load_output(records_path, key=lambda r: (r["method"], r["id"]))
-    pending = {run.label: [(i, p, derive_seed(seed, i)) for i, p in items if (run.label, i) not in done]
-               for run in runs}
-    bar = tqdm(total=sum(map(len, pending.values())), unit="answer", desc="bench", disable=not progress)
-    if ray is None:
-        engine = get_engine(model, adapter)
-        header = _header(environment(engine), config)
+    with held_output(records_path) as handle:  # a second run into the same folder is refused
+        done, _ = load_output(records_path, key=lambda r: (r["method"], r["id"]))
+        pending = {run.label: [(i, p, derive_seed(seed, i)) for i, p in items if (run.label, i) not in done]
+                   for run in runs}
+        bar = tqdm(total=sum(map(len, pending.values())), unit="answer", desc="bench", disable=not progress)
+        if ray is None:
+            engine = get_engine(model, adapter)
+            header = _header(environment(engine), config)
 
-        def answers() -> Iterator[dict]:
-            for run in runs:
-                size = batch_size or len(pending[run.label]) or 1
-                for start in range(0, len(pending[run.label]), size):
-                    bar.set_description(f"bench {run.label}")
-                    yield from answer_records(run.label, run.params, requests[run.label],
-                                              pending[run.label][start:start + size], engine, steer, scorer)
-                    release_memory()  # a Best-of-32 batch's pages are not held into the next method's
-    else:
-        from .ray_job import bench_on_ray
+            def answers() -> Iterator[dict]:
+                for run in runs:
+                    size = batch_size or len(pending[run.label]) or 1
+                    for start in range(0, len(pending[run.label]), size):
+                        bar.set_description(f"bench {run.label}")
+                        yield from answer_records(run.label, run.params, requests[run.label],
+                                                  pending[run.label][start:start + size], engine, steer, scorer)
+                        release_memory()  # a Best-of-32 batch's pages are not held into the next method's
+        else:
+            from .ray_job import bench_on_ray
 
-        header = _header(f"{environment(None)} · on Ray, {ray['replicas']} replicas · model {model or DEFAULT_MODEL}",
-                         config)
-        jobs = {run.label: (run.params, requests[run.label]) for run in runs}
-        answers = functools.partial(bench_on_ray, pending, jobs, reward=reward, judge=judge, batch_size=batch_size,
-                                    **ray)
-    with records_path.open("a", encoding="utf-8") as handle:
+            where = f"on Ray, {ray['replicas']} replicas · model {model or DEFAULT_MODEL}"
+            header = _header(f"{environment(None)} · {where}", config)
+            jobs = {run.label: (run.params, requests[run.label]) for run in runs}
+            answers = functools.partial(bench_on_ray, pending, jobs, reward=reward, judge=judge, batch_size=batch_size,
+                                        **ray)
         for record in answers():
             append_record(handle, record)
             bar.update(1)
             if on_record is not None:
                 on_record(record)
-    bar.close()
-    _, records = load_output(records_path, key=lambda r: (r["method"], r["id"]))
-    labels = [r.label for r in runs]
-    summary = summarize(records, labels, baseline or labels[0], header=header)
-    write_summary(out, summary)
-    write_plots(out, records, summary)
+        bar.close()
+        _, records = load_output(records_path, key=lambda r: (r["method"], r["id"]))
+        labels = [r.label for r in runs]
+        summary = summarize(records, labels, baseline or labels[0], header=header)
+        write_summary(out, summary)
+        write_plots(out, records, summary)
     return summary
 
 

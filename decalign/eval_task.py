@@ -30,7 +30,7 @@ from .api import run as run_request
 from .engine import get_engine
 from .errors import DecalignError
 from .methods import parse_method_spec
-from .records import append_record, check_run_config, environment, load_output, read_records
+from .records import append_record, check_run_config, environment, held_output, load_output, read_records
 from .request import Request
 from .sampling import derive_seed
 from .stats import mcnemar_exact, paired_bootstrap, wilson
@@ -111,12 +111,12 @@ def run_eval(*, test: Path, adapter: str, variants: str, out: Path, model: str |
               "seed": seed}
     check_run_config(out, config, paths=("test", "adapter"))
     records_path = out / "records.jsonl"
-    done, _ = load_output(records_path, key=lambda r: (r["variant"], r["id"]))
-    engine = get_engine(model, adapter)
-    todo = sum((v.label, i) not in done for v in runs for i, _, _ in items)
-    bar = tqdm(total=todo, unit="answer", desc="eval-task", file=sys.stderr, disable=not progress,
-               dynamic_ncols=True)
-    with records_path.open("a", encoding="utf-8") as handle:
+    with held_output(records_path) as handle:  # a second run into the same folder is refused
+        done, _ = load_output(records_path, key=lambda r: (r["variant"], r["id"]))
+        engine = get_engine(model, adapter)
+        todo = sum((v.label, i) not in done for v in runs for i, _, _ in items)
+        bar = tqdm(total=todo, unit="answer", desc="eval-task", file=sys.stderr, disable=not progress,
+                   dynamic_ncols=True)
         for run in runs:
             pending = [item for item in items if (run.label, item[0]) not in done]
             bar.set_description(f"eval-task {run.label}")
@@ -138,13 +138,13 @@ def run_eval(*, test: Path, adapter: str, variants: str, out: Path, model: str |
                         "seconds": result.stats["wall_time"] / result.stats["batch_size"],
                         "contrast_flips": result.stats.get("contrast_flips")})
                 bar.update(len(chunk))
-    bar.close()
-    _, records = load_output(records_path, key=lambda r: (r["variant"], r["id"]))
-    wanted = {i for i, _, _ in items}
-    summary = summarize([r for r in records if r["id"] in wanted], [v.label for v in runs], reference,
-                        header=_header(engine, config, len(items)))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "summary.md").write_text(summary_markdown(summary) + "\n")
+        bar.close()
+        _, records = load_output(records_path, key=lambda r: (r["variant"], r["id"]))
+        wanted = {i for i, _, _ in items}
+        summary = summarize([r for r in records if r["id"] in wanted], [v.label for v in runs], reference,
+                            header=_header(engine, config, len(items)))
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        (out / "summary.md").write_text(summary_markdown(summary) + "\n")
     return summary
 
 

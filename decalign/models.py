@@ -14,6 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from .errors import DecalignError, first_line
 
 DEFAULT_MODEL = "smollm2"
@@ -126,6 +128,8 @@ def load_model(
         raise
     except (OSError, ValueError) as exc:
         raise _cannot_load(spec, exc) from exc
+    except SafetensorError as exc:  # a truncated or corrupt file
+        raise DecalignError(f"cannot load model {spec!r}: damaged weights file ({first_line(exc)})") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if adapter is not None:
@@ -168,6 +172,8 @@ def load_adapter(model, adapter: str):
     base_name = getattr(model.config, "_name_or_path", None)
     try:
         return PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+    except SafetensorError as exc:  # a truncated or corrupt file
+        raise DecalignError(f"adapter {adapter}: damaged adapter_model.safetensors ({first_line(exc)})") from exc
     except (RuntimeError, ValueError, KeyError) as exc:
         raise DecalignError(
             f"adapter {adapter} does not fit model {base_name} "

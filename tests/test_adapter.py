@@ -42,6 +42,24 @@ def test_pickled_adapter_is_refused(tiny_path, tmp_path):
         Engine.load(str(tiny_path), adapter=str(adapter))
 
 
+def test_damaged_weights_files_get_one_line_errors(tiny_path, tmp_path):
+    """A truncated safetensors file (a copy cut short) names the file that is damaged; it was an
+    "unexpected SafetensorError" from the model, and "does not fit model" from an adapter."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_path, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(DecalignError, match="damaged weights file"):
+        Engine.load(str(model))
+    adapter = save_adapter(tiny_path, tmp_path / "adapter")
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(DecalignError, match="damaged adapter_model.safetensors"):
+        Engine.load(str(tiny_path), adapter=str(adapter))
+
+
 def test_lean_lora_forward_gives_peft_numbers_and_defers_to_peft_elsewhere(tiny_path, tmp_path):
     """The engine's lean LoRA forward gives exactly PEFT's logits: adapter on, row-gated (adapter and
     base rows in one pass), disabled, and through PEFT's adapter_names route; and it is in use."""

@@ -41,6 +41,11 @@ def test_resume_after_interruption_writes_each_record_once(tiny_path, tmp_path):
         assert (out / name).stat().st_size > 0
     with pytest.raises(DecalignError, match="another configuration \\(reward differ"):
         run_bench(**{**common, "reward": "json"})
+    from decalign.records import held_output
+
+    with held_output(out / "records.jsonl"):  # as a run still going holds its folder
+        with pytest.raises(DecalignError, match="records.jsonl is being written by another job"):
+            run_bench(**common)
 
 
 def test_bad_bench_input(tiny_path, tmp_path):

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from decalign import DecalignError, Engine, generate
 from decalign.cli import cli
 from decalign.eval_task import mcnemar_exact, paired_bootstrap, parse_variants, read_items, wilson
+from decalign.records import held_output
 from decalign.lora import read_conversations
 from decalign.tasks import SCORERS, is_formatted, make_splits, parse_final, parse_lenient, write_splits
 from decalign.testing import make_tiny_adapter
@@ -167,6 +168,9 @@ def test_eval_task_resumes_without_duplicates_and_refuses_another_config(tiny_pa
 
     changed = runner.invoke(cli, eval_args(tiny_path, adapter, test_file, out, "greedy", "--seed", "1"))
     assert isinstance(changed.exception, DecalignError) and "seed differ" in str(changed.exception)
+    with held_output(out / "records.jsonl"):  # as a run still going holds its folder
+        held = runner.invoke(cli, eval_args(tiny_path, adapter, test_file, out, "base,greedy,cold:beta=0"))
+    assert isinstance(held.exception, DecalignError) and "is being written by another job" in str(held.exception)
 
 
 @pytest.mark.parametrize("change, message", [

@@ -242,6 +242,7 @@ def test_args_with_value_picks_logprob_plus_weighted_value(family_value, engine)
 
 
 def test_samples_of_another_configuration_are_refused_not_mixed(tmp_path, engine):
+    from decalign.records import held_output
     from decalign.values.sampling import sample_answers
 
     items = [(0, BREAD[0]), (1, CAPITALS[0])]
@@ -249,6 +250,9 @@ def test_samples_of_another_configuration_are_refused_not_mixed(tmp_path, engine
     first = sample_answers(engine, FamilyReward(), items, tmp_path / "samples.jsonl", n=2, **common)
     again = sample_answers(engine, FamilyReward(), items, tmp_path / "samples.jsonl", n=2, **common)
     assert again == first  # resumed: nothing sampled twice
+    with held_output(tmp_path / "samples.jsonl"):  # as a run still going holds its samples
+        with pytest.raises(DecalignError, match="samples.jsonl is being written by another job"):
+            sample_answers(engine, FamilyReward(), items, tmp_path / "samples.jsonl", n=2, **common)
     with pytest.raises(DecalignError, match="another configuration \\(n differ"):
         sample_answers(engine, FamilyReward(), items, tmp_path / "samples.jsonl", n=3, **common)
 
@@ -315,6 +319,14 @@ def test_a_rerun_on_other_prompts_recomputes_the_cached_features(engine, tiny_pa
         assert handle.metadata()["answers"] == answers_fingerprint(wanted)
         assert len(set(handle.get_tensor("prompt").tolist())) == 8
     assert (tmp_path / "v" / "features.safetensors").read_bytes() != before
+    from safetensors.torch import load_file
+
+    whole = {name: t.clone() for name, t in load_file(str(tmp_path / "v" / "features.safetensors")).items()}
+    cut = (tmp_path / "v" / "features.safetensors").read_bytes()[:100]
+    (tmp_path / "v" / "features.safetensors").write_bytes(cut)  # a save cut short (an older run's)
+    train_value(offset=2, limit=8, **common)  # computed again, not an unexpected SafetensorError
+    again = load_file(str(tmp_path / "v" / "features.safetensors"))
+    assert again.keys() == whole.keys() and all(torch.equal(again[k], whole[k]) for k in whole)
 
 
 def test_a_value_names_its_policy_the_same_however_its_folder_is_spelled(tiny_path, monkeypatch):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from safetensors import SafetensorError
 
 from ..errors import DecalignError, first_line
 from .base import Prompt, Reward
@@ -97,7 +98,7 @@ def load_model(folder: str | os.PathLike):
 
         try:
             model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()  # merged: plain BERT speed
-        except (OSError, ValueError, RuntimeError) as exc:
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
             raise DecalignError(f"cannot load the adapter in {folder}: {first_line(exc)}") from None
     else:
         from safetensors.torch import load_file
@@ -105,7 +106,11 @@ def load_model(folder: str | os.PathLike):
         weights = folder / "model.safetensors"
         if not weights.is_file():
             raise DecalignError(f"{folder} has no model.safetensors for its {config['method']!r} weights")
-        missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
+        try:
+            state = load_file(str(weights))
+        except SafetensorError as exc:
+            raise DecalignError(f"{weights} is damaged: {first_line(exc)}") from None
+        missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected:
             raise DecalignError(f"{weights} does not fit all-MiniLM-L6-v2: unexpected {unexpected[0]}")
     return model.eval(), tokenizer, config

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from safetensors import SafetensorError
 
 from ..errors import DecalignError, first_line
 from ..models import resolve_model_path
@@ -38,7 +39,7 @@ def _load(path: str, kind: str, dtype: str, trust_remote_code: bool):
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
         model = auto.from_pretrained(location, dtype=getattr(torch, dtype), use_safetensors=True,
                                      trust_remote_code=trust_remote_code).eval()
-    except (OSError, ValueError, AttributeError) as exc:
+    except (OSError, ValueError, AttributeError, SafetensorError) as exc:  # SafetensorError: a damaged file
         raise DecalignError(f"cannot load {kind} {path!r}: {first_line(exc)}") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

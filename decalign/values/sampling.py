@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, TextIO
 
 from tqdm import tqdm
 
 from ..errors import DecalignError
-from ..records import append_record, check_run_config, load_output, prompt_key, read_records
+from ..records import append_record, check_run_config, held_output, load_output, prompt_key, read_records
 from ..sampling import Sampling, derive_seed
 
 
@@ -40,10 +40,10 @@ def read_prompts(path: Path, *, exclude: Path | None = None, limit: int | None =
     return items
 
 
-def rescore_samples(source: Path, reward, items: Sequence[tuple[Any, Any]], out: Path, config: dict, *,
-                    batch_size: int = 32, progress: bool = True) -> None:
-    """Copy the answers another run sampled (same policy and sampling, any reward) into `out`, each
-    scored anew by `reward`: a new reward needs no new sampling."""
+def rescore_samples(source: Path, reward, items: Sequence[tuple[Any, Any]], out: Path, handle: TextIO, config: dict,
+                    *, batch_size: int = 32, progress: bool = True) -> None:
+    """Copy the answers another run sampled (same policy and sampling, any reward) into `out` (open
+    to append as `handle`), each scored anew by `reward`: a new reward needs no new sampling."""
     source_config = source / "config.json"
     if not (source / "samples.jsonl").is_file() or not source_config.is_file():
         raise DecalignError(f"--samples-from {source}: no samples.jsonl and config.json there")
@@ -55,13 +55,12 @@ def rescore_samples(source: Path, reward, items: Sequence[tuple[Any, Any]], out:
     done, _ = load_output(out)
     wanted = {i for i, _ in items} - done
     todo = [r for r in sampled if r["id"] in wanted]
-    with out.open("a", encoding="utf-8") as handle:
-        for start in tqdm(range(0, len(todo), batch_size), unit="batch", desc="rescoring", disable=not progress):
-            chunk = todo[start:start + batch_size]
-            pairs = [(r["prompt"], a["text"]) for r in chunk for a in r["answers"]]
-            scores = iter(reward.score([p for p, _ in pairs], [t for _, t in pairs]))
-            for record in chunk:
-                append_record(handle, {**record, "answers": [{**a, "reward": next(scores)} for a in record["answers"]]})
+    for start in tqdm(range(0, len(todo), batch_size), unit="batch", desc="rescoring", disable=not progress):
+        chunk = todo[start:start + batch_size]
+        pairs = [(r["prompt"], a["text"]) for r in chunk for a in r["answers"]]
+        scores = iter(reward.score([p for p, _ in pairs], [t for _, t in pairs]))
+        for record in chunk:
+            append_record(handle, {**record, "answers": [{**a, "reward": next(scores)} for a in record["answers"]]})
 
 
 def sample_chunk(engine, reward, chunk: Sequence[tuple[Any, Any]], *, n: int, max_new_tokens: int, temperature: float,
@@ -94,28 +93,28 @@ def sample_answers(engine, reward, items: Sequence[tuple[Any, Any]], out: Path, 
     config = {"model": engine.name, "adapter": engine.adapter, "reward": reward.name, "n": n,
               "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "seed": seed}
     check_run_config(out.parent, config, paths=("model", "adapter"))
-    if samples_from is not None:
-        rescore_samples(samples_from, reward, items, out, config, progress=progress)
-    done, records = load_output(out)
-    pending = [(i, p) for i, p in items if i not in done]
-    bar = tqdm(total=len(items), initial=len(items) - len(pending), unit="prompt", desc="sampling",
-               disable=not progress)
-    if ray is not None:  # the same chunks, answered by a pool of replicas (decalign.ray_job)
-        from ..ray_job import sample_on_ray
+    with held_output(out) as handle:  # a second run on the same samples is refused
+        if samples_from is not None:
+            rescore_samples(samples_from, reward, items, out, handle, config, progress=progress)
+        done, records = load_output(out)
+        pending = [(i, p) for i, p in items if i not in done]
+        bar = tqdm(total=len(items), initial=len(items) - len(pending), unit="prompt", desc="sampling",
+                   disable=not progress)
+        if ray is not None:  # the same chunks, answered by a pool of replicas (decalign.ray_job)
+            from ..ray_job import sample_on_ray
 
-        answered = sample_on_ray(pending, model=engine.name, adapter=engine.adapter, reward=ray_reward or reward, n=n,
-                                 max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
-                                 batch_size=batch_size, **ray)
-    else:
-        answered = (record for start in range(0, len(pending), batch_size)
-                    for record in sample_chunk(engine, reward, pending[start:start + batch_size], n=n,
-                                               max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                               seed=seed))
-    with out.open("a", encoding="utf-8") as handle:
+            answered = sample_on_ray(pending, model=engine.name, adapter=engine.adapter, reward=ray_reward or reward,
+                                     n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                     seed=seed, batch_size=batch_size, **ray)
+        else:
+            answered = (record for start in range(0, len(pending), batch_size)
+                        for record in sample_chunk(engine, reward, pending[start:start + batch_size], n=n,
+                                                   max_new_tokens=max_new_tokens, temperature=temperature,
+                                                   top_k=top_k, seed=seed))
         for record in answered:
             append_record(handle, record)
             records.append(record)
             bar.update(1)
-    bar.close()
+        bar.close()
     wanted = {i for i, _ in items}
     return [r for r in records if r["id"] in wanted]

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -101,10 +101,12 @@ class PrefixTable:
         """Kept beside the samples, so that refitting does not run the policy again; `answers` is the
         fingerprint of the prompts and answers it was computed from (`answers_fingerprint`)."""
 
+        partial = path.with_name(path.name + ".partial")  # renamed when whole: a killed save leaves no table
         save_file({"features": self.features, "target": self.target, "prompt": torch.tensor(self.prompt),
-                   "answer": torch.tensor(self.answer), "length": torch.tensor(self.length)}, str(path),
+                   "answer": torch.tensor(self.answer), "length": torch.tensor(self.length)}, str(partial),
                   metadata={"layers": ",".join(map(str, self.layers)), "hidden": str(self.hidden),
                             "answers": answers})
+        partial.replace(path)
 
     @classmethod
     def load(cls, path: Path, layers: list[int], answers: str) -> "PrefixTable | None":
@@ -113,11 +115,14 @@ class PrefixTable:
 
         if not path.is_file():
             return None
-        with safe_open(str(path), "pt") as handle:
-            meta = handle.metadata() or {}
-            if meta.get("layers") != ",".join(map(str, layers)) or meta.get("answers") != answers:
-                return None
-            t = {name: handle.get_tensor(name) for name in handle.keys()}
+        try:
+            with safe_open(str(path), "pt") as handle:
+                meta = handle.metadata() or {}
+                if meta.get("layers") != ",".join(map(str, layers)) or meta.get("answers") != answers:
+                    return None
+                t = {name: handle.get_tensor(name) for name in handle.keys()}
+        except SafetensorError:  # damaged (cut short by a disk that filled, say): computed again
+            return None
         return cls(t["features"], t["target"], t["prompt"].tolist(), t["answer"].tolist(),
                    t["length"].tolist(), list(layers), int(meta["hidden"]))
 
