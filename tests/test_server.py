@@ -811,3 +811,31 @@ def test_a_signal_gives_requests_in_flight_the_grace_then_503_and_ends_the_engin
         assert "shutting down" in json.loads(events[-1])["error"]["message"]
     with pytest.raises(httpx.ConnectError):
         httpx.post(url + "/v1/completions", json=body, timeout=10)
+
+
+def test_the_command_exits_0_without_a_traceback_however_many_signals_come(tiny_path):
+    """Ctrl-C pressed again and again: the process ends with status 0 and no traceback (a second
+    signal that came while the interpreter shut down killed it; a third printed the lifespan task's
+    cancellation as a traceback)."""
+    import subprocess
+    import sys
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "decalign.cli", "serve", "--model", str(tiny_path), "--port",
+                               str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: _healthy(f"http://127.0.0.1:{port}") or server.poll() is not None, "the server to start")
+        for _ in range(4):
+            server.send_signal(signal.SIGINT)
+            time.sleep(0.25)
+        output, _ = server.communicate(timeout=60)
+    finally:
+        server.kill()
+    assert server.returncode == 0 and "Traceback" not in output, output
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -111,6 +111,8 @@ class Guard:
             await self.app(scope, receive, sent)
         except ApiError as exc:
             await JSONResponse(exc.body(), status_code=exc.status)(scope, receive, sent)
+        except asyncio.CancelledError:  # only a shutdown cancels a request: a response its client stopped reading
+            LOG.warning("dropped a response still unsent at shutdown: %s %s", scope["method"], scope["path"])
         except Exception as exc:  # noqa: BLE001 - a bug answers 500 and leaves one log line, not a traceback
             LOG.error("internal error on %s %s: %s: %s", scope["method"], scope["path"], type(exc).__name__, exc)
             if not status[0]:

@@ -3,7 +3,8 @@ answer (up to --timeout), and on a second Ctrl-C drops them with tracebacks whil
 thread is still in a forward pass (the process then aborts). Here the first signal stops taking
 connections and gives the requests in flight `grace` seconds to finish; then, or at once on a
 second signal, each gets a 503 in OpenAI's error shape (a stream ends with it as an error event),
-and the engine's thread ends its step before the process exits."""
+and the engine's thread ends its step before the process exits with status 0. A response still
+unsent `LINGER` seconds after that (a client that stopped reading its stream) is dropped."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from fastapi import FastAPI
 
 from .scheduler import Scheduler
 
+LINGER = 2.0  # seconds a response may take to go out once its request has been answered 503
+
 
 class GracefulServer(uvicorn.Server):
     """uvicorn's server for an app from create_app, with the shutdown above; a third signal leaves at
@@ -24,8 +27,10 @@ class GracefulServer(uvicorn.Server):
 
     def __init__(self, app: FastAPI, *, host: str, port: int, grace: float, log_level: str = "warning") -> None:
         # a stream whose client stopped reading could hold uvicorn's shutdown forever: cancelled after this
-        super().__init__(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                        timeout_graceful_shutdown=grace + 10))
+        # no lifespan: the app has no startup or shutdown hooks, and a forced exit would log the
+        # cancelled lifespan task as a traceback
+        super().__init__(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
+                                        timeout_graceful_shutdown=grace + LINGER))
         self.scheduler: Scheduler = app.state.server.scheduler
         self.grace = grace
         self.signals = 0
@@ -40,8 +45,8 @@ class GracefulServer(uvicorn.Server):
         if self.signals == 1:
             self.should_exit = True
             if busy and self.grace > 0:
-                again = "Ctrl-C" if sig == signal.SIGINT else "a second signal"
-                _say(f"stopping: {busy} request(s) in flight get {self.grace:g} s to finish ({again} again "
+                again = "Ctrl-C again" if sig == signal.SIGINT else "a second signal"
+                _say(f"stopping: {busy} request(s) in flight get {self.grace:g} s to finish ({again} "
                      f"answers them 503 now)")
             delay = self.grace
         else:
@@ -51,15 +56,25 @@ class GracefulServer(uvicorn.Server):
         if self.deadline is not None:
             self.deadline.cancel()
         # the scheduler's lock is not taken inside a signal handler: the main thread may hold it
-        self.deadline = threading.Timer(delay, self.scheduler.close)
+        self.deadline = threading.Timer(delay, self._close)
         self.deadline.daemon = True
         self.deadline.start()
+
+    def _close(self) -> None:
+        """Answer everything in flight 503; responses still unsent LINGER seconds later are dropped."""
+        self.scheduler.close()
+        linger = threading.Timer(LINGER, setattr, (self, "force_exit", True))
+        linger.daemon = True
+        linger.start()
 
     def serve_until_stopped(self) -> None:
         """Serve until a signal stops the server, then stop the engine's thread."""
         try:
             self.run()
         finally:
+            if threading.current_thread() is threading.main_thread():
+                for sig in (signal.SIGINT, signal.SIGTERM):  # a late second signal: the exit is under way
+                    signal.signal(sig, signal.SIG_IGN)
             if self.deadline is not None:
                 self.deadline.cancel()
             self.scheduler.stop()
