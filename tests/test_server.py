@@ -182,6 +182,44 @@ def test_streaming_chunks_add_up_to_the_answer(client):
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
+@pytest.mark.parametrize("route", ["chat", "completions"])
+def test_stream_options_include_usage_puts_usage_in_a_last_chunk_of_its_own(client, route):
+    """OpenAI's stream_options.include_usage: the usage comes once, in a last chunk with no choices
+    (clients that sum usage over chunks, such as LangChain's, count it once)."""
+    if route == "chat":
+        create, common = client.chat.completions.create, dict(messages=[{"role": "user", "content": "bread"}])
+    else:
+        create, common = client.completions.create, dict(prompt="bread")
+    common.update(model="tiny", max_tokens=10, seed=5, n=2, temperature=0.9)
+    plain = create(**common)
+    chunks = list(create(**common, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == plain.usage.model_dump()
+    assert all(chunk.usage is None for chunk in chunks[:-1])
+    assert {c.choices[0].index for c in chunks[:-1] if c.choices[0].finish_reason} == {0, 1}
+
+
+def test_openai_fields_it_does_not_honour_are_refused_unless_left_at_their_defaults(client):
+    """An answer that ignored tools, a JSON format or a penalty would be wrong without saying so; the
+    same fields at their defaults, as clients send them, change nothing."""
+    messages = [{"role": "user", "content": "hi"}]
+    refused = [(dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
+               (dict(response_format={"type": "json_object"}), "response_format"),
+               (dict(presence_penalty=0.5), "presence_penalty"), (dict(frequency_penalty=-1), "frequency_penalty"),
+               (dict(logit_bias={"5": 10}), "logit_bias"), (dict(tool_choice="required"), "tool_choice")]
+    for fields, name in refused:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, **fields)
+        error = info.value.response.json()["error"]
+        assert error["param"] == name and error["message"].startswith(f"{name} is not supported"), error
+    with pytest.raises(openai.BadRequestError, match="alignment"):
+        client.completions.create(model="tiny", prompt="hi", max_tokens=4, best_of=3)
+    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0)
+    defaults = client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0,
+                                              presence_penalty=0, frequency_penalty=0, logit_bias={},
+                                              response_format={"type": "text"}, tool_choice="none")
+    assert defaults.choices[0].message.content == plain.choices[0].message.content
+
+
 def test_cards_streams_segments(client):
     body = {"alignment": {"method": "cards", "tau_u": 1.0, "r_star": 0.2, "min_segment": 2}}
     chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],

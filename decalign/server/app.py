@@ -202,7 +202,8 @@ async def respond(request: Request, state: ServerState, body: GenerationOptions,
     if body.stream:  # the status is sent with the first text: an error before it gets its own
         first = await first_update(request, pending, deadline)
         return StreamingResponse(stream_events(request, state, pending, ident, created, deadline, first,
-                                               logprobs=wants_logprobs, offset=offset),
+                                               logprobs=wants_logprobs, offset=offset,
+                                               include_usage=body.include_usage),
                                  media_type="text/event-stream")
     results = await wait(request, pending, deadline)
     head = dict(id=ident, created=created, model=state.config.model_name)
@@ -250,8 +251,9 @@ async def give_up_if_gone(request: Request, pending: PendingRequest, deadline: f
 
 async def stream_events(request: Request, state: ServerState, pending: PendingRequest, ident: str, created: int,
                         deadline: float, first: tuple[int, str] | None, *, logprobs: bool = False,
-                        offset: int = 0) -> AsyncIterator[str]:
+                        offset: int = 0, include_usage: bool = False) -> AsyncIterator[str]:
     """Server-sent events: the committed text as it grows, then the finish reason, usage and alignment.
+    With `include_usage` (OpenAI's stream_options), usage comes last, in a chunk with no choices.
 
     With `logprobs`, each choice's token log-probabilities come in one chunk of their own once its
     answer is final (empty text): a streamed method such as CARDS or SMC may still replace the
@@ -315,10 +317,14 @@ async def stream_events(request: Request, state: ServerState, pending: PendingRe
         if logprobs:
             for index, scores in enumerate(choice_logprobs(state.engine, pending, results, offset)):
                 yield chunk(index, "", scores=scores)
+        usage = answer_usage(state.engine, pending, results)
         for index, result in enumerate(results):
-            last = dict(usage=answer_usage(state.engine, pending, results), alignment=alignment_info(results[0])) \
+            last = dict(alignment=alignment_info(results[0])) | ({} if include_usage else dict(usage=usage)) \
                 if index == len(results) - 1 else {}
             yield chunk(index, None, finish_reason(result), **last)
+        if include_usage:
+            kind = ChatCompletionChunk if pending.chat else CompletionChunk
+            yield event(kind(**head, choices=[], usage=usage).model_dump(mode="json"))
         yield "data: [DONE]\n\n"
     finally:
         if not pending.future.done():

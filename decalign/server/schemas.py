@@ -80,6 +80,7 @@ class GenerationOptions(BaseModel):
     seed: int | None = None
     alignment: dict[str, Any] = {}
     stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage: usage in a last chunk of its own, as OpenAI's
     # handed to methods that take them, whose configs check them with their own messages
     temperature: Any = None
     top_p: Any = None
@@ -88,11 +89,21 @@ class GenerationOptions(BaseModel):
     @classmethod
     def pick_max_tokens(cls, body: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         """OpenAI's newer max_completion_tokens, when given, wins over max_tokens; null, 0 or neither
-        means the server's default (never above its limit)."""
+        means the server's default (never above its limit). An OpenAI field this server does not
+        honour is refused when it asks for something (an answer that ignored it would be wrong
+        silently); left at its default it is accepted, as clients send defaults."""
+        for name, (asks, why) in UNSUPPORTED.items():
+            if name in body and asks(body[name]):
+                raise ApiError(400, f"{name} is not supported by decalign serve{why}", param=name)
+        options = body.get("stream_options")
+        if options is not None and not (isinstance(options, dict)
+                                        and isinstance(options.get("include_usage", False), bool)):
+            raise ApiError(400, 'stream_options must be an object such as {"include_usage": true}',
+                           param="stream_options")
         config: ServerConfig = info.context
         chosen = body.get("max_completion_tokens") or body.get("max_tokens") \
             or min(config.default_max_tokens, config.max_tokens_limit)
-        return {**body, "max_tokens": chosen}
+        return {**body, "max_tokens": chosen, "include_usage": bool((options or {}).get("include_usage"))}
 
     @field_validator("max_tokens", mode="before")
     @classmethod
@@ -150,6 +161,28 @@ class GenerationOptions(BaseModel):
         if stream is not None and not isinstance(stream, bool):  # "false" is a true string
             raise ValueError("stream must be true or false")
         return bool(stream)
+
+
+def _given(value: Any) -> bool:
+    return value not in (None, 0, "", [], {}) and value is not False
+
+
+# OpenAI fields decalign does not honour: (whether a value asks for something, a hint)
+UNSUPPORTED = {
+    "tools": (_given, " (no function calling)"),
+    "functions": (_given, " (no function calling)"),
+    "tool_choice": (lambda v: v not in (None, "none", "auto"), " (no function calling)"),
+    "function_call": (lambda v: v not in (None, "none", "auto"), " (no function calling)"),
+    "response_format": (lambda v: v is not None and not (isinstance(v, dict) and v.get("type") == "text"),
+                        " (no constrained output): only {\"type\": \"text\"}"),
+    "logit_bias": (_given, ""),
+    "presence_penalty": (_given, ": leave it 0"),
+    "frequency_penalty": (_given, ": leave it 0"),
+    "best_of": (lambda v: v not in (None, 1),
+                ': for the best of n answers by a reward, send "alignment": {"method": "bon", "n": n}'),
+    "echo": (_given, ""),
+    "suffix": (_given, ""),
+}
 
 
 class ChatCompletionRequest(GenerationOptions, ChatPrompt):
