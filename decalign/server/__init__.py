@@ -9,11 +9,11 @@
 - metrics: the Prometheus series behind /metrics
 - app: create_app, the FastAPI routes, auth and error handling
 - shutdown: serve_app, uvicorn with a shutdown that answers what is in flight and stops the engine
+  (imported by the command only: uvicorn brings click, which the library does without)
 """
 
 from .alignment import shared_reward
 from .app import create_app
 from .config import ServerConfig
-from .shutdown import serve_app
 
-__all__ = ["ServerConfig", "create_app", "serve_app", "shared_reward"]
+__all__ = ["ServerConfig", "create_app", "shared_reward"]
