@@ -198,6 +198,50 @@ def test_stream_options_include_usage_puts_usage_in_a_last_chunk_of_its_own(clie
     assert {c.choices[0].index for c in chunks[:-1] if c.choices[0].finish_reason} == {0, 1}
 
 
+def test_logprobs_list_the_tokens_of_the_text_without_the_end_token(engine):
+    """An answer ended by end-of-text: its logprobs' tokens join to its text, in both routes' shapes
+    (the end token, which has no text, was listed last)."""
+    from decalign.result import Result
+    from decalign.server.app import completion_logprobs, token_logprobs
+
+    words = engine.tokenizer.encode("hello there", add_special_tokens=False)
+    tokens = [*words, min(engine.eos_ids)]
+    result = Result(text=engine.decode(words), tokens=tokens, reward=None, stats={}, method="greedy",
+                    finish_reason="eos", logprobs=[-0.5] * len(tokens))
+    top = [[(t, -0.5)] for t in tokens]
+    chat = token_logprobs(engine, result, top)
+    assert "".join(t.token for t in chat.content) == result.text and len(chat.content) == len(words)
+    legacy = completion_logprobs(engine, result, top, offset=3)
+    assert "".join(legacy.tokens) == result.text
+    assert len(legacy.token_logprobs) == len(legacy.top_logprobs) == len(legacy.text_offset) == len(words)
+
+
+def test_text_content_parts_are_one_message_and_others_are_refused(client):
+    """OpenAI's list-of-parts content: text parts are the message's text, one per line (as vLLM
+    joins them); an image part gets a 400 naming the message."""
+    def ask(content):
+        return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
+                                              max_tokens=6, temperature=0)
+
+    parts = ask([{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}])
+    assert parts.choices[0].message.content == ask("hi\nthere").choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="message 0: only text content parts are supported, got image_url"):
+        ask([{"type": "image_url", "image_url": {"url": "http://x/y.png"}}])
+
+
+@pytest.mark.parametrize("fields, param, fragment", [
+    (dict(max_completion_tokens=-1), "max_completion_tokens", "max_completion_tokens must be a positive integer"),
+    (dict(max_completion_tokens=1000), "max_completion_tokens", "max_completion_tokens 1000 is over"),
+    (dict(stream_options={"include_usage": True}), "stream_options", "only allowed with stream=true"),
+    (dict(stream=True, stream_options={"include_usage": "yes"}), "stream_options", "must be an object"),
+])
+def test_errors_name_the_openai_field_that_is_wrong(served, fields, param, fragment):
+    reply = httpx.post(served + "/v1/chat/completions", timeout=30,
+                       json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **fields})
+    error = reply.json()["error"]
+    assert reply.status_code == 400 and error["param"] == param and fragment in error["message"], error
+
+
 def test_openai_fields_it_does_not_honour_are_refused_unless_left_at_their_defaults(client):
     """An answer that ignored tools, a JSON format or a penalty would be wrong without saying so; the
     same fields at their defaults, as clients send them, change nothing."""

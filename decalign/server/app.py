@@ -398,24 +398,33 @@ def token_logprobs(engine: Engine, result: Result, top: list[list[tuple[int, flo
     def entry(token: int, logprob: float) -> dict:
         return dict(token=token_text(engine, token), logprob=logprob, bytes=list(token_bytes(engine, token)))
 
-    top = top or [[] for _ in result.tokens]
+    tokens, logprobs, top = _text_tokens(engine, result, top)
     return ChoiceLogprobs(content=[
         TokenLogprob(**entry(token, logprob), top_logprobs=[TopLogprob(**entry(t, lp)) for t, lp in alternatives])
-        for token, logprob, alternatives in zip(result.tokens, result.logprobs or [], top)])
+        for token, logprob, alternatives in zip(tokens, logprobs, top or [[] for _ in tokens])])
 
 
 def completion_logprobs(engine: Engine, result: Result, top: list[list[tuple[int, float]]] | None, *,
                         offset: int) -> CompletionLogprobs:
     """The legacy completions `logprobs`: tokens, their log-probabilities, the most likely tokens at
     each position (as {text: logprob}), and each token's character offset from the prompt's start."""
-    tokens = [token_text(engine, token) for token in result.tokens]
+    ids, logprobs, top = _text_tokens(engine, result, top)
+    tokens = [token_text(engine, token) for token in ids]
     offsets = []
     for text in tokens:
         offsets.append(offset)
         offset += len(text)
-    return CompletionLogprobs(tokens=tokens, token_logprobs=list(result.logprobs or []),
+    return CompletionLogprobs(tokens=tokens, token_logprobs=logprobs,
                               top_logprobs=[_by_text(engine, alternatives) for alternatives in top] if top else None,
                               text_offset=offsets)
+
+
+def _text_tokens(engine: Engine, result: Result, top: list | None) -> tuple[list[int], list[float], list | None]:
+    """The answer's tokens, their logprobs and alternatives, without the end-of-text token that ended
+    it (OpenAI lists the tokens of the text; the end token has no text). A stop string that ends
+    inside a token keeps that token: its logprob is the one the policy paid."""
+    shown = len(result.tokens) - bool(result.tokens and result.tokens[-1] in engine.eos_ids)
+    return result.tokens[:shown], list(result.logprobs or [])[:shown], top[:shown] if top else top
 
 
 def _by_text(engine: Engine, alternatives: list[tuple[int, float]]) -> dict[str, float]:

@@ -51,7 +51,21 @@ class ChatPrompt(BaseModel):
     def non_empty_list(cls, messages: Any) -> Any:
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list")
-        return messages
+        return [_joined_text_parts(i, m) for i, m in enumerate(messages)]
+
+
+def _joined_text_parts(index: int, message: Any) -> Any:
+    """A message whose content is OpenAI's list of content parts, as one string (its text parts one
+    per line, as vLLM joins them); a part of another kind (an image, audio) is refused."""
+    if not (isinstance(message, dict) and isinstance(message.get("content"), list)):
+        return message  # strings, and malformed messages for the chat template's own check
+    texts = []
+    for part in message["content"]:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise ValueError(f"message {index}: only text content parts are supported, got {kind or repr(part)}")
+        texts.append(part["text"])
+    return {**message, "content": "\n".join(texts)}
 
 
 class TextPrompt(BaseModel):
@@ -87,7 +101,7 @@ class GenerationOptions(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def pick_max_tokens(cls, body: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+    def read_openai_fields(cls, body: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         """OpenAI's newer max_completion_tokens, when given, wins over max_tokens; null, 0 or neither
         means the server's default (never above its limit). An OpenAI field this server does not
         honour is refused when it asks for something (an answer that ignored it would be wrong
@@ -97,10 +111,16 @@ class GenerationOptions(BaseModel):
                 raise ApiError(400, f"{name} is not supported by decalign serve{why}", param=name)
         options = body.get("stream_options")
         if options is not None and not (isinstance(options, dict)
-                                        and isinstance(options.get("include_usage", False), bool)):
+                                        and isinstance(options.get("include_usage") or False, bool)):
             raise ApiError(400, 'stream_options must be an object such as {"include_usage": true}',
                            param="stream_options")
+        if options is not None and body.get("stream") is not True:
+            raise ApiError(400, "stream_options is only allowed with stream=true", param="stream_options")
         config: ServerConfig = info.context
+        if body.get("max_completion_tokens"):  # checked under its own name (0 or null: not given)
+            problem = _token_limit_problem(body["max_completion_tokens"], config, "max_completion_tokens")
+            if problem:
+                raise ApiError(400, problem, param="max_completion_tokens")
         chosen = body.get("max_completion_tokens") or body.get("max_tokens") \
             or min(config.default_max_tokens, config.max_tokens_limit)
         return {**body, "max_tokens": chosen, "include_usage": bool((options or {}).get("include_usage"))}
@@ -108,11 +128,9 @@ class GenerationOptions(BaseModel):
     @field_validator("max_tokens", mode="before")
     @classmethod
     def within_limit(cls, max_tokens: Any, info: ValidationInfo) -> Any:
-        limit = info.context.max_tokens_limit
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise ValueError("max_tokens must be a positive integer")
-        if max_tokens > limit:
-            raise ValueError(f"max_tokens {max_tokens} is over this server's limit of {limit}")
+        problem = _token_limit_problem(max_tokens, info.context, "max_tokens")
+        if problem:
+            raise ValueError(problem)
         return max_tokens
 
     @field_validator("min_tokens", mode="before")
@@ -161,6 +179,15 @@ class GenerationOptions(BaseModel):
         if stream is not None and not isinstance(stream, bool):  # "false" is a true string
             raise ValueError("stream must be true or false")
         return bool(stream)
+
+
+def _token_limit_problem(value: Any, config: ServerConfig, name: str) -> str | None:
+    """What is wrong with `value` as an answer's token limit named `name`, or None."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        return f"{name} must be a positive integer"
+    if value > config.max_tokens_limit:
+        return f"{name} {value} is over this server's limit of {config.max_tokens_limit}"
+    return None
 
 
 def _given(value: Any) -> bool:
