@@ -60,7 +60,8 @@ class Request(BaseModel):
     reward: Any = Field(None, description="Reward spec ('harmless', 'a + 0.5*b'), a Reward, or fn(prompts, answers).")
     value: str | None = Field(None, description="Prefix value (shipped name or folder) for methods that take one.")
     max_new_tokens: int = Field(128, description="Most tokens per answer.")
-    min_new_tokens: int = Field(0, description="End-of-text is refused before this many tokens.")
+    min_new_tokens: int = Field(0, description="End-of-text is refused, and stop strings are not matched, "
+                                               "before this many tokens (vLLM's min_tokens).")
     seed: int | list[int] | None = Field(None, description="One seed, or one per prompt; None draws one.")
     system: str | None = Field(None, description="System message (chat models).")
     chat: bool | None = Field(None, description="Use the chat template (None: when the model has one).")

@@ -260,6 +260,22 @@ def test_stop_string_ends_row_and_is_cut_from_text(engine, prompts):
     assert len(batch.tokens[0]) <= 5
 
 
+def test_min_new_tokens_holds_off_stop_strings_ending_before_it(engine, prompts):
+    """As vLLM's min_tokens: a stop string that ends before the min_new_tokens-th token neither ends
+    the row nor cuts its text; one that ends at or after it does both."""
+    probe = engine.start(prompts[:1], max_new_tokens=12)
+    probe.extend(GREEDY)
+    early = engine.decode(probe.tokens[0][1:3])  # ends in token 3
+    assert early.strip() and early not in engine.decode(probe.tokens[0][:2])
+    held = engine.start(prompts[:1], max_new_tokens=12, min_new_tokens=4, stop_strings=[early])
+    (segment,) = held.extend(GREEDY)
+    assert held.tokens[0] == probe.tokens[0][:len(held.tokens[0])]  # greedy: the same answer
+    assert len(held.tokens[0]) > 3 and held.text(0).startswith(engine.decode(probe.tokens[0][:3]))
+    at_min = engine.start(prompts[:1], max_new_tokens=12, min_new_tokens=3, stop_strings=[early])
+    (segment,) = at_min.extend(GREEDY)
+    assert segment.reason == "stop" and len(at_min.tokens[0]) == 3 and early not in at_min.text(0)
+
+
 def test_prompt_longer_than_context_is_refused(engine):
     with pytest.raises(DecalignError, match="context"):
         engine.start([[5] * engine.context_length], max_new_tokens=4)

@@ -24,7 +24,8 @@ from ..request import Request
 @click.option("--adapter", default=None, help="PEFT LoRA adapter folder.")
 @click.option("--reward", "-r", default=None, help="Reward spec, e.g. sentiment or python:module:function.")
 @click.option("--max-new-tokens", default=128, show_default=True, type=int)
-@click.option("--min-new-tokens", default=0, show_default=True, type=int)
+@click.option("--min-new-tokens", default=0, show_default=True, type=int,
+              help="No end-of-text, and no --stop string matched, before this many tokens.")
 @click.option("--temperature", type=float, default=None, help="Sampling temperature (sampling methods).")
 @click.option("--top-k", type=int, default=None, help="Top-k filter (sampling methods; 0 = off).")
 @click.option("--top-p", type=float, default=None, help="Nucleus filter (sampling methods; 1 = off).")

@@ -228,11 +228,22 @@ class Batch:
 
     def text(self, row: int) -> str:
         text = self.engine.decode(self.tokens[row])
-        for stop in self.prompts[self.prompt_of[row]].stop_strings:
-            cut = text.find(stop)
+        for stop, start in self._stops(row):
+            cut = text.find(stop, start)
             if cut >= 0:
                 text = text[:cut]
         return text
+
+    def _stops(self, row: int) -> list[tuple[str, int]]:
+        """The row's stop strings, each with where in its text an occurrence may start. With
+        min_new_tokens, as vLLM's min_tokens, a stop string counts only if it ends in the text of
+        the min_new_tokens-th token or later."""
+        limits = self.prompts[self.prompt_of[row]]
+        if not limits.stop_strings:
+            return []
+        before = len(self.engine.decode(self.tokens[row][:limits.min_new_tokens - 1])) if limits.min_new_tokens > 1 \
+            else 0
+        return [(stop, max(0, before - len(stop) + 1)) for stop in limits.stop_strings]
 
     def _tracked(self) -> None:
         if not self.state_layers:
@@ -388,8 +399,10 @@ class Batch:
         limits = self.prompts[self.prompt_of[row]]
         if token in self.engine.eos_ids and len(self.tokens[row]) >= limits.min_new_tokens:
             return "eos"
-        if limits.stop_strings and any(s in self.engine.decode(self.tokens[row]) for s in limits.stop_strings):
-            return "stop"
+        if limits.stop_strings and len(self.tokens[row]) >= limits.min_new_tokens:
+            text = self.engine.decode(self.tokens[row])
+            if any(text.find(stop, start) >= 0 for stop, start in self._stops(row)):
+                return "stop"
         total = self.prompt_lengths[self.prompt_of[row]] + len(self.tokens[row])
         if len(self.tokens[row]) >= limits.max_new_tokens or (
             self.engine.context_length and total >= self.engine.context_length
