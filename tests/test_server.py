@@ -162,6 +162,33 @@ def test_completions_give_the_legacy_logprobs_shape(client, engine):
     assert bare.choices[0].logprobs.token_logprobs == pytest.approx(expected.logprobs)
 
 
+def test_a_list_of_prompts_gets_each_prompts_own_answers_in_openais_order(client, served):
+    """/v1/completions with several prompts (a batch, as lm-eval's local-completions sends): choice
+    i * n + j is prompt i's answer j, the one it gets alone with the same seed; usage counts each
+    prompt once; streamed the same; legacy logprobs' offsets start at each choice's own prompt's end."""
+    prompts = ["The answer is", "hi", "Tell me about bread"]
+    common = dict(model="tiny", max_tokens=6, seed=4, temperature=0.9, n=2)
+    batch = client.completions.create(prompt=prompts, logprobs=1, **common)
+    alone = [client.completions.create(prompt=p, logprobs=1, **common) for p in prompts]
+    assert [c.index for c in batch.choices] == list(range(6))
+    assert [c.text for c in batch.choices] == [c.text for reply in alone for c in reply.choices]
+    assert batch.usage.prompt_tokens == sum(reply.usage.prompt_tokens for reply in alone)
+    assert batch.usage.completion_tokens == sum(reply.usage.completion_tokens for reply in alone)
+    for i, choice in enumerate(batch.choices):
+        if choice.logprobs.text_offset:
+            assert choice.logprobs.text_offset[0] == len(prompts[i // 2])
+    streamed = {}
+    for chunk in client.completions.create(prompt=prompts, stream=True, **common):
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + choice.text
+    assert [streamed[i] for i in range(6)] == [c.text for c in batch.choices]
+    for body, fragment in [({"prompt": [1, 2, 3]}, "token ids are not taken"),
+                           ({"prompt": ["hi"] * 33}, "a list of 1 to 32 strings"),
+                           ({"prompt": ["hi", "x " * 600]}, "prompt 1: ")]:
+        reply = httpx.post(served + "/v1/completions", json={"max_tokens": 4, **body}, timeout=30)
+        assert reply.status_code == 400 and fragment in reply.json()["error"]["message"], reply.text
+
+
 def test_completion_uses_raw_text(client, engine):
     from decalign import generate
 

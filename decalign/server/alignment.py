@@ -26,10 +26,12 @@ def shared_reward(spec: str) -> Reward | None:
     return load_reward(spec)
 
 
-def decoding_request(body: GenerationOptions, config: ServerConfig, engine: Engine, prompt: Prompt,
+def decoding_request(body: GenerationOptions, config: ServerConfig, engine: Engine, prompts: list[Prompt],
                      chat: bool) -> Request:
-    """The decoding `body` asks for on `prompt`, checked before it is queued: ApiError (400) for a
-    malformed `alignment` field or any invalid request, with decalign's own message."""
+    """The decoding `body` asks for on `prompts` (n answers each, in OpenAI's choice order: prompt by
+    prompt), checked before it is queued: ApiError (400) for a malformed `alignment` field or any
+    invalid request, with decalign's own message. Each prompt's answers are the ones it would get
+    alone with the same seed."""
     extra = dict(body.alignment)
     method = extra.pop("method", config.method)
     if method is None:  # OpenAI's meaning: temperature 0 is greedy; any other samples (at 1 unless given)
@@ -49,9 +51,10 @@ def decoding_request(body: GenerationOptions, config: ServerConfig, engine: Engi
     seed = body.seed if body.seed is not None else uuid.uuid4().int % 2**62
     seeds = [seed] + [derive_seed(seed, "choice", i) for i in range(1, body.n)]  # choice 0 is the n = 1 answer
     try:
-        return Request.build(prompts=[prompt] * body.n, method=method, params=params,
+        return Request.build(prompts=[p for p in prompts for _ in range(body.n)], method=method, params=params,
                              reward=shared_reward(reward) if reward is not None else None, value=value,
-                             max_new_tokens=body.max_tokens, min_new_tokens=body.min_tokens, seed=seeds, chat=chat, stop=list(body.stop),
+                             max_new_tokens=body.max_tokens, min_new_tokens=body.min_tokens,
+                             seed=seeds * len(prompts), chat=chat, stop=list(body.stop),
                              model=engine)
     except RequestError as exc:
         raise ApiError(400, str(exc.spelled(FIELD_NAMES)), param=FIELD_NAMES.get(exc.field or "")) from None

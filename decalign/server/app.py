@@ -127,7 +127,7 @@ class Guard:
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request, state: State):
     body = parse_request(ChatCompletionRequest, await read_body(request, state.config), state.config)
-    return await respond(request, state, body, body.messages, chat=True)
+    return await respond(request, state, body, [body.messages], chat=True)
 
 
 @router.post("/v1/completions")
@@ -178,37 +178,41 @@ async def read_body(request: Request, config: ServerConfig) -> dict:
     return body
 
 
-def pending_request(state: ServerState, body: GenerationOptions, prompt: Prompt, chat: bool) -> PendingRequest:
-    """The request to queue; its decoding and prompt are checked first, so bad ones never wait in line."""
+def pending_request(state: ServerState, body: GenerationOptions, prompts: list[Prompt],
+                    chat: bool) -> PendingRequest:
+    """The request to queue; its decoding and prompts are checked first, so bad ones never wait in line."""
     try:
-        decoding = decoding_request(body, state.config, state.engine, prompt, chat)
-        # empty, malformed and too long prompts fail here, before a streamed answer has begun
-        state.engine.check_fits(state.engine.render(prompt, chat=chat))
+        decoding = decoding_request(body, state.config, state.engine, prompts, chat)
+        for number, prompt in enumerate(prompts):  # empty, malformed and too long prompts fail here,
+            try:  # before a streamed answer has begun
+                state.engine.check_fits(state.engine.render(prompt, chat=chat))
+            except DecalignError as exc:
+                raise DecalignError(f"prompt {number}: {exc}" if len(prompts) > 1 else str(exc)) from None
     except DecalignError as exc:
         raise ApiError(400, str(exc)) from None
     loop = asyncio.get_running_loop()
     return PendingRequest(decoding=decoding, chat=chat, loop=loop, future=loop.create_future(),
-                          updates=asyncio.Queue() if body.stream else None, alternatives=body.alternatives)
+                          updates=asyncio.Queue() if body.stream else None, alternatives=body.alternatives,
+                          answers_per_prompt=body.n)
 
 
-async def respond(request: Request, state: ServerState, body: GenerationOptions, prompt: Prompt, chat: bool):
-    pending = pending_request(state, body, prompt, chat)
+async def respond(request: Request, state: ServerState, body: GenerationOptions, prompts: list[Prompt],
+                  chat: bool):
+    pending = pending_request(state, body, prompts, chat)
     state.scheduler.submit(pending)
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     wants_logprobs = bool(body.logprobs) if chat else body.logprobs is not None
-    offset = 0 if chat else len(prompt)  # where the legacy form's text offsets count from
     deadline = time.monotonic() + state.config.timeout
     if body.stream:  # the status is sent with the first text: an error before it gets its own
         first = await first_update(request, pending, deadline)
         return StreamingResponse(stream_events(request, state, pending, ident, created, deadline, first,
-                                               logprobs=wants_logprobs, offset=offset,
-                                               include_usage=body.include_usage),
+                                               logprobs=wants_logprobs, include_usage=body.include_usage),
                                  media_type="text/event-stream")
     results = await wait(request, pending, deadline)
     head = dict(id=ident, created=created, model=state.config.model_name)
     usage, alignment = answer_usage(state.engine, pending, results), alignment_info(results[0])
-    scores = choice_logprobs(state.engine, pending, results, offset) if wants_logprobs else [None] * len(results)
+    scores = choice_logprobs(state.engine, pending, results) if wants_logprobs else [None] * len(results)
     if chat:
         choices = [ChatChoice(index=i, message=AssistantMessage(content=result.text), logprobs=logprobs,
                               finish_reason=finish_reason(result)) for i, (result, logprobs) in enumerate(zip(results, scores))]
@@ -251,7 +255,7 @@ async def give_up_if_gone(request: Request, pending: PendingRequest, deadline: f
 
 async def stream_events(request: Request, state: ServerState, pending: PendingRequest, ident: str, created: int,
                         deadline: float, first: tuple[int, str] | None, *, logprobs: bool = False,
-                        offset: int = 0, include_usage: bool = False) -> AsyncIterator[str]:
+                        include_usage: bool = False) -> AsyncIterator[str]:
     """Server-sent events: the committed text as it grows, then the finish reason, usage and alignment.
     With `include_usage` (OpenAI's stream_options), usage comes last, in a chunk with no choices.
 
@@ -315,7 +319,7 @@ async def stream_events(request: Request, state: ServerState, pending: PendingRe
             if (piece := grown(index, result.text, final=True)) is not None:
                 yield piece
         if logprobs:
-            for index, scores in enumerate(choice_logprobs(state.engine, pending, results, offset)):
+            for index, scores in enumerate(choice_logprobs(state.engine, pending, results)):
                 yield chunk(index, "", scores=scores)
         usage = answer_usage(state.engine, pending, results)
         for index, result in enumerate(results):
@@ -346,8 +350,8 @@ def event(payload: dict) -> str:
 
 
 def answer_usage(engine: Engine, pending: PendingRequest, results: list[Result]) -> Usage:
-    """OpenAI's count: the prompt once, the tokens of every choice."""
-    prompt_tokens = len(engine.render(pending.prompt, chat=pending.chat))
+    """OpenAI's count: each prompt once, the tokens of every choice."""
+    prompt_tokens = sum(len(engine.render(prompt, chat=pending.chat)) for prompt in pending.prompts)
     completion_tokens = sum(len(result.tokens) for result in results)
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                  total_tokens=prompt_tokens + completion_tokens)
@@ -381,14 +385,15 @@ def token_text(engine: Engine, token: int) -> str:
     return engine.tokenizer.convert_tokens_to_string([engine.tokenizer.convert_ids_to_tokens(token)])
 
 
-def choice_logprobs(engine: Engine, pending: PendingRequest, results: list[Result],
-                    offset: int) -> list[ChoiceLogprobs] | list[CompletionLogprobs]:
+def choice_logprobs(engine: Engine, pending: PendingRequest,
+                    results: list[Result]) -> list[ChoiceLogprobs] | list[CompletionLogprobs]:
     """Each choice's logprobs in its route's shape: chat's token list, or the legacy completions form
-    whose text offsets start at `offset` (the prompt's length)."""
+    whose text offsets start at the end of the choice's prompt."""
     tops = pending.top_tokens or [None] * len(results)
     if pending.chat:
         return [token_logprobs(engine, result, top) for result, top in zip(results, tops)]
-    return [completion_logprobs(engine, result, top, offset=offset) for result, top in zip(results, tops)]
+    return [completion_logprobs(engine, result, top, offset=len(prompt))
+            for result, top, prompt in zip(results, tops, pending.decoding.prompts)]
 
 
 def token_logprobs(engine: Engine, result: Result, top: list[list[tuple[int, float]]] | None) -> ChoiceLogprobs:

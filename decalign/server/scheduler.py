@@ -30,7 +30,7 @@ SHUTTING_DOWN = "the server is shutting down; retry on another server or once it
 class PendingRequest:
     """One request waiting for, or in, the engine."""
 
-    decoding: Request  # validated, with its one prompt
+    decoding: Request  # validated: its prompts, each repeated once per answer asked (OpenAI's n)
     chat: bool
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
@@ -41,10 +41,12 @@ class PendingRequest:
     method: Method | None = None  # its step machine, built on the engine's thread while it waits
     overtaken: int = 0  # requests that arrived after it and joined before it
     queued_at: float = field(default_factory=time.monotonic)
+    answers_per_prompt: int = 1
 
     @property
-    def prompt(self) -> Prompt:
-        return self.decoding.prompts[0]
+    def prompts(self) -> list[Prompt]:
+        """The distinct prompts, in order."""
+        return self.decoding.prompts[::self.answers_per_prompt]
 
     def publish(self, choice: int, text: str) -> None:
         if self.updates is not None:

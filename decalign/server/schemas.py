@@ -15,6 +15,7 @@ from .config import ServerConfig
 
 FinishReason = Literal["stop", "length"]
 MAX_CHOICES = 16  # independent answers per request (OpenAI's n)
+MAX_PROMPTS = 32  # prompts in one /v1/completions request (each gets n answers)
 
 
 class ApiError(Exception):
@@ -69,15 +70,15 @@ def _joined_text_parts(index: int, message: Any) -> Any:
 
 
 class TextPrompt(BaseModel):
-    prompt: str = Field(None, validate_default=True)
+    prompt: list[str] = Field(None, validate_default=True)  # OpenAI's completions take a list (a batch)
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def one_string(cls, prompt: Any) -> Any:
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]  # a batch of one prompt is that prompt
-        if not isinstance(prompt, str):
-            raise ValueError("prompt must be a string")
+    def strings(cls, prompt: Any) -> Any:
+        prompt = [prompt] if isinstance(prompt, str) else prompt
+        if not (isinstance(prompt, list) and 1 <= len(prompt) <= MAX_PROMPTS and all(isinstance(p, str) for p in prompt)):
+            raise ValueError(f"prompt must be a string or a list of 1 to {MAX_PROMPTS} strings (token ids are not "
+                             "taken)")
         return prompt
 
 
