@@ -824,9 +824,11 @@ def _content(message) -> str:
     return message["content"] if isinstance(message, dict) else message.content
 
 
-def test_lm_eval_harness_local_chat_completions_runs_against_the_server_unchanged(served, client, tmp_path):
-    """lm-eval-harness's `local-chat-completions` model on a task of our own (a local JSONL, no hub):
-    every answer it records is the server's greedy answer to that question, and its metric is computed."""
+@pytest.mark.parametrize("route", ["local-chat-completions", "local-completions"])
+def test_lm_eval_harness_runs_against_the_server_unchanged(served, client, tmp_path, route):
+    """lm-eval-harness's `local-chat-completions` model, and its `local-completions` model sending
+    batches of two prompts, on a task of our own (a local JSONL, no hub): every answer it records is
+    the server's greedy answer to that question, and its metric is computed."""
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
@@ -843,17 +845,22 @@ def test_lm_eval_harness_local_chat_completions_runs_against_the_server_unchange
         "doc_to_target: '{{answer}}'\n"
         "generation_kwargs:\n  until: ['\\n\\n']\n  max_gen_toks: 6\n  do_sample: false\n  temperature: 0\n"
         "metric_list:\n  - metric: exact_match\n")
+    chat = route == "local-chat-completions"
+    path, extra = ("chat/completions", "num_concurrent=2") if chat else \
+        ("completions", "batch_size=2,tokenizer_backend=None,tokenized_requests=False")
     results = lm_eval.simple_evaluate(
-        model="local-chat-completions",
-        model_args=f"base_url={served}/v1/chat/completions,model=tiny,num_concurrent=2,max_retries=1",
+        model=route, model_args=f"base_url={served}/v1/{path},model=tiny,max_retries=1,{extra}",
         tasks=["decalign_questions"], task_manager=TaskManager(include_path=str(tmp_path)),
-        apply_chat_template=True, log_samples=True)
+        apply_chat_template=chat, log_samples=True)
     samples = results["samples"]["decalign_questions"]
     assert len(samples) == len(questions)
     for sample in samples:
         question = sample["doc"]["question"]
-        ours = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": question}],
-                                              max_tokens=6, temperature=0).choices[0].message.content
+        if chat:
+            ours = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": question}],
+                                                  max_tokens=6, temperature=0).choices[0].message.content
+        else:
+            ours = client.completions.create(model="tiny", prompt=question, max_tokens=6, temperature=0).choices[0].text
         assert sample["resps"][0][0] == ours.split("\n\n")[0], question
     assert "exact_match,none" in results["results"]["decalign_questions"]
 
