@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from .errors import DecalignError
 from .models import load_model
+from .records import output_folder
 from .records import json_objects
 
 
@@ -98,6 +99,7 @@ def train_lora(
         raise DecalignError(f"epochs must be >= 1, got {epochs}")
     if max_steps is not None and max_steps < 1:
         raise DecalignError(f"max steps must be >= 1, got {max_steps}")
+    out = output_folder(out_dir)  # before any work
     conversations = read_conversations(data_path)
     base, tokenizer = load_model(model)
     if not getattr(tokenizer, "chat_template", None):
@@ -149,7 +151,6 @@ def train_lora(
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     peft_model.eval()
     peft_model.save_pretrained(str(out), safe_serialization=True)

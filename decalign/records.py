@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import tempfile
 from contextlib import contextmanager
@@ -190,10 +191,31 @@ def environment(engine) -> str:
     return line if engine is None else f"{line} · model {engine.name}"
 
 
+def output_folder(out: str | os.PathLike, *, replaced_if: str | None = None) -> Path:
+    """`out` as an absolute path, checked before any work: a folder that can be created or written.
+    With `replaced_if` (a file only this kind of output holds), an existing folder is replaced whole,
+    so it must be empty or an earlier output (holding that file): a folder of other files is refused
+    (one was deleted with the user's files in it)."""
+    out = Path(out).expanduser().resolve()  # stays right when the folder a relative path starts in moves
+    if out.exists() and not out.is_dir():
+        raise DecalignError(f"{out} is a file, not a folder")
+    if replaced_if is not None and out.is_dir() and any(out.iterdir()) and not (out / replaced_if).is_file():
+        raise DecalignError(f"{out} holds files but no {replaced_if}: it is replaced whole by the new output, "
+                            "so give a new or empty folder, or an earlier output")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise DecalignError(f"cannot write {out}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DecalignError(f"cannot write {out}: {existing} is not writable")
+    return out
+
+
 @contextmanager
-def staged_folder(out: Path) -> Iterator[Path]:
+def staged_folder(out: Path, *, replaced_if: str) -> Iterator[Path]:
     """An empty folder beside `out` to write a trained model into. When the block ends well it takes
-    `out`'s place; when it fails it is removed and `out`, if any, is left as it was."""
+    `out`'s place (which must pass `output_folder` with `replaced_if`); when it fails it is removed
+    and `out`, if any, is left as it was."""
+    out = output_folder(out, replaced_if=replaced_if)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}-", dir=out.parent) as work:
         staging = Path(work) / "new"

@@ -283,3 +283,25 @@ def test_pairs_with_malformed_messages_are_refused_with_their_line(tmp_path):
     write_lines(source, [json.dumps({"messages": "hi"})])
     assert_one_line_error(run("generate", "--input", str(source), "--output", str(tmp_path / "g.jsonl")),
                           "line 1: \"messages\" must be a list of chat messages")
+
+
+def test_training_refuses_an_output_it_would_destroy_or_cannot_write_before_any_work(tiny_path, tmp_path):
+    """train-reward replaces its output folder whole: a folder of the user's own files was deleted
+    with them (and `-o ../here` from inside it moved the user's files away); an output under a file
+    failed with an unexpected error after training."""
+    pairs = tmp_path / "pairs.jsonl"
+    write_lines(pairs, [json.dumps({"messages": [{"role": "user", "content": f"q{i}"}], "chosen": "yes",
+                                    "rejected": "no"}) for i in range(8)])
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    assert_one_line_error(run("train-reward", str(pairs), "-o", str(mine)), "holds files but no head.safetensors")
+    assert_one_line_error(run("train-reward", str(pairs), "-o", "../mine", cwd=mine), "holds files but no")
+    assert (mine / "notes.txt").read_text() == "precious" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "mine", "pairs.jsonl"]
+    (tmp_path / "afile").write_text("x")
+    conversations = tmp_path / "chat.jsonl"
+    write_lines(conversations, [json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                         {"role": "assistant", "content": "hello"}]})])
+    assert_one_line_error(run("train-lora", str(conversations), "-o", str(tmp_path / "afile" / "x"), "--model",
+                              str(tiny_path)), f"cannot write {tmp_path / 'afile' / 'x'}: {tmp_path / 'afile'} is a file")

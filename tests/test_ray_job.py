@@ -98,7 +98,7 @@ def test_value_rollouts_on_ray_are_the_single_process_samples(local_ray, engine,
     from decalign.values.sampling import sample_answers
 
     items = [(i, p) for i, p in enumerate(PROMPTS[:6])]
-    common = dict(n=2, max_new_tokens=6, temperature=1.0, top_k=0, seed=2, batch_size=4, progress=False)
+    common = dict(n=3, max_new_tokens=6, temperature=1.0, top_k=0, seed=2, batch_size=4, progress=False)
     reward = load_reward("length:target=10")
     one = sample_answers(engine, reward, items, tmp_path / "one" / "samples.jsonl", **common)
     on_ray = sample_answers(engine, reward, items, tmp_path / "ray" / "samples.jsonl", ray={"replicas": 2},

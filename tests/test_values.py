@@ -123,7 +123,7 @@ def _write_prompts(path, texts):
 def family_value(tmp_path_factory, engine, tiny_path):
     folder = tmp_path_factory.mktemp("value")
     train = _write_prompts(folder / "train.jsonl", [f"{t} {i}" for i in range(3) for t in BREAD + CAPITALS])
-    train_value(prompts=train, reward_spec=FamilyReward(), out=folder / "family", model=str(tiny_path), n=2,
+    train_value(prompts=train, reward_spec=FamilyReward(), out=folder / "family", model=str(tiny_path), n=3,
                 max_new_tokens=8, temperature=1.0, top_k=0, batch_size=12, validation=0.25, progress=False,
                 log=lambda line: None)
     return folder / "family"
@@ -247,14 +247,18 @@ def test_samples_of_another_configuration_are_refused_not_mixed(tmp_path, engine
 
     items = [(0, BREAD[0]), (1, CAPITALS[0])]
     common = dict(max_new_tokens=4, temperature=1.0, top_k=0, seed=0, batch_size=2, progress=False)
-    first = sample_answers(engine, FamilyReward(), items, tmp_path / "samples.jsonl", n=2, **common)
-    again = sample_answers(engine, FamilyReward(), items, tmp_path / "samples.jsonl", n=2, **common)
+    first = sample_answers(engine, FamilyReward(), items, tmp_path / "samples.jsonl", n=3, **common)
+    again = sample_answers(engine, FamilyReward(), items, tmp_path / "samples.jsonl", n=3, **common)
     assert again == first  # resumed: nothing sampled twice
     with held_output(tmp_path / "samples.jsonl"):  # as a run still going holds its samples
         with pytest.raises(DecalignError, match="samples.jsonl is being written by another job"):
-            sample_answers(engine, FamilyReward(), items, tmp_path / "samples.jsonl", n=2, **common)
+            sample_answers(engine, FamilyReward(), items, tmp_path / "samples.jsonl", n=3, **common)
     with pytest.raises(DecalignError, match="another configuration \\(n differ"):
-        sample_answers(engine, FamilyReward(), items, tmp_path / "samples.jsonl", n=3, **common)
+        sample_answers(engine, FamilyReward(), items, tmp_path / "samples.jsonl", n=4, **common)
+    for n, temperature, problem in [(2, 1.0, "--n must be >= 3"), (3, 0.0, "--temperature must be > 0")]:
+        with pytest.raises(DecalignError, match=problem):
+            sample_answers(engine, FamilyReward(), items, tmp_path / "other.jsonl", n=n,
+                           **{**common, "temperature": temperature})
 
 
 class CapitalsReward(FamilyReward):
@@ -275,7 +279,7 @@ def test_a_new_reward_reuses_the_sampled_answers_rescored(family_value, engine, 
 
     monkeypatch.setattr(type(engine), "start", no_sampling)
     train = family_value.parent / "train.jsonl"
-    common = dict(prompts=train, model=str(tiny_path), n=2, max_new_tokens=8, temperature=1.0, top_k=0, batch_size=12,
+    common = dict(prompts=train, model=str(tiny_path), n=3, max_new_tokens=8, temperature=1.0, top_k=0, batch_size=12,
                   validation=0.25, progress=False, log=lambda line: None, samples_from=family_value)
     train_value(reward_spec=CapitalsReward(), out=tmp_path / "capitals", **common)
     _, old = load_output(family_value / "samples.jsonl")
@@ -284,7 +288,7 @@ def test_a_new_reward_reuses_the_sampled_answers_rescored(family_value, engine, 
     assert [a["reward"] for r in new for a in r["answers"]] == [1 - a["reward"] for r in old for a in r["answers"]]
     assert (tmp_path / "capitals" / "features.safetensors").read_bytes() == (family_value / "features.safetensors").read_bytes()
     with pytest.raises(DecalignError, match="sampled with another n"):
-        train_value(reward_spec=CapitalsReward(), out=tmp_path / "other", **{**common, "n": 3})
+        train_value(reward_spec=CapitalsReward(), out=tmp_path / "other", **{**common, "n": 4})
     monkeypatch.undo()
     value = load_value(str(tmp_path / "capitals"))
     assert value.card["reward"] == "capitals"
@@ -304,7 +308,7 @@ def test_a_rerun_on_other_prompts_recomputes_the_cached_features(engine, tiny_pa
     from decalign.values.train import answers_fingerprint, train_value
 
     train = _write_prompts(tmp_path / "train.jsonl", [f"{t} {i}" for i in range(2) for t in BREAD + CAPITALS])
-    common = dict(prompts=train, reward_spec=FamilyReward(), out=tmp_path / "v", model=str(tiny_path), n=2,
+    common = dict(prompts=train, reward_spec=FamilyReward(), out=tmp_path / "v", model=str(tiny_path), n=3,
                   max_new_tokens=6, temperature=1.0, top_k=0, batch_size=12, validation=0.25, progress=False,
                   log=lambda line: None)
     train_value(limit=8, **common)

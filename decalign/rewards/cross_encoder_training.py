@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from ..errors import DecalignError
-from ..records import prompt_key, staged_folder
+from ..records import output_folder, prompt_key, staged_folder
 from .cross_encoder import ANSWER_BUDGET, FORMAT, MAX_LENGTH, PairEncoder, base_model, load_model, score_ids
 from .harmless_training import read_pairs, split_by_prompt
 
@@ -109,7 +109,9 @@ def train_reward_model(
         raise DecalignError(f"{len(rows)} pairs leave too few for training and validation at holdout={holdout}, "
                             f"validation={validation}: the split is by prompt, and they have {prompts} distinct prompt(s)")
     lr = lr if lr is not None else DEFAULT_LR[method]
-    out = Path(out_dir)
+    if not lr > 0:
+        raise DecalignError(f"lr must be > 0, got {lr}")
+    out = output_folder(out_dir, replaced_if="reward.json")  # before any work
     started = time.perf_counter()
     torch.manual_seed(seed)
     model, tokenizer = base_model()
@@ -136,7 +138,7 @@ def train_reward_model(
 
     steps_per_epoch = -(-len(train_idx) // batch_size)
     eval_every = max(1, steps_per_epoch // evals_per_epoch)
-    with staged_folder(out) as staging:  # an interrupted run leaves the previous reward
+    with staged_folder(out, replaced_if="reward.json") as staging:  # an interrupted run leaves the previous reward
         checkpoints = staging.parent / "checkpoints"
         with warnings.catch_warnings():  # TRL still sets transformers' renamed checkpointing flags
             warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)

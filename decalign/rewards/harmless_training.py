@@ -23,13 +23,14 @@ from tqdm.auto import tqdm
 
 from ..engine.core import validate_messages
 from ..errors import DecalignError
-from ..records import json_objects, prompt_key, staged_folder
+from ..records import json_objects, output_folder, prompt_key, staged_folder
 from .base import Prompt
 from .harmless import (ANSWER_BUDGET, FEATURE_SETS, FEATURES, JOINED, MAX_LENGTH, Embedder, HarmlessReward, build_head,
                        features, get_embedder, word_prefix)
 from .harmless_card import example_scores, measure_speed, model_card
 
 PREFIX_FRACTIONS = (0.25, 0.5, 0.75)
+HEAD_FILE = "head.safetensors"  # what only a trained head's folder holds
 L2_GRID = (0.001, 0.003, 0.01, 0.03, 0.1)
 EMPTY_ANCHOR = 0.5
 
@@ -206,6 +207,7 @@ def train_reward(
     """
     if not 0.0 <= holdout < 1.0:
         raise DecalignError(f"holdout must be in [0, 1), got {holdout}")
+    out_dir = output_folder(out_dir, replaced_if=HEAD_FILE)  # before any work
     if feature_set not in FEATURE_SETS:
         raise DecalignError(f"unknown feature set {feature_set!r}; choose from: {', '.join(FEATURE_SETS)}")
     if nested_folds == 1 or nested_folds < 0:
@@ -338,8 +340,8 @@ def train_reward(
             "folds": nested["folds"], "accuracy": round(nested["accuracy"], 4), "sd": round(nested["sd"], 4),
             "by_fold": [round(a, 4) for a in nested["by_fold"]], "l2": nested["l2"]},
     }
-    with staged_folder(out) as staging:  # an interrupted run leaves the previous head
-        written = [staging / "head.safetensors", staging / "config.json", staging / "MODEL_CARD.md"]
+    with staged_folder(out, replaced_if=HEAD_FILE) as staging:  # an interrupted run leaves the previous head
+        written = [staging / HEAD_FILE, staging / "config.json", staging / "MODEL_CARD.md"]
         save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(written[0]))
         written[1].write_text(json.dumps(config, indent=2) + "\n")
         os.chmod(written[0], 0o644)  # safetensors writes 0600; the head is meant to be shared

@@ -86,8 +86,11 @@ def sample_answers(engine, reward, items: Sequence[tuple[Any, Any]], out: Path, 
     `samples_from`: a run folder whose answers to these prompts are reused, rescored (`rescore_samples`).
     `ray`: {"replicas": N, "address": A} samples on a Ray actor pool instead (`ray_reward`: the reward
     spec the replicas load, default the reward itself), with the same answers."""
-    if n < 2:
-        raise DecalignError(f"--n must be >= 2 (values are judged within a prompt), got {n}")
+    if n < 3:  # within-prompt correlations skip prompts of fewer answers: with 2, nothing would be judged
+        raise DecalignError(f"--n must be >= 3 (values are judged by correlations within a prompt), got {n}")
+    if not temperature > 0:
+        raise DecalignError(f"--temperature must be > 0: a prompt's answers must differ for a value to be judged "
+                            f"within it, got {temperature}")
     if batch_size < 1:
         raise DecalignError(f"--batch-size must be >= 1, got {batch_size}")
     config = {"model": engine.name, "adapter": engine.adapter, "reward": reward.name, "n": n,
