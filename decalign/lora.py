@@ -19,8 +19,7 @@ from tqdm import tqdm
 
 from .errors import DecalignError
 from .models import load_model
-from .records import output_folder
-from .records import json_objects
+from .records import json_objects, output_folder
 
 
 def read_conversations(path: str | Path) -> list[list[dict]]:

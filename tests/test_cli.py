@@ -303,5 +303,6 @@ def test_training_refuses_an_output_it_would_destroy_or_cannot_write_before_any_
     conversations = tmp_path / "chat.jsonl"
     write_lines(conversations, [json.dumps({"messages": [{"role": "user", "content": "hi"},
                                                          {"role": "assistant", "content": "hello"}]})])
-    assert_one_line_error(run("train-lora", str(conversations), "-o", str(tmp_path / "afile" / "x"), "--model",
-                              str(tiny_path)), f"cannot write {tmp_path / 'afile' / 'x'}: {tmp_path / 'afile'} is a file")
+    under_a_file = tmp_path / "afile" / "x"
+    assert_one_line_error(run("train-lora", str(conversations), "-o", str(under_a_file), "--model", str(tiny_path)),
+                          f"cannot write {under_a_file}: {tmp_path / 'afile'} is a file")

@@ -241,8 +241,8 @@ class Batch:
         limits = self.prompts[self.prompt_of[row]]
         if not limits.stop_strings:
             return []
-        before = len(self.engine.decode(self.tokens[row][:limits.min_new_tokens - 1])) if limits.min_new_tokens > 1 \
-            else 0
+        held = self.tokens[row][:max(limits.min_new_tokens - 1, 0)]  # tokens a stop string may not end in
+        before = len(self.engine.decode(held)) if held else 0
         return [(stop, max(0, before - len(stop) + 1)) for stop in limits.stop_strings]
 
     def _tracked(self) -> None:

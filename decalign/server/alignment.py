@@ -16,8 +16,8 @@ from .config import ServerConfig
 from .schemas import ApiError, GenerationOptions
 
 OPENAI_SAMPLING = ("temperature", "top_p")
-FIELD_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "reward": "alignment.reward", "value": "alignment.value",
-               "seed": "seed", "stop": "stop"}
+FIELD_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "reward": "alignment.reward",
+               "value": "alignment.value", "seed": "seed", "stop": "stop"}
 
 
 @functools.lru_cache(maxsize=8)

@@ -23,7 +23,6 @@ from .metrics import Metrics
 from .schemas import ApiError
 
 LOG = logging.getLogger("decalign.server")
-SHUTTING_DOWN = "the server is shutting down; retry on another server or once it is back"
 
 
 @dataclass(eq=False)  # compared by identity: two requests alike are still two requests
@@ -83,7 +82,7 @@ class Scheduler:
     def submit(self, request: PendingRequest) -> None:
         with self.arrived:
             if self.closed:
-                raise ApiError(503, SHUTTING_DOWN, "server_error")
+                raise _shutting_down()
             if len(self.waiting) >= self.config.queue_size:
                 raise ApiError(429, f"the server is busy: {self.config.queue_size} requests are queued; retry later",
                                "rate_limit_exceeded")
@@ -128,9 +127,9 @@ class Scheduler:
             waiting, self.waiting = self.waiting, []
         for method, request in self.running.items():
             self.driver.release(method)
-            request.settle(ApiError(503, SHUTTING_DOWN, "server_error"))
+            request.settle(_shutting_down())
         for request in waiting:
-            request.settle(ApiError(503, SHUTTING_DOWN, "server_error"))
+            request.settle(_shutting_down())
         self.running = {}
 
     def _admit(self) -> None:
@@ -248,6 +247,10 @@ def _decoding_key(request: PendingRequest) -> str:
     d = request.decoding
     return json.dumps([request.chat, d.method, d.params, str(d.reward), d.value, d.max_new_tokens,
                        d.min_new_tokens, d.stop, d.system], sort_keys=True, default=str)
+
+
+def _shutting_down() -> ApiError:
+    return ApiError(503, "the server is shutting down; retry on another server or once it is back", "server_error")
 
 
 def _api_error(exc: Exception) -> ApiError:

@@ -76,7 +76,8 @@ class TextPrompt(BaseModel):
     @classmethod
     def strings(cls, prompt: Any) -> Any:
         prompt = [prompt] if isinstance(prompt, str) else prompt
-        if not (isinstance(prompt, list) and 1 <= len(prompt) <= MAX_PROMPTS and all(isinstance(p, str) for p in prompt)):
+        strings = isinstance(prompt, list) and all(isinstance(p, str) for p in prompt)
+        if not (strings and 1 <= len(prompt) <= MAX_PROMPTS):
             raise ValueError(f"prompt must be a string or a list of 1 to {MAX_PROMPTS} strings (token ids are not "
                              "taken)")
         return prompt
@@ -89,7 +90,7 @@ class GenerationOptions(BaseModel):
     """
 
     max_tokens: int
-    min_tokens: int = 0  # vLLM's field: end-of-text is refused before this many tokens
+    min_tokens: int = 0  # vLLM's field: no end-of-text, and no stop string matched, before this many tokens
     n: int = 1
     stop: tuple[str, ...] = ()
     seed: int | None = None

@@ -26,11 +26,9 @@ class GracefulServer(uvicorn.Server):
     once (uvicorn's own force exit)."""
 
     def __init__(self, app: FastAPI, *, host: str, port: int, grace: float, log_level: str = "warning") -> None:
-        # a stream whose client stopped reading could hold uvicorn's shutdown forever: cancelled after this
         # no lifespan: the app has no startup or shutdown hooks, and a forced exit would log the
-        # cancelled lifespan task as a traceback
-        super().__init__(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
-                                        timeout_graceful_shutdown=grace + LINGER))
+        # cancelled lifespan task as a traceback. Unsent responses are dropped by _close's force exit.
+        super().__init__(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off"))
         self.scheduler: Scheduler = app.state.server.scheduler
         self.grace = grace
         self.signals = 0
