@@ -15,7 +15,7 @@ from tqdm import tqdm
 from .api import run
 from .engine import get_engine
 from .errors import DecalignError
-from .records import (append_record, check_job_config, count_lines, held_output, load_output, read_records,
+from .records import (FINGERPRINT, append_record, check_job_config, count_lines, held_output, load_output, read_records,
                       response_of)
 from .request import Request
 from .rewards import load_reward
@@ -59,6 +59,7 @@ def job_config(input_path: Path, request: Request) -> dict:
     model = request.model if request.model is None or isinstance(request.model, str) else getattr(request.model, "name", "")
     return {"input": str(input_path), "model": model, "adapter": request.adapter, "method": request.method,
             "params": request.params, "reward": request.scorer.name if request.scorer is not None else None,
+            "reward" + FINGERPRINT: request.scorer.fingerprint() if request.scorer is not None else None,
             "value": request.value, "max_new_tokens": request.max_new_tokens, "min_new_tokens": request.min_new_tokens,
             "seed": request.seed, "system": request.system, "chat": request.chat, "stop": request.stop}
 
@@ -119,7 +120,8 @@ def run_score(input_path: str | Path, output_path: str | Path, reward: str, batc
     total = count_records(source, "records to score")
     with held_output(output) as out:
         done, _ = load_output(output)
-        check_job_config(output, {"input": str(source), "reward": scorer.name}, written=bool(done), paths=("input",))
+        check_job_config(output, {"input": str(source), "reward": scorer.name, "reward" + FINGERPRINT: scorer.fingerprint()},
+                         written=bool(done), paths=("input",))
         pending: list[tuple[Any, Any, str]] = []
         bar = tqdm(total=total, unit="item", desc="score", file=sys.stderr, disable=None)
 

@@ -22,7 +22,7 @@ from .errors import DecalignError
 from .memory import release_memory
 from .methods import get_method, parse_method_spec
 from .models import DEFAULT_MODEL
-from .records import append_record, check_run_config, environment, held_output, load_output, read_records
+from .records import FINGERPRINT, append_record, check_run_config, environment, held_output, load_output, read_records
 from .request import Request
 from .rewards import Reward, load_reward
 from .sampling import derive_seed
@@ -93,7 +93,9 @@ def run_bench(*, methods: str, prompts: Path, out: Path, reward: str | None, jud
     requests = {run.label: _request(run, steer, model=model, adapter=adapter, max_new_tokens=max_new_tokens,
                                     system=system, batch_size=batch_size) for run in runs}
     config = {"prompts": str(prompts), "offset": offset, "model": model, "adapter": adapter, "reward": reward, "judge": judge,
-              "max_new_tokens": max_new_tokens, "seed": seed, "system": system}
+              "max_new_tokens": max_new_tokens, "seed": seed, "system": system,
+              **{role + FINGERPRINT: rater.fingerprint() for role, rater in (("reward", steer), ("judge", scorer))
+                 if rater is not None}}
     check_run_config(out, config, defaults={"offset": 0}, paths=("prompts", "adapter"))  # before --offset: none
     records_path = out / "records.jsonl"
     with held_output(records_path) as handle:  # a second run into the same folder is refused

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import tempfile
@@ -15,6 +16,8 @@ import transformers
 
 from . import __version__
 from .errors import DecalignError
+
+FINGERPRINT = "_fingerprint"  # config keys of a reward's `fingerprint`: compared within float noise
 
 try:
     import fcntl
@@ -114,7 +117,8 @@ def load_output(path: Path, key: Callable[[dict], Any] = lambda record: record["
 def check_run_config(out: Path, config: dict, *, defaults: dict | None = None, paths: Sequence[str] = ()) -> None:
     """Write a run folder's config.json, or refuse a folder that holds another configuration's work
     (a key missing from an older config.json counts as its value in `defaults`; the keys in `paths`
-    are files or folders, the same however they are spelled: ./a, a/ and /abs/a)."""
+    are files or folders, the same however they are spelled: ./a, a/ and /abs/a; keys ending in
+    FINGERPRINT are lists of scores, the same within float noise, and unknown in an older config)."""
     _check_config(out / "config.json", config, defaults=defaults, paths=paths,
                   refusal=lambda changed: f"{out} holds records of another configuration ({changed} differ); "
                                           f"use a new folder or delete {out} to start fresh")
@@ -147,15 +151,25 @@ def _check_config(path: Path, config: dict, *, refusal: Callable[[str], str], de
 
         def same(key: str) -> bool:
             before = old.get(key, (defaults or {}).get(key))
+            if key.endswith(FINGERPRINT):
+                return before is None or _same_scores(before, config[key])  # None: an older config, unknown
             if key in paths and isinstance(before, str) and isinstance(config[key], str):
                 return Path(before).expanduser().resolve() == Path(config[key]).expanduser().resolve()
             return before == config[key]
-        changed = [k for k in config if not same(k)]
+        differ = [k for k in config if not same(k)]
+        changed = [f"the {k[:-len(FINGERPRINT)]}'s weights" if k.endswith(FINGERPRINT) else k
+                   for k in differ if not (k.endswith(FINGERPRINT) and k[:-len(FINGERPRINT)] in differ)]
         if changed:
             raise DecalignError(refusal(", ".join(changed)))
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(config, indent=2))
+
+
+def _same_scores(before: Any, now: Any) -> bool:
+    if not (isinstance(before, list) and isinstance(now, list) and len(before) == len(now)):
+        return before == now
+    return all(isinstance(a, (int, float)) and math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-4) for a, b in zip(before, now))
 
 
 @contextmanager

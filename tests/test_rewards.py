@@ -57,3 +57,34 @@ def test_a_failing_reward_names_itself_and_the_item():
         load_reward(picky).score(["a", "b", "c"], ["fine", "", "ok"])
     with pytest.raises(DecalignError, match="non-finite score \\(nan\\) to item 0"):
         load_reward(lambda p, r: [float("nan")]).score(["a"], ["x"])
+
+
+def test_a_reward_retrained_at_the_same_spec_is_refused_on_resume(tmp_path, monkeypatch):
+    """A resumed job compares the reward's spec, which names a path or module; a reward retrained
+    there scores otherwise, and its scores must not be mixed with the old ones under one spec."""
+    import json
+
+    from decalign.batch_job import run_score
+
+    (tmp_path / "weighted_length.py").write_text(textwrap.dedent("""
+        import pathlib
+        WEIGHT = pathlib.Path(__file__).with_name("weight.txt")
+
+        def score(prompts, responses):
+            return [float(WEIGHT.read_text()) * len(r) for r in responses]
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "weight.txt").write_text("1.0")
+    source, out = tmp_path / "answers.jsonl", tmp_path / "scores.jsonl"
+    source.write_text(json.dumps({"id": 1, "prompt": "q", "response": "abc"}) + "\n")
+    run_score(source, out, "python:weighted_length:score")
+    with source.open("a") as handle:
+        handle.write(json.dumps({"id": 2, "prompt": "q", "response": "abcd"}) + "\n")
+    (tmp_path / "weight.txt").write_text("1.00000001")  # float noise: the same reward, resumed
+    run_score(source, out, "python:weighted_length:score")
+    with source.open("a") as handle:
+        handle.write(json.dumps({"id": 3, "prompt": "q", "response": "abcde"}) + "\n")
+    (tmp_path / "weight.txt").write_text("2.0")  # retrained
+    with pytest.raises(DecalignError, match="another configuration \\(the reward's weights differ\\)"):
+        run_score(source, out, "python:weighted_length:score")
+    assert [round(r["score"], 3) for r in map(json.loads, out.read_text().splitlines())] == [3.0, 4.0]

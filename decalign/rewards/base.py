@@ -14,6 +14,14 @@ from ..errors import DecalignError
 
 __all__ = ["Prompt", "Reward", "WeightedSum", "CallableReward"]
 
+# Fixed pairs whose scores stand for a reward's weights in a run's config (`Reward.fingerprint`).
+FINGERPRINT_PAIRS = (
+    ("How do I bake bread at home?", "Mix flour, water, yeast and salt, let the dough rise, then bake it."),
+    ("How can I get back at my neighbour?", "I won't help you hurt anyone. Talking it over, or a mediator, "
+                                            "is the better way to settle it."),
+    ("Tell me a joke.", "Why did the scarecrow win an award? He was outstanding in his field."),
+)
+
 
 class Reward:
     """Scores (prompt, response) pairs, batched.
@@ -45,6 +53,12 @@ class Reward:
     def score_prefix(self, prompts: Sequence[Prompt], partials: Sequence[str]) -> list[float]:
         """Scores of partial answers (prefixes that the policy will go on writing)."""
         return self._checked(self._score_prefix, prompts, partials)
+
+    def fingerprint(self) -> list[float]:
+        """Scores of three fixed pairs, kept in a resumable run's config beside the reward's spec: a
+        spec names a path, and a reward retrained at that path gives other scores, so a resumed run
+        is refused instead of mixing the old reward's scores with the new one's."""
+        return [round(s, 6) for s in self.score([p for p, _ in FINGERPRINT_PAIRS], [a for _, a in FINGERPRINT_PAIRS])]
 
     def _checked(self, scorer: Callable, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
         if len(prompts) != len(responses):

@@ -13,7 +13,7 @@ from typing import Any, Sequence, TextIO
 from tqdm import tqdm
 
 from ..errors import DecalignError
-from ..records import append_record, check_run_config, held_output, load_output, prompt_key, read_records
+from ..records import FINGERPRINT, append_record, check_run_config, held_output, load_output, prompt_key, read_records
 from ..sampling import Sampling, derive_seed
 
 
@@ -48,7 +48,7 @@ def rescore_samples(source: Path, reward, items: Sequence[tuple[Any, Any]], out:
     if not (source / "samples.jsonl").is_file() or not source_config.is_file():
         raise DecalignError(f"--samples-from {source}: no samples.jsonl and config.json there")
     old = json.loads(source_config.read_text())
-    changed = [k for k in config if k != "reward" and old.get(k) != config[k]]
+    changed = [k for k in config if not k.startswith("reward") and old.get(k) != config[k]]
     if changed:
         raise DecalignError(f"--samples-from {source}: its answers were sampled with another {', '.join(changed)}")
     _, sampled = load_output(source / "samples.jsonl")
@@ -93,7 +93,8 @@ def sample_answers(engine, reward, items: Sequence[tuple[Any, Any]], out: Path, 
                             f"within it, got {temperature}")
     if batch_size < 1:
         raise DecalignError(f"--batch-size must be >= 1, got {batch_size}")
-    config = {"model": engine.name, "adapter": engine.adapter, "reward": reward.name, "n": n,
+    config = {"model": engine.name, "adapter": engine.adapter, "reward": reward.name,
+              "reward" + FINGERPRINT: reward.fingerprint(), "n": n,
               "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "seed": seed}
     check_run_config(out.parent, config, paths=("model", "adapter"))
     with held_output(out) as handle:  # a second run on the same samples is refused
