@@ -272,7 +272,11 @@ def test_pairs_with_malformed_messages_are_refused_with_their_line(tmp_path):
     for bad, fragment in ((json.dumps({"messages": [{"role": "user", "content": 5}], "chosen": "a", "rejected": "b"}),
                            "line 3: message 0 must be an object with a role and a string content"),
                           (json.dumps({"messages": "x", "chosen": "a", "rejected": "b"}),
-                           "line 3: \"messages\" must be a list of chat messages")):
+                           "line 3: \"messages\" must be a list of chat messages"),
+                          (json.dumps({"messages": [{"role": "human", "content": "q"}], "chosen": "a", "rejected": "b"}),
+                           "line 3: message 0 has role 'human'"),
+                          (json.dumps({"prompt": "q", "chosen": "Sure.", "rejected": "Sure. "}),
+                           "line 3: chosen and rejected are the same answer")):
         write_lines(pairs, good[:2] + [bad] + good[2:])
         assert_one_line_error(run("train-reward", str(pairs), "-o", str(tmp_path / "o")), fragment)
     write_lines(pairs, [json.dumps({"prompt": "How do I cook?", "chosen": f"Carefully {i}.", "rejected": f"No {i}."})

@@ -636,3 +636,15 @@ def test_a_model_whose_cache_holds_more_than_keys_and_values_is_refused_at_load(
     tokenizer.save_pretrained(tmp_path)
     with pytest.raises(DecalignError, match="recurrent"):
         Engine.load(str(tmp_path))
+
+
+def test_a_prompt_s_roles_are_those_a_chat_template_knows():
+    """A chat template writes whatever role it is given, so a typo would silently become a turn of
+    its own; OpenAI's "developer" message is the system message."""
+    from decalign.engine import validate_messages
+
+    assert validate_messages([{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}]) == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    for role in ("usr", ["user"], "tool"):
+        with pytest.raises(DecalignError, match="message 1 has role .*; roles are system, developer, user, assistant"):
+            validate_messages([{"role": "system", "content": "s"}, {"role": role, "content": "hi"}])

@@ -327,6 +327,7 @@ def test_extra_body_chooses_the_method(client):
     (dict(max_tokens=1000), 400, "over this server's limit of 64"),
     (dict(messages=[]), 400, "messages must be a non-empty list"),
     (dict(messages=[{"role": "user", "content": ""}]), 400, "empty prompt"),
+    (dict(messages=[{"role": "usr", "content": "hi"}]), 400, "message 0 has role 'usr'; roles are system, developer"),
     (dict(n=0), 400, "n must be an integer from 1 to 16"),
     (dict(temperature=-1), 400, "temperature"),
     (dict(top_logprobs=3), 400, "top_logprobs needs logprobs=true"),

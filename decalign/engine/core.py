@@ -201,17 +201,24 @@ def _shared_engine(model: str | None, adapter: str | None, trust_remote_code: bo
     return Engine.load(model, adapter, trust_remote_code=trust_remote_code)
 
 
+# The roles a prompt may use, as the chat template gets them (OpenAI's "developer" is its system message).
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
 def validate_messages(messages: object) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise DecalignError("messages must be a non-empty list of {role, content} objects")
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("content"), str) or not message.get("role"):
             raise DecalignError(f"message {i} must be an object with a role and a string content")
+        if not isinstance(message["role"], str) or message["role"] not in ROLES:  # a chat template writes any role it is given: a typo would become a turn
+            raise DecalignError(f"message {i} has role {message['role']!r}; roles are {', '.join(ROLES)}")
     if not any(m["content"].strip() for m in messages):
         raise DecalignError("empty prompt: every message is empty")
     for i, message in enumerate(messages):
         _check_unicode(message["content"], f"message {i}")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    return [{"role": ROLES[m["role"]], "content": m["content"]} for m in messages]
+
 
 
 def _check_unicode(text: str, what: str) -> None:

@@ -63,6 +63,9 @@ def read_pairs(pairs_path: str | os.PathLike, *, allow_empty_answers: bool = Fal
         if empty and not allow_empty_answers:
             raise DecalignError(f"{path} line {number}: empty {' and '.join(empty)} answer (if saying nothing is "
                                 f"meant as an answer, as in HH-RLHF, pass --allow-empty-answers)")
+        if row["chosen"].strip() == row["rejected"].strip():  # it would count as a ranking error, and teach nothing
+            raise DecalignError(f"{path} line {number}: chosen and rejected are the same answer; a pair must "
+                                f"prefer one answer to another")
         rows.append({"prompt": prompt, "chosen": row["chosen"], "rejected": row["rejected"]})
     if not rows:
         raise DecalignError(f"pairs file {path} is empty")
