@@ -149,10 +149,13 @@ def is_formatted(text: str) -> bool:
     return bool(lines) and FINAL_LINE.fullmatch(lines[-1]) is not None and text.count("####") == 1
 
 
-def write_splits(out: Path, train: int, test: int, seed: int = 0, max_steps: int = 3,
+def write_splits(out: Path, train: int, test: int, seed: int = 0, max_steps: int | None = None,
                  kind: str = "arithmetic") -> tuple[Path, Path]:
     """train.jsonl as chat records for `decalign train-lora`, test.jsonl as {id, kind, prompt,
-    answer, ...} for `decalign eval-task`."""
+    answer, ...} for `decalign eval-task`. `max_steps` (default 3) is the arithmetic task's only."""
+    if max_steps is not None and kind != "arithmetic":
+        raise DecalignError(f"--max-steps applies to --kind arithmetic only, not {kind}")
+    max_steps = 3 if max_steps is None else max_steps
     if kind in INTEGER_KINDS:
         problems, tests = make_splits(train, test, seed, max_steps) if kind == "arithmetic" else \
             make_cot_splits(train, test, seed)

@@ -319,6 +319,8 @@ def test_cot_problems_show_true_steps_in_phrasings_training_never_saw(tmp_path):
                     "/": int(a) / int(b)}[op] == int(c), line
     assert {len(p.solution.splitlines()) for p in test} == {3, 4, 5}  # every family drawn
     _, test_path = write_splits(tmp_path, 20, 5, seed=1, kind="cot")
+    with pytest.raises(DecalignError, match="--max-steps applies to --kind arithmetic only, not cot"):
+        write_splits(tmp_path, 20, 5, seed=1, max_steps=5, kind="cot")  # it was ignored
     items = read_items(test_path)
     assert [item["kind"] for _, _, item in items] == ["cot"] * 5
     for _, _, item in items:

@@ -13,9 +13,11 @@ from ..tasks import KINDS, write_splits
 @click.command("make-task")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Folder for the two splits.")
 @click.option("--train", default=3000, show_default=True, type=int, help="Train problems (chat JSONL).")
-@click.option("--test", default=300, show_default=True, type=int, help="Held-out test problems.")
+@click.option("--test", default=300, show_default=True, type=int,
+              help="Held-out test problems (facts and style have 320 at most: each fact in each test phrasing).")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--max-steps", default=3, show_default=True, type=int, help="Most arithmetic steps per problem.")
+@click.option("--max-steps", default=None, type=int,
+              help="Most steps per problem, for --kind arithmetic only.  [default: 3]")
 @click.option("--kind", type=click.Choice(KINDS), default="arithmetic", show_default=True,
               help="arithmetic: word problems answered `#### <n>`; cot: multi-step word problems answered in "
                    "worked sentences, then `#### <n>` (GSM8K's setting); facts: counterfactual facts (an adapter "
