@@ -310,3 +310,31 @@ def test_training_refuses_an_output_it_would_destroy_or_cannot_write_before_any_
     under_a_file = tmp_path / "afile" / "x"
     assert_one_line_error(run("train-lora", str(conversations), "-o", str(under_a_file), "--model", str(tiny_path)),
                           f"cannot write {under_a_file}: {tmp_path / 'afile'} is a file")
+
+
+def test_sigterm_cleans_up_a_half_written_output_on_the_way_out(tmp_path):
+    """SIGTERM ended a command at once, leaving a training command's hidden staging folder (18 MB for
+    train-reward) beside its output; it now unwinds as Ctrl-C does, exits 143 and says so in one line."""
+    script = tmp_path / "slow_training.py"
+    script.write_text(
+        "import time\n"
+        "from pathlib import Path\n"
+        "import click\n"
+        "from decalign.cli import cli, main\n"
+        "from decalign.records import staged_folder\n"
+        "@cli.command('slow-train')\n"
+        "@click.argument('out')\n"
+        "def slow_train(out):\n"
+        "    with staged_folder(Path(out), replaced_if='model.bin') as staging:\n"
+        "        (staging / 'model.bin').write_text('half')\n"
+        "        print('training', flush=True)\n"
+        "        time.sleep(60)\n"
+        "main()\n")
+    out = tmp_path / "model"
+    proc = subprocess.Popen([sys.executable, str(script), "slow-train", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "training\n"
+    proc.terminate()
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 143 and stderr.strip() == "terminated"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["slow_training.py"]  # nothing left behind

@@ -7,6 +7,7 @@ calls the library and prints. This module holds the group, registers the command
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import click
@@ -37,11 +38,25 @@ for command in COMMANDS:
     cli.add_command(command)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program stands, as Ctrl-C is: the work under way is cleaned up on
+    the way out (a half-written model folder is removed, a job's records file released), where the
+    default action ended the process at once and left them behind."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
+    signal.signal(signal.SIGTERM, _terminate)  # `serve` installs its own (a grace for requests in flight)
     try:
         cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:  # click's form of a KeyboardInterrupt (and so of Terminated)
+        if isinstance(exc.__cause__, Terminated):
+            click.echo("terminated", err=True)
+            sys.exit(128 + signal.SIGTERM)
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
