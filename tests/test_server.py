@@ -261,6 +261,9 @@ def test_text_content_parts_are_one_message_and_others_are_refused(client):
     (dict(max_completion_tokens=1000), "max_completion_tokens", "max_completion_tokens 1000 is over"),
     (dict(stream_options={"include_usage": True}), "stream_options", "only allowed with stream=true"),
     (dict(stream=True, stream_options={"include_usage": "yes"}), "stream_options", "must be an object"),
+    (dict(top_p=1.5), "top_p", "top_p must be in (0, 1]"),  # a method's own check, named as OpenAI's field
+    (dict(alignment={"method": "bon", "n": 0}), "alignment.n", "n must be >= 1"),
+    (dict(alignment={"method": "sample", "top_p": 0}), "alignment.top_p", "top_p must be in (0, 1]"),
 ])
 def test_errors_name_the_openai_field_that_is_wrong(served, fields, param, fragment):
     reply = httpx.post(served + "/v1/chat/completions", timeout=30,

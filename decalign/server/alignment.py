@@ -5,9 +5,11 @@ Python API's (only the field names are spelled the server's way)."""
 from __future__ import annotations
 
 import functools
+import re
 import uuid
 
 from ..engine import Engine, Prompt
+from ..errors import DecalignError
 from ..methods import get_method
 from ..request import Request, RequestError
 from ..rewards import Reward, load_reward
@@ -58,3 +60,14 @@ def decoding_request(body: GenerationOptions, config: ServerConfig, engine: Engi
                              model=engine)
     except RequestError as exc:
         raise ApiError(400, str(exc.spelled(FIELD_NAMES)), param=FIELD_NAMES.get(exc.field or "")) from None
+    except DecalignError as exc:  # a method's own check of its parameters, e.g. "top_p must be in (0, 1]"
+        raise ApiError(400, str(exc), param=_parameter_field(str(exc), params, extra)) from None
+
+
+def _parameter_field(message: str, params: dict, extra: dict) -> str | None:
+    """The request field of the first parameter the message names: OpenAI's own field for its sampling
+    fields given there, else alignment.NAME."""
+    named = next((word for word in re.findall(r"\w+", message) if word in params), None)
+    if named is None:
+        return None
+    return named if named in OPENAI_SAMPLING and named not in extra else f"alignment.{named}"
