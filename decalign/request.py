@@ -80,6 +80,13 @@ class Request(BaseModel):
     def _prompt_list(cls, prompts: Any) -> list[Prompt] | None:
         return None if prompts is None else as_prompt_list(prompts)
 
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, stop: list[str]) -> list[str]:
+        if any(not s for s in stop):  # it would end every answer at its first token
+            raise ValueError("must not hold an empty string")
+        return stop
+
     @field_validator("max_new_tokens", "batch_size")
     @classmethod
     def _positive(cls, number: int) -> int:

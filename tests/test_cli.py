@@ -42,6 +42,7 @@ def test_generate_prints_an_answer_and_json(tiny_path):
     (["generate", "hi", "--method", "nope"], "unknown method 'nope'"),
     (["generate", "hi", "--reward", "nope"], "unknown reward 'nope'"),
     (["generate", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["generate", "hi", "--stop", ""], "--stop must not hold an empty string"),  # it ended answers at once
     (["generate", "hi", "-m", "bon"], "needs a reward"),
     (["generate", "hi", "-p", "n"], "NAME=VALUE"),
     (["generate", "hi", "-m", "bon", "-r", "length", "-p", "n=4", "--n", "2"], "--n 2 and --param n=4 disagree"),
@@ -338,3 +339,14 @@ def test_sigterm_cleans_up_a_half_written_output_on_the_way_out(tmp_path):
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 143 and stderr.strip() == "terminated"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["slow_training.py"]  # nothing left behind
+
+
+def test_a_python_reward_is_found_in_the_current_folder(tmp_path):
+    """The `decalign` command's import path holds its own folder, not the current one, so a
+    python:module:function reward written beside the data was not found without PYTHONPATH."""
+    (tmp_path / "my_scores.py").write_text("def shouting(prompts, responses):\n"
+                                           "    return [sum(c.isupper() for c in r) for r in responses]\n")
+    write_lines(tmp_path / "answers.jsonl", [json.dumps({"id": 1, "prompt": "q", "response": "HEllo"})])
+    proc = run("score", "answers.jsonl", "-r", "python:my_scores:shouting", "-o", "scores.jsonl", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert [r["score"] for r in read_records(tmp_path / "scores.jsonl")] == [2.0]

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import importlib
+import os
 import re
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +24,9 @@ def _python_reward(target: str) -> Reward:
     module_name, _, attribute = target.partition(":")
     if not module_name or not attribute:
         raise DecalignError(f"python reward needs python:module:function, got python:{target}")
+    here = os.getcwd()
+    if here not in sys.path and "" not in sys.path:  # the `decalign` command's path lacks the current folder
+        sys.path.append(here)  # after installed packages, so that a local file shadows none of them
     try:
         fn = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as exc:
