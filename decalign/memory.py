@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
@@ -19,6 +20,15 @@ def map_large_blocks(threshold: int = 1 << 20) -> None:
         ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+def bound_kernel_cache(kernels: int = 64) -> None:
+    """Keep at most `kernels` compiled oneDNN kernels (oneDNN's own bound is 1,024) unless
+    ONEDNN_PRIMITIVE_CACHE_CAPACITY says otherwise. A packed layer compiles a kernel per shape it
+    meets, about 2.7 MB per row count on the embedded model; a server meets new shapes at every join
+    and kept them (docs/server.md). oneDNN reads the variable once, at its first kernel: call this
+    before any model runs."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(kernels))
 
 
 def release_memory() -> None:

@@ -46,8 +46,11 @@ def serve(model, adapter, method, reward, params, host, port, api_key, max_token
           max_batch, max_rows, batching, admission, shutdown_grace, trust_remote_code):
     """An OpenAI-compatible server (/v1/chat/completions, /v1/completions) that aligns as it decodes."""
     # Local: fastapi and uvicorn (through decalign.server) add ~0.2 s that only this command needs.
+    from ..memory import bound_kernel_cache
     from ..server import ServerConfig, create_app, shared_reward
     from ..server.shutdown import serve_app
+
+    bound_kernel_cache()  # before any model runs: a long-lived server's memory returns to its start
 
     method_params = parse_options(params, what="--param", example="--param NAME=VALUE", strip=True)
     if method is not None:
