@@ -97,6 +97,21 @@ def test_treebon_prunes_exactly_the_lowest_scored_children(engine):
     assert len(engine.decode(result.tokens[:12])) == max(result.trace[-1]["scores"])
 
 
+def test_treebon_whose_candidates_end_early_grows_only_the_rows_it_has(engine):
+    """Candidates that end (here on a stop string) leave the tree, so a layer can keep fewer parents
+    than budget // children; the next layers branched budget // children parents anyway and failed
+    with '4 copies do not fit in 2 rows'."""
+    narrowed = 0
+    for seed in range(8):
+        (result,) = generate("hi", method="treebon", model=engine, reward=length_reward, budget=4, children=2,
+                             segment=3, stop=["y"], max_new_tokens=10, seed=seed, trace=True)
+        assert result.finish_reason in ("stop", "length") and result.candidates
+        for layer, following in zip(result.trace, result.trace[1:]):
+            assert len(following["texts"]) <= 2 * len(layer["kept"])  # unfinished children of the kept parents
+        narrowed += any(len(layer["kept"]) < 2 for layer in result.trace)
+    assert narrowed  # the case the test is for happened
+
+
 def test_smc_streams_the_prefix_its_particles_agree_on(engine):
     """What SMC publishes is what every particle shares: each text extends the last and the answer
     extends them all; resampling on a sharp target makes the particles agree early."""

@@ -5,7 +5,8 @@
         every unfinished candidate writes `segment` tokens
         a candidate that ends is a leaf, scored by the reward
         score the unfinished ones by the prefix value (else the reward's prefix scorer)
-        keep the best budget // children as parents (the first of equals), prune the rest
+        keep the best budget // children as parents (the first of equals; fewer when the tree has
+            fewer rows, after candidates ended early), prune the rest
         each parent branches into `children` candidates for the next layer
     answer: the leaf with the highest reward (the first of equals)
 
@@ -27,7 +28,8 @@ from .base import Search, SearchParams, param, register
 @dataclass
 class TreeBoNConfig(SearchParams):
     budget: int = param(8, "candidates alive in each layer (the N of Best-of-N)")
-    children: int = param(4, "children per kept parent: budget // children parents are kept at each layer")
+    children: int = param(4, "children per kept parent: budget // children parents are kept at each layer "
+                               "(fewer once candidates that ended leave too few rows)")
     segment: int = param(8, "tokens each candidate writes per layer")
     trace: bool = param(False, "keep each layer's scores and kept parents in the result's trace")
 
@@ -79,7 +81,9 @@ class TreeBoN(Search):
             return
         scores = job.evaluate(batch, unfinished)
         ranked = sorted(range(len(unfinished)), key=lambda i: -scores[i])  # stable: the first of equals
-        kept = sorted(ranked[:self.config.budget // self.config.children])
+        # the tree's rows (budget at first) hold the children: fewer once a layer kept fewer parents
+        # than budget // children because candidates ended (their rows left the tree)
+        kept = sorted(ranked[:len(tree.rows) // self.config.children])
         tree.pruned += len(unfinished) - len(kept)
         if self.config.trace:
             tree.trace.append({"layer": tree.layers, "scores": scores, "kept": kept,
