@@ -70,6 +70,24 @@ def test_cards_trace_follows_the_rules(engine):
         assert result.reward == pytest.approx(even_share(None, [result.text])[0])
 
 
+def test_args_reports_the_reward_as_the_reward_gave_it(engine):
+    """ARGS kept its rewards in a float32 tensor: 0.1 came back as 0.10000000149, and a finite reward
+    above float32's range as infinity (not JSON)."""
+    for value in (0.1, 1e300):
+        (result,) = generate("hi", method="args", model=engine, reward=lambda p, r: [value] * len(r),
+                             max_new_tokens=3, k=3)
+        assert result.reward == value
+
+
+def test_calibration_refuses_rewards_too_large_to_average(engine):
+    """Finite scores near the float maximum overflowed the calibration's mean: an unexpected
+    OverflowError instead of a one-line error."""
+    huge = lambda prompts, responses: [1e308 * (len(r) % 2) for r in responses]  # noqa: E731
+    for method in ("rs", "cards"):
+        with pytest.raises(DecalignError, match="rewards too large to calibrate r_star from"):
+            generate("hi", method=method, model=engine, reward=huge, max_new_tokens=4, seed=0)
+
+
 def test_calibrated_mode_measures_beta_in_reward_spread(engine):
     (result,) = generate("hi", method="cards", model=engine, reward=even_characters, max_new_tokens=20, seed=2,
                          tau_u=1.0, min_segment=4, temperature=2.0, top_k=0, trace=True, beta=0.5, margin=1.0)

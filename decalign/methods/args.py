@@ -59,17 +59,22 @@ class Args(Method):
         top_logprobs, top_tokens = logprobs.topk(min(config.k, logprobs.shape[-1]), dim=-1)
         top_logprobs, top_tokens = top_logprobs.tolist(), top_tokens.tolist()
         if job.value is not None:
-            rewards = torch.tensor(self._look_ahead(live, top_tokens), device=logprobs.device).view(len(live), -1)
+            flat = self._look_ahead(live, top_tokens)
         else:
             owners, texts = [], []
             for row, tokens in zip(live, top_tokens):
                 owners += [job.prompt_of(batch, row)] * len(tokens)
                 texts += [job.engine.decode(batch.tokens[row] + [token]) for token in tokens]
-            rewards = torch.tensor(job.score(owners, texts), device=logprobs.device).view(len(live), -1)
-        scores = torch.tensor(top_logprobs, device=logprobs.device) + config.w * rewards
+            flat = job.score(owners, texts)
+        width = len(top_tokens[0])
+        rewards = [flat[i * width:(i + 1) * width] for i in range(len(live))]
+        # in float64, as the reward gave them: float32 rounded them (0.1 came back 0.10000000149) and
+        # made a finite reward above 3.4e38 infinite
+        scores = (torch.tensor(top_logprobs, dtype=torch.float64, device=logprobs.device)
+                  + config.w * torch.tensor(rewards, dtype=torch.float64, device=logprobs.device))
         sampling = Sampling(0.0 if config.mode == "greedy" else config.temperature)
         picks = choose_tokens(scores, sampling, [batch.generators[r] for r in live]).tolist()
-        self.answer_reward.update({row: float(rewards[i, pick]) for i, (row, pick) in enumerate(zip(live, picks))})
+        self.answer_reward.update({row: rewards[i][pick] for i, (row, pick) in enumerate(zip(live, picks))})
         return [Write({row: top_tokens[i][pick] for i, (row, pick) in enumerate(zip(live, picks))})]
 
     def react(self) -> None:

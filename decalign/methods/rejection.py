@@ -50,9 +50,16 @@ def accept_probability(reward: float, threshold: float, beta: float, rule: str =
 def calibrate(rewards: list[float], margin: float) -> tuple[float, float]:
     """(r_star, unit) from a prompt's first proposals: r_star is their mean plus `margin` standard
     deviations, and the unit (their standard deviation) is the scale beta is measured in."""
-    spread = statistics.pstdev(rewards) if len(rewards) > 1 else 0.0
+    try:
+        spread = statistics.pstdev(rewards) if len(rewards) > 1 else 0.0
+        mean = statistics.fmean(rewards)
+    except OverflowError:
+        spread = mean = math.inf
+    if not math.isfinite(mean + margin * spread):  # finite scores near the float maximum
+        raise DecalignError(f"rewards too large to calibrate r_star from (up to {max(map(abs, rewards)):.3g}); "
+                            f"scale the reward down or set r_star")
     unit = spread if spread > 1e-6 else 1.0
-    return statistics.fmean(rewards) + margin * spread, unit
+    return mean + margin * spread, unit
 
 
 @dataclass
