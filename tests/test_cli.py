@@ -43,6 +43,8 @@ def test_generate_prints_an_answer_and_json(tiny_path):
     (["generate", "hi", "--reward", "nope"], "unknown reward 'nope'"),
     (["generate", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["generate", "hi", "--stop", ""], "--stop must not hold an empty string"),  # it ended answers at once
+    (["generate", "hi", "-m", "cards", "-r", "length", "--cold-alpha", "0.3"],  # it set cards' threshold start
+     "--cold-alpha is the contrastive methods' alpha"),
     (["generate", "hi", "-m", "bon"], "needs a reward"),
     (["generate", "hi", "-p", "n"], "NAME=VALUE"),
     (["generate", "hi", "-m", "bon", "-r", "length", "-p", "n=4", "--n", "2"], "--n 2 and --param n=4 disagree"),

@@ -12,7 +12,8 @@ from .. import api
 from ..batch_job import run_batch, run_score
 from ..errors import DecalignError
 from ..logs import quiet_transformers
-from ..methods import METHODS
+from ..methods import METHODS, get_method
+from ..methods.contrast import ContrastParams
 from ..options import parse_options
 from ..request import Request
 
@@ -30,8 +31,10 @@ from ..request import Request
 @click.option("--top-k", type=int, default=None, help="Top-k filter (sampling methods; 0 = off).")
 @click.option("--top-p", type=float, default=None, help="Nucleus filter (sampling methods; 1 = off).")
 @click.option("--n", type=int, default=None, help="Candidates per prompt (bon).")
-@click.option("--cold-alpha", type=float, default=None, help="CoLD plausibility mask alpha in (0, 1] (param alpha).")
-@click.option("--cold-beta", type=float, default=None, help="CoLD contrast strength beta >= 0 (param beta).")
+@click.option("--cold-alpha", type=float, default=None,
+              help="CoLD plausibility mask alpha in (0, 1] (param alpha of cold, contrastive, dexperts).")
+@click.option("--cold-beta", type=float, default=None,
+              help="CoLD contrast strength beta >= 0 (param beta of cold, contrastive, dexperts).")
 @click.option("--param", "-p", "params", multiple=True, metavar="NAME=VALUE",
               help="Any method parameter; repeatable (`decalign methods -v` lists each with its help).")
 @click.option("--seed", type=int, default=None, help="Same seed, same output.")
@@ -58,6 +61,10 @@ def generate(prompt, method, model, adapter, reward, max_new_tokens, min_new_tok
                         ("alpha", cold_alpha), ("beta", cold_beta)):
         if value is not None:
             option = {"alpha": "--cold-alpha", "beta": "--cold-beta"}.get(name, f"--{name.replace('_', '-')}")
+            if option.startswith("--cold") and not issubclass(get_method(method).config, ContrastParams):
+                # cards' alpha, spec_rejection's alpha, rs' beta... mean something else
+                raise DecalignError(f"{option} is the contrastive methods' {name} (cold, contrastive, dexperts); "
+                                    f"method {method}'s {name} means something else: give --param {name}=VALUE")
             if name in method_params and not _same_number(method_params[name], value):
                 raise DecalignError(f"{option} {value} and --param {name}={method_params[name]} disagree; give one")
             method_params[name] = value
