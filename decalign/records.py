@@ -95,23 +95,32 @@ def count_lines(path: Path) -> int:
 
 def load_output(path: Path, key: Callable[[dict], Any] = lambda record: record["id"]) -> tuple[set, list[dict]]:
     """Keys and records already written to an output JSONL. A half-written last line (from a killed
-    run) is cut off so that appending continues cleanly."""
+    run) is cut off so that appending continues cleanly, but only after every line before it proved a
+    record: a file decalign did not write is refused untouched. Lines end at "\n" only (records may
+    hold U+2028 and the like, which `str.splitlines` would split)."""
     if not path.exists():
         return set(), []
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        data = data[: data.rfind(b"\n") + 1]
-        path.write_bytes(data)
-    records = []
-    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-                key(records[-1])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise DecalignError(f"output {path} line {number} is not a decalign record; "
-                                    "use a new output file") from None
+    *lines, tail = path.read_bytes().split(b"\n")
+    records = [_record(path, number, line, key) for number, line in enumerate(lines, start=1) if line.strip()]
+    if tail.strip():
+        try:
+            records.append(_record(path, len(lines) + 1, tail, key))
+            with path.open("ab") as handle:  # a whole record whose newline is missing
+                handle.write(b"\n")
+        except DecalignError:
+            if not records:  # nothing shows decalign wrote this file
+                raise
+            path.write_bytes(b"".join(line + b"\n" for line in lines))  # a killed run's half line
     return {key(r) for r in records}, records
+
+
+def _record(path: Path, number: int, line: bytes, key: Callable[[dict], Any]) -> dict:
+    try:
+        record = json.loads(line.decode("utf-8"))
+        key(record)
+        return record
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise DecalignError(f"output {path} line {number} is not a decalign record; use a new output file") from None
 
 
 def check_run_config(out: Path, config: dict, *, defaults: dict | None = None, paths: Sequence[str] = ()) -> None:

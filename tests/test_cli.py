@@ -352,3 +352,31 @@ def test_a_python_reward_is_found_in_the_current_folder(tmp_path):
     proc = run("score", "answers.jsonl", "-r", "python:my_scores:shouting", "-o", "scores.jsonl", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert [r["score"] for r in read_records(tmp_path / "scores.jsonl")] == [2.0]
+
+
+def test_an_output_is_read_by_newlines_only_and_a_file_decalign_did_not_write_is_left_untouched(tmp_path):
+    """Records holding U+2028 (or U+0085, which the model itself can write) were split by
+    `str.splitlines`, so a finished job could never be resumed and bench could not summarise; a
+    user's file without a final newline lost its last line (or, with one line, the whole file) before
+    it was refused; a binary file was an unexpected UnicodeDecodeError."""
+    from decalign import DecalignError
+    from decalign.records import append_record, load_output
+
+    out = tmp_path / "out.jsonl"
+    with out.open("a", encoding="utf-8") as handle:
+        append_record(handle, {"id": "a", "text": "line\u2028separator\u0085next"})
+        append_record(handle, {"id": "b", "text": "x"})
+    with out.open("ab") as handle:
+        handle.write(b'{"id": "c", "te')  # a killed run's half-written line
+    ids, records = load_output(out)
+    assert ids == {"a", "b"} and records[0]["text"] == "line\u2028separator\u0085next"
+    assert out.read_bytes().endswith(b'"x"}\n')  # the half line cut, the records kept
+    for foreign in (b"my notes line 1\nimportant last line", b"single line of my text", b"\xff\xfe\x00bin\n"):
+        notes = tmp_path / "notes.txt"
+        notes.write_bytes(foreign)
+        with pytest.raises(DecalignError, match="notes.txt line 1 is not a decalign record"):
+            load_output(notes)
+        assert notes.read_bytes() == foreign
+    whole = tmp_path / "whole.jsonl"
+    whole.write_bytes(b'{"id": 1}\n{"id": 2}')  # a record whose newline is missing is a record
+    assert load_output(whole)[0] == {1, 2} and whole.read_bytes() == b'{"id": 1}\n{"id": 2}\n'
