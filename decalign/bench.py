@@ -96,9 +96,10 @@ def run_bench(*, methods: str, prompts: Path, out: Path, reward: str | None, jud
               "max_new_tokens": max_new_tokens, "seed": seed, "system": system,
               **{role + FINGERPRINT: rater.fingerprint() for role, rater in (("reward", steer), ("judge", scorer))
                  if rater is not None}}
-    check_run_config(out, config, defaults={"offset": 0}, paths=("prompts", "adapter"))  # before --offset: none
     records_path = out / "records.jsonl"
     with held_output(records_path) as handle:  # a second run into the same folder is refused
+        check_run_config(out, config, records=records_path, defaults={"offset": 0},
+                         paths=("prompts", "adapter"))  # before --offset: none
         done, _ = load_output(records_path, key=lambda r: (r["method"], r["id"]))
         pending = {run.label: [(i, p, derive_seed(seed, i)) for i, p in items if (run.label, i) not in done]
                    for run in runs}

@@ -109,9 +109,9 @@ def run_eval(*, test: Path, adapter: str, variants: str, out: Path, model: str |
         torch.set_num_threads(threads)
     config = {"test": str(test), "model": model, "adapter": str(adapter), "max_new_tokens": max_new_tokens,
               "seed": seed}
-    check_run_config(out, config, paths=("test", "adapter"))
     records_path = out / "records.jsonl"
     with held_output(records_path) as handle:  # a second run into the same folder is refused
+        check_run_config(out, config, records=records_path, paths=("test", "adapter"))
         done, _ = load_output(records_path, key=lambda r: (r["variant"], r["id"]))
         engine = get_engine(model, adapter)
         todo = sum((v.label, i) not in done for v in runs for i, _, _ in items)

@@ -123,11 +123,15 @@ def _record(path: Path, number: int, line: bytes, key: Callable[[dict], Any]) ->
         raise DecalignError(f"output {path} line {number} is not a decalign record; use a new output file") from None
 
 
-def check_run_config(out: Path, config: dict, *, defaults: dict | None = None, paths: Sequence[str] = ()) -> None:
+def check_run_config(out: Path, config: dict, *, records: Path, defaults: dict | None = None,
+                     paths: Sequence[str] = ()) -> None:
     """Write a run folder's config.json, or refuse a folder that holds another configuration's work
     (a key missing from an older config.json counts as its value in `defaults`; the keys in `paths`
     are files or folders, the same however they are spelled: ./a, a/ and /abs/a; keys ending in
-    FINGERPRINT are lists of scores, the same within float noise, and unknown in an older config)."""
+    FINGERPRINT are lists of scores, the same within float noise, and unknown in an older config).
+    A folder whose `records` file holds nothing yet (a run killed before its first record) starts afresh."""
+    if (out / "config.json").exists() and not (records.exists() and records.stat().st_size):
+        (out / "config.json").unlink()
     _check_config(out / "config.json", config, defaults=defaults, paths=paths,
                   refusal=lambda changed: f"{out} holds records of another configuration ({changed} differ); "
                                           f"use a new folder or delete {out} to start fresh")

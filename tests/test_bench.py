@@ -46,6 +46,13 @@ def test_resume_after_interruption_writes_each_record_once(tiny_path, tmp_path):
     with held_output(out / "records.jsonl"):  # as a run still going holds its folder
         with pytest.raises(DecalignError, match="records.jsonl is being written by another job"):
             run_bench(**common)
+        assert json.loads((out / "config.json").read_text())["reward"] == "sentiment"  # not rewritten
+    fresh = tmp_path / "killed"  # a run killed before its first record: its config.json, no records
+    fresh.mkdir()
+    (fresh / "config.json").write_text((out / "config.json").read_text())
+    (fresh / "records.jsonl").write_text("")
+    run_bench(**{**common, "out": fresh, "max_new_tokens": 4})  # another configuration: it was refused
+    assert json.loads((fresh / "config.json").read_text())["max_new_tokens"] == 4
 
 
 def test_bad_bench_input(tiny_path, tmp_path):

@@ -96,8 +96,8 @@ def sample_answers(engine, reward, items: Sequence[tuple[Any, Any]], out: Path, 
     config = {"model": engine.name, "adapter": engine.adapter, "reward": reward.name,
               "reward" + FINGERPRINT: reward.fingerprint(), "n": n,
               "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "seed": seed}
-    check_run_config(out.parent, config, paths=("model", "adapter"))
     with held_output(out) as handle:  # a second run on the same samples is refused
+        check_run_config(out.parent, config, records=out, paths=("model", "adapter"))
         if samples_from is not None:
             rescore_samples(samples_from, reward, items, out, handle, config, progress=progress)
         done, records = load_output(out)
