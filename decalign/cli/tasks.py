@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -52,6 +53,6 @@ def eval_task(test, adapter, variants, out, model, reference, max_new_tokens, ba
     quiet_transformers()
     summary = run_eval(test=Path(test), adapter=adapter, variants=variants, out=Path(out), model=model,
                        max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, seed=seed,
-                       reference=reference, threads=threads)
+                       reference=reference, threads=threads, progress=sys.stderr.isatty())
     click.echo(summary_markdown(summary))
     click.echo(f"\nrecords and summary in {out}", err=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -56,7 +57,8 @@ def train_value(prompts, out, reward, model, adapter, exclude, limit, offset, n,
                             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
                             validation=validation, batch_size=batch_size, log=lambda line: click.echo(line, err=True),
                             samples_from=Path(samples_from) if samples_from else None,
-                            ray={"replicas": replicas, "address": ray_address} if use_ray else None)
+                            ray={"replicas": replicas, "address": ray_address} if use_ray else None,
+                            progress=sys.stderr.isatty())
     figures = head.card["validation"]
     rows = ", ".join(f"{k} tok {v['correlation']:.2f} (drift {v['drift_sd']:+.2f} sd)"
                      for k, v in figures["by_length"].items())
@@ -79,4 +81,4 @@ def value_check(prompts, out, values, scorers, reward, model, adapter, exclude, 
     click.echo(check_values(prompts=Path(prompts), reward_spec=reward, out=Path(out), values=values,
                             scorers=scorers, model=model, adapter=adapter, exclude=Path(exclude) if exclude else None,
                             limit=limit, offset=offset, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_k=top_k, seed=seed, batch_size=batch_size))
+                            top_k=top_k, seed=seed, batch_size=batch_size, progress=sys.stderr.isatty()))
