@@ -120,8 +120,8 @@ def run_score(input_path: str | Path, output_path: str | Path, reward: str, batc
     total = count_records(source, "records to score")
     with held_output(output) as out:
         done, _ = load_output(output)
-        check_job_config(output, {"input": str(source), "reward": scorer.name, "reward" + FINGERPRINT: scorer.fingerprint()},
-                         written=bool(done), paths=("input",))
+        config = {"input": str(source), "reward": scorer.name, "reward" + FINGERPRINT: scorer.fingerprint()}
+        check_job_config(output, config, written=bool(done), paths=("input",))
         pending: list[tuple[Any, Any, str]] = []
         bar = tqdm(total=total, unit="item", desc="score", file=sys.stderr, disable=None)
 

@@ -182,7 +182,8 @@ def _check_config(path: Path, config: dict, *, refusal: Callable[[str], str], de
 def _same_scores(before: Any, now: Any) -> bool:
     if not (isinstance(before, list) and isinstance(now, list) and len(before) == len(now)):
         return before == now
-    return all(isinstance(a, (int, float)) and math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-4) for a, b in zip(before, now))
+    return all(isinstance(a, (int, float)) and math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-4)
+               for a, b in zip(before, now))
 
 
 @contextmanager

@@ -276,7 +276,8 @@ def test_pairs_with_malformed_messages_are_refused_with_their_line(tmp_path):
                            "line 3: message 0 must be an object with a role and a string content"),
                           (json.dumps({"messages": "x", "chosen": "a", "rejected": "b"}),
                            "line 3: \"messages\" must be a list of chat messages"),
-                          (json.dumps({"messages": [{"role": "human", "content": "q"}], "chosen": "a", "rejected": "b"}),
+                          (json.dumps({"messages": [{"role": "human", "content": "q"}], "chosen": "a",
+                                       "rejected": "b"}),
                            "line 3: message 0 has role 'human'"),
                           (json.dumps({"prompt": "q", "chosen": "Sure.", "rejected": "Sure. "}),
                            "line 3: chosen and rejected are the same answer")):

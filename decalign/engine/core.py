@@ -211,14 +211,14 @@ def validate_messages(messages: object) -> list[dict]:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("content"), str) or not message.get("role"):
             raise DecalignError(f"message {i} must be an object with a role and a string content")
-        if not isinstance(message["role"], str) or message["role"] not in ROLES:  # a chat template writes any role it is given: a typo would become a turn
+        # a chat template writes whatever role it is given: a typo would become a turn of its own
+        if not isinstance(message["role"], str) or message["role"] not in ROLES:
             raise DecalignError(f"message {i} has role {message['role']!r}; roles are {', '.join(ROLES)}")
     if not any(m["content"].strip() for m in messages):
         raise DecalignError("empty prompt: every message is empty")
     for i, message in enumerate(messages):
         _check_unicode(message["content"], f"message {i}")
     return [{"role": ROLES[m["role"]], "content": m["content"]} for m in messages]
-
 
 
 def _check_unicode(text: str, what: str) -> None:
