@@ -43,6 +43,11 @@ PROMPTS = ["How do I make friends in a new city?", "Write a haiku about rain.", 
            "How can I be more patient?", "What is a good way to learn to cook?", "Say something kind."]
 
 
+def prompt_of(i: int) -> int:
+    """Request i's prompt: every kind of request (i modulo the mix) cycles through all the prompts."""
+    return (i // len(MIX)) % len(PROMPTS)
+
+
 def rss_mib(pid: int) -> float:
     with open(f"/proc/{pid}/status") as handle:
         for line in handle:
@@ -98,10 +103,11 @@ class Server:
         return self.log.read()
 
 
-def first_token_seconds(url: str, body: dict, timeout: float, hang_up: bool = False) -> tuple[int, float, bool]:
+def first_token_seconds(client: httpx.Client, url: str, body: dict, timeout: float,
+                        hang_up: bool = False) -> tuple[int, float, bool]:
     """Stream `body`; return (status, seconds to the first content, whether an error body came)."""
     started, first, error = time.perf_counter(), None, False
-    with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=timeout) as reply:
+    with client.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=timeout) as reply:
         if reply.status_code != 200:
             reply.read()
             return reply.status_code, float("nan"), "Traceback" in reply.text
@@ -123,7 +129,7 @@ def run(args: argparse.Namespace, batching: str) -> dict:
     url = server.url
 
     def body(i: int, alignment: dict) -> dict:
-        fields = {"messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], "max_tokens": args.max_tokens,
+        fields = {"messages": [{"role": "user", "content": PROMPTS[prompt_of(i)]}], "max_tokens": args.max_tokens,
                   "seed": i, "alignment": alignment}
         if alignment["method"] == "greedy":
             fields["temperature"] = 0
@@ -133,13 +139,19 @@ def run(args: argparse.Namespace, batching: str) -> dict:
 
     # every code path the load will use, once, before the start is measured: what first use loads
     # (a method's code, a reward) stays loaded by design, and is not what "memory returns" asks about
+    client = httpx.Client()  # one per client, as an SDK keeps (a new httpx client costs ~25 ms of CPU)
     for alignment in MIX + [LONG]:
-        httpx.post(url + "/v1/chat/completions", json=body(0, alignment), timeout=120)
-        first_token_seconds(url, body(1, alignment), 120)
-    idle_first = [first_token_seconds(url, body(i, MIX[0]), 120)[1] for i in range(3)]
+        client.post(url + "/v1/chat/completions", json=body(0, alignment), timeout=120)
+        first_token_seconds(client, url, body(1, alignment), 120)
+    # an idle server's first greedy token for every prompt: the loaded ones are compared prompt by prompt
+    # (a model's first text may come tokens later for one prompt than another: a random model's may)
+    counted = [histograms(url)]
+    idle_first = {prompt_of(i): first_token_seconds(client, url, body(i, MIX[0]), 120)[1]
+                  for i in range(0, len(MIX) * len(PROMPTS), len(MIX))}
+    client.close()
+    counted.append(histograms(url))
     memory_before = server.memory()
     rounds, memory_after_rounds = [], []
-    counted = [histograms(url)]
     for _ in range(args.rounds):
         rounds.append(load_round(args, url, body, server, memory_before))
         counted.append(histograms(url))
@@ -158,9 +170,12 @@ def run(args: argparse.Namespace, batching: str) -> dict:
         "p50_s": round(quantile(everything, 0.5), 2), "p95_s": round(quantile(everything, 0.95), 2),
         "per_method_p50_p95_s": {m: [round(quantile(v, 0.5), 2), round(quantile(v, 0.95), 2)]
                                  for m, v in latencies.items() if v},
-        "greedy_first_token_s": {"idle": round(statistics.median(idle_first), 3),
-                                 "under_load_p50": round(quantile(greedy_first, 0.5), 3)},
-        "server": server_side(*counted[:2]),
+        "greedy_first_token_s": {"idle": round(statistics.median(idle_first.values()), 3),
+                                 "under_load_p50": round(quantile([t for _, t in greedy_first], 0.5), 3),
+                                 "ratio_to_idle_p50": round(quantile([t / idle_first[p] for p, t in greedy_first], 0.5), 2),
+                                 "ratio_to_idle_p95": round(quantile([t / idle_first[p] for p, t in greedy_first], 0.95), 2)},
+        "server": server_side(*counted[1:3]),
+        "server_idle_greedy_first_token_s_mean": server_side(*counted[:2])["greedy_first_token_s_mean"],
         "memory_mib": {"before": round(memory_before), "peak": round(peak),
                        "after": [round(m) for m in memory_after_rounds]},
         "tracebacks": tracebacks + sum(r[3] for r in rounds[1:]) + log.count("Traceback"), "server_alive": alive,
@@ -170,19 +185,29 @@ def run(args: argparse.Namespace, batching: str) -> dict:
 def histograms(url: str) -> dict[str, float]:
     """The server's histogram sums and counts (`/metrics`), to difference across a round."""
     text = httpx.get(url + "/metrics", timeout=30).text
-    return {name: float(value) for name, value in (line.split() for line in text.splitlines()
-                                                   if line.startswith("decalign_") and line.split()[0].endswith(("_sum", "_count")))}
+    series = (line.split() for line in text.splitlines() if line.startswith("decalign_"))
+    return {name: float(value) for name, value in series if name.partition("{")[0].endswith(("_sum", "_count"))}
 
 
 def server_side(before: dict[str, float], after: dict[str, float]) -> dict:
-    """What the server saw of the first round: its steps and their mean, and the mean wait in the
-    queue before joining (where a first token under load goes)."""
-    def delta(name: str) -> float:
-        return after.get(name, 0.0) - before.get(name, 0.0)
+    """What the server saw of the first round: its steps and their mean, the mean wait in the queue
+    before joining, and for greedy requests that wait and the time to their first text (the rest
+    of a client's first token is HTTP)."""
+    def delta(name: str, method: str | None = None) -> float:  # summed over methods unless one is named
+        keys = {k for k in (*before, *after) if k == name or k.startswith(name + "{")}
+        if method is not None:
+            keys = {k for k in keys if f'method="{method}"' in k}
+        return sum(after.get(k, 0.0) - before.get(k, 0.0) for k in keys)
 
-    steps, joined = delta("decalign_step_seconds_count"), delta("decalign_request_queue_seconds_count")
+    def mean(name: str, method: str | None = None) -> float | None:
+        count = delta(name + "_count", method)
+        return round(delta(name + "_sum", method) / count, 3) if count else None
+
+    steps = delta("decalign_step_seconds_count")
     return {"steps": int(steps), "step_ms_mean": round(1000 * delta("decalign_step_seconds_sum") / steps, 1) if steps else None,
-            "queue_s_mean": round(delta("decalign_request_queue_seconds_sum") / joined, 3) if joined else None}
+            "queue_s_mean": mean("decalign_request_queue_seconds"),
+            "greedy_queue_s_mean": mean("decalign_request_queue_seconds", "greedy"),
+            "greedy_first_token_s_mean": mean("decalign_time_to_first_token_seconds", "greedy")}
 
 
 def load_round(args: argparse.Namespace, url: str, body, server: Server, memory_before: float) -> tuple:
@@ -191,13 +216,17 @@ def load_round(args: argparse.Namespace, url: str, body, server: Server, memory_
     counter = itertools.count()
     lock = threading.Lock()
     latencies: dict[str, list[float]] = {m["method"]: [] for m in MIX} | {"long greedy": []}
-    greedy_first: list[float] = []
+    greedy_first: list[tuple[int, float]] = []  # (prompt, seconds)
     statuses: dict[str, int] = {}
     tracebacks = [0]
     peak = [memory_before]
     deadline = time.monotonic() + args.time_limit
 
     def client() -> None:
+        with httpx.Client() as session:  # its connections kept between requests, as an SDK's
+            requests(session)
+
+    def requests(session: httpx.Client) -> None:
         while time.monotonic() < deadline:
             i = next(counter)
             if i >= args.requests:
@@ -208,22 +237,22 @@ def load_round(args: argparse.Namespace, url: str, body, server: Server, memory_
             try:
                 if i % 16 == 7:  # a bad body: a 4xx with OpenAI's error JSON
                     kind = "bad body"
-                    reply = httpx.post(url + "/v1/chat/completions", timeout=args.time_limit,
+                    reply = session.post(url + "/v1/chat/completions", timeout=args.time_limit,
                                        json={**body(i, MIX[0]), **BAD_BODIES[i % len(BAD_BODIES)]})
                     status = str(reply.status_code)
                     tracebacks[0] += "Traceback" in reply.text or "error" not in reply.json()
                 elif i % 10 == 3:  # a client that hangs up after its first text
                     kind = "hung up"
-                    code, _, error = first_token_seconds(url, body(i, alignment), args.time_limit, hang_up=True)
+                    code, _, error = first_token_seconds(session, url, body(i, alignment), args.time_limit, hang_up=True)
                     status = f"{code} (hung up)"
                 elif i % 3 == 0:  # streamed
-                    code, first, error = first_token_seconds(url, body(i, alignment), args.time_limit)
+                    code, first, error = first_token_seconds(session, url, body(i, alignment), args.time_limit)
                     status, tracebacks[0] = str(code), tracebacks[0] + error
                     if alignment["method"] == "greedy" and code == 200:
                         with lock:
-                            greedy_first.append(first)
+                            greedy_first.append((prompt_of(i), first))
                 else:
-                    reply = httpx.post(url + "/v1/chat/completions", json=body(i, alignment), timeout=args.time_limit)
+                    reply = session.post(url + "/v1/chat/completions", json=body(i, alignment), timeout=args.time_limit)
                     status = str(reply.status_code)
                     tracebacks[0] += "Traceback" in reply.text
             except httpx.HTTPError as exc:

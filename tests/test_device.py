@@ -83,7 +83,7 @@ def cuda_value(tmp_path_factory, tiny_path):
     prompts = folder / "prompts.jsonl"
     prompts.write_text("".join(f'{{"prompt": "bread {i}"}}\n' for i in range(8)))
     train_value(prompts=prompts, reward_spec="length:target=5:unit=chars", out=folder / "value", model=str(tiny_path),
-                n=2, max_new_tokens=8, temperature=1.0, top_k=0, batch_size=8, validation=0.25, progress=False,
+                n=3, max_new_tokens=8, temperature=1.0, top_k=0, batch_size=8, validation=0.25, progress=False,
                 log=lambda line: None)
     return str(folder / "value")
 

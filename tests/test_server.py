@@ -417,12 +417,17 @@ def test_malformed_json_and_unknown_route(served):
 def test_models_health_metrics(client, served):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     assert httpx.get(served + "/health", timeout=10).json()["status"] == "ok"
-    joined = metric(served, "decalign_request_queue_seconds_count")
+    joined = metric_total(served, "decalign_request_queue_seconds_count")
+    greedy_first = 'decalign_time_to_first_token_seconds_count{method="greedy"}'
+    streamed = metric_total(served, greedy_first)
     client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                        temperature=0, stream=True))
     text = httpx.get(served + "/metrics", timeout=10).text
     assert 'decalign_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
     assert "decalign_queue_depth 0" in text
-    assert metric(served, "decalign_request_queue_seconds_count") == joined + 1
+    assert metric_total(served, "decalign_request_queue_seconds_count") == joined + 2
+    assert metric_total(served, greedy_first) == streamed + 1  # a time to first token per method
 
 
 def test_methods_endpoint_serves_the_parameters_help(served):
@@ -639,7 +644,7 @@ def test_admission_takes_the_cheapest_first_but_overtakes_a_request_at_most_max_
     try:
         finished = finish_order(url, held_steps, {"max_tokens": 20, "temperature": 0}, queued)
         assert finished == ["running", *order]
-        assert metric(url, "decalign_request_queue_seconds_count") == 4  # each timed once, as it joined
+        assert metric_total(url, "decalign_request_queue_seconds_count") == 4  # each timed once, as it joined
     finally:
         held_steps.set()
         server.should_exit = True
@@ -792,6 +797,12 @@ def concurrently(call, items):
 def metric(url: str, name: str) -> float:
     metrics = httpx.get(url + "/metrics", timeout=10).text
     return float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith(name + " ")))
+
+
+def metric_total(url: str, name: str) -> float:
+    """A labelled series summed over its labels (0 before its first sample)."""
+    metrics = httpx.get(url + "/metrics", timeout=10).text
+    return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith((name + "{", name + " ")))
 
 
 def steps_total(url: str) -> int:

@@ -287,7 +287,7 @@ async def stream_events(request: Request, state: ServerState, pending: PendingRe
         if not (text.startswith(sent[index]) and len(text) > len(sent[index])):
             return None
         if not any(sent):
-            state.metrics.first_token.observe(time.monotonic() - arrived)
+            state.metrics.first_token.labels(method=pending.decoding.method).observe(time.monotonic() - arrived)
         piece, sent[index] = text[len(sent[index]):], text
         return chunk(index, piece)
 

@@ -30,11 +30,11 @@ class Metrics:
                                "request, and what their methods do with it).", buckets=STEP_BUCKETS,
                                registry=self.registry)
         self.first_token = Histogram("decalign_time_to_first_token_seconds",
-                                     "Seconds from a streamed request's arrival to its first text.",
-                                     buckets=LATENCY_BUCKETS, registry=self.registry)
+                                     "Seconds from a streamed request's arrival to its first text, by method.",
+                                     ["method"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.queue_time = Histogram("decalign_request_queue_seconds",
-                                    "Seconds a request waited in the queue before it joined the running batch.",
-                                    buckets=LATENCY_BUCKETS, registry=self.registry)
+                                    "Seconds a request waited in the queue before it joined the running batch, "
+                                    "by method.", ["method"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.queue_depth = Gauge("decalign_queue_depth", "Requests waiting to join the running batch.",
                                  registry=self.registry)
         self.running = Gauge("decalign_running_requests", "Requests in the running batch.", registry=self.registry)

@@ -156,7 +156,7 @@ class Scheduler:
         admitted = list(joining.values())
         joined = time.monotonic()
         for request in admitted:
-            self.metrics.queue_time.observe(joined - request.queued_at)
+            self.metrics.queue_time.labels(method=request.decoding.method).observe(joined - request.queued_at)
         later = len(admitted)
         for request in waiting:  # each admitted request overtook those that arrived before it and still wait
             if request in admitted:
