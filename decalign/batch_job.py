@@ -15,8 +15,8 @@ from tqdm import tqdm
 from .api import run
 from .engine import get_engine
 from .errors import DecalignError
-from .records import (FINGERPRINT, append_record, check_job_config, count_lines, held_output, load_output, read_records,
-                      response_of)
+from .records import (FINGERPRINT, append_record, changed_since, check_job_config, count_lines, digest, held_output,
+                      load_output, read_records, response_of)
 from .request import Request
 from .rewards import load_reward
 from .sampling import derive_seed
@@ -119,7 +119,8 @@ def run_score(input_path: str | Path, output_path: str | Path, reward: str, batc
     source, output = Path(input_path), Path(output_path)
     total = count_records(source, "records to score")
     with held_output(output) as out:
-        done, _ = load_output(output)
+        done, written = load_output(output)
+        scored = {record["id"]: record.get("scored") for record in written}  # digests of what was scored
         config = {"input": str(source), "reward": scorer.name, "reward" + FINGERPRINT: scorer.fingerprint()}
         check_job_config(output, config, written=bool(done), paths=("input",))
         pending: list[tuple[Any, Any, str]] = []
@@ -129,13 +130,17 @@ def run_score(input_path: str | Path, output_path: str | Path, reward: str, batc
             batch, pending[:] = list(pending), []  # taken: a batch that fails is not scored again
             if batch:
                 values = scorer.score([p for _, p, _ in batch], [r for _, _, r in batch])
-                for (record_id, _, _), value in zip(batch, values):
-                    append_record(out, {"id": record_id, "score": value, "reward": scorer.name})
+                for (record_id, prompt, response), value in zip(batch, values):
+                    append_record(out, {"id": record_id, "score": value, "reward": scorer.name,
+                                        "scored": digest(prompt, response)})
                 bar.update(len(batch))
 
         with _flushed_at_the_end(lambda: flush(out), bar):
-            for _, record_id, prompt, record in read_records(source, with_response=True):
-                if record_id in done:
+            for number, record_id, prompt, record in read_records(source, with_response=True):
+                if record_id in done:  # skipped as scored, unless the record under its id changed since
+                    if changed_since(scored[record_id], prompt, response_of(record)):
+                        raise DecalignError(f"{source} line {number}: id {record_id!r} was scored in {output} for "
+                                            "another prompt or response; use a new output file")
                     bar.update(1)
                     continue
                 pending.append((record_id, prompt, response_of(record)))

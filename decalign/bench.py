@@ -22,7 +22,8 @@ from .errors import DecalignError
 from .memory import release_memory
 from .methods import get_method, parse_method_spec
 from .models import DEFAULT_MODEL
-from .records import FINGERPRINT, append_record, check_run_config, environment, held_output, load_output, read_records
+from .records import (FINGERPRINT, append_record, changed_since, check_run_config, digest, environment, held_output,
+                      load_output, read_records)
 from .request import Request
 from .rewards import Reward, load_reward
 from .sampling import derive_seed
@@ -100,7 +101,8 @@ def run_bench(*, methods: str, prompts: Path, out: Path, reward: str | None, jud
     with held_output(records_path) as handle:  # a second run into the same folder is refused
         check_run_config(out, config, records=records_path, defaults={"offset": 0},
                          paths=("prompts", "adapter"))  # before --offset: none
-        done, _ = load_output(records_path, key=lambda r: (r["method"], r["id"]))
+        done, written = load_output(records_path, key=lambda r: (r["method"], r["id"]))
+        _check_same_prompts(written, dict(items), prompts, out)
         pending = {run.label: [(i, p, derive_seed(seed, i)) for i, p in items if (run.label, i) not in done]
                    for run in runs}
         bar = tqdm(total=sum(map(len, pending.values())), unit="answer", desc="bench", disable=not progress)
@@ -150,8 +152,17 @@ def answer_records(label: str, params: dict, request: Request, chunk: list[tuple
     judged = scorer.score(prompts, texts) if scorer else [None] * len(chunk)
     return [{"id": record_id, "method": label, "params": params, "text": result.text, "tokens": len(result.tokens),
              "finish_reason": result.finish_reason, "reward": value, "judge": verdict, "stats": result.stats,
-             "trace": result.trace}
-            for (record_id, _, _), result, value, verdict in zip(chunk, results, rewards, judged)]
+             "trace": result.trace, "prompt_digest": digest(prompt)}
+            for (record_id, prompt, _), result, value, verdict in zip(chunk, results, rewards, judged)]
+
+
+def _check_same_prompts(written: list[dict], asked: dict, prompts: Path, out: Path) -> None:
+    """Refuse to keep an answer as an id's when the prompt under that id changed since it was
+    answered (a prompts file edited under the same path)."""
+    for record in written:
+        if record["id"] in asked and changed_since(record.get("prompt_digest"), asked[record["id"]]):
+            raise DecalignError(f"{prompts}: id {record['id']!r} was answered in {out} for another prompt; "
+                                "use a new --out folder")
 
 
 def _request(run: MethodRun, reward: Reward | None, *, model: str | None, adapter: str | None, max_new_tokens: int,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -204,6 +205,18 @@ def held_output(path: Path) -> Iterator[TextIO]:
                 raise DecalignError(f"{path} is being written by another job; wait for it to end, "
                                     "or give another output") from None
         yield handle
+
+
+def digest(*parts: Any) -> str:
+    """A short fingerprint of what a record was computed from (a prompt, a response), kept in the
+    record so that a resumed job can tell an input edited under the same id."""
+    return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def changed_since(kept: str | None, *parts: Any) -> bool:
+    """Whether a finished record's input changed since: `kept`, the digest the record holds, differs
+    from that of `parts` (None, in records written before digests were kept, is taken as unchanged)."""
+    return kept is not None and kept != digest(*parts)
 
 
 def append_record(handle, record: dict) -> None:

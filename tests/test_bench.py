@@ -53,6 +53,11 @@ def test_resume_after_interruption_writes_each_record_once(tiny_path, tmp_path):
     (fresh / "records.jsonl").write_text("")
     run_bench(**{**common, "out": fresh, "max_new_tokens": 4})  # another configuration: it was refused
     assert json.loads((fresh / "config.json").read_text())["max_new_tokens"] == 4
+    edited = common["prompts"].read_text().replace("bread 1.", "cheese 1.")  # an answered id's prompt edited
+    common["prompts"].write_text(edited)
+    with pytest.raises(DecalignError, match="id 'p1' was answered in .* for another prompt; use a new --out folder"):
+        run_bench(**common)
+    assert [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()] == records
 
 
 def test_bad_bench_input(tiny_path, tmp_path):

@@ -127,6 +127,11 @@ def test_score_writes_as_it_goes_and_resumes(tmp_path):
     assert records[0]["reward"] == "sentiment + 0.5*length:target=4:unit=words"
     run("score", str(source), "-r", "sentiment + 0.5*length:target=4", "-o", str(out))
     assert read_records(out) == records
+    edited = source.read_text().replace("I hate it.", "I love it.")  # a scored record edited under its id
+    source.write_text(edited)
+    assert_one_line_error(run("score", str(source), "-r", "sentiment + 0.5*length:target=4", "-o", str(out)),
+                          "line 2: id 2 was scored in")
+    assert read_records(out) == records
     write_lines(source, [json.dumps({"prompt": "q"})])
     assert_one_line_error(run("score", str(source), "-r", "sentiment", "-o", str(tmp_path / "x.jsonl")),
                           "line 1: needs a \"response\" string")

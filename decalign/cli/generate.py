@@ -105,7 +105,7 @@ def generate(prompt, method, model, adapter, reward, max_new_tokens, min_new_tok
 @click.argument("input_path", metavar="FILE.jsonl", type=click.Path(dir_okay=False))
 @click.option("--reward", "-r", required=True, help="Reward spec, e.g. harmless, sentiment, hf:PATH, 'a + 0.5*b'.")
 @click.option("--output", "-o", "output_path", required=True, type=click.Path(dir_okay=False),
-              help="JSONL to append {id, score, reward} to; a rerun resumes.")
+              help="JSONL to append {id, score, reward, scored} to (scored: a digest of what was scored); a rerun resumes.")
 @click.option("--batch-size", default=32, show_default=True, type=int)
 def score(input_path, reward, output_path, batch_size):
     """Score {id?, prompt or messages, response} records with a reward, writing as it goes."""
