@@ -74,11 +74,13 @@ class Server:
 
     def __init__(self, args: argparse.Namespace, mode: str) -> None:
         port = free_port()
-        batching, _, admission = mode.partition("/")
+        order, _, join = mode.partition("+")
+        batching, _, admission = order.partition("/")
         command = [sys.executable, "-m", "decalign.cli", "serve", "--port", str(port),
                    "--reward", "sentiment", "--queue-size", str(args.queue_size), "--max-batch",
                    str(args.max_batch), "--batching", batching,
-                   "--admission", admission or ("shortest" if batching == "continuous" else "arrival")]
+                   "--admission", admission or ("shortest" if batching == "continuous" else "arrival"),
+                   "--join", join or "in-step"]
         if args.model:
             command += ["--model", args.model]
         self.log = tempfile.TemporaryFile(mode="w+")
@@ -288,7 +290,8 @@ def main() -> None:
                         help="modes to run, side by side: continuous, grouped (the scheduler before continuous "
                              "batching: waves of one decoding) or static (waves of any mix), optionally /shortest "
                              "or /arrival (admission order; default shortest for continuous, arrival for the "
-                             "others, as they were)")
+                             "others, as they were), then optionally +own-pass or +in-step (how a request joins "
+                             "the running batch; default in-step)")
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=32)

@@ -77,10 +77,12 @@ def test_requests_for_different_models_are_not_mixed(engine, tiny_path):
         run_together([Request.build(model=engine)])
 
 
-def test_requests_joining_a_running_batch_answer_as_they_do_alone(engine, requests):
+@pytest.mark.parametrize("now", [False, True], ids=["in-step", "own-pass"])
+def test_requests_joining_a_running_batch_answer_as_they_do_alone(engine, requests, now):
     """Continuous batching: each request joins the driver's batch a few steps after the previous one,
-    while earlier ones are mid-answer, and still gets exactly the answer it gets alone; finished
-    requests leave at once and the batch is let go when the last one is done."""
+    while earlier ones are mid-answer, and still gets exactly the answer it gets alone, whether its
+    prompt is encoded in the next step's pass or at once in its own; finished requests leave at once
+    and the batch is let go when the last one is done."""
     from decalign.api import start
     from decalign.methods import Driver
 
@@ -88,7 +90,7 @@ def test_requests_joining_a_running_batch_answer_as_they_do_alone(engine, reques
     driver = Driver(engine)
     methods, finished = [start(request) for request in requests], []
     for i, method in enumerate(methods):
-        driver.add([method])
+        driver.add([method], now=now)
         for _ in range(3 if i < len(methods) - 1 else 0):
             if driver.live:
                 finished += driver.step()
@@ -126,6 +128,34 @@ def test_a_joining_request_is_encoded_in_the_running_steps_pass(engine, monkeypa
         driver.step()
     assert passes[1:] == [1] * (len(passes) - 1)
     monkeypatch.undo()
+    assert joining.results[0].tokens == run(request)[0].tokens
+
+
+@pytest.mark.parametrize("now, passes_at_add, steps_to_first_token", [(False, 0, 2), (True, 1, 1)],
+                         ids=["in-step", "own-pass"])
+def test_a_request_joining_in_a_pass_of_its_own_writes_its_first_token_a_step_sooner(
+        engine, monkeypatch, now, passes_at_add, steps_to_first_token):
+    """`add(now=True)` encodes a joining prompt at once, in a forward pass of its own: its first token
+    is drawn at the next step (in-step joining encodes it in that step and draws it a step later)."""
+    from decalign.api import start
+    from decalign.methods import Driver
+
+    driver = Driver(engine)
+    driver.add([start(Request.build(prompts=["hi"], method="greedy", max_new_tokens=20, model=engine, seed=0))])
+    driver.step()
+    calls = count_forward_passes(engine, monkeypatch)
+    request = Request.build(prompts=["bread"], method="greedy", max_new_tokens=6, model=engine, seed=1)
+    pieces = []
+    joining = start(request, lambda i, text: pieces.append(text))
+    driver.add([joining], now=now)
+    assert calls[0] == passes_at_add
+    steps = 0
+    while not pieces:
+        driver.step()
+        steps += 1
+    assert steps == steps_to_first_token
+    while driver.live:
+        driver.step()
     assert joining.results[0].tokens == run(request)[0].tokens
 
 

@@ -393,6 +393,7 @@ def test_a_request_without_max_tokens_gets_the_default_capped_by_the_limit(clien
     (dict(timeout=0), "timeout (--timeout) must be > 0"),
     (dict(batching="waves"), "batching (--batching) must be one of continuous, static, grouped, got 'waves'"),
     (dict(admission="fifo"), "admission (--admission) must be one of shortest, arrival"),
+    (dict(join="later"), "join (--join) must be one of in-step, own-pass, got 'later'"),
 ])
 def test_server_settings_are_checked_in_python_too(options, fragment):
     from decalign.errors import DecalignError
@@ -600,10 +601,12 @@ def test_requests_of_different_methods_share_a_batch(engine):
         server.should_exit = True
 
 
-def test_a_short_request_is_not_held_back_by_a_long_one(engine):
+@pytest.mark.parametrize("join", ["in-step", "own-pass"])
+def test_a_short_request_is_not_held_back_by_a_long_one(engine, join):
     """Continuous batching: a request that arrives while a long answer is being written joins the
-    running batch, answers exactly as it does alone, and is back before the long one ends."""
-    server, url = start(engine, max_tokens_limit=200)
+    running batch (its prompt encoded in the next step's pass, or at once in its own), answers
+    exactly as it does alone, and is back before the long one ends."""
+    server, url = start(engine, max_tokens_limit=200, join=join)
     long_body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "temperature": 0}  # long
     short_body = {"prompt": "The answer is", "max_tokens": 6, "seed": 4,
                   "alignment": {"method": "bon", "n": 2, "reward": "sentiment"}}

@@ -38,12 +38,16 @@ from ..options import parse_options
 @click.option("--admission", type=click.Choice(["shortest", "arrival"]), default="shortest", show_default=True,
               help="Which waiting request joins first: shortest = fewest rows x tokens (a request overtaken "
                    "--max-batch times goes first); arrival = first come, first served.")
+@click.option("--join", type=click.Choice(["in-step", "own-pass"]), default="in-step", show_default=True,
+              help="How a request joins the running batch: in-step encodes its prompt in the next step's forward "
+                   "pass, beside the running rows (fewer passes); own-pass encodes it at once in a pass of its "
+                   "own, so its first token comes a step sooner (one more pass per join).")
 @click.option("--shutdown-grace", default=10.0, show_default=True, type=click.FloatRange(min=0),
               help="On Ctrl-C or SIGTERM, seconds the requests in flight get to finish before they are "
                    "answered 503 (a second Ctrl-C answers them at once).")
 @click.option("--trust-remote-code", is_flag=True)
 def serve(model, adapter, method, reward, params, host, port, api_key, max_tokens_limit, queue_size, timeout,
-          max_batch, max_rows, batching, admission, shutdown_grace, trust_remote_code):
+          max_batch, max_rows, batching, admission, join, shutdown_grace, trust_remote_code):
     """An OpenAI-compatible server (/v1/chat/completions, /v1/completions) that aligns as it decodes."""
     # Local: fastapi and uvicorn (through decalign.server) add ~0.2 s that only this command needs.
     from ..memory import bound_kernel_cache
@@ -60,7 +64,7 @@ def serve(model, adapter, method, reward, params, host, port, api_key, max_token
     config = ServerConfig(model_name=model or DEFAULT_MODEL, method=method, reward=reward,
                           method_params=method_params, api_key=api_key, max_tokens_limit=max_tokens_limit,
                           queue_size=queue_size, timeout=timeout, max_batch=max_batch,
-                          max_rows=max_rows, batching=batching, admission=admission)
+                          max_rows=max_rows, batching=batching, admission=admission, join=join)
     if reward is not None:
         shared_reward(reward)  # loaded once, before the first request
     quiet_transformers()

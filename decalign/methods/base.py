@@ -421,25 +421,30 @@ class Driver:
         self._planned: dict[Method, list[BatchPrompt]] = {}  # batch prompts of methods that failed to join
         self.joining: dict[Method, list[BatchPrompt]] = {}  # added since the last step, with their batch prompts
 
-    def add(self, methods: Sequence[Method]) -> None:
-        """Start methods: with no batch running, at once; otherwise their rows join at the next step.
-        If their prompts cannot join, nothing changes and a later `add` of the same methods reuses
-        their batch prompts (asking a method twice could, e.g., load its adapters twice)."""
+    def add(self, methods: Sequence[Method], *, now: bool = False) -> None:
+        """Start methods: with no batch running, at once; otherwise their rows join at the next step,
+        their prompts encoded in its pass, or with `now` at once, in a pass of their own (so that
+        their first tokens come at the next step's draw rather than a step later). If their prompts
+        cannot join, nothing changes and a later `add` of the same methods reuses their batch prompts
+        (asking a method twice could, e.g., load its adapters twice)."""
         wanted = [self._planned.pop(m) if m in self._planned else m.batch_prompts() for m in methods]
         prompts = [prompt for batch_prompts in wanted for prompt in batch_prompts]
+        opening = self.batch is None
         try:
-            if self.batch is not None:
+            if not (opening or now):
                 Batch.check_prompts(self.engine, prompts)  # a prompt that cannot join fails here, alone
                 self.joining.update(zip(methods, wanted))
                 return
-            batch = self.engine.open(prompts)
+            batch = self.engine.open(prompts) if opening else self.batch
+            first_row = 0 if opening else batch.admit(prompts)
         except BaseException:
             self._planned.update(zip(methods, wanted))
             raise
-        self.owners = []
-        batch.on_token = lambda row, _: _stream(self.owners[batch.prompt_of[row]], batch, row)
-        self.batch = batch
-        self._begin(methods, wanted, 0)
+        if opening:
+            self.owners = []
+            batch.on_token = lambda row, _: _stream(self.owners[batch.prompt_of[row]], batch, row)
+            self.batch = batch
+        self._begin(methods, wanted, first_row)
         for m in methods:
             if m.done or m in self.failed:
                 self.release(m)

@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 
 from ..errors import DecalignError
 
-CHOICES = {"batching": ("continuous", "static", "grouped"), "admission": ("shortest", "arrival")}
-SERVE_OPTIONS = {"max_tokens_limit", "queue_size", "timeout", "max_batch", "max_rows", "batching", "admission"}
+CHOICES = {"batching": ("continuous", "static", "grouped"), "admission": ("shortest", "arrival"),
+           "join": ("in-step", "own-pass")}
+SERVE_OPTIONS = {"max_tokens_limit", "queue_size", "timeout", "max_batch", "max_rows", "batching", "admission", "join"}
 AT_LEAST_ONE = ("max_tokens_limit", "default_max_tokens", "max_request_bytes", "queue_size", "max_batch", "max_rows")
 
 
@@ -28,6 +29,7 @@ class ServerConfig:
     batching: str = "continuous"  # or, to compare against: "static" (requests join only an idle engine, in
     # waves of any mix) or "grouped" (the scheduler before continuous batching: waves of one decoding each)
     admission: str = "shortest"  # cheapest waiting request first, overtaken at most max_batch times; or "arrival"
+    join: str = "in-step"  # a joining prompt is encoded in the next step's pass; or "own-pass": at once, alone
 
     def __post_init__(self) -> None:
         """Settings are checked here, so the Python API refuses what the CLI refuses (one line each)."""

@@ -167,12 +167,13 @@ class Scheduler:
             self.waiting = [r for r in self.waiting if r not in gone and r not in admitted]
         if not joining:
             return
+        now = self.config.join == "own-pass"  # encoded at once: first tokens a step sooner, one more pass
         try:
-            self.driver.add(list(joining))
+            self.driver.add(list(joining), now=now)
         except Exception:  # one request's prompts could not join: each on its own, so it fails alone
             for method, request in list(joining.items()):
                 try:
-                    self.driver.add([method])
+                    self.driver.add([method], now=now)
                 except Exception as exc:
                     self.driver.release(method)
                     request.settle(_api_error(exc))
