@@ -394,6 +394,7 @@ def test_a_request_without_max_tokens_gets_the_default_capped_by_the_limit(clien
     (dict(batching="waves"), "batching (--batching) must be one of continuous, static, grouped, got 'waves'"),
     (dict(admission="fifo"), "admission (--admission) must be one of shortest, arrival"),
     (dict(join="later"), "join (--join) must be one of in-step, own-pass, got 'later'"),
+    (dict(max_join_tokens=0), "max_join_tokens (--max-join-tokens) must be >= 1, got 0"),
 ])
 def test_server_settings_are_checked_in_python_too(options, fragment):
     from decalign.errors import DecalignError
@@ -674,6 +675,41 @@ def finish_order(url: str, held_steps, running: dict, queued: dict[str, dict]) -
     for thread in threads:
         thread.join()
     return finished
+
+
+@pytest.mark.parametrize("budget_in_prompts, joined_per_step", [(2, [2, 1]), (0, [1, 1, 1])])
+def test_a_burst_joins_over_several_steps_within_the_prompt_token_budget(engine, held_steps, budget_in_prompts,
+                                                                         joined_per_step):
+    """Continuous batching: three requests queued behind a running answer join at most
+    --max-join-tokens of prompt at a step (two prompts' worth: two, then one), so a burst's prefill
+    is spread over steps; a prompt longer than the budget still joins, alone."""
+    prompt_tokens = len(engine.render("The answer is", chat=False))
+    server, url = start(engine, max_batch=8, max_tokens_limit=200,
+                        max_join_tokens=max(1, budget_in_prompts * prompt_tokens))
+
+    def ask(body):
+        reply = httpx.post(url + "/v1/completions", timeout=120, json={"prompt": "The answer is", **body})
+        assert reply.status_code == 200, reply.text
+
+    threads = [threading.Thread(target=ask, args=({"max_tokens": 200, "temperature": 0},))]
+    try:
+        threads[0].start()
+        wait_until(lambda: running_requests(url) == 1, "the first answer to start")
+        for depth in range(1, 4):
+            threads.append(threading.Thread(target=ask, args=({"max_tokens": 6, "temperature": 0},)))
+            threads[-1].start()
+            wait_until(lambda: metric(url, "decalign_queue_depth") == depth, f"{depth} queued requests")
+        running = 1
+        for joined in joined_per_step:
+            running += joined
+            held_steps.allow(1)
+            wait_until(lambda: running_requests(url) == running, f"{joined} more to join")
+            assert metric(url, "decalign_queue_depth") == 4 - running
+    finally:
+        held_steps.set()
+        for thread in threads:
+            thread.join()
+        server.should_exit = True
 
 
 @pytest.mark.parametrize("batching", ["static", "grouped"])

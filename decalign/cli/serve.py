@@ -30,6 +30,9 @@ from ..options import parse_options
               help="Requests in the running batch (continuous batching: others wait in the queue).")
 @click.option("--max-rows", default=256, show_default=True, type=int,
               help="No request joins the running batch while it has this many rows (candidates, particles).")
+@click.option("--max-join-tokens", default=512, show_default=True, type=int,
+              help="Prompt tokens that may join the running batch at one step (at least one request joins); "
+                   "a burst of requests joins over several steps instead of one long prefill.")
 @click.option("--batching", type=click.Choice(["continuous", "static", "grouped"]), default="continuous",
               show_default=True,
               help="continuous: requests join the running batch at the next step. To compare against: static, "
@@ -47,7 +50,7 @@ from ..options import parse_options
                    "answered 503 (a second Ctrl-C answers them at once).")
 @click.option("--trust-remote-code", is_flag=True)
 def serve(model, adapter, method, reward, params, host, port, api_key, max_tokens_limit, queue_size, timeout,
-          max_batch, max_rows, batching, admission, join, shutdown_grace, trust_remote_code):
+          max_batch, max_rows, max_join_tokens, batching, admission, join, shutdown_grace, trust_remote_code):
     """An OpenAI-compatible server (/v1/chat/completions, /v1/completions) that aligns as it decodes."""
     # Local: fastapi and uvicorn (through decalign.server) add ~0.2 s that only this command needs.
     from ..memory import bound_kernel_cache
@@ -64,7 +67,8 @@ def serve(model, adapter, method, reward, params, host, port, api_key, max_token
     config = ServerConfig(model_name=model or DEFAULT_MODEL, method=method, reward=reward,
                           method_params=method_params, api_key=api_key, max_tokens_limit=max_tokens_limit,
                           queue_size=queue_size, timeout=timeout, max_batch=max_batch,
-                          max_rows=max_rows, batching=batching, admission=admission, join=join)
+                          max_rows=max_rows, max_join_tokens=max_join_tokens, batching=batching,
+                          admission=admission, join=join)
     if reward is not None:
         shared_reward(reward)  # loaded once, before the first request
     quiet_transformers()

@@ -8,8 +8,10 @@ from ..errors import DecalignError
 
 CHOICES = {"batching": ("continuous", "static", "grouped"), "admission": ("shortest", "arrival"),
            "join": ("in-step", "own-pass")}
-SERVE_OPTIONS = {"max_tokens_limit", "queue_size", "timeout", "max_batch", "max_rows", "batching", "admission", "join"}
-AT_LEAST_ONE = ("max_tokens_limit", "default_max_tokens", "max_request_bytes", "queue_size", "max_batch", "max_rows")
+SERVE_OPTIONS = {"max_tokens_limit", "queue_size", "timeout", "max_batch", "max_rows", "max_join_tokens", "batching",
+                 "admission", "join"}
+AT_LEAST_ONE = ("max_tokens_limit", "default_max_tokens", "max_request_bytes", "queue_size", "max_batch", "max_rows",
+                "max_join_tokens")
 
 
 @dataclass
@@ -26,6 +28,7 @@ class ServerConfig:
     timeout: float = 300.0  # seconds from arrival to answer
     max_batch: int = 16  # requests in the running batch
     max_rows: int = 256  # no request joins while the running batch has this many rows
+    max_join_tokens: int = 512  # prompt tokens joining at one step (at least one request joins), continuous batching
     batching: str = "continuous"  # or, to compare against: "static" (requests join only an idle engine, in
     # waves of any mix) or "grouped" (the scheduler before continuous batching: waves of one decoding each)
     admission: str = "shortest"  # cheapest waiting request first, overtaken at most max_batch times; or "arrival"

@@ -57,7 +57,9 @@ class PendingRequest:
 
 class Scheduler:
     """Continuous batching on the engine's own thread. Before every step waiting requests join the
-    running batch while it holds fewer than `max_rows` rows and `max_batch` requests; one forward
+    running batch while it holds fewer than `max_rows` rows and `max_batch` requests, and their
+    prompts hold at most `max_join_tokens` tokens (a step that prefills a burst of prompts at once
+    holds back every running row and every joiner's first token); one forward
     pass then serves every running request, whatever it asked for, and each one leaves with its
     answer at the step it is done. A cancelled or timed-out request's rows stop at the next step.
 
@@ -147,9 +149,13 @@ class Scheduler:
             candidates = [r for r in candidates if _decoding_key(r) == _decoding_key(candidates[0])]
         joining: dict[Method, PendingRequest] = {}
         rows = self.driver.batch.size if self.driver.batch is not None else 0
+        budget = self.config.max_join_tokens if self.config.batching == "continuous" else float("inf")
         for request in candidates:
             if not (len(self.running) + len(joining) < self.config.max_batch and (
                     rows < self.config.max_rows or not (self.running or joining))):
+                break
+            budget -= _prompt_tokens(request.method)
+            if budget < 0 and joining:  # the rest join at later steps: a burst's prefill is spread over them
                 break
             joining[request.method] = request
             rows += _rows(request.method)
@@ -240,6 +246,11 @@ class Scheduler:
 def _rows(method: Method) -> int:
     """The rows a request's method holds in the batch."""
     return method.rows_per_prompt() * len(method.job.prompts)
+
+
+def _prompt_tokens(method: Method) -> int:
+    """The prompt tokens a request's joining step encodes (each prompt once, whatever its rows)."""
+    return sum(len(ids) for ids in method.job.prompt_ids)
 
 
 def _decoding_key(request: PendingRequest) -> str:
