@@ -263,6 +263,7 @@ def test_text_content_parts_are_one_message_and_others_are_refused(client):
     (dict(stream_options={"include_usage": True}), "stream_options", "only allowed with stream=true"),
     (dict(stream=True, stream_options={"include_usage": "yes"}), "stream_options", "must be an object"),
     (dict(top_p=1.5), "top_p", "top_p must be in (0, 1]"),  # a method's own check, named as OpenAI's field
+    (dict(temperature=2.5), "temperature", "temperature must be between 0 and 2, got 2.5"),  # OpenAI's range
     (dict(alignment={"method": "bon", "n": 0}), "alignment.n", "n must be >= 1"),
     (dict(alignment={"method": "sample", "top_p": 0}), "alignment.top_p", "top_p must be in (0, 1]"),
 ])

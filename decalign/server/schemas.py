@@ -160,6 +160,16 @@ class GenerationOptions(BaseModel):
             raise ValueError("stop must be a string or a list of strings")
         return tuple(stop)
 
+    @field_validator("temperature", mode="before")
+    @classmethod
+    def openai_temperature(cls, temperature: Any) -> Any:
+        """OpenAI's range, 0 to 2 (a method's own checks come later; `alignment.temperature` may go higher
+        where the method allows)."""
+        if isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 2:
+            raise ValueError(f"temperature must be between 0 and 2, got {temperature} (alignment.temperature "
+                             "takes what the method accepts)")
+        return temperature
+
     @field_validator("seed", mode="before")
     @classmethod
     def integer_seed(cls, seed: Any) -> Any:
