@@ -4,8 +4,9 @@ For each batching mode (continuous, grouped and static by default, side by side 
 server on a free 127.0.0.1 port, measures an idle server's time to first token, then runs
 --clients concurrent clients that send --requests requests in all: a mix of methods (greedy,
 sampling, Best-of-N, CARDS, blockwise search, SMC), some four times longer, some streamed, some whose client hangs up
-mid-answer, some with bad bodies. It reports throughput, p50/p95 latency per method, time to first
-token, status codes, the server's memory before (after one request of every kind), at peak and
+mid-answer, some with bad bodies; every kind cycles through the same prompts, and each client keeps
+one HTTP client, as an SDK does. It reports throughput, p50/p95 latency per method, a greedy time to
+first token (loaded over idle prompt by prompt, and the server's own share), status codes, the server's memory before (after one request of every kind), at peak and
 after each of --rounds rounds of the same load, whether any response or log line held a
 traceback, and what the server's /metrics saw (its steps, their mean cost, the mean wait in the
 queue before joining). The latency, status and server figures are the first round's.
