@@ -81,7 +81,8 @@ class Server:
                    "--reward", "sentiment", "--queue-size", str(args.queue_size), "--max-batch",
                    str(args.max_batch), "--batching", batching,
                    "--admission", admission or ("shortest" if batching == "continuous" else "arrival"),
-                   "--join", join or "in-step", "--max-join-tokens", str(args.max_join_tokens)]
+                   "--join", join or "in-step", "--max-join-tokens", str(args.max_join_tokens),
+                   "--max-rows", str(args.max_rows)]
         if args.model:
             command += ["--model", args.model]
         self.log = tempfile.TemporaryFile(mode="w+")
@@ -300,6 +301,7 @@ def main() -> None:
     parser.add_argument("--queue-size", type=int, default=128)
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--max-join-tokens", type=int, default=512, help="the servers' prompt tokens joining at one step")
+    parser.add_argument("--max-rows", type=int, default=256, help="the servers' cap on live rows")
     parser.add_argument("--rounds", type=int, default=1,
                         help="rounds of the same load on one server: memory after each tells a leak from warm-up")
     args = parser.parse_args()
