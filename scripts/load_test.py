@@ -81,10 +81,11 @@ class Server:
                    "--reward", "sentiment", "--queue-size", str(args.queue_size), "--max-batch",
                    str(args.max_batch), "--batching", batching,
                    "--admission", admission or ("shortest" if batching == "continuous" else "arrival"),
-                   "--join", join or "in-step", "--max-join-tokens", str(args.max_join_tokens),
-                   "--max-rows", str(args.max_rows)]
-        if args.model:
-            command += ["--model", args.model]
+                   "--join", join or "in-step"]
+        for option, value in (("--model", args.model), ("--max-join-tokens", args.max_join_tokens),
+                              ("--max-rows", args.max_rows)):  # left out: the server's own default
+            if value is not None:
+                command += [option, str(value)]
         self.log = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(command, stderr=self.log, stdout=self.log)
         self.url = f"http://127.0.0.1:{port}"
@@ -175,7 +176,7 @@ def run(args: argparse.Namespace, batching: str) -> dict:
         "per_method_p50_p95_s": {m: [round(quantile(v, 0.5), 2), round(quantile(v, 0.95), 2)]
                                  for m, v in latencies.items() if v},
         "greedy_first_token_s": {"idle": round(statistics.median(idle_first.values()), 3),
-                                 "under_load_p50": round(quantile([t for _, _, t in greedy_first], 0.5), 3),
+                                 "under_load_p50": round(quantile([t for _, t in greedy_first], 0.5), 3),
                                  **first_token_ratios(greedy_first, idle_first, args.clients)},
         "server": server_side(*counted[1:3]),
         "server_idle_greedy_first_token_s_mean": server_side(*counted[:2])["greedy_first_token_s_mean"],
@@ -185,11 +186,11 @@ def run(args: argparse.Namespace, batching: str) -> dict:
     }
 
 
-def first_token_ratios(greedy_first: list[tuple[int, int, float]], idle_first: dict[int, float],
+def first_token_ratios(greedy_first: list[tuple[int, float]], idle_first: dict[int, float],
                        clients: int) -> dict[str, float]:
     """Loaded over idle first-token times, prompt by prompt: p50 and p95 of all, and p50 of those sent
     after the opening wave (the first request of every client, which all arrive at once)."""
-    ratios = [(i, t / idle_first[p]) for i, p, t in greedy_first]
+    ratios = [(i, t / idle_first[prompt_of(i)]) for i, t in greedy_first]
     return {"ratio_to_idle_p50": round(quantile([r for _, r in ratios], 0.5), 2),
             "ratio_to_idle_p95": round(quantile([r for _, r in ratios], 0.95), 2),
             "ratio_to_idle_p50_after_opening": round(quantile([r for i, r in ratios if i >= clients], 0.5), 2)}
@@ -229,7 +230,7 @@ def load_round(args: argparse.Namespace, url: str, body, server: Server, memory_
     counter = itertools.count()
     lock = threading.Lock()
     latencies: dict[str, list[float]] = {m["method"]: [] for m in MIX} | {"long greedy": []}
-    greedy_first: list[tuple[int, int, float]] = []  # (request, prompt, seconds)
+    greedy_first: list[tuple[int, float]] = []  # (request, seconds)
     statuses: dict[str, int] = {}
     tracebacks = [0]
     peak = [memory_before]
@@ -263,7 +264,7 @@ def load_round(args: argparse.Namespace, url: str, body, server: Server, memory_
                     status, tracebacks[0] = str(code), tracebacks[0] + error
                     if alignment["method"] == "greedy" and code == 200:
                         with lock:
-                            greedy_first.append((i, prompt_of(i), first))
+                            greedy_first.append((i, first))
                 else:
                     reply = session.post(url + "/v1/chat/completions", json=body(i, alignment), timeout=args.time_limit)
                     status = str(reply.status_code)
@@ -300,8 +301,9 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=900.0, help="seconds; clients stop after it")
     parser.add_argument("--queue-size", type=int, default=128)
     parser.add_argument("--max-batch", type=int, default=64)
-    parser.add_argument("--max-join-tokens", type=int, default=512, help="the servers' prompt tokens joining at one step")
-    parser.add_argument("--max-rows", type=int, default=256, help="the servers' cap on live rows")
+    parser.add_argument("--max-join-tokens", type=int, default=None,
+                        help="the servers' prompt tokens joining at one step (default: serve's)")
+    parser.add_argument("--max-rows", type=int, default=None, help="the servers' cap on live rows (default: serve's)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="rounds of the same load on one server: memory after each tells a leak from warm-up")
     args = parser.parse_args()

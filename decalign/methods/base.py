@@ -431,12 +431,14 @@ class Driver:
         prompts = [prompt for batch_prompts in wanted for prompt in batch_prompts]
         opening = self.batch is None
         try:
-            if not (opening or now):
+            if opening:
+                batch, first_row = self.engine.open(prompts), 0
+            elif now:
+                batch, first_row = self.batch, self.batch.admit(prompts)
+            else:
                 Batch.check_prompts(self.engine, prompts)  # a prompt that cannot join fails here, alone
                 self.joining.update(zip(methods, wanted))
                 return
-            batch = self.engine.open(prompts) if opening else self.batch
-            first_row = 0 if opening else batch.admit(prompts)
         except BaseException:
             self._planned.update(zip(methods, wanted))
             raise
