@@ -53,7 +53,7 @@ def serve(model, adapter, method, reward, params, host, port, api_key, max_token
           max_batch, max_rows, max_join_tokens, batching, admission, join, shutdown_grace, trust_remote_code):
     """An OpenAI-compatible server (/v1/chat/completions, /v1/completions) that aligns as it decodes."""
     # Local: fastapi and uvicorn (through decalign.server) add ~0.2 s that only this command needs.
-    from ..memory import bound_kernel_cache
+    from ..memory import bound_kernel_cache, freeze_long_lived
     from ..server import ServerConfig, create_app, shared_reward
     from ..server.shutdown import serve_app
 
@@ -74,5 +74,7 @@ def serve(model, adapter, method, reward, params, host, port, api_key, max_token
     quiet_transformers()
     engine = get_engine(model, adapter, trust_remote_code=trust_remote_code)
     default = method or "sample, greedy at temperature 0"
+    app = create_app(engine, config)
+    freeze_long_lived()  # the server's own objects: no garbage collection pass rescans them
     click.echo(f"decalign serving {config.model_name} on http://{host}:{port}/v1 (method {default})", err=True)
-    serve_app(create_app(engine, config), host=host, port=port, grace=shutdown_grace)
+    serve_app(app, host=host, port=port, grace=shutdown_grace)
