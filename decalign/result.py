@@ -21,7 +21,8 @@ class Result:
 
     `stats` always holds: wall_time (seconds of the batch that produced it), batch_size (prompts
     decoded together), forward_passes, prefill_tokens, decode_tokens, generated_tokens,
-    discarded_tokens (generated but not in the answer), reward_calls (items scored for this prompt).
+    discarded_tokens (generated but not in the answer), reward_calls (items scored for this prompt),
+    value_calls (partial answers its prefix value scored: a dot product each, no model call).
     """
 
     text: str

@@ -31,7 +31,7 @@ def test_generate_prints_an_answer_and_json(tiny_path):
     record = json.loads(proc.stdout)
     assert len(record["candidates"]) == 3 and record["method"] == "bon"
     assert set(record["stats"]) >= {"wall_time", "forward_passes", "prefill_tokens", "decode_tokens",
-                                    "discarded_tokens", "reward_calls"}
+                                    "discarded_tokens", "reward_calls", "value_calls"}
     again = json.loads(run("generate", "hello", "--model", str(tiny_path), "--max-new-tokens", "5", "--json",
                            "-m", "bon", "--n", "3", "-r", "sentiment", "--seed", "1").stdout)
     assert again["text"] == record["text"]

@@ -325,6 +325,26 @@ def test_extra_body_chooses_the_method(client):
     assert info["stats"]["reward_calls"] == 3 and info["reward"] is not None
 
 
+def test_metrics_count_the_partial_answers_a_prefix_value_scored(client, served, tiny_path, tmp_path):
+    """`decalign_value_calls_total` adds up each answer's value_calls, as the reward calls are added
+    (the serving issue's "reward and value calls"); a value costs no reward call for a partial answer."""
+    from decalign.values.train import train_value
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say something {word} {i}."}) + "\n"
+                               for i in range(3) for word in ("kind", "sad", "odd", "new")))
+    train_value(prompts=prompts, reward_spec="sentiment", out=tmp_path / "value", model=str(tiny_path), n=3,
+                max_new_tokens=8, temperature=1.0, top_k=0, batch_size=12, validation=0.25, progress=False,
+                log=lambda line: None)
+    before = metric_total(served, "decalign_value_calls_total")
+    body = {"alignment": {"method": "blockwise", "value": str(tmp_path / "value"), "budget": 3, "block": 2}}
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=8, seed=1, extra_body=body)
+    stats = reply.model_extra["alignment"]["stats"]
+    assert stats["value_calls"] > 0
+    assert metric_total(served, "decalign_value_calls_total") - before == stats["value_calls"]
+
+
 @pytest.mark.parametrize("kwargs, status, fragment", [
     (dict(extra_body={"alignment": {"method": "nope"}}), 400, "unknown method 'nope'"),
     (dict(extra_body={"alignment": {"method": "bon", "m": 2}}), 400, "bon has no parameter m"),

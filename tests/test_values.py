@@ -160,7 +160,19 @@ def test_value_reward_equals_the_value_read_off_a_batch(family_value, engine):
 
 
 @pytest.mark.parametrize("method, params", [("cards", {"tau_u": 1.0, "proposals": 2}), ("args", {"k": 3})])
-def test_method_with_value_scores_partial_answers_by_the_value_only(family_value, tiny_path, method, params):
+def test_method_with_value_scores_partial_answers_by_the_value_only(family_value, tiny_path, method, params,
+                                                                   monkeypatch):
+    from decalign.values import ValueHead
+
+    value_rows = []
+    score_rows = ValueHead.score_rows
+
+    def counted(self, batch, rows):
+        rows = list(rows)
+        value_rows.append(len(rows))
+        return score_rows(self, batch, rows)
+
+    monkeypatch.setattr(ValueHead, "score_rows", counted)
     reward = FamilyReward()  # its prefix scorer raises
     results = generate([BREAD[1], CAPITALS[1]], method=method, model=str(tiny_path), reward=reward,
                        max_new_tokens=10, seed=0, value=str(family_value), **params)
@@ -169,6 +181,7 @@ def test_method_with_value_scores_partial_answers_by_the_value_only(family_value
         assert result.text in finished_texts  # the answer's reward is the reward's, on the whole answer
     assert len(reward.scored) == sum(r.stats["reward_calls"] for r in results)
     assert sum(r.stats["reward_calls"] for r in results) < sum(r.stats["generated_tokens"] for r in results)
+    assert sum(r.stats["value_calls"] for r in results) == sum(value_rows) > 0  # each partial answer it scored
 
 
 def test_bad_values_get_one_line_errors(tmp_path, family_value, tiny_path):

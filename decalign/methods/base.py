@@ -213,6 +213,7 @@ class Job:
     min_new_tokens: int = 0
     stop: tuple[str, ...] = ()
     reward_items: list[int] = field(default_factory=list)
+    value_items: list[int] = field(default_factory=list)  # partial answers the value scored
     started: float = field(default_factory=time.perf_counter)
     listener: Callable[[int, str], None] | None = None  # (prompt, text that will not change): streaming
     cancelled: Callable[[int], bool] | None = None  # prompt -> stop its work (its client has gone)
@@ -221,6 +222,7 @@ class Job:
 
     def __post_init__(self) -> None:
         self.reward_items = [0] * len(self.prompts)
+        self.value_items = [0] * len(self.prompts)
 
     def batch_prompt(self, prompt_ids: list[int], seed: int, rows: int, adapter: str | None = None) -> BatchPrompt:
         """A prompt of the shared batch under this job's limits (and tracked states, for its value)."""
@@ -263,6 +265,8 @@ class Job:
                                                    [batch.text(r) for r in finished])))
         if partial and self.value is not None:
             scores.update(zip(partial, self.value.score_rows(batch, partial)))
+            for r in partial:
+                self.value_items[self.prompt_of(batch, r)] += 1
         elif partial:
             scores.update(zip(partial, self.score([self.prompt_of(batch, r) for r in partial],
                                                   [batch.text(r) for r in partial], prefix=True)))
@@ -300,6 +304,7 @@ class Job:
             "generated_tokens": work.generated_tokens,
             "discarded_tokens": work.generated_tokens - len(answer.tokens),
             "reward_calls": self.reward_items[p],
+            "value_calls": self.value_items[p],
             **(extra_stats or {}),
         }
         return Result(text=answer.text, tokens=answer.tokens, reward=answer.reward, stats=stats,

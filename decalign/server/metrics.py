@@ -26,6 +26,8 @@ class Metrics:
                                         "Tokens the engine generated, candidates discarded by a method included.",
                                         registry=self.registry)
         self.reward_calls = Counter("decalign_reward_calls_total", "Items the rewards scored.", registry=self.registry)
+        self.value_calls = Counter("decalign_value_calls_total", "Partial answers the prefix values scored.",
+                                   registry=self.registry)
         self.steps = Histogram("decalign_step_seconds", "Seconds per engine step (one forward pass for every running "
                                "request, and what their methods do with it).", buckets=STEP_BUCKETS,
                                registry=self.registry)
@@ -48,6 +50,7 @@ class Metrics:
     def count_answer(self, result: Result) -> None:
         self.generated_tokens.inc(result.stats["generated_tokens"])
         self.reward_calls.inc(result.stats["reward_calls"])
+        self.value_calls.inc(result.stats["value_calls"])
 
     def step(self, seconds: float) -> None:
         self.steps.observe(seconds)
