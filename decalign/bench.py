@@ -29,7 +29,8 @@ from .rewards import Reward, load_reward
 from .sampling import derive_seed
 from .stats import mean_ci
 
-COST_FIELDS = ("forward_passes", "prefill_tokens", "decode_tokens", "discarded_tokens", "reward_calls")
+COST_FIELDS = ("forward_passes", "prefill_tokens", "decode_tokens", "discarded_tokens", "reward_calls",
+               "value_calls")
 FRONTIER_N = (1, 2, 4, 8, 16, 32)  # the Best-of-N reference curve of --frontier
 
 
@@ -306,8 +307,8 @@ def summary_markdown(summary: dict) -> str:
     lines = [summary["header"], "",
              f"| method | n | reward (95% CI) | judge (95% CI) | win-tie vs {summary['baseline']} "
              f"(by {summary['win_tie_by']}) | s/answer median | s/answer mean | forward passes | prefill tok | "
-             f"decode tok | discarded tok | reward calls | answer tok | decode tok/s |",
-             "|" + "---|" * 14]
+             f"decode tok | discarded tok | reward calls | value calls | answer tok | decode tok/s |",
+             "|" + "---|" * 15]
     for label, row in summary["methods"].items():
         wt = row["win_tie"]
         lines.append(
@@ -315,7 +316,7 @@ def summary_markdown(summary: dict) -> str:
             f"{wt['win_tie']:.0%} ({wt['wins']}/{wt['ties']}/{wt['losses']}) | {row['time_median']:.2f} | "
             f"{row['time_mean']:.2f} | {row['forward_passes']:.0f} | {row['prefill_tokens']:.0f} | "
             f"{row['decode_tokens']:.0f} | {row['discarded_tokens']:.0f} | {row['reward_calls']:.0f} | "
-            f"{row['tokens']:.0f} | {row.get('decode_tokens_per_s', math.nan):.0f} |")
+            f"{row['value_calls']:.0f} | {row['tokens']:.0f} | {row.get('decode_tokens_per_s', math.nan):.0f} |")
     lines += ["", "win-tie columns: rate (wins/ties/losses), per prompt. Time per answer: a batch's wall time "
               "divided by its answers; decode tok/s: policy tokens fed per second of it."]
     if summary.get("frontier"):

@@ -98,6 +98,7 @@ def test_statistics_on_hand_made_records():
         "n": 3, "wins": 1, "ties": 1, "losses": 1, "win_tie": 2 / 3}
     records = [record("a", 1, 0.1, 1.0), record("a", 2, 0.3, 2.0), record("b", 1, 0.5, 3.0, wall=4.0),
                record("b", 2, 0.7, 1.0, wall=8.0)]
+    records[3]["stats"]["value_calls"] = 12  # a record without the field (written before it) counts 0
     summary = summarize(records, ["a", "b"], "a")
     b = summary["methods"]["b"]
     assert summary["win_tie_by"] == "judge"
@@ -105,6 +106,7 @@ def test_statistics_on_hand_made_records():
     assert b["reward"][0] == pytest.approx(0.6)
     assert b["time_median"] == pytest.approx(3.0) and b["time_mean"] == pytest.approx(3.0)  # wall / batch
     assert summary["methods"]["a"]["win_tie"]["win_tie"] == 1.0
+    assert b["value_calls"] == 6 and "| value calls |" in summary_markdown(summary)
     with pytest.raises(DecalignError, match="baseline 'c'"):
         summarize(records, ["a", "b"], "c")
 
