@@ -386,3 +386,36 @@ def test_an_output_is_read_by_newlines_only_and_a_file_decalign_did_not_write_is
     whole = tmp_path / "whole.jsonl"
     whole.write_bytes(b'{"id": 1}\n{"id": 2}')  # a record whose newline is missing is a record
     assert load_output(whole)[0] == {1, 2} and whole.read_bytes() == b'{"id": 1}\n{"id": 2}\n'
+
+
+def test_ctrl_c_while_the_commands_load_is_one_line(monkeypatch, capsys):
+    """The first seconds of `decalign` import torch and transformers with the commands; a Ctrl-C
+    there printed the import's traceback (the package loaded torch before the command could catch
+    it). The command's entry point now loads them itself."""
+    import importlib.abc
+    import importlib.metadata
+
+    from decalign import launch
+
+    class Interrupted(importlib.abc.MetaPathFinder):  # Ctrl-C pressed while decalign.cli is imported
+        def find_spec(self, name, path=None, target=None):
+            if name == "decalign.cli":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "decalign.cli", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Interrupted(), *sys.meta_path])
+    with pytest.raises(SystemExit) as exit_:
+        launch.main()
+    assert exit_.value.code == 130 and capsys.readouterr().err == "aborted\n"
+    (script,) = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "decalign"]
+    assert script.value == "decalign.launch:main"
+
+
+def test_importing_the_package_leaves_torch_for_first_use():
+    """`import decalign` loads no torch (the command's Ctrl-C and `--help` depend on it); a public
+    name loads its module when first used."""
+    code = ("import sys, decalign; assert 'torch' not in sys.modules; "
+            "from decalign import Sampling; assert 'torch' in sys.modules; print(Sampling.__module__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "decalign.sampling", proc.stderr
