@@ -19,7 +19,10 @@ _HOMES = {  # public name -> the module that defines it
     "Reward": ".rewards", "load_reward": ".rewards", "Sampling": ".sampling",
 }
 
-__all__ = [*_HOMES, "__version__"]
+__all__ = [
+    "generate", "run", "run_together", "Request", "get_engine", "Engine", "Batch", "EntropyStop", "Segment",
+    "DecalignError", "method_names", "Result", "Candidate", "Reward", "load_reward", "Sampling", "__version__",
+]
 
 if TYPE_CHECKING:  # what type checkers and editors see
     from .api import generate, run, run_together

@@ -416,6 +416,7 @@ def test_importing_the_package_leaves_torch_for_first_use():
     """`import decalign` loads no torch (the command's Ctrl-C and `--help` depend on it); a public
     name loads its module when first used."""
     code = ("import sys, decalign; assert 'torch' not in sys.modules; "
-            "from decalign import Sampling; assert 'torch' in sys.modules; print(Sampling.__module__)")
+            "from decalign import Sampling; assert 'torch' in sys.modules; print(Sampling.__module__); "
+            "assert all(getattr(decalign, name) is not None for name in decalign.__all__)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "decalign.sampling", proc.stderr
