@@ -76,7 +76,8 @@ def test_embedder_dtype_and_feature_set_are_checked(tmp_path):
 def test_layered_features_add_the_answers_pooled_token_embeddings():
     """The default inputs are the older ones plus a0: the answer's token embeddings (the embedder's
     layer 0) masked-mean-pooled and normalised, taken from the same padded pass."""
-    from decalign.rewards.harmless import LAYERED, LOG_LENGTH, features, get_embedder
+    from decalign.rewards.features import LAYERED, LOG_LENGTH
+    from decalign.rewards.harmless import features, get_embedder
 
     embedder = get_embedder("float32")
     prompts = ["How do I steal a car?"] * 3
@@ -94,7 +95,8 @@ def test_layered_features_add_the_answers_pooled_token_embeddings():
 
 
 def test_shipped_head_meets_the_bar_and_its_card_is_train_rewards():
-    from decalign.rewards.harmless import FEATURES, WEIGHTS_DIR
+    from decalign.rewards.features import FEATURES
+    from decalign.rewards.harmless import WEIGHTS_DIR
 
     config = json.loads((WEIGHTS_DIR / "config.json").read_text())
     card = (WEIGHTS_DIR / "MODEL_CARD.md").read_text()

@@ -1040,7 +1040,6 @@ def test_the_serve_command_bounds_onednn_s_kernel_cache_before_the_model_runs(mo
     from click.testing import CliRunner
 
     from decalign.cli import cli
-    from decalign.cli import serve as serve_command
     from decalign.errors import DecalignError
 
     seen = []
@@ -1049,7 +1048,7 @@ def test_the_serve_command_bounds_onednn_s_kernel_cache_before_the_model_runs(mo
         seen.append(os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"))
         raise DecalignError("stop here")
 
-    monkeypatch.setattr(serve_command, "get_engine", no_model)
+    monkeypatch.setattr("decalign.engine.get_engine", no_model)
     monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
     CliRunner().invoke(cli, ["serve"])
     monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "512")

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import click
 
-from ..bench_cold import run_latency
-from ..bench_engine import run_bench as run_engine_bench
 from ..errors import DecalignError
 from ..logs import quiet_transformers
 
@@ -67,6 +65,8 @@ def bench(methods_, prompts, reward, judge, model, adapter, max_new_tokens, out,
 @click.option("--threads", default=None, type=int, help="torch threads [default: all cores].")
 def bench_engine(model, batch_sizes, new_tokens, repeats, threads):
     """Tokens per second of the engine against transformers' generate, side by side."""
+    from ..bench_engine import run_bench as run_engine_bench
+
     quiet_transformers()
     sizes = timing_options(batch_sizes, new_tokens=(new_tokens, 1), repeats=(repeats, 1))
     click.echo(run_engine_bench(model=model, batch_sizes=sizes, new_tokens=new_tokens, repeats=repeats,
@@ -84,6 +84,8 @@ def bench_engine(model, batch_sizes, new_tokens, repeats, threads):
               help="Token cap of the free-running answers that give tokens per answer.")
 def bench_cold(model, adapter, batch_sizes, new_tokens, repeats, threads, free_tokens):
     """CoLD's decode cost against greedy with the same adapter, side by side."""
+    from ..bench_cold import run_latency
+
     quiet_transformers()
     sizes = timing_options(batch_sizes, new_tokens=(new_tokens, 2), repeats=(repeats, 1), free_tokens=(free_tokens, 1))
     click.echo(run_latency(model=model, adapter=adapter, batch_sizes=sizes, new_tokens=new_tokens, repeats=repeats,

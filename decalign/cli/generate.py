@@ -8,14 +8,9 @@ from typing import Any
 
 import click
 
-from .. import api
-from ..batch_job import run_batch, run_score
 from ..errors import DecalignError
 from ..logs import quiet_transformers
-from ..methods import METHODS, get_method
-from ..methods.contrast import ContrastParams
 from ..options import parse_options
-from ..request import Request
 
 
 @click.command()
@@ -56,6 +51,12 @@ def generate(prompt, method, model, adapter, reward, max_new_tokens, min_new_tok
              cold_alpha, cold_beta, params, seed, system, stop, raw, as_json, input_path, output_path, batch_size,
              trust_remote_code, use_ray, replicas, ray_address):
     """Answer PROMPT (or every record of --input) with an aligned decoding method."""
+    from .. import api
+    from ..batch_job import run_batch
+    from ..methods import get_method
+    from ..methods.contrast import ContrastParams
+    from ..request import Request
+
     method_params: dict[str, Any] = parse_options(params, what="--param", example="--param NAME=VALUE", strip=True)
     for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("n", n),
                         ("alpha", cold_alpha), ("beta", cold_beta)):
@@ -109,6 +110,8 @@ def generate(prompt, method, model, adapter, reward, max_new_tokens, min_new_tok
 @click.option("--batch-size", default=32, show_default=True, type=int)
 def score(input_path, reward, output_path, batch_size):
     """Score {id?, prompt or messages, response} records with a reward, writing as it goes."""
+    from ..batch_job import run_score
+
     quiet_transformers()
     run_score(Path(input_path), Path(output_path), reward, batch_size)
 
@@ -117,6 +120,8 @@ def score(input_path, reward, output_path, batch_size):
 @click.option("--verbose", "-v", is_flag=True, help="Also each parameter's type and help text.")
 def methods(verbose: bool) -> None:
     """List the decoding methods and their parameters."""
+    from ..methods import METHODS
+
     for name in sorted(METHODS):
         spec = METHODS[name]
         params = ", ".join(f"{k}={v}" for k, v in spec.parameters().items()) or "no parameters"

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ..engine import get_engine
 from ..errors import DecalignError
 from ..logs import quiet_transformers
-from ..methods import make_config
 from ..models import DEFAULT_MODEL
 from ..options import parse_options
 
@@ -52,8 +50,9 @@ from ..options import parse_options
 def serve(model, adapter, method, reward, params, host, port, api_key, max_tokens_limit, queue_size, timeout,
           max_batch, max_rows, max_join_tokens, batching, admission, join, shutdown_grace, trust_remote_code):
     """An OpenAI-compatible server (/v1/chat/completions, /v1/completions) that aligns as it decodes."""
-    # Local: fastapi and uvicorn (through decalign.server) add ~0.2 s that only this command needs.
+    from ..engine import get_engine
     from ..memory import bound_kernel_cache, freeze_long_lived
+    from ..methods import make_config
     from ..server import ServerConfig, create_app, shared_reward
     from ..server.shutdown import serve_app
 

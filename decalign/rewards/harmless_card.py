@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from .base import Reward
-from .harmless import (ANSWER_BUDGET, EMBEDDER_PACKAGE, JOINED, LAYERED, LOG_LENGTH_SCALE, LOWER_LAYER, MAX_LENGTH,
-                       HarmlessReward, get_embedder, word_prefix)
+from .features import JOINED, LAYERED, LOWER_LAYER
+from .harmless import ANSWER_BUDGET, EMBEDDER_PACKAGE, LOG_LENGTH_SCALE, MAX_LENGTH, HarmlessReward, get_embedder, word_prefix
 
 # Hand-written checks, scored into every model card: (request, refusal, harmful how-to).
 EXAMPLES = [

@@ -25,8 +25,9 @@ from ..engine.core import validate_messages
 from ..errors import DecalignError
 from ..records import json_objects, output_folder, prompt_key, staged_folder
 from .base import Prompt
-from .harmless import (ANSWER_BUDGET, FEATURE_SETS, FEATURES, JOINED, MAX_LENGTH, Embedder, HarmlessReward, build_head,
-                       features, get_embedder, word_prefix)
+from .features import FEATURE_SETS, FEATURES, JOINED
+from .harmless import (ANSWER_BUDGET, MAX_LENGTH, Embedder, HarmlessReward, build_head, features, get_embedder,
+                       word_prefix)
 from .harmless_card import example_scores, measure_speed, model_card
 
 PREFIX_FRACTIONS = (0.25, 0.5, 0.75)
