@@ -8,6 +8,7 @@ from ..errors import DecalignError
 from ..logs import quiet_transformers
 from ..models import DEFAULT_MODEL
 from ..options import parse_options
+from ..server.config import CHOICES, ServerConfig
 
 
 @click.command()
@@ -21,25 +22,26 @@ from ..options import parse_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback unless told).")
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--api-key", envvar="DECALIGN_API_KEY", default=None, help="Require this bearer key [env DECALIGN_API_KEY].")
-@click.option("--max-tokens-limit", default=512, show_default=True, type=int)
-@click.option("--queue-size", default=64, show_default=True, type=int)
-@click.option("--timeout", default=300.0, show_default=True, type=float, help="Seconds per request.")
-@click.option("--max-batch", default=16, show_default=True, type=int,
+@click.option("--max-tokens-limit", default=ServerConfig.max_tokens_limit, show_default=True, type=int)
+@click.option("--queue-size", default=ServerConfig.queue_size, show_default=True, type=int)
+@click.option("--timeout", default=ServerConfig.timeout, show_default=True, type=float, help="Seconds per request.")
+@click.option("--max-batch", default=ServerConfig.max_batch, show_default=True, type=int,
               help="Requests in the running batch (continuous batching: others wait in the queue).")
-@click.option("--max-rows", default=256, show_default=True, type=int,
+@click.option("--max-rows", default=ServerConfig.max_rows, show_default=True, type=int,
               help="No request joins the running batch while it has this many rows (candidates, particles).")
-@click.option("--max-join-tokens", default=512, show_default=True, type=int,
+@click.option("--max-join-tokens", default=ServerConfig.max_join_tokens, show_default=True, type=int,
               help="Prompt tokens that may join the running batch at one step (at least one request joins); "
                    "a burst of requests joins over several steps instead of one long prefill.")
-@click.option("--batching", type=click.Choice(["continuous", "static", "grouped"]), default="continuous",
+@click.option("--batching", type=click.Choice(CHOICES["batching"]), default=ServerConfig.batching,
               show_default=True,
               help="continuous: requests join the running batch at the next step. To compare against: static, "
                    "requests join only an idle engine (waves of any mix); grouped, waves of requests that ask "
                    "for the same decoding (the scheduler before continuous batching).")
-@click.option("--admission", type=click.Choice(["shortest", "arrival"]), default="shortest", show_default=True,
+@click.option("--admission", type=click.Choice(CHOICES["admission"]), default=ServerConfig.admission,
+              show_default=True,
               help="Which waiting request joins first: shortest = fewest rows x tokens (a request overtaken "
                    "--max-batch times goes first); arrival = first come, first served.")
-@click.option("--join", type=click.Choice(["in-step", "own-pass"]), default="in-step", show_default=True,
+@click.option("--join", type=click.Choice(CHOICES["join"]), default=ServerConfig.join, show_default=True,
               help="How a request joins the running batch: in-step encodes its prompt in the next step's forward "
                    "pass, beside the running rows (fewer passes); own-pass encodes it at once in a pass of its "
                    "own, so its first token comes a step sooner (one more pass per join).")
@@ -53,7 +55,7 @@ def serve(model, adapter, method, reward, params, host, port, api_key, max_token
     from ..engine import get_engine
     from ..memory import bound_kernel_cache, freeze_long_lived
     from ..methods import make_config
-    from ..server import ServerConfig, create_app, shared_reward
+    from ..server import create_app, shared_reward
     from ..server.shutdown import serve_app
 
     bound_kernel_cache()  # before any model runs: a long-lived server's memory returns to its start

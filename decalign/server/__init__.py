@@ -12,8 +12,20 @@
   (imported by the command only: uvicorn brings click, which the library does without)
 """
 
-from .alignment import shared_reward
-from .app import create_app
-from .config import ServerConfig
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_names
+
+_HOMES = {"ServerConfig": ".config", "create_app": ".app", "shared_reward": ".alignment"}
 
 __all__ = ["ServerConfig", "create_app", "shared_reward"]
+
+if TYPE_CHECKING:  # what type checkers and editors see
+    from .alignment import shared_reward
+    from .app import create_app
+    from .config import ServerConfig
+
+# on first use: the command line reads the settings' defaults and choices (config) without fastapi and torch
+__getattr__ = lazy_names(__name__, _HOMES)
