@@ -247,6 +247,33 @@ def test_a_running_batch_lets_go_of_answered_methods(engine):
     assert long.closed and long.results[0].tokens == run(long_request)[0].tokens
 
 
+def test_the_batch_frees_its_cache_when_its_last_method_leaves(engine, requests):
+    """A server's idle moment must not keep the last batch's cache: the methods answered may still be
+    held (their answers being sent) and the batch sits in reference cycles, so its cache waited for a
+    garbage collection that an idle server may not run (50-80 MiB after a load at --max-batch 64)."""
+    import gc
+    import weakref
+
+    from decalign.api import start
+    from decalign.methods import Driver
+
+    driver = Driver(engine)
+    methods = [start(request) for request in requests]
+    driver.add(methods)
+    buffers = []
+    gc.disable()
+    try:
+        while driver.live:
+            buffers += [weakref.ref(buffer) for layer in driver.batch.cache.layers
+                        for buffer in layer._buffers.values() if buffer is not None]
+            driver.step()
+        assert driver.batch is None and buffers
+        assert all(method.done for method in methods)  # still held here, as a server's answers in flight are
+        assert [ref for ref in buffers if ref() is not None] == []
+    finally:
+        gc.enable()
+
+
 def test_a_running_batch_forgets_the_prompts_of_answered_methods(engine, requests):
     """A batch that never empties must not keep every prompt it admitted (their token ids and work
     counters grew with every request a busy server answered); renumbering the prompts that stay

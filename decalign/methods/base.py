@@ -498,7 +498,8 @@ class Driver:
         for m in left:
             self.release(m)
         if not self.live:
-            self.batch = None  # nothing left to decode: its cache goes
+            self.batch.close()  # nothing left to decode: its cache goes now, not at a later collection
+            self.batch = None
         else:
             self._drop_idle_rows()
         return left
