@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
+import sys
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
@@ -43,7 +44,8 @@ def freeze_long_lived() -> None:
 
 
 def release_memory() -> None:
-    """Return memory freed by finished batches to the OS. glibc keeps freed heap pages for reuse, so a
+    """Return memory freed by finished batches to the OS, and to the GPU's driver where CUDA is in use.
+    glibc keeps freed heap pages for reuse, and torch's CUDA allocator every block it ever held, so a
     long process (a server, a bench that runs Best-of-32 and then other methods) would otherwise hold
     its largest batch's footprint and add the next one's on top."""
     gc.collect()
@@ -51,3 +53,6 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+    torch = sys.modules.get("torch")  # never imported, nor CUDA started, for this
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

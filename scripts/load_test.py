@@ -7,7 +7,8 @@ sampling, Best-of-N, CARDS, blockwise search, SMC), some four times longer, some
 mid-answer, some with bad bodies; every kind cycles through the same prompts, and each client keeps
 one HTTP client, as an SDK does. It reports throughput, p50/p95 latency per method, a greedy time to
 first token (loaded over idle prompt by prompt, and the server's own share), status codes, the server's memory before (after one request of every kind), at peak and
-after each of --rounds rounds of the same load, whether any response or log line held a
+after each of --rounds rounds of the same load (on a GPU also its allocator's device memory, from
+/metrics), whether any response or log line held a
 traceback, and what the server's /metrics saw (its steps, their mean cost, the mean wait in the
 queue before joining). The latency, status and server figures are the first round's.
 
@@ -155,13 +156,14 @@ def run(args: argparse.Namespace, batching: str) -> dict:
                   for i in range(0, len(MIX) * len(PROMPTS), len(MIX))}
     client.close()
     counted.append(histograms(url))
-    memory_before = server.memory()
-    rounds, memory_after_rounds = [], []
+    memory_before, device_before = server.memory(), device_memory(url)
+    rounds, memory_after_rounds, device_after_rounds = [], [], []
     for _ in range(args.rounds):
         rounds.append(load_round(args, url, body, server, memory_before))
         counted.append(histograms(url))
-        time.sleep(3)
+        time.sleep(3)  # the server hands memory back once it has been idle for a second
         memory_after_rounds.append(server.memory())
+        device_after_rounds.append(device_memory(url))
     alive = httpx.get(url + "/health", timeout=10).status_code == 200
     log = server.stop()
     latencies, greedy_first, statuses, tracebacks, wall, _ = rounds[0]
@@ -182,6 +184,10 @@ def run(args: argparse.Namespace, batching: str) -> dict:
         "server_idle_greedy_first_token_s_mean": server_side(*counted[:2])["greedy_first_token_s_mean"],
         "memory_mib": {"before": round(memory_before), "peak": round(peak),
                        "after": [round(m) for m in memory_after_rounds]},
+        **({"device_memory_mib": {"before": round(device_before["reserved"]),
+                                  "peak": round(device_after_rounds[-1]["peak_reserved"]),
+                                  "after": [round(d["reserved"]) for d in device_after_rounds]}}
+           if device_before else {}),
         "tracebacks": tracebacks + sum(r[3] for r in rounds[1:]) + log.count("Traceback"), "server_alive": alive,
     }
 
@@ -201,6 +207,15 @@ def histograms(url: str) -> dict[str, float]:
     text = httpx.get(url + "/metrics", timeout=30).text
     series = (line.split() for line in text.splitlines() if line.startswith("decalign_"))
     return {name: float(value) for name, value in series if name.partition("{")[0].endswith(("_sum", "_count"))}
+
+
+def device_memory(url: str) -> dict[str, float]:
+    """The GPU memory of the server's torch allocator in MiB, by kind (allocated, reserved,
+    peak_reserved); empty for a server on CPU."""
+    text = httpx.get(url + "/metrics", timeout=30).text
+    prefix = 'decalign_device_memory_bytes{kind="'
+    return {line[len(prefix):].partition('"')[0]: float(line.split()[-1]) / 2**20
+            for line in text.splitlines() if line.startswith(prefix)}
 
 
 def server_side(before: dict[str, float], after: dict[str, float]) -> dict:

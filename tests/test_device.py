@@ -51,6 +51,26 @@ def test_on_cuda_batched_answers_equal_single_ones(tiny_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_a_finished_batch_goes_back_to_the_driver(tiny_path):
+    """An idle server hands torch's cached GPU blocks back (`release_memory`): after a batch of 512
+    rows, the allocator holds what it held before it (the weights), not the batch's cache."""
+    from decalign import Engine
+    from decalign.api import run
+    from decalign.memory import release_memory
+    from decalign.request import Request
+
+    engine = Engine.load(str(tiny_path), device="cuda")
+    run(Request.build(prompts=["hi"], model=engine, seed=0, max_new_tokens=4))
+    release_memory()
+    before = torch.cuda.memory_reserved()
+    run(Request.build(prompts=["hi"] * 32, method="bon", params={"n": 16}, model=engine, seed=0, max_new_tokens=64,
+                      reward=lambda prompts, answers: [float(len(a)) for a in answers]))
+    assert torch.cuda.memory_reserved() > before
+    release_memory()
+    assert torch.cuda.memory_reserved() <= before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_cuda_the_decoder_equals_transformers_forward_with_grouped_heads(tiny_path):
     """On a GPU the decoder repeats grouped key heads for the planless kernels: its logits over a
     padded batch of prompts and a few steps still equal transformers' forward (float32)."""

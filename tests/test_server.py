@@ -1081,3 +1081,63 @@ def test_the_serve_command_leaves_what_it_holds_at_start_out_of_garbage_collecti
     assert result.exit_code == 0, result.output
     ((scanned, frozen),) = tracked
     assert frozen > 10 * scanned, (scanned, frozen)
+
+
+def test_memory_goes_back_once_the_server_has_been_idle_a_while_not_between_requests(engine, monkeypatch):
+    """Handing memory back costs the next request (on a GPU it allocates its cache on the device
+    again), so a client sending one request after another must not pay for it at every answer; a
+    server left idle still hands it back."""
+    from decalign.server import scheduler
+
+    released = []
+    monkeypatch.setattr(scheduler, "release_memory",
+                        lambda: released.append((threading.current_thread(), time.monotonic())))
+    server, url = start(engine)
+    engine_thread = server.config.app.state.server.scheduler.thread
+    try:
+        ours = lambda: [t for thread, t in released if thread is engine_thread]  # noqa: E731
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
+        with httpx.Client() as http:
+            answered = []
+            for _ in range(3):
+                assert http.post(url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
+                answered.append(time.monotonic())
+            assert ours() == []  # back to back: nothing handed back between them
+            time.sleep(scheduler.IDLE_RELEASE_SECONDS + 1.0)
+        (when,) = ours()
+        assert when >= answered[-1] + 0.5 * scheduler.IDLE_RELEASE_SECONDS
+    finally:
+        server.should_exit = True
+
+
+def test_release_memory_hands_torch_cuda_cache_back_once_cuda_is_in_use(monkeypatch):
+    import torch
+
+    from decalign.memory import release_memory
+
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    release_memory()
+    assert emptied == []  # CUDA never started: nothing to hand back, and nothing starts it
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    release_memory()
+    assert emptied == [True]
+
+
+def test_metrics_report_the_allocators_device_memory_for_a_cuda_engine(monkeypatch):
+    import torch
+
+    from decalign.server.metrics import Metrics
+
+    readings = {"memory_allocated": 3 * 2**20, "memory_reserved": 8 * 2**20, "max_memory_reserved": 12 * 2**20}
+    for name, value in readings.items():
+        monkeypatch.setattr(torch.cuda, name, lambda device, value=value: value)
+    metrics = Metrics()
+    assert b"decalign_device_memory_bytes" not in metrics.render()  # a CPU engine has no such series
+    metrics.watch_device(torch.device("cuda", 0))
+    series = dict(line.rsplit(" ", 1) for line in metrics.render().decode().splitlines()
+                  if line.startswith("decalign_device_memory_bytes"))
+    assert {name: float(value) / 2**20 for name, value in series.items()} == {
+        'decalign_device_memory_bytes{kind="allocated"}': 3, 'decalign_device_memory_bytes{kind="reserved"}': 8,
+        'decalign_device_memory_bytes{kind="peak_reserved"}': 12}

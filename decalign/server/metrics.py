@@ -61,5 +61,17 @@ class Metrics:
         self.running.set_function(running)
         self.rows.set_function(rows)
 
+    def watch_device(self, device) -> None:
+        """On a CUDA engine, the device memory torch's allocator uses (`allocated`), holds (`reserved`:
+        what it would hand back when the server is idle) and held at most (`peak_reserved`), read at
+        each scrape."""
+        import torch
+
+        memory = Gauge("decalign_device_memory_bytes", "GPU memory of torch's CUDA allocator, by kind: allocated, "
+                       "reserved, peak_reserved.", ["kind"], registry=self.registry)
+        for kind, read in (("allocated", torch.cuda.memory_allocated), ("reserved", torch.cuda.memory_reserved),
+                           ("peak_reserved", torch.cuda.max_memory_reserved)):
+            memory.labels(kind=kind).set_function(lambda read=read: read(device))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -23,6 +23,10 @@ from .metrics import Metrics
 from .schemas import ApiError
 
 LOG = logging.getLogger("decalign.server")
+# Seconds the engine stays idle before it hands memory back (`release_memory`): a client sending one
+# request after another does not pay for it at every answer (on a GPU, the next request would
+# allocate its cache on the device again), and an idle server still returns to its starting memory.
+IDLE_RELEASE_SECONDS = 1.0
 
 
 @dataclass(eq=False)  # compared by identity: two requests alike are still two requests
@@ -78,6 +82,8 @@ class Scheduler:
         self.closed = False  # shutting down: what is in flight is answered 503 and the thread ends
         metrics.watch(waiting=self.depth, running=lambda: len(self.running),
                       rows=lambda: self.driver.batch.size if self.driver.batch is not None else 0)
+        if engine.device.type == "cuda":
+            metrics.watch_device(engine.device)
         self.thread = threading.Thread(target=self._run, name="decalign-engine", daemon=True)
         self.thread.start()
 
@@ -113,16 +119,21 @@ class Scheduler:
     def _run(self) -> None:
         while not self.closed:
             if not self.running:
-                if not self.waiting:
-                    release_memory()  # idle: hand the last batch's memory back
-                with self.arrived:
-                    self.arrived.wait_for(lambda: self.waiting or self.closed)
+                if not self._await_work(IDLE_RELEASE_SECONDS):
+                    release_memory()  # idle a while: hand the last batch's memory back
+                    self._await_work(None)
                 if self.closed:
                     break
             self._admit()
             if self.running:
                 self._step()
         self._answer_shutdown()
+
+    def _await_work(self, timeout: float | None) -> bool:
+        """Wait (at most `timeout` seconds; None: as long as it takes) for a request or for the
+        server to close; whether either came."""
+        with self.arrived:
+            return self.arrived.wait_for(lambda: self.waiting or self.closed, timeout)
 
     def _answer_shutdown(self) -> None:
         with self.arrived:
