@@ -156,6 +156,7 @@ def run(args: argparse.Namespace, batching: str) -> dict:
                   for i in range(0, len(MIX) * len(PROMPTS), len(MIX))}
     client.close()
     counted.append(histograms(url))
+    time.sleep(3)  # as after each round: the server hands memory back once idle for a second
     memory_before, device_before = server.memory(), device_memory(url)
     rounds, memory_after_rounds, device_after_rounds = [], [], []
     for _ in range(args.rounds):
