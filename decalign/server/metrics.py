@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ..result import Result
+
+if TYPE_CHECKING:
+    import torch
 
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, float("inf"))
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, float("inf"))
@@ -61,7 +65,7 @@ class Metrics:
         self.running.set_function(running)
         self.rows.set_function(rows)
 
-    def watch_device(self, device) -> None:
+    def watch_device(self, device: torch.device) -> None:
         """On a CUDA engine, the device memory torch's allocator uses (`allocated`), holds (`reserved`:
         what it would hand back when the server is idle) and held at most (`peak_reserved`), read at
         each scrape."""
