@@ -203,20 +203,24 @@ def first_token_ratios(greedy_first: list[tuple[int, float]], idle_first: dict[i
             "ratio_to_idle_p50_after_opening": round(quantile([r for i, r in ratios if i >= clients], 0.5), 2)}
 
 
-def histograms(url: str) -> dict[str, float]:
-    """The server's histogram sums and counts (`/metrics`), to difference across a round."""
+def scrape(url: str) -> dict[str, float]:
+    """The server's decalign_ series (`/metrics`): name with labels -> value."""
     text = httpx.get(url + "/metrics", timeout=30).text
-    series = (line.split() for line in text.splitlines() if line.startswith("decalign_"))
-    return {name: float(value) for name, value in series if name.partition("{")[0].endswith(("_sum", "_count"))}
+    return {name: float(value) for name, value in (line.split() for line in text.splitlines()
+                                                     if line.startswith("decalign_"))}
+
+
+def histograms(url: str) -> dict[str, float]:
+    """The server's histogram sums and counts, to difference across a round."""
+    return {name: value for name, value in scrape(url).items() if name.partition("{")[0].endswith(("_sum", "_count"))}
 
 
 def device_memory(url: str) -> dict[str, float]:
     """The GPU memory of the server's torch allocator in MiB, by kind (allocated, reserved,
     peak_reserved); empty for a server on CPU."""
-    text = httpx.get(url + "/metrics", timeout=30).text
     prefix = 'decalign_device_memory_bytes{kind="'
-    return {line[len(prefix):].partition('"')[0]: float(line.split()[-1]) / 2**20
-            for line in text.splitlines() if line.startswith(prefix)}
+    return {name[len(prefix):].partition('"')[0]: value / 2**20
+            for name, value in scrape(url).items() if name.startswith(prefix)}
 
 
 def server_side(before: dict[str, float], after: dict[str, float]) -> dict:
