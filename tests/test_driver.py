@@ -250,7 +250,7 @@ def test_a_running_batch_lets_go_of_answered_methods(engine):
 def test_the_batch_frees_its_cache_when_its_last_method_leaves(engine, requests):
     """A server's idle moment must not keep the last batch's cache: the methods answered may still be
     held (their answers being sent) and the batch sits in reference cycles, so its cache waited for a
-    garbage collection that an idle server may not run (50-80 MiB after a load at --max-batch 64)."""
+    garbage collection that an idle server may not run (some 47 MiB after a load at --max-batch 64)."""
     import gc
     import weakref
 

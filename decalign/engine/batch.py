@@ -636,7 +636,7 @@ class Batch:
         A batch sits in reference cycles (`on_token`'s closure holds it) and the methods it served
         hold it too, some a while longer (a server's answers still being sent), so without this its
         memory waited for Python's next full collection: a server idle after a load at --max-batch 64
-        kept its last batch, 50-80 MiB resident and 2.4 GB of reserved cache room (docs/server.md)."""
+        kept its last batch, some 47 MiB resident and 2.4 GB of reserved cache room (docs/server.md)."""
         self.cache = self.logits = self.mask = None
         self.prompt_states = self.answer_states = self.state_sums = None
         self.snapshots = [{} for _ in self.snapshots]
