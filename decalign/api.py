@@ -40,6 +40,7 @@ def generate(
     listener: Callable[[int, str], None] | None = None,
     cancelled: Callable[[int], bool] | None = None,
     trust_remote_code: bool = False,
+    adapter_name: str | None = None,
     **method_params: Any,
 ) -> list[Result]:
     """Decode every prompt with `method` and return one Result per prompt, in order.
@@ -47,6 +48,8 @@ def generate(
     prompts: a string, a list of chat messages, or a list of either. Strings go through the chat
         template when the model has one (chat=None); chat=False encodes them as raw text.
     model: a Hugging Face id or local path, an Engine, or None for the embedded default.
+    adapter_name: decode with this adapter of an Engine loaded with several (`Engine.load(adapters=)`);
+        "__base__" for none. None: the model as loaded.
     reward: a reward spec ('sentiment', 'python:mod:fn'), a Reward, or fn(prompts, responses).
     seed: one seed (prompt i then draws from a stream derived from seed and i) or one per prompt.
     batch_size: prompts decoded together; each has its method's rows (Best-of-N: n rows).
@@ -60,7 +63,7 @@ def generate(
         prompts=prompts, method=method, params=method_params, reward=reward, max_new_tokens=max_new_tokens,
         min_new_tokens=min_new_tokens, seed=seed if seed is None or isinstance(seed, int) else list(seed),
         system=system, chat=chat, stop=list(stop), batch_size=batch_size, model=model, adapter=adapter,
-        trust_remote_code=trust_remote_code)
+        adapter_name=adapter_name, trust_remote_code=trust_remote_code)
     return run(request, progress=progress, listener=listener, cancelled=cancelled)
 
 
@@ -141,4 +144,4 @@ class _Plan:
                    prompts=self.prompts[part], prompt_ids=self.encoded[part], seeds=self.seeds[part],
                    reward=request.scorer, max_new_tokens=request.max_new_tokens,
                    min_new_tokens=request.min_new_tokens, stop=tuple(request.stop), listener=listener,
-                   cancelled=cancelled, value=self.value)
+                   cancelled=cancelled, value=self.value, adapter=request.adapter_name)

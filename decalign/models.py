@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Mapping
 
 from safetensors import SafetensorError
 
@@ -106,11 +108,14 @@ def load_model(
     *,
     trust_remote_code: bool = False,
     dtype: str = "float32",
+    adapters: Mapping[str, str] | None = None,
 ):
     """Load (model, tokenizer) in eval mode; weights from safetensors only.
 
     `adapter` is a PEFT LoRA folder; the returned model is then a PeftModel whose adapter can be
-    switched off (CoLD contrasts the two).
+    switched off (CoLD contrasts the two). `adapters` (name -> folder) are loaded beside it under
+    their names, and are not active: without `adapter` the model runs as its base until a forward
+    pass names one (the engine's row gate, PEFT's `adapter_names`).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -134,6 +139,14 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     if adapter is not None:
         model = load_adapter(model, adapter)
+    for name, folder in (adapters or {}).items():
+        if name in ("default", "__base__"):  # PEFT's name for `adapter`, the engine's for no adapter
+            raise DecalignError(f"adapter name {name} is reserved: choose another")
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", name):  # PEFT keeps adapters in module dicts: no dots
+            raise DecalignError(f"adapter name {name!r}: use letters, digits, - and _ only")
+        model = load_adapter(model, folder, name=name)
+    if adapters and adapter is None:
+        model.base_model.set_adapter([])  # every LoRA module off: the model as loaded is its base
     return model.eval(), tokenizer
 
 
@@ -154,8 +167,9 @@ def _cannot_load(spec: str | None, exc: Exception) -> DecalignError:
     return DecalignError(f"cannot load model {spec!r}: {first_line(exc)}")
 
 
-def load_adapter(model, adapter: str):
-    """Wrap `model` with a PEFT adapter read from adapter_model.safetensors (never a pickle)."""
+def load_adapter(model, adapter: str, name: str | None = None):
+    """Wrap `model` with a PEFT adapter read from adapter_model.safetensors (never a pickle), or,
+    where it is a PeftModel already, load the adapter into it; under `name` (default: PEFT's "default")."""
     from peft import PeftConfig, PeftModel
 
     folder = Path(adapter).expanduser()
@@ -171,7 +185,10 @@ def load_adapter(model, adapter: str):
         raise DecalignError(f"adapter {adapter}: unreadable adapter_config.json ({first_line(exc)})") from exc
     base_name = getattr(model.config, "_name_or_path", None)
     try:
-        return PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+            return model
+        return PeftModel.from_pretrained(model, str(folder), is_trainable=False, adapter_name=name or "default")
     except SafetensorError as exc:  # a truncated or corrupt file
         raise DecalignError(f"adapter {adapter}: damaged adapter_model.safetensors ({first_line(exc)})") from exc
     except (RuntimeError, ValueError, KeyError) as exc:

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from .engine import Prompt
+from .engine import BASE, Prompt
 from .errors import DecalignError
 from .methods import MethodSpec, get_method, make_config, missing_adapter
 from .models import resolve_model_path
@@ -69,6 +69,9 @@ class Request(BaseModel):
     batch_size: int = Field(8, description="Prompts decoded together.")
     model: Any = Field(None, description="HF model id or folder, an Engine, or None for the embedded default.")
     adapter: str | None = Field(None, description="PEFT LoRA adapter folder.")
+    adapter_name: str | None = Field(None, description="The name of an adapter loaded on the model (an Engine's "
+                                                       "`adapters`) that the answers are decoded with; '__base__': "
+                                                       "none. None: the model as loaded.")
     trust_remote_code: bool = Field(False, description="Allow the model's own code.")
 
     _spec: MethodSpec = PrivateAttr()
@@ -108,6 +111,12 @@ class Request(BaseModel):
         self._scorer = load_reward(self.reward)
         if self._spec.needs_reward and self._scorer is None:
             raise RequestError("reward", f"method {self.method} needs a reward: set {{field}}, e.g. sentiment")
+        if self.adapter_name is not None:
+            names = getattr(self.model, "adapter_names", None)
+            loaded = names() if callable(names) else None
+            if loaded is not None and self.adapter_name not in [*loaded, BASE]:
+                problem = f"no adapter named {self.adapter_name} on the model (loaded: {', '.join(loaded) or 'none'})"
+                raise RequestError("adapter_name", "{field}: " + problem.replace("{", "{{").replace("}", "}}"))
         if self._spec.needs_adapter and self.adapter is None and not self._model_has_adapter():
             raise missing_adapter(self.method)
         if isinstance(self.model, str):
@@ -117,8 +126,11 @@ class Request(BaseModel):
         return self
 
     def _model_has_adapter(self) -> bool:
-        adapter_names = getattr(self.model, "adapter_names", None)
-        return callable(adapter_names) and bool(adapter_names())
+        """Whether the answers are decoded with an adapter: the one named, else the model's as loaded."""
+        if self.adapter_name is not None:
+            return self.adapter_name != BASE
+        active = getattr(self.model, "active_adapter", None)
+        return callable(active) and active() != BASE
 
     @classmethod
     def build(cls, **fields: Any) -> "Request":

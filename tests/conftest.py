@@ -37,3 +37,20 @@ def prompt_texts():
 def prompts(engine, prompt_texts):
     """Their token ids."""
     return [engine.render(t) for t in prompt_texts]
+
+
+@pytest.fixture(scope="session")
+def two_adapters(tiny_path, tmp_path_factory):
+    """Two random LoRA adapters of the tiny model: name -> folder."""
+    from decalign.testing import make_tiny_adapter
+
+    folder = tmp_path_factory.mktemp("adapters")
+    return {name: str(make_tiny_adapter(tiny_path, folder / name, seed=seed)) for name, seed in (("a", 1), ("b", 2))}
+
+
+@pytest.fixture(scope="session")
+def served_adapters(tiny_path, two_adapters):
+    """An engine with both loaded by name (as `decalign serve --adapter a=... --adapter b=...`)."""
+    from decalign import Engine
+
+    return Engine.load(str(tiny_path), adapters=two_adapters)

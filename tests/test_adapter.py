@@ -119,3 +119,65 @@ def test_lean_lora_forward_casts_like_peft_under_a_bfloat16_model(tiny_path, tmp
         mine = adapters._lean_lora_forward(layers[0], x)
     assert mine.dtype == torch.bfloat16
     assert torch.equal(mine, theirs)
+
+
+def test_named_adapters_share_a_batch_each_row_with_its_own(tiny_path, two_adapters, served_adapters):
+    """Rows of two adapters and of the base model in one batch: each row's logits are exactly those of
+    a batch of its adapter alone (the gate, one pass), within float rounding of a model loaded with
+    that adapter only and of PEFT's own per-row route; the model as loaded is its base."""
+    from decalign.engine import BASE
+
+    engine = served_adapters
+    assert engine.adapter_names() == ["a", "b"] and engine.active_adapter() == BASE
+    ids = [engine.render(t) for t in ("hi", "Tell me how to bake bread, step by step.", "The answer is")]
+    prompts, names = ids * 3, ["a"] * 3 + ["b"] * 3 + [BASE] * 3
+    mixed = engine.start(prompts, adapters=names, max_new_tokens=4)
+    alone = {name: engine.start(prompts, adapters=[name] * 9).logits for name in ("a", "b", BASE)}
+    for name, rows in (("a", slice(0, 3)), ("b", slice(3, 6)), (BASE, slice(6, 9))):
+        assert torch.equal(mixed.logits[rows], alone[name][rows])
+    assert torch.equal(engine.start(prompts).logits, alone[BASE])  # as loaded: the base model
+    assert not torch.allclose(alone["a"], alone["b"], atol=1e-2) and not torch.allclose(alone["a"], alone[BASE], atol=1e-2)
+    for name in ("a", "b"):  # the same numbers as a model loaded with that adapter alone
+        only = Engine.load(str(tiny_path), adapter=two_adapters[name])
+        assert torch.allclose(only.start(prompts).logits, alone[name], atol=1e-5)
+    assert torch.allclose(Engine.load(str(tiny_path)).start(prompts).logits, alone[BASE], atol=1e-5)
+    engine.lora_gate.ok = False  # PEFT's adapter_names route
+    try:
+        assert torch.allclose(engine.start(prompts, adapters=names).logits, mixed.logits, atol=1e-5)
+    finally:
+        engine.lora_gate.ok = None
+    # decoding on: each row's continuation keeps reading its own adapter through the cache
+    mixed.append({row: 7 for row in range(9)})
+    for name, rows in (("a", slice(0, 3)), ("b", slice(3, 6))):
+        single = engine.start(prompts, adapters=[name] * 9)
+        single.append({row: 7 for row in range(9)})
+        assert torch.equal(mixed.logits[rows], single.logits[rows])
+
+
+def test_a_request_names_its_adapter(tiny_path, two_adapters, served_adapters):
+    """generate(adapter_name=) decodes with that adapter (CoLD contrasts it with the base), the same
+    answers as a model loaded with it alone; its top tokens are read with it; a name not loaded, or
+    CoLD with the base model as loaded, is refused in one line."""
+    engine, only_b = served_adapters, Engine.load(str(tiny_path), adapter=two_adapters["b"])
+    for method in ("greedy", "cold"):
+        (mine,) = generate("hi", method=method, model=engine, adapter_name="b", max_new_tokens=8)
+        (theirs,) = generate("hi", method=method, model=only_b, max_new_tokens=8)
+        assert mine.tokens == theirs.tokens
+    (base,) = generate("hi", model=engine, max_new_tokens=8)
+    (named_base,) = generate("hi", model=engine, adapter_name="__base__", max_new_tokens=8)
+    assert base.tokens == named_base.tokens != mine.tokens
+    ids = engine.render("hi")
+    mine_top, theirs_top = engine.top_tokens(ids, mine.tokens, 3, "b"), only_b.top_tokens(ids, mine.tokens, 3)
+    assert [[t for t, _ in pos] for pos in mine_top] == [[t for t, _ in pos] for pos in theirs_top]
+    assert engine.top_tokens(ids, mine.tokens, 3) != mine_top  # as loaded: the base
+    with pytest.raises(DecalignError, match="adapter_name: no adapter named c on the model"):
+        generate("hi", model=engine, adapter_name="c", max_new_tokens=4)
+    with pytest.raises(DecalignError, match="method cold needs a LoRA adapter"):
+        generate("hi", method="cold", model=engine, max_new_tokens=4)
+
+
+def test_adapter_names_are_checked(tiny_path, two_adapters):
+    for name, message in (("default", "adapter name default is reserved"), ("__base__", "is reserved"),
+                          ("a.b", "use letters, digits, - and _ only")):
+        with pytest.raises(DecalignError, match=message):
+            Engine.load(str(tiny_path), adapters={name: two_adapters["a"]})

@@ -51,6 +51,10 @@ def test_generate_prints_an_answer_and_json(tiny_path):
     (["generate", "x " * 600], "context is 512"),
     (["serve", "-p", "n=4"], "name the method with --method"),
     (["serve", "-m", "bon", "--max-rows", "0"], "max_rows (--max-rows) must be >= 1"),
+    (["serve", "--adapter", "x", "--adapter", "y"], "--adapter: one folder without a name"),
+    (["serve", "--adapter", "a=x", "--adapter", "a=y"], "--adapter a=...: the name is given twice"),
+    (["serve", "--adapter", "a="], "--adapter a=: give the folder after a="),
+    (["serve", "--adapter", "a=/no/such/adapter"], "adapter path /no/such/adapter does not exist"),
 ])
 def test_bad_input_gets_one_line(tiny_path, args, fragment):
     assert_one_line_error(run(*args, "--model", str(tiny_path)), fragment)

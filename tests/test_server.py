@@ -1141,3 +1141,48 @@ def test_metrics_report_the_allocators_device_memory_for_a_cuda_engine(monkeypat
     assert {name: float(value) / 2**20 for name, value in series.items()} == {
         'decalign_device_memory_bytes{kind="allocated"}': 3, 'decalign_device_memory_bytes{kind="reserved"}': 8,
         'decalign_device_memory_bytes{kind="peak_reserved"}': 12}
+
+
+def test_named_adapters_are_served_by_model_name(served_adapters):
+    """`--adapter a=... --adapter b=...`: /v1/models lists them under the served model; concurrent
+    requests for each adapter and for the model itself share the running batch, each answered as
+    decalign answers it alone with that adapter (answers and top log-probabilities); the answer names
+    the model that wrote it; a name not served is a 404 with OpenAI's model_not_found."""
+    from decalign import generate
+
+    server, url = start(served_adapters, max_batch=8)
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        listed = client.models.list().data
+        assert [m.id for m in listed] == ["tiny", "a", "b"]
+        assert [m.model_extra.get("parent") for m in listed] == [None, "tiny", "tiny"]
+        messages = [{"role": "user", "content": "Tell me about bread."}]
+        asks = [("a", 0), ("b", 0), ("tiny", 0), ("a", 0.9), ("b", 0.9), ("tiny", 0.9)]
+        replies: dict = {}
+
+        def ask(model, temperature):
+            replies[model, temperature] = client.chat.completions.create(
+                model=model, messages=messages, max_tokens=8, temperature=temperature, seed=5, logprobs=True,
+                top_logprobs=2)
+
+        threads = [threading.Thread(target=ask, args=pair) for pair in asks]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for (model, temperature), reply in replies.items():
+            name = None if model == "tiny" else model
+            (expected,) = generate([messages], method="greedy" if temperature == 0 else "sample", seed=[5],
+                                   model=served_adapters, adapter_name=name, max_new_tokens=8,
+                                   **({"temperature": temperature} if temperature else {}))
+            assert reply.choices[0].message.content == expected.text and reply.model == model
+            tops = served_adapters.top_tokens(served_adapters.render(messages), expected.tokens, 2, name)
+            assert [alt.logprob for t in reply.choices[0].logprobs.content for alt in t.top_logprobs] == \
+                pytest.approx([logprob for position in tops for _, logprob in position], abs=1e-4)
+        assert len({replies[m, 0].choices[0].message.content for m in ("a", "b", "tiny")}) == 3
+        with pytest.raises(openai.NotFoundError) as missing:
+            client.chat.completions.create(model="c", messages=messages, max_tokens=4)
+        error = missing.value.body
+        assert error["code"] == "model_not_found" and error["param"] == "model" and "one of: tiny, a, b" in error["message"]
+    finally:
+        server.should_exit = True

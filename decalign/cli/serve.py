@@ -13,7 +13,10 @@ from ..server.config import CHOICES, ServerConfig
 
 @click.command()
 @click.option("--model", default=None, help="Policy model [default: embedded SmolLM2-135M-Instruct].")
-@click.option("--adapter", default=None, help="PEFT LoRA adapter folder.")
+@click.option("--adapter", "adapters", multiple=True, metavar="[NAME=]PATH",
+              help="PEFT LoRA adapter folder. PATH: the served model runs with it. NAME=PATH (repeatable): "
+                   "served beside the model as NAME (a request's `model`; listed by /v1/models); rows of "
+                   "every adapter share the running batch.")
 @click.option("--method", "-m", default=None,
               help="Default method; requests may override [default: OpenAI's meaning: sample at the request's "
                    "temperature, greedy at temperature 0].")
@@ -49,7 +52,7 @@ from ..server.config import CHOICES, ServerConfig
               help="On Ctrl-C or SIGTERM, seconds the requests in flight get to finish before they are "
                    "answered 503 (a second Ctrl-C answers them at once).")
 @click.option("--trust-remote-code", is_flag=True)
-def serve(model, adapter, method, reward, params, host, port, api_key, max_tokens_limit, queue_size, timeout,
+def serve(model, adapters, method, reward, params, host, port, api_key, max_tokens_limit, queue_size, timeout,
           max_batch, max_rows, max_join_tokens, batching, admission, join, shutdown_grace, trust_remote_code):
     """An OpenAI-compatible server (/v1/chat/completions, /v1/completions) that aligns as it decodes."""
     from ..engine import get_engine
@@ -73,9 +76,32 @@ def serve(model, adapter, method, reward, params, host, port, api_key, max_token
     if reward is not None:
         shared_reward(reward)  # loaded once, before the first request
     quiet_transformers()
-    engine = get_engine(model, adapter, trust_remote_code=trust_remote_code)
+    adapter, named = split_adapters(adapters)
+    if config.model_name in named:
+        raise DecalignError(f"--adapter {config.model_name}=...: the name is the served model's; choose another")
+    engine = get_engine(model, adapter, trust_remote_code=trust_remote_code, adapters=named)
     default = method or "sample, greedy at temperature 0"
     app = create_app(engine, config)
     freeze_long_lived()  # the server's own objects: no garbage collection pass rescans them
-    click.echo(f"decalign serving {config.model_name} on http://{host}:{port}/v1 (method {default})", err=True)
+    served = "".join(f", adapter {name}" for name in named)
+    click.echo(f"decalign serving {config.model_name}{served} on http://{host}:{port}/v1 (method {default})", err=True)
     serve_app(app, host=host, port=port, grace=shutdown_grace)
+
+
+def split_adapters(values: tuple[str, ...]) -> tuple[str | None, dict[str, str]]:
+    """`--adapter` values as (the folder the served model runs with, {name: folder} served beside it)."""
+    unnamed, named = [], {}
+    for value in values:
+        name, sep, folder = value.partition("=")
+        if not sep or "/" in name or not name:  # a plain folder (one may hold "=" after a slash)
+            unnamed.append(value)
+        elif not folder:
+            raise DecalignError(f"--adapter {value}: give the folder after {name}=")
+        elif name in named:
+            raise DecalignError(f"--adapter {name}=...: the name is given twice")
+        else:
+            named[name] = folder
+    if len(unnamed) > 1:
+        raise DecalignError("--adapter: one folder without a name (the served model's own); name the others "
+                            "NAME=PATH")
+    return (unnamed[0] if unnamed else None), named

@@ -1,8 +1,9 @@
 """What the engine does to the model itself: PEFT adapter names, per-row LoRA gating, the CPU head.
 
 - `loaded_adapters`: the PEFT adapters on a model; `BASE` names "no adapter" in a mixed batch.
-- `LoraRowGate`: runs rows of one plain LoRA adapter and rows of the base model in one forward pass
-  by scaling each row's LoRA output by 0 or 1 (PEFT's own `adapter_names` route is the fallback).
+- `LoraRowGate`: runs rows of several plain LoRA adapters and rows of the base model in one forward
+  pass by scaling each row's output of each adapter by 0 or 1 (PEFT's own `adapter_names` route is
+  the fallback).
 - `use_packed_linears`: on CPU, runs float32 Linear layers through oneDNN with packed weights
   (a decode step's few rows cost what one row costs).
 - `use_lean_lora`: PEFT's LoRA Linear forward without its per-call Python (inference only).
@@ -27,71 +28,92 @@ def loaded_adapters(model) -> list[str]:
 
 
 class LoraRowGate:
-    """A 0/1 factor per row folded into every LoRA module's scale of one model.
+    """A 0/1 factor per row folded into every LoRA module's scale, for each plain LoRA adapter loaded.
 
-    `ok`: None until checked, then whether the model is a case the gate handles (set it to False to
-    force PEFT's `adapter_names` route). `modules`: (a LoRA module's scaling dict, adapter, its scale)."""
+    `ok`: None until checked (again whenever the loaded adapters change), then whether the model is
+    a case the gate handles (set it to False to force PEFT's `adapter_names` route). `modules`: (a
+    LoRA module's scaling dict, adapter, its scale); `layers`: the LoRA modules."""
 
     def __init__(self, model, device: torch.device) -> None:
         self.model = model
         self.device = device
         self.ok: bool | None = None
+        self.checked: tuple[str, ...] | None = None  # the adapters `ok` was found for
         self.modules: list[tuple[dict, str, float]] = []
+        self.layers: list = []
 
-    def row_gate(self, adapters: list[str]) -> torch.Tensor | None:
-        """The fast path for mixed rows of one plain LoRA adapter and "__base__": a 0/1 factor per
-        row folded into every LoRA module's scale (PEFT computes base(x) + B(A(x)) * scale, and a
-        [rows, 1, 1] scale broadcasts), so one forward gives adapter rows exactly the adapted
-        model's values (x1) and base rows exactly the base model's (+ 0), with no hook or gather.
-        PEFT's own `adapter_names` route registers hooks and gathers sub-batches on every call.
-        None when the model is not such a case (PEFT's route is used)."""
-        if self.ok is None and len(loaded_adapters(self.model)) == 1:
-            self.ok = self.find_modules()
-        names = set(adapters) - {BASE}
-        if not self.ok or len(names) != 1 or names != set(loaded_adapters(self.model)):
+    def row_gate(self, adapters: list[str]) -> dict[str, torch.Tensor] | None:
+        """The fast path for rows of plain LoRA adapters and "__base__": for each adapter the rows
+        name, a 0/1 factor per row (1 on its own rows) folded into its LoRA modules' scales. PEFT
+        computes base(x) + B(A(x)) * scale for each active adapter, and a [rows, 1, 1] scale
+        broadcasts: with every named adapter active and gated, one forward gives each row exactly
+        its own adapter's values (the others add 0) and base rows exactly the base model's, with no
+        hook or gather. PEFT's own `adapter_names` route registers hooks and gathers sub-batches on
+        every call. None when the model is not such a case (PEFT's route is used)."""
+        loaded = tuple(loaded_adapters(self.model))
+        names = sorted(set(adapters) - {BASE})
+        if not loaded:  # every row is the base model's: nothing to gate
+            return {} if not names else None
+        if self.ok is None or self.checked not in (None, loaded):
+            self.ok, self.checked = self.find_modules(), loaded
+        if not self.ok or not set(names) <= set(loaded):
             return None
-        return torch.tensor([a != BASE for a in adapters], dtype=torch.float32, device=self.device)[:, None, None]
+        return {name: torch.tensor([a == name for a in adapters], dtype=torch.float32, device=self.device)[:, None, None]
+                for name in names}
 
     def find_modules(self) -> bool:
-        """Whether the one loaded adapter is a plain LoRA the gate handles; if so, record its modules."""
+        """Whether every loaded adapter is a plain LoRA the gate handles; if so, record their modules."""
         from peft.tuners.lora.layer import Linear as LoraLinear
         from peft.tuners.lora.layer import LoraLayer
 
-        (name,) = loaded_adapters(self.model)  # called only with exactly one adapter loaded
-        config = self.model.peft_config[name]
-        if getattr(config, "peft_type", None) != "LORA" or getattr(config, "use_dora", False) \
-                or getattr(config, "modules_to_save", None) or getattr(config, "bias", "none") != "none" \
-                or getattr(config, "trainable_token_indices", None):
-            return False
+        names = loaded_adapters(self.model)
+        for name in names:
+            config = self.model.peft_config[name]
+            if getattr(config, "peft_type", None) != "LORA" or getattr(config, "use_dora", False) \
+                    or getattr(config, "modules_to_save", None) or getattr(config, "bias", "none") != "none" \
+                    or getattr(config, "trainable_token_indices", None):
+                return False
         layers = [m for m in self.model.modules() if isinstance(m, LoraLayer)]
-        if not layers or any(type(m) is not LoraLinear or m.merged or name in m.lora_variant for m in layers):
+        if not layers or any(type(m) is not LoraLinear or m.merged or any(n in m.lora_variant for n in names)
+                             for m in layers):
             return False
-        self.modules = [(layer.scaling, name, layer.scaling[name]) for layer in layers if name in layer.lora_B]
+        self.layers = layers
+        self.modules = [(layer.scaling, name, layer.scaling[name]) for layer in layers for name in names
+                        if name in layer.lora_B]
         return True
 
     def route(self, adapters: list[str]) -> tuple[AbstractContextManager, dict]:
         """How to run a forward pass whose rows use `adapters`: (a context to run it in, extra forward
-        arguments). Mixed rows of one plain LoRA and "__base__": the row gate; anything else: PEFT's
+        arguments). Rows of plain LoRA adapters and "__base__": the row gate; anything else: PEFT's
         `adapter_names`."""
-        gate = self.row_gate(adapters)
-        if gate is None:
+        gates = self.row_gate(adapters)
+        if gates is None:
             return nullcontext(), {"adapter_names": adapters}
-        return self.gated(gate), {}
+        return self.gated(gates), {}
 
     @contextmanager
-    def gated(self, gate: torch.Tensor | None) -> Iterator[None]:
-        """Within the block, each row's LoRA output is scaled by its gate (see row_gate)."""
-        if gate is None:
+    def gated(self, gates: dict[str, torch.Tensor] | None, shape: tuple[int, ...] = (-1, 1, 1)) -> Iterator[None]:
+        """Within the block, the adapters of `gates` are the active ones in every LoRA module, each
+        row's (or token's: `shape`) output of each scaled by its gate (see row_gate); without any,
+        the modules run the base model."""
+        if gates is None:
             yield
             return
-        scaled: dict[float, torch.Tensor] = {}  # modules share a few scales: one product each, not one per module
+        scaled: dict[tuple[str, float], torch.Tensor] = {}  # modules share a few scales: one product each
+        active = sorted(gates)
+        saved = [(layer, layer._active_adapter) for layer in self.layers]
         for scaling, name, scale in self.modules:
-            if scale not in scaled:
-                scaled[scale] = gate * scale
-            scaling[name] = scaled[scale]
+            if name in gates:
+                if (name, scale) not in scaled:
+                    scaled[name, scale] = gates[name].view(shape) * scale
+                scaling[name] = scaled[name, scale]
+        for layer in self.layers:
+            layer._active_adapter = active
         try:
             yield
         finally:
+            for layer, was in saved:
+                layer._active_adapter = was
             for scaling, name, scale in self.modules:
                 scaling[name] = scale
 

@@ -346,8 +346,8 @@ class Batch:
         width = joining.unencoded[0].shape[1]
         tokens = [a for a in adapters or [loaded] * rows for _ in range(new)]
         tokens += [a for a in joining.adapters or [loaded] * len(joining.prompts) for _ in range(width)]
-        gate = self.engine.lora_gate.row_gate(tokens)
-        return None if gate is None else self.engine.lora_gate.gated(gate.view(1, -1, 1))
+        gates = self.engine.lora_gate.row_gate(tokens)
+        return None if gates is None else self.engine.lora_gate.gated(gates, (1, -1, 1))
 
     def _forward_rows(self, input_ids: torch.Tensor, new_mask: torch.Tensor, rows: torch.Tensor,
                       joining: "Batch | None" = None) -> torch.Tensor | None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import functools
 import os
 import threading
-from contextlib import AbstractContextManager
-from typing import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Mapping, Sequence
 
 import torch
 
@@ -23,11 +23,14 @@ Prompt = str | list[dict]
 class Engine:
     """A policy model with its tokenizer: renders prompts and opens batches."""
 
-    def __init__(self, model, tokenizer, *, name: str = "model", adapter: str | None = None) -> None:
+    def __init__(self, model, tokenizer, *, name: str = "model", adapter: str | None = None,
+                 named_adapters: Sequence[str] = ()) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
         self.adapter = adapter  # the adapter loaded with --adapter (a local one by its absolute path)
+        # adapters loaded to be chosen by name (a request's `model`), not part of the model as loaded
+        self.named_adapters: tuple[str, ...] = tuple(named_adapters)
         self.device = next(model.parameters()).device
         config = model.config
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -56,14 +59,18 @@ class Engine:
     @classmethod
     def load(
         cls, model: str | None = None, adapter: str | None = None, *, trust_remote_code: bool = False,
-        device: str | None = None,
+        device: str | None = None, adapters: Mapping[str, str] | None = None,
     ) -> "Engine":
         """Load a policy on `device` (default: $DECALIGN_DEVICE, else "auto": a CUDA GPU when one is
-        visible, else the CPU). On a GPU it runs in bfloat16 where supported; on the CPU in float32."""
+        visible, else the CPU). On a GPU it runs in bfloat16 where supported; on the CPU in float32.
+        `adapter`: a LoRA folder the model runs with as loaded; `adapters`: name -> LoRA folder, loaded
+        beside it for rows that name them (`BatchPrompt.adapter`, a request's `adapter_name`)."""
         where = pick_device(device)
         dtype = "bfloat16" if where.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-        policy, tokenizer = load_model(model, adapter, trust_remote_code=trust_remote_code, dtype=dtype)
-        return cls(policy.to(where), tokenizer, name=local_or_id(model) or DEFAULT_MODEL, adapter=local_or_id(adapter))
+        policy, tokenizer = load_model(model, adapter, trust_remote_code=trust_remote_code, dtype=dtype,
+                                       adapters=adapters)
+        return cls(policy.to(where), tokenizer, name=local_or_id(model) or DEFAULT_MODEL, adapter=local_or_id(adapter),
+                   named_adapters=tuple(adapters or ()))
 
     # ----- text <-> tokens -------------------------------------------------------------------
     def check_fits(self, ids: Sequence[int], which: str = "the prompt") -> None:
@@ -131,26 +138,29 @@ class Engine:
         return Batch(self, prompts)
 
     @torch.no_grad()
-    def top_tokens(self, prompt_ids: Sequence[int], answer: Sequence[int], k: int) -> list[list[tuple[int, float]]]:
+    def top_tokens(self, prompt_ids: Sequence[int], answer: Sequence[int], k: int,
+                   adapter: str | None = None) -> list[list[tuple[int, float]]]:
         """For each token of `answer`, the `k` most likely tokens at its position and their
-        log-probabilities under the policy as loaded (one teacher-forced forward pass; the logits are
-        computed for the answer's positions only)."""
+        log-probabilities under the policy as loaded, or with `adapter` (a loaded adapter's name, BASE:
+        none), as its rows ran (one teacher-forced forward pass; the logits are computed for the
+        answer's positions only)."""
         if not answer or k < 1:
             return [[] for _ in answer]
         ids = torch.tensor([list(prompt_ids) + list(answer)], dtype=torch.long, device=self.device)
         positions = torch.arange(len(prompt_ids) - 1, ids.shape[1] - 1, device=self.device)
-        with planless_attention():
-            logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=positions).logits[0]
+        context, extra = self.adapter_route([adapter]) if adapter is not None else (nullcontext(), {})
+        with context, planless_attention():
+            logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=positions, **extra).logits[0]
         values, indices = logits.float().log_softmax(-1).topk(min(k, logits.shape[-1]), dim=-1)
         return [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
 
     def active_adapter(self) -> str:
-        """The adapter the model runs with as loaded (BASE when it has none)."""
-        names = self.adapter_names()
+        """The adapter the model runs with as loaded (BASE when it has none but named ones)."""
+        names = [name for name in self.adapter_names() if name not in self.named_adapters]
         if not names:
             return BASE
         active = getattr(self.model, "active_adapter", names[0])
-        return active if isinstance(active, str) else names[0]
+        return active if isinstance(active, str) and active in names else names[0]
 
     @property
     def num_layers(self) -> int:
@@ -187,18 +197,20 @@ def pick_device(name: str | None = None) -> torch.device:
 
 
 def get_engine(model: "str | Engine | None" = None, adapter: str | None = None, *,
-               trust_remote_code: bool = False) -> Engine:
-    """The engine for a model spec, loaded once per process (the last one is kept)."""
+               trust_remote_code: bool = False, adapters: Mapping[str, str] | None = None) -> Engine:
+    """The engine for a model spec, loaded once per process (the last one is kept); `adapters` as
+    `Engine.load` takes them."""
     if isinstance(model, Engine):
-        if adapter is not None:
+        if adapter is not None or adapters:
             raise DecalignError("pass the adapter when loading the Engine, not with an Engine instance")
         return model
-    return _shared_engine(model, adapter, trust_remote_code)
+    return _shared_engine(model, adapter, trust_remote_code, tuple((adapters or {}).items()))
 
 
 @functools.lru_cache(maxsize=1)  # one policy in memory at a time
-def _shared_engine(model: str | None, adapter: str | None, trust_remote_code: bool) -> Engine:
-    return Engine.load(model, adapter, trust_remote_code=trust_remote_code)
+def _shared_engine(model: str | None, adapter: str | None, trust_remote_code: bool,
+                   adapters: tuple[tuple[str, str], ...] = ()) -> Engine:
+    return Engine.load(model, adapter, trust_remote_code=trust_remote_code, adapters=dict(adapters) or None)
 
 
 # The roles a prompt may use, as the chat template gets them (OpenAI's "developer" is its system message).

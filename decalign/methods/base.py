@@ -219,14 +219,16 @@ class Job:
     cancelled: Callable[[int], bool] | None = None  # prompt -> stop its work (its client has gone)
     value: ValueHead | None = None  # scores partial answers from the policy's states (methods with value=)
     prompt_base: int = 0  # the batch prompt number of the job's prompt 0
+    adapter: str | None = None  # the loaded adapter its rows run with (BASE: none; None: the model as loaded)
 
     def __post_init__(self) -> None:
         self.reward_items = [0] * len(self.prompts)
         self.value_items = [0] * len(self.prompts)
 
     def batch_prompt(self, prompt_ids: list[int], seed: int, rows: int, adapter: str | None = None) -> BatchPrompt:
-        """A prompt of the shared batch under this job's limits (and tracked states, for its value)."""
-        return BatchPrompt(ids=prompt_ids, seed=seed, rows=rows, adapter=adapter,
+        """A prompt of the shared batch under this job's limits (and tracked states, for its value),
+        its rows run with `adapter` (default: the job's)."""
+        return BatchPrompt(ids=prompt_ids, seed=seed, rows=rows, adapter=self.adapter if adapter is None else adapter,
                            max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens,
                            stop_strings=tuple(self.stop),
                            state_layers=tuple(self.value.layers) if self.value is not None else ())

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from ..engine import Batch, BatchPrompt, Engine, Move, Segment, Write
+from ..engine import BASE, Batch, BatchPrompt, Engine, Move, Segment, Write
 from ..errors import DecalignError
 from ..result import Result
 from ..sampling import Sampling, choose_tokens
@@ -227,6 +227,8 @@ class ContrastParams:
 
 
 def active_adapter(job: Job, method: str) -> str:
-    if not job.engine.adapter_names():
+    """The adapter a job's expert rows run with: the job's own, else the model's as loaded."""
+    name = job.engine.active_adapter() if job.adapter is None else job.adapter
+    if name == BASE:
         raise missing_adapter(method)
-    return job.engine.active_adapter()
+    return name

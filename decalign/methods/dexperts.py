@@ -48,7 +48,6 @@ class DExperts(Contrast):
         except (RuntimeError, ValueError, KeyError) as exc:
             raise DecalignError(f"anti_adapter {config.anti_adapter} does not fit the model: "
                                 f"{first_line(exc)}") from exc
-        model.set_adapter(expert)
         self.loaded = True
         return [Branch(1.0, BASE), Branch(config.beta, expert), Branch(-config.beta, ANTI)]
 

@@ -50,6 +50,7 @@ def decoding_request(body: GenerationOptions, config: ServerConfig, engine: Engi
     for name in OPENAI_SAMPLING:  # OpenAI's sampling fields apply where the method has them
         if getattr(body, name) is not None and name in accepted and name not in extra:
             params[name] = getattr(body, name)
+    adapter_name = served_adapter(body.model, config, engine)
     seed = body.seed if body.seed is not None else uuid.uuid4().int % 2**62
     seeds = [seed] + [derive_seed(seed, "choice", i) for i in range(1, body.n)]  # choice 0 is the n = 1 answer
     try:
@@ -57,11 +58,25 @@ def decoding_request(body: GenerationOptions, config: ServerConfig, engine: Engi
                              reward=shared_reward(reward) if reward is not None else None, value=value,
                              max_new_tokens=body.max_tokens, min_new_tokens=body.min_tokens,
                              seed=seeds * len(prompts), chat=chat, stop=list(body.stop),
-                             model=engine)
+                             model=engine, adapter_name=adapter_name)
     except RequestError as exc:
         raise ApiError(400, str(exc.spelled(FIELD_NAMES)), param=FIELD_NAMES.get(exc.field or "")) from None
     except DecalignError as exc:  # a method's own check of its parameters, e.g. "top_p must be in (0, 1]"
         raise ApiError(400, str(exc), param=_parameter_field(str(exc), params, extra)) from None
+
+
+def served_adapter(model: object, config: ServerConfig, engine: Engine) -> str | None:
+    """The adapter a request's `model` names: None for the served model itself (as loaded), else one
+    of the adapters loaded by name (`--adapter NAME=PATH`); 404 for any other name where there are
+    such adapters (a misspelt adapter must not be answered by another model). A server without them
+    serves one model under any name, as clients send whatever name they were configured with."""
+    if not engine.named_adapters or model is None or model == config.model_name:
+        return None
+    if model in engine.named_adapters:
+        return str(model)
+    served = ", ".join([config.model_name, *engine.named_adapters])
+    raise ApiError(404, f"model {model!r} is not served here; ask for one of: {served}", param="model",
+                   code="model_not_found")
 
 
 def _parameter_field(message: str, params: dict, extra: dict) -> str | None:

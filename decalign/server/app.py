@@ -138,7 +138,10 @@ async def completions(request: Request, state: State):
 
 @router.get("/v1/models")
 async def models(state: State) -> ModelList:
-    return ModelList(data=[ModelCard(id=state.config.model_name)])
+    """The served model, then each adapter loaded by name (a request's `model` picks one)."""
+    name = state.config.model_name
+    return ModelList(data=[ModelCard(id=name)] + [ModelCard(id=adapter, parent=name)
+                                                  for adapter in state.engine.named_adapters])
 
 
 @router.get("/v1/methods")
@@ -210,7 +213,7 @@ async def respond(request: Request, state: ServerState, body: GenerationOptions,
                                                logprobs=wants_logprobs, include_usage=body.include_usage),
                                  media_type="text/event-stream")
     results = await wait(request, pending, deadline)
-    head = dict(id=ident, created=created, model=state.config.model_name)
+    head = dict(id=ident, created=created, model=served_name(state, pending))
     usage, alignment = answer_usage(state.engine, pending, results), alignment_info(results[0])
     scores = choice_logprobs(state.engine, pending, results) if wants_logprobs else [None] * len(results)
     if chat:
@@ -220,6 +223,11 @@ async def respond(request: Request, state: ServerState, body: GenerationOptions,
     choices = [TextChoice(index=i, text=result.text, finish_reason=finish_reason(result), logprobs=logprobs)
                for i, (result, logprobs) in enumerate(zip(results, scores))]
     return Completion(**head, choices=choices, usage=usage, alignment=alignment)
+
+
+def served_name(state: ServerState, pending: PendingRequest) -> str:
+    """The model an answer names: the adapter it was decoded with, else the served model."""
+    return pending.decoding.adapter_name or state.config.model_name
 
 
 async def wait(request: Request, pending: PendingRequest, deadline: float) -> list[Result]:
@@ -262,7 +270,7 @@ async def stream_events(request: Request, state: ServerState, pending: PendingRe
     With `logprobs`, each choice's token log-probabilities come in one chunk of their own once its
     answer is final (empty text): a streamed method such as CARDS or SMC may still replace the
     tokens behind text it has not committed, so per-piece figures could name tokens that never stand."""
-    head = dict(id=ident, created=created, model=state.config.model_name)
+    head = dict(id=ident, created=created, model=served_name(state, pending))
 
     def chunk(index: int, delta: str | None, reason: str | None = None, scores: Any = None, **last: Any) -> str:
         if pending.chat:

@@ -246,8 +246,9 @@ class Scheduler:
             self.metrics.count_answer(result)
         if request.alternatives:  # one teacher-forced pass per choice, on this thread (the engine's)
             try:  # over the prompt ids the answers were decoded from (one per choice)
-                request.top_tokens = [self.engine.top_tokens(ids, result.tokens, request.alternatives)
-                                      for ids, result in zip(method.job.prompt_ids, method.results)]
+                request.top_tokens = [
+                    self.engine.top_tokens(ids, result.tokens, request.alternatives, method.job.adapter)
+                    for ids, result in zip(method.job.prompt_ids, method.results)]
             except Exception as exc:
                 request.settle(_api_error(exc))
                 return

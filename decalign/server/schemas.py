@@ -21,19 +21,21 @@ MAX_PROMPTS = 32  # prompts in one /v1/completions request (each gets n answers)
 class ApiError(Exception):
     """An error answered as OpenAI's error body, with its HTTP status."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
 
     def body(self) -> dict:
-        return ErrorResponse(error=ErrorDetail(message=self.message, type=self.kind, param=self.param)).model_dump()
+        return ErrorResponse(error=ErrorDetail(message=self.message, type=self.kind, param=self.param,
+                                               code=self.code)).model_dump()
 
 
 class ErrorDetail(BaseModel):
     message: str
     type: str
     param: str | None = None
-    code: None = None
+    code: str | None = None
 
 
 class ErrorResponse(BaseModel):
@@ -84,12 +86,15 @@ class TextPrompt(BaseModel):
 
 
 class GenerationOptions(BaseModel):
-    """The fields both generation endpoints share; other OpenAI fields (model, user, ...) are ignored.
+    """The fields both generation endpoints share; other OpenAI fields (user, ...) are ignored. `model`
+    chooses among the adapters the server was started with (`--adapter NAME=PATH`); any name is the
+    served model when it has none.
 
     Validate with `parse_request`: max_tokens needs the ServerConfig as validation context.
     """
 
     max_tokens: int
+    model: Any = None
     min_tokens: int = 0  # vLLM's field: no end-of-text, and no stop string matched, before this many tokens
     n: int = 1
     stop: tuple[str, ...] = ()
@@ -423,6 +428,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = 0
     owned_by: str = "decalign"
+    parent: str | None = None  # an adapter's base model, as vLLM lists LoRA modules
 
 
 class ModelList(BaseModel):
