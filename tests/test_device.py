@@ -51,6 +51,27 @@ def test_on_cuda_batched_answers_equal_single_ones(tiny_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_named_adapters_share_a_batch_each_row_with_its_own(tiny_path, two_adapters):
+    """In bfloat16 with float32 adapter weights (PEFT's casts), rows of two adapters and of the base in
+    one batch give what each gives in a batch of its own, and differ between them; a request naming an
+    adapter decodes it alike alone and beside another prompt."""
+    from decalign import Engine, generate
+    from decalign.engine import BASE
+
+    engine = Engine.load(str(tiny_path), device="cuda", adapters=two_adapters)
+    assert engine.model.dtype == torch.bfloat16 or not torch.cuda.is_bf16_supported()
+    ids = [engine.render(t) for t in ("hi", "The answer is")]
+    prompts, names = ids * 3, ["a", "a", "b", "b", BASE, BASE]
+    mixed = engine.start(prompts, adapters=names).logits
+    for name, rows in (("a", slice(0, 2)), ("b", slice(2, 4)), (BASE, slice(4, 6))):
+        assert torch.equal(mixed[rows], engine.start(prompts, adapters=[name] * 6).logits[rows])
+    assert not torch.equal(mixed[0:2], mixed[2:4]) and not torch.equal(mixed[0:2], mixed[4:6])
+    (alone,) = generate("hi", model=engine, adapter_name="b", max_new_tokens=8, seed=1)
+    (together, _) = generate(["hi", "hi"], model=engine, adapter_name="b", max_new_tokens=8, seed=[1, 2])
+    assert alone.tokens == together.tokens
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_cuda_a_finished_batch_goes_back_to_the_driver(tiny_path):
     """An idle server hands torch's cached GPU blocks back (`release_memory`): after a batch of 512
     rows, the allocator holds what it held before it (the weights), not the batch's cache."""
