@@ -181,3 +181,24 @@ def test_adapter_names_are_checked(tiny_path, two_adapters):
                           ("a.b", "use letters, digits, - and _ only")):
         with pytest.raises(DecalignError, match=message):
             Engine.load(str(tiny_path), adapters={name: two_adapters["a"]})
+
+
+def test_the_served_models_own_adapter_and_named_ones_together(tiny_path, two_adapters):
+    """`--adapter A --adapter b=B`: the model as loaded runs with A (rows that name none, direct passes
+    such as top tokens), b only where named; each as a model loaded with it alone."""
+    from decalign.engine import BASE
+
+    engine = Engine.load(str(tiny_path), adapter=two_adapters["a"], adapters={"b": two_adapters["b"]})
+    assert engine.active_adapter() == "default" and engine.named_adapters == ("b",)
+    ids = [engine.render(t) for t in ("hi", "The answer is")]
+    mixed = engine.start(ids * 3, adapters=["default", "default", "b", "b", BASE, BASE]).logits
+    plain = engine.start(ids * 3).logits
+    assert torch.equal(mixed[:2], plain[:2])
+    for folder, rows in ((two_adapters["a"], slice(0, 2)), (two_adapters["b"], slice(2, 4))):
+        assert torch.allclose(Engine.load(str(tiny_path), adapter=folder).start(ids * 3).logits[rows], mixed[rows],
+                              atol=1e-5)
+    assert torch.allclose(Engine.load(str(tiny_path)).start(ids * 3).logits[4:], mixed[4:], atol=1e-5)
+    (answer,) = generate("hi", model=engine, max_new_tokens=6)
+    only_a = Engine.load(str(tiny_path), adapter=two_adapters["a"])
+    assert answer.tokens == generate("hi", model=only_a, max_new_tokens=6)[0].tokens
+    assert engine.top_tokens(ids[0], answer.tokens, 2) == engine.top_tokens(ids[0], answer.tokens, 2, "default")
