@@ -10,7 +10,10 @@ first token (loaded over idle prompt by prompt, and the server's own share), sta
 after each of --rounds rounds of the same load (on a GPU also its allocator's device memory, from
 /metrics), whether any response or log line held a
 traceback, and what the server's /metrics saw (its steps, their mean cost, the mean wait in the
-queue before joining). The latency, status and server figures are the first round's.
+queue before joining). The latency, status and server figures are the first round's. With
+--adapters K, the servers also serve K random LoRA adapters by name (`--adapter NAME=PATH`) and
+the requests' `model` cycles through the served model and them (every answer is checked to name
+the model asked for).
 
     python scripts/load_test.py --requests 128 --clients 64 --max-tokens 32
 """
@@ -27,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import httpx
 
@@ -87,6 +91,8 @@ class Server:
                               ("--max-rows", args.max_rows)):  # left out: the server's own default
             if value is not None:
                 command += [option, str(value)]
+        for name, folder in args.adapter_folders.items():
+            command += ["--adapter", f"{name}={folder}"]
         self.log = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(command, stderr=self.log, stdout=self.log)
         self.url = f"http://127.0.0.1:{port}"
@@ -95,9 +101,13 @@ class Server:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return
             except httpx.HTTPError:
+                if self.process.poll() is not None:  # it exited: its last line says why
+                    break
                 time.sleep(0.5)
         self.process.kill()
-        sys.exit("load_test: the server did not start")
+        self.log.seek(0)
+        said = [line for line in self.log.read().splitlines() if line.strip()]
+        sys.exit("load_test: the server did not start" + (f": {said[-1]}" if said else ""))
 
     def memory(self) -> float:
         return rss_mib(self.process.pid)
@@ -133,10 +143,11 @@ def first_token_seconds(client: httpx.Client, url: str, body: dict, timeout: flo
 def run(args: argparse.Namespace, batching: str) -> dict:
     server = Server(args, batching)
     url = server.url
+    models = [card["id"] for card in httpx.get(url + "/v1/models", timeout=30).json()["data"]]
 
     def body(i: int, alignment: dict) -> dict:
         fields = {"messages": [{"role": "user", "content": PROMPTS[prompt_of(i)]}], "max_tokens": args.max_tokens,
-                  "seed": i, "alignment": alignment}
+                  "seed": i, "alignment": alignment, "model": models[prompt_of(i) % len(models)]}
         if alignment["method"] == "greedy":
             fields["temperature"] = 0
         if alignment is LONG:
@@ -160,14 +171,14 @@ def run(args: argparse.Namespace, batching: str) -> dict:
     memory_before, device_before = server.memory(), device_memory(url)
     rounds, memory_after_rounds, device_after_rounds = [], [], []
     for _ in range(args.rounds):
-        rounds.append(load_round(args, url, body, server, memory_before))
+        rounds.append(load_round(args, url, body, server, memory_before, models))
         counted.append(histograms(url))
         time.sleep(3)  # the server hands memory back once it has been idle for a second
         memory_after_rounds.append(server.memory())
         device_after_rounds.append(device_memory(url))
     alive = httpx.get(url + "/health", timeout=10).status_code == 200
     log = server.stop()
-    latencies, greedy_first, statuses, tracebacks, wall, _ = rounds[0]
+    latencies, greedy_first, statuses, tracebacks, wall, _, wrong_model = rounds[0]
     peak = max(r[5] for r in rounds)
     everything = [x for values in latencies.values() for x in values]
     answered = sum(len(v) for v in latencies.values())
@@ -190,6 +201,7 @@ def run(args: argparse.Namespace, batching: str) -> dict:
                                   "after": [round(d["reserved"]) for d in device_after_rounds]}}
            if device_before else {}),
         "tracebacks": tracebacks + sum(r[3] for r in rounds[1:]) + log.count("Traceback"), "server_alive": alive,
+        **({"models": models, "answers_naming_another_model": sum(r[6] for r in rounds)} if len(models) > 1 else {}),
     }
 
 
@@ -244,15 +256,17 @@ def server_side(before: dict[str, float], after: dict[str, float]) -> dict:
             "greedy_first_token_s_mean": mean("decalign_time_to_first_token_seconds", "greedy")}
 
 
-def load_round(args: argparse.Namespace, url: str, body, server: Server, memory_before: float) -> tuple:
+def load_round(args: argparse.Namespace, url: str, body, server: Server, memory_before: float,
+               models: list[str]) -> tuple:
     """One round of the load: (latencies by kind, greedy first-token times, statuses, tracebacks in
-    responses, wall seconds, peak memory); the figures above describe the first round."""
+    responses, wall seconds, peak memory, answers naming another model than asked); the figures
+    above describe the first round."""
     counter = itertools.count()
     lock = threading.Lock()
     latencies: dict[str, list[float]] = {m["method"]: [] for m in MIX} | {"long greedy": []}
     greedy_first: list[tuple[int, float]] = []  # (request, seconds)
     statuses: dict[str, int] = {}
-    tracebacks = [0]
+    tracebacks, wrong_model = [0], [0]
     peak = [memory_before]
     deadline = time.monotonic() + args.time_limit
 
@@ -286,9 +300,12 @@ def load_round(args: argparse.Namespace, url: str, body, server: Server, memory_
                         with lock:
                             greedy_first.append((i, first))
                 else:
-                    reply = session.post(url + "/v1/chat/completions", json=body(i, alignment), timeout=args.time_limit)
+                    sent = body(i, alignment)
+                    reply = session.post(url + "/v1/chat/completions", json=sent, timeout=args.time_limit)
                     status = str(reply.status_code)
                     tracebacks[0] += "Traceback" in reply.text
+                    if reply.status_code == 200 and len(models) > 1:
+                        wrong_model[0] += reply.json()["model"] != sent["model"]
             except httpx.HTTPError as exc:
                 status = type(exc).__name__
             with lock:
@@ -303,7 +320,7 @@ def load_round(args: argparse.Namespace, url: str, body, server: Server, memory_
         thread.start()
     for thread in threads:
         thread.join()
-    return latencies, greedy_first, statuses, tracebacks[0], time.perf_counter() - started, peak[0]
+    return latencies, greedy_first, statuses, tracebacks[0], time.perf_counter() - started, peak[0], wrong_model[0]
 
 
 def main() -> None:
@@ -326,9 +343,22 @@ def main() -> None:
     parser.add_argument("--max-rows", type=int, default=None, help="the servers' cap on live rows (default: serve's)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="rounds of the same load on one server: memory after each tells a leak from warm-up")
+    parser.add_argument("--adapters", type=int, default=0,
+                        help="random LoRA adapters the servers serve by name beside the model (requests cycle "
+                             "through them); made once under --adapter-dir")
+    parser.add_argument("--adapter-dir", default="adapter-speed", help="folder for the random adapters")
     args = parser.parse_args()
     if args.rounds < 1:
         sys.exit("load_test: --rounds must be at least 1")
+    args.adapter_folders = {}
+    if args.adapters > 0:
+        from adapter_speed import make_adapter  # scripts/ is on the path when this file runs
+
+        from decalign.models import resolve_model_path
+
+        model = resolve_model_path(args.model)
+        args.adapter_folders = {f"a{i}": make_adapter(model, Path(args.adapter_dir) / f"a{i}", seed=i)
+                                for i in range(args.adapters)}
     reports = []
     for mode in args.batching.split(","):
         reports.append(run(args, mode.strip()))
