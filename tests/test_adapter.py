@@ -170,6 +170,11 @@ def test_a_request_names_its_adapter(tiny_path, two_adapters, served_adapters):
     mine_top, theirs_top = engine.top_tokens(ids, mine.tokens, 3, "b"), only_b.top_tokens(ids, mine.tokens, 3)
     assert [[t for t, _ in pos] for pos in mine_top] == [[t for t, _ in pos] for pos in theirs_top]
     assert engine.top_tokens(ids, mine.tokens, 3) != mine_top  # as loaded: the base
+    # contrastive decoding: the expert rows run the request's adapter, the amateur (a model of its own) as loaded
+    (mine,) = generate("hi", method="contrastive", model=engine, adapter_name="b", amateur=str(tiny_path),
+                       max_new_tokens=8)
+    (theirs,) = generate("hi", method="contrastive", model=only_b, amateur=str(tiny_path), max_new_tokens=8)
+    assert mine.tokens == theirs.tokens
     with pytest.raises(DecalignError, match="adapter_name: no adapter named c on the model"):
         generate("hi", model=engine, adapter_name="c", max_new_tokens=4)
     with pytest.raises(DecalignError, match="method cold needs a LoRA adapter"):

@@ -19,7 +19,7 @@ Configurations: cold.py (CoLD), contrastive.py (a separate amateur model), dexpe
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import torch
@@ -111,7 +111,8 @@ class Contrast(Method):
             if branch.engine is None:
                 branch.batch, branch.rows = batch, [next(shared)[0] for _ in range(count)]
             else:  # a batch of its own, fed the shared batch's chosen tokens as its logits are needed
-                branch.batch = branch.engine.open([job.batch_prompt(ids, seed, 1, branch.adapter)
+                # (its model as loaded, or the branch's adapter: the job's adapter is the shared model's)
+                branch.batch = branch.engine.open([replace(job.batch_prompt(ids, seed, 1), adapter=branch.adapter)
                                                    for ids, seed in zip(job.prompt_ids, job.seeds)])
                 branch.rows, branch.pending = list(range(count)), [[] for _ in range(count)]
                 if job.cancelled is not None:
