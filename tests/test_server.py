@@ -1180,6 +1180,11 @@ def test_named_adapters_are_served_by_model_name(served_adapters):
             assert [alt.logprob for t in reply.choices[0].logprobs.content for alt in t.top_logprobs] == \
                 pytest.approx([logprob for position in tops for _, logprob in position], abs=1e-4)
         assert len({replies[m, 0].choices[0].message.content for m in ("a", "b", "tiny")}) == 3
+        metrics = httpx.get(url + "/metrics", timeout=10).text
+        for model in ("a", "b", "tiny"):  # each model's two answers, and their tokens, counted under its name
+            assert f'decalign_answered_requests_total{{model="{model}"}} 2.0' in metrics
+            tokens = sum(len(replies[model, t].choices[0].logprobs.content) for t in (0, 0.9))
+            assert f'decalign_generated_tokens_total{{model="{model}"}} {float(tokens)}' in metrics
         with pytest.raises(openai.NotFoundError) as missing:
             client.chat.completions.create(model="c", messages=messages, max_tokens=4)
         error = missing.value.body

@@ -27,8 +27,12 @@ class Metrics:
         self.latency = Histogram("decalign_request_seconds", "Seconds from a /v1/ request's arrival to its response.",
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
         self.generated_tokens = Counter("decalign_generated_tokens_total",
-                                        "Tokens the engine generated, candidates discarded by a method included.",
+                                        "Tokens the engine generated, candidates discarded by a method included, by "
+                                        "the served model or adapter that generated them.", ["model"],
                                         registry=self.registry)
+        self.answered = Counter("decalign_answered_requests_total",
+                                "Requests the engine answered, by the served model or adapter that answered them.",
+                                ["model"], registry=self.registry)
         self.reward_calls = Counter("decalign_reward_calls_total", "Items the rewards scored.", registry=self.registry)
         self.value_calls = Counter("decalign_value_calls_total", "Partial answers the prefix values scored.",
                                    registry=self.registry)
@@ -51,10 +55,13 @@ class Metrics:
         self.requests.labels(endpoint=endpoint, status=str(status)).inc()
         self.latency.observe(seconds)
 
-    def count_answer(self, result: Result) -> None:
-        self.generated_tokens.inc(result.stats["generated_tokens"])
-        self.reward_calls.inc(result.stats["reward_calls"])
-        self.value_calls.inc(result.stats["value_calls"])
+    def count_answer(self, model: str, results: list[Result]) -> None:
+        """A request answered by `model` (the served model or one of its adapters), one result per choice."""
+        self.answered.labels(model=model).inc()
+        for result in results:
+            self.generated_tokens.labels(model=model).inc(result.stats["generated_tokens"])
+            self.reward_calls.inc(result.stats["reward_calls"])
+            self.value_calls.inc(result.stats["value_calls"])
 
     def step(self, seconds: float) -> None:
         self.steps.observe(seconds)

@@ -242,8 +242,7 @@ class Scheduler:
         if method in self.driver.failed:
             request.settle(_api_error(self.driver.failed.pop(method)))
             return
-        for result in method.results:
-            self.metrics.count_answer(result)
+        self.metrics.count_answer(request.decoding.adapter_name or self.config.model_name, method.results)
         if request.alternatives:  # one teacher-forced pass per choice, on this thread (the engine's)
             try:  # over the prompt ids the answers were decoded from (one per choice)
                 request.top_tokens = [
