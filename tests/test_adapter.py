@@ -207,3 +207,23 @@ def test_the_served_models_own_adapter_and_named_ones_together(tiny_path, two_ad
     only_a = Engine.load(str(tiny_path), adapter=two_adapters["a"])
     assert answer.tokens == generate("hi", model=only_a, max_new_tokens=6)[0].tokens
     assert engine.top_tokens(ids[0], answer.tokens, 2) == engine.top_tokens(ids[0], answer.tokens, 2, "default")
+
+
+def test_dexperts_anti_expert_beside_named_adapters(tiny_path, two_adapters, served_adapters, tmp_path):
+    """DExperts on a named adapter loads its anti-expert onto the shared model for the request's
+    length: its answer is the one a model loaded with that adapter alone gives, and afterwards the
+    model is as it was (the same adapters, the base as loaded, the same greedy answers)."""
+    from decalign.engine import BASE
+
+    engine = served_adapters
+    anti = save_adapter(tiny_path, tmp_path / "anti", seed=3)
+    (before,) = generate("hi", model=engine, adapter_name="a", max_new_tokens=6)
+    (mine,) = generate("hi", method="dexperts", model=engine, adapter_name="b", anti_adapter=str(anti),
+                       max_new_tokens=8)
+    only_b = Engine.load(str(tiny_path), adapter=two_adapters["b"])
+    (theirs,) = generate("hi", method="dexperts", model=only_b, anti_adapter=str(anti), max_new_tokens=8)
+    assert mine.tokens == theirs.tokens and mine.stats["branches"] == 3
+    assert engine.adapter_names() == ["a", "b"] and engine.active_adapter() == BASE
+    assert generate("hi", model=engine, adapter_name="a", max_new_tokens=6)[0].tokens == before.tokens
+    (base,) = generate("hi", model=engine, max_new_tokens=6)
+    assert base.tokens == generate("hi", model=Engine.load(str(tiny_path)), max_new_tokens=6)[0].tokens
