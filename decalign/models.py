@@ -140,10 +140,7 @@ def load_model(
     if adapter is not None:
         model = load_adapter(model, adapter)
     for name, folder in (adapters or {}).items():
-        if name in ("default", "__base__"):  # PEFT's name for `adapter`, the engine's for no adapter
-            raise DecalignError(f"adapter name {name} is reserved: choose another")
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", name):  # PEFT keeps adapters in module dicts: no dots
-            raise DecalignError(f"adapter name {name!r}: use letters, digits, - and _ only")
+        check_adapter_name(name)
         model = load_adapter(model, folder, name=name)
     if adapters and adapter is None:
         model.base_model.set_adapter([])  # every LoRA module off: the model as loaded is its base
@@ -165,6 +162,14 @@ def check_loadable(spec: str | None, *, trust_remote_code: bool = False) -> None
 
 def _cannot_load(spec: str | None, exc: Exception) -> DecalignError:
     return DecalignError(f"cannot load model {spec!r}: {first_line(exc)}")
+
+
+def check_adapter_name(name: str) -> None:
+    """Refuse a name an adapter cannot be loaded under."""
+    if name in ("default", "__base__"):  # PEFT's name for an unnamed adapter, the engine's for no adapter
+        raise DecalignError(f"adapter name {name} is reserved: choose another")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):  # PEFT keeps adapters in module dicts: no dots
+        raise DecalignError(f"adapter name {name!r}: use letters, digits, - and _ only")
 
 
 def load_adapter(model, adapter: str, name: str | None = None):

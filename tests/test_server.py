@@ -1191,3 +1191,62 @@ def test_named_adapters_are_served_by_model_name(served_adapters):
         assert error["code"] == "model_not_found" and error["param"] == "model" and "one of: tiny, a, b" in error["message"]
     finally:
         server.should_exit = True
+
+
+def test_adapters_load_and_unload_at_run_time(tiny_path, two_adapters):
+    """With --allow-adapter-loading (vLLM's endpoints): a loaded adapter is listed and answers as a
+    model loaded with it alone; loading a name twice is a 409, a bad folder or name a 400; an adapter
+    a waiting or running request asks for is not unloaded (409), once they are answered it is, and
+    its name is then a 404. Without the flag the endpoints are a 404."""
+    from decalign import Engine, generate
+
+    engine = Engine.load(str(tiny_path))  # its own: the test changes it
+    server, url = start(engine, allow_adapter_loading=True)
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        load = {"lora_name": "a", "lora_path": two_adapters["a"]}
+        reply = httpx.post(url + "/v1/load_lora_adapter", json=load, timeout=30)
+        assert reply.status_code == 200 and reply.json()["status"] == "loaded"
+        assert [m.id for m in client.models.list().data] == ["tiny", "a"]
+        messages = [{"role": "user", "content": "hi"}]
+        answer = client.chat.completions.create(model="a", messages=messages, max_tokens=8, temperature=0)
+        only_a = Engine.load(str(tiny_path), adapter=two_adapters["a"])
+        assert answer.choices[0].message.content == generate([messages], model=only_a, max_new_tokens=8)[0].text
+        for body, status, words in ((load, 409, "an adapter named a is loaded already"),
+                                    ({"lora_name": "b", "lora_path": "/no/such/folder"}, 400, "does not exist"),
+                                    ({"lora_name": "b.c", "lora_path": two_adapters["b"]}, 400, "letters, digits"),
+                                    ({"lora_name": "b"}, 400, "lora_path must be a non-empty string")):
+            reply = httpx.post(url + "/v1/load_lora_adapter", json=body, timeout=30)
+            assert reply.status_code == status and words in reply.json()["error"]["message"]
+        # hold the engine's thread, queue a request for the adapter, then ask to unload it
+        scheduler, hold = server.config.app.state.server.scheduler, threading.Event()
+        scheduler.call(hold.wait)
+        asked = threading.Thread(target=lambda: client.chat.completions.create(
+            model="a", messages=messages, max_tokens=16, extra_body={"min_tokens": 16}))
+        asked.start()
+        while not scheduler.depth():
+            time.sleep(0.01)
+        unloading: list = []
+        unloader = threading.Thread(target=lambda: unloading.append(
+            httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "a"}, timeout=30)))
+        unloader.start()
+        while not scheduler.chores:
+            time.sleep(0.01)
+        hold.set()
+        unloader.join()
+        asked.join()
+        assert unloading[0].status_code == 409 and "in use by 1 request" in unloading[0].json()["error"]["message"]
+        reply = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "a"}, timeout=30)
+        assert reply.status_code == 200 and engine.adapter_names() == []
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="a", messages=messages, max_tokens=4)
+        assert httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "a"}, timeout=30).status_code == 404
+    finally:
+        server.should_exit = True
+    server, url = start(engine)
+    try:
+        reply = httpx.post(url + "/v1/load_lora_adapter", json=load, timeout=30)
+        assert reply.status_code == 404 and "--allow-adapter-loading" in reply.json()["error"]["message"]
+    finally:
+        server.should_exit = True

@@ -51,9 +51,14 @@ from ..server.config import CHOICES, ServerConfig
 @click.option("--shutdown-grace", default=10.0, show_default=True, type=click.FloatRange(min=0),
               help="On Ctrl-C or SIGTERM, seconds the requests in flight get to finish before they are "
                    "answered 503 (a second Ctrl-C answers them at once).")
+@click.option("--allow-adapter-loading", is_flag=True,
+              help="Let clients load and unload LoRA adapters by name at run time (POST /v1/load_lora_adapter "
+                   "{lora_name, lora_path} and /v1/unload_lora_adapter {lora_name}, as vLLM's): the server then "
+                   "reads folders its clients name, so keep --api-key set.")
 @click.option("--trust-remote-code", is_flag=True)
 def serve(model, adapters, method, reward, params, host, port, api_key, max_tokens_limit, queue_size, timeout,
-          max_batch, max_rows, max_join_tokens, batching, admission, join, shutdown_grace, trust_remote_code):
+          max_batch, max_rows, max_join_tokens, batching, admission, join, shutdown_grace, allow_adapter_loading,
+          trust_remote_code):
     """An OpenAI-compatible server (/v1/chat/completions, /v1/completions) that aligns as it decodes."""
     from ..engine import get_engine
     from ..memory import bound_kernel_cache, freeze_long_lived
@@ -72,7 +77,7 @@ def serve(model, adapters, method, reward, params, host, port, api_key, max_toke
                           method_params=method_params, api_key=api_key, max_tokens_limit=max_tokens_limit,
                           queue_size=queue_size, timeout=timeout, max_batch=max_batch,
                           max_rows=max_rows, max_join_tokens=max_join_tokens, batching=batching,
-                          admission=admission, join=join)
+                          admission=admission, join=join, allow_adapter_loading=allow_adapter_loading)
     if reward is not None:
         shared_reward(reward)  # loaded once, before the first request
     quiet_transformers()

@@ -11,7 +11,7 @@ from typing import Mapping, Sequence
 import torch
 
 from ..errors import DecalignError
-from ..models import DEFAULT_MODEL, load_model, local_or_id
+from ..models import DEFAULT_MODEL, check_adapter_name, load_adapter, load_model, local_or_id
 from .adapters import BASE, LoraRowGate, loaded_adapters, use_lean_lora, use_packed_linears
 from .batch import Batch, BatchPrompt
 from .cache import attention_windows, row_cache
@@ -173,6 +173,28 @@ class Engine:
     def adapter_names(self) -> list[str]:
         """Names of the PEFT adapters loaded on the model ("default" for --adapter); [] without any."""
         return loaded_adapters(self.model)
+
+    def add_adapter(self, name: str, folder: str) -> None:
+        """Load the LoRA adapter in `folder` under `name`, beside the adapters loaded by name (rows and
+        requests may then name it; the model as loaded is unchanged). Not while a pass runs: the
+        server calls it between steps."""
+        check_adapter_name(name)
+        if name in self.adapter_names():
+            raise DecalignError(f"an adapter named {name} is loaded already")
+        plain = not self.adapter_names() and not hasattr(self.model, "peft_config")
+        model = load_adapter(self.model, folder, name=name)  # a plain model is wrapped, its layers in place
+        if plain:
+            model.base_model.set_adapter([])  # the model as loaded stays its base
+            self.model = self.lora_gate.model = model.eval()
+        use_lean_lora(self.model)
+        self.named_adapters += (name,)
+
+    def remove_adapter(self, name: str) -> None:
+        """Unload an adapter loaded by name (`add_adapter`, `Engine.load(adapters=)`)."""
+        if name not in self.named_adapters:
+            raise DecalignError(f"no adapter named {name} is loaded by name")
+        self.model.delete_adapter(name)
+        self.named_adapters = tuple(n for n in self.named_adapters if n != name)
 
     def adapter_route(self, adapters: list[str]) -> tuple[AbstractContextManager, dict]:
         """(context, extra forward arguments) for a forward pass whose rows use `adapters` (see

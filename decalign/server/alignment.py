@@ -67,10 +67,12 @@ def decoding_request(body: GenerationOptions, config: ServerConfig, engine: Engi
 
 def served_adapter(model: object, config: ServerConfig, engine: Engine) -> str | None:
     """The adapter a request's `model` names: None for the served model itself (as loaded), else one
-    of the adapters loaded by name (`--adapter NAME=PATH`); 404 for any other name where there are
-    such adapters (a misspelt adapter must not be answered by another model). A server without them
-    serves one model under any name, as clients send whatever name they were configured with."""
-    if not engine.named_adapters or model is None or model == config.model_name:
+    of the adapters loaded by name (`--adapter NAME=PATH`, or at run time); 404 for any other name
+    where there are such adapters or may be (a misspelt adapter must not be answered by another
+    model). A server without them serves one model under any name, as clients send whatever name
+    they were configured with."""
+    named = engine.named_adapters or config.allow_adapter_loading
+    if not named or model is None or model == config.model_name:
         return None
     if model in engine.named_adapters:
         return str(model)

@@ -144,6 +144,58 @@ async def models(state: State) -> ModelList:
                                                   for adapter in state.engine.named_adapters])
 
 
+@router.post("/v1/load_lora_adapter")
+async def load_lora_adapter(request: Request, state: State) -> dict:
+    """Load a LoRA adapter under a name (vLLM's endpoint and fields): requests may then ask for it as
+    their `model`. Only with `--allow-adapter-loading`."""
+    name, folder = adapter_fields(await read_body(request, state.config), state.config, "lora_name", "lora_path")
+    if name == state.config.model_name:
+        raise ApiError(400, f"{name} is the served model's name: choose another", param="lora_name")
+    if name in state.engine.adapter_names():
+        raise ApiError(409, f"an adapter named {name} is loaded already", param="lora_name")
+    await on_engine(state, lambda: state.engine.add_adapter(name, folder))
+    LOG.info("loaded adapter %s", name)
+    return {"object": "adapter", "id": name, "status": "loaded"}
+
+
+@router.post("/v1/unload_lora_adapter")
+async def unload_lora_adapter(request: Request, state: State) -> dict:
+    """Unload an adapter loaded by name, once no waiting or running request asks for it (409 until
+    then). Only with `--allow-adapter-loading`."""
+    (name,) = adapter_fields(await read_body(request, state.config), state.config, "lora_name")
+    if name not in state.engine.named_adapters:
+        raise ApiError(404, f"no adapter named {name} is loaded by name", param="lora_name", code="model_not_found")
+
+    def unload() -> None:
+        users = state.scheduler.users_of(name)
+        if users:
+            raise ApiError(409, f"adapter {name} is in use by {users} request(s); unload it once they are answered")
+        state.engine.remove_adapter(name)
+
+    await on_engine(state, unload)
+    LOG.info("unloaded adapter %s", name)
+    return {"object": "adapter", "id": name, "status": "unloaded"}
+
+
+def adapter_fields(body: dict, config: ServerConfig, *names: str) -> list[str]:
+    """The string fields `names` of an adapter request, or a 4xx naming what is wrong."""
+    if not config.allow_adapter_loading:
+        raise ApiError(404, "loading adapters at run time is off: start the server with --allow-adapter-loading",
+                       "not_found_error")
+    for name in names:
+        if not isinstance(body.get(name), str) or not body[name]:
+            raise ApiError(400, f"{name} must be a non-empty string", param=name)
+    return [body[name] for name in names]
+
+
+async def on_engine(state: ServerState, chore) -> None:
+    """Run `chore` on the engine's thread between steps; a DecalignError it raises is a 400."""
+    try:
+        await asyncio.wrap_future(state.scheduler.call(chore))
+    except DecalignError as exc:
+        raise ApiError(400, str(exc)) from None
+
+
 @router.get("/v1/methods")
 async def methods(state: State) -> dict:
     """The decoding methods a request's `alignment.method` may name, each with its parameters'

@@ -33,6 +33,7 @@ class ServerConfig:
     # waves of any mix) or "grouped" (the scheduler before continuous batching: waves of one decoding each)
     admission: str = "shortest"  # cheapest waiting request first, overtaken at most max_batch times; or "arrival"
     join: str = "in-step"  # a joining prompt is encoded in the next step's pass; or "own-pass": at once, alone
+    allow_adapter_loading: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter answer
 
     def __post_init__(self) -> None:
         """Settings are checked here, so the Python API refuses what the CLI refuses (one line each)."""

@@ -5,12 +5,13 @@ they are done (`Driver`: one forward pass per step for all of them)."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from ..api import start
 from ..engine import Engine, Prompt
@@ -79,6 +80,7 @@ class Scheduler:
         self.arrived = threading.Condition()
         self.driver = Driver(engine)
         self.running: dict[Method, PendingRequest] = {}
+        self.chores: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []  # `call`s not yet run
         self.closed = False  # shutting down: what is in flight is answered 503 and the thread ends
         metrics.watch(waiting=self.depth, running=lambda: len(self.running),
                       rows=lambda: self.driver.batch.size if self.driver.batch is not None else 0)
@@ -96,6 +98,23 @@ class Scheduler:
                                "rate_limit_exceeded")
             self.waiting.append(request)
             self.arrived.notify()
+
+    def call(self, chore: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run `chore` on the engine's thread between two steps (what changes the model, such as
+        loading an adapter, must not run beside a forward pass); its future holds the result or error."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self.arrived:
+            if self.closed:
+                raise _shutting_down()
+            self.chores.append((chore, future))
+            self.arrived.notify()
+        return future
+
+    def users_of(self, adapter: str) -> int:
+        """Waiting and running requests decoded with `adapter` (call on the engine's thread)."""
+        with self.arrived:
+            waiting = list(self.waiting)
+        return sum(r.decoding.adapter_name == adapter for r in [*waiting, *self.running.values()])
 
     def depth(self) -> int:
         return len(self.waiting)
@@ -124,20 +143,33 @@ class Scheduler:
                     self._await_work(None)
                 if self.closed:
                     break
+            self._run_chores()
             self._admit()
             if self.running:
                 self._step()
         self._answer_shutdown()
 
     def _await_work(self, timeout: float | None) -> bool:
-        """Wait (at most `timeout` seconds; None: as long as it takes) for a request or for the
-        server to close; whether either came."""
+        """Wait (at most `timeout` seconds; None: as long as it takes) for a request, a chore or the
+        server to close; whether any came."""
         with self.arrived:
-            return self.arrived.wait_for(lambda: self.waiting or self.closed, timeout)
+            return self.arrived.wait_for(lambda: self.waiting or self.chores or self.closed, timeout)
+
+    def _run_chores(self) -> None:
+        with self.arrived:
+            chores, self.chores = self.chores, []
+        for chore, future in chores:
+            try:
+                future.set_result(chore())
+            except Exception as exc:  # noqa: BLE001 - the caller answers it
+                future.set_exception(exc)
 
     def _answer_shutdown(self) -> None:
         with self.arrived:
             waiting, self.waiting = self.waiting, []
+            chores, self.chores = self.chores, []
+        for _, future in chores:
+            future.set_exception(_shutting_down())
         for method, request in self.running.items():
             self.driver.release(method)
             request.settle(_shutting_down())
