@@ -1026,6 +1026,34 @@ def test_the_command_exits_0_without_a_traceback_however_many_signals_come(tiny_
     assert server.returncode == 0 and "Traceback" not in output, output
 
 
+def test_the_command_serves_named_adapters(tiny_path, two_adapters):
+    """`decalign serve --adapter a=A --adapter b=B`: the command loads both by name, lists them and
+    answers a request for one as the library does with that adapter."""
+    import subprocess
+    import sys
+
+    from decalign import Engine, generate
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "decalign.cli", "serve", "--model", str(tiny_path), "--port",
+                               str(port), "--adapter", f"a={two_adapters['a']}", "--adapter", f"b={two_adapters['b']}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: _healthy(url) or server.poll() is not None, "the server to start")
+        assert [m["id"] for m in httpx.get(url + "/v1/models", timeout=10).json()["data"]] == [str(tiny_path), "a", "b"]
+        body = {"model": "b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0}
+        reply = httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()
+        only_b = Engine.load(str(tiny_path), adapter=two_adapters["b"])
+        assert reply["model"] == "b"
+        assert reply["choices"][0]["message"]["content"] == generate([body["messages"]], model=only_b,
+                                                                     max_new_tokens=8)[0].text
+    finally:
+        server.send_signal(signal.SIGINT)
+        output, _ = server.communicate(timeout=60)
+    assert "adapter a, adapter b on http" in output and "Traceback" not in output, output
+
+
 def _healthy(url: str) -> bool:
     try:
         return httpx.get(url + "/health", timeout=1).status_code == 200
