@@ -14,7 +14,6 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Mapping
 
 from safetensors import SafetensorError
 
@@ -108,14 +107,11 @@ def load_model(
     *,
     trust_remote_code: bool = False,
     dtype: str = "float32",
-    adapters: Mapping[str, str] | None = None,
 ):
     """Load (model, tokenizer) in eval mode; weights from safetensors only.
 
     `adapter` is a PEFT LoRA folder; the returned model is then a PeftModel whose adapter can be
-    switched off (CoLD contrasts the two). `adapters` (name -> folder) are loaded beside it under
-    their names, and are not active: without `adapter` the model runs as its base until a forward
-    pass names one (the engine's row gate, PEFT's `adapter_names`).
+    switched off (CoLD contrasts the two).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -139,11 +135,6 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     if adapter is not None:
         model = load_adapter(model, adapter)
-    for name, folder in (adapters or {}).items():
-        check_adapter_name(name)
-        model = load_adapter(model, folder, name=name)
-    if adapters and adapter is None:
-        model.base_model.set_adapter([])  # every LoRA module off: the model as loaded is its base
     return model.eval(), tokenizer
 
 

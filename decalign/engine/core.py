@@ -23,14 +23,13 @@ Prompt = str | list[dict]
 class Engine:
     """A policy model with its tokenizer: renders prompts and opens batches."""
 
-    def __init__(self, model, tokenizer, *, name: str = "model", adapter: str | None = None,
-                 named_adapters: Sequence[str] = ()) -> None:
+    def __init__(self, model, tokenizer, *, name: str = "model", adapter: str | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
         self.adapter = adapter  # the adapter loaded with --adapter (a local one by its absolute path)
         # adapters loaded to be chosen by name (a request's `model`), not part of the model as loaded
-        self.named_adapters: tuple[str, ...] = tuple(named_adapters)
+        self.named_adapters: tuple[str, ...] = ()  # `add_adapter`
         self.device = next(model.parameters()).device
         config = model.config
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -67,10 +66,11 @@ class Engine:
         beside it for rows that name them (`BatchPrompt.adapter`, a request's `adapter_name`)."""
         where = pick_device(device)
         dtype = "bfloat16" if where.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-        policy, tokenizer = load_model(model, adapter, trust_remote_code=trust_remote_code, dtype=dtype,
-                                       adapters=adapters)
-        return cls(policy.to(where), tokenizer, name=local_or_id(model) or DEFAULT_MODEL, adapter=local_or_id(adapter),
-                   named_adapters=tuple(adapters or ()))
+        policy, tokenizer = load_model(model, adapter, trust_remote_code=trust_remote_code, dtype=dtype)
+        engine = cls(policy.to(where), tokenizer, name=local_or_id(model) or DEFAULT_MODEL, adapter=local_or_id(adapter))
+        for name, folder in (adapters or {}).items():
+            engine.add_adapter(name, folder)
+        return engine
 
     # ----- text <-> tokens -------------------------------------------------------------------
     def check_fits(self, ids: Sequence[int], which: str = "the prompt") -> None:

@@ -265,7 +265,7 @@ async def respond(request: Request, state: ServerState, body: GenerationOptions,
                                                logprobs=wants_logprobs, include_usage=body.include_usage),
                                  media_type="text/event-stream")
     results = await wait(request, pending, deadline)
-    head = dict(id=ident, created=created, model=served_name(state, pending))
+    head = dict(id=ident, created=created, model=state.config.served_name(pending.decoding.adapter_name))
     usage, alignment = answer_usage(state.engine, pending, results), alignment_info(results[0])
     scores = choice_logprobs(state.engine, pending, results) if wants_logprobs else [None] * len(results)
     if chat:
@@ -275,11 +275,6 @@ async def respond(request: Request, state: ServerState, body: GenerationOptions,
     choices = [TextChoice(index=i, text=result.text, finish_reason=finish_reason(result), logprobs=logprobs)
                for i, (result, logprobs) in enumerate(zip(results, scores))]
     return Completion(**head, choices=choices, usage=usage, alignment=alignment)
-
-
-def served_name(state: ServerState, pending: PendingRequest) -> str:
-    """The model an answer names: the adapter it was decoded with, else the served model."""
-    return pending.decoding.adapter_name or state.config.model_name
 
 
 async def wait(request: Request, pending: PendingRequest, deadline: float) -> list[Result]:
@@ -322,7 +317,7 @@ async def stream_events(request: Request, state: ServerState, pending: PendingRe
     With `logprobs`, each choice's token log-probabilities come in one chunk of their own once its
     answer is final (empty text): a streamed method such as CARDS or SMC may still replace the
     tokens behind text it has not committed, so per-piece figures could name tokens that never stand."""
-    head = dict(id=ident, created=created, model=served_name(state, pending))
+    head = dict(id=ident, created=created, model=state.config.served_name(pending.decoding.adapter_name))
 
     def chunk(index: int, delta: str | None, reason: str | None = None, scores: Any = None, **last: Any) -> str:
         if pending.chat:

@@ -46,6 +46,10 @@ class ServerConfig:
             if getattr(self, name) not in allowed:
                 raise DecalignError(f"{_named(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
+    def served_name(self, adapter: str | None) -> str:
+        """The model an answer decoded with `adapter` (a name loaded by name, or None) names."""
+        return adapter or self.model_name
+
 
 def _named(field_name: str) -> str:
     """A setting as both its users know it: `max_rows (--max-rows)` where `decalign serve` has it."""

@@ -274,7 +274,7 @@ class Scheduler:
         if method in self.driver.failed:
             request.settle(_api_error(self.driver.failed.pop(method)))
             return
-        self.metrics.count_answer(request.decoding.adapter_name or self.config.model_name, method.results)
+        self.metrics.count_answer(self.config.served_name(request.decoding.adapter_name), method.results)
         if request.alternatives:  # one teacher-forced pass per choice, on this thread (the engine's)
             try:  # over the prompt ids the answers were decoded from (one per choice)
                 request.top_tokens = [
